@@ -1,0 +1,126 @@
+"""The whole sinkwatch error tree, on one screen.
+
+Every error carries structured fields (``path``, ``rule``, ``stage``,
+``reason``) so that the daemon, the ledger, the reject records and the metrics
+never parse a message. ``reason`` is a short, fixed slug (a metric label
+value); ``transient`` says whether trying again later can help. Only a
+:class:`ConfigError` may stop the daemon.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Every reason a source can be rejected for; metrics pre-initialise these.
+REJECT_REASONS = (
+    "empty",
+    "too_large",
+    "bomb",
+    "not_image",
+    "unsupported",
+    "corrupt",
+    "incomplete",
+    "crashed",
+)
+
+
+class SinkwatchError(Exception):
+    reason = "error"
+    transient = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | Path | None = None,
+        rule: str | None = None,
+        stage: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = str(path) if path is not None else None
+        self.rule = rule
+        self.stage = stage
+        if reason is not None:
+            self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+    def as_record(self) -> dict[str, object]:
+        """The fields a reject record, a sidecar or a JSON log line carries."""
+        return {
+            "error": type(self).__name__,
+            "reason": self.reason,
+            "message": self.message,
+            "path": self.path,
+            "rule": self.rule,
+            "stage": self.stage,
+            "transient": self.transient,
+        }
+
+
+class ConfigError(SinkwatchError):
+    """Settings or folders that make starting impossible."""
+
+    reason = "config"
+
+
+class RuleError(ConfigError):
+    """A rule file that does not validate; names the file and the field."""
+
+    reason = "rule"
+
+    def __init__(self, message: str, *, file: str | Path, field: str | None = None) -> None:
+        super().__init__(message, path=file, stage="rules")
+        self.file = str(file)
+        self.field = field
+
+    def __str__(self) -> str:
+        where = f"{self.file}: {self.field}" if self.field else self.file
+        return f"{where}: {self.message}"
+
+
+class InputError(SinkwatchError):
+    """A source image that cannot be turned into pixels."""
+
+    reason = "corrupt"
+
+    def __init__(self, message: str, **fields: object) -> None:
+        fields.setdefault("stage", "decode")
+        super().__init__(message, **fields)  # type: ignore[arg-type]
+
+
+class IncompleteImage(InputError):
+    """Truncated or still being written: retry later, never a result."""
+
+    reason = "incomplete"
+    transient = True
+
+
+class CorruptImage(InputError):
+    reason = "corrupt"
+
+
+class UnsupportedImage(InputError):
+    """Not an image at all, or a format/mode sinkwatch does not read."""
+
+    reason = "unsupported"
+
+
+class ImageTooLarge(InputError):
+    """Over the byte limit (``too_large``) or a decompression bomb (``bomb``)."""
+
+    reason = "too_large"
+
+
+class PublishError(SinkwatchError):
+    """Writing to the queue failed (disk full, read-only, permissions): retried."""
+
+    reason = "publish"
+    transient = True
+
+    def __init__(self, message: str, **fields: object) -> None:
+        fields.setdefault("stage", "publish")
+        super().__init__(message, **fields)  # type: ignore[arg-type]

@@ -1,15 +1,132 @@
-"""`sinkwatch process`: not built yet (issue 4)."""
+"""`sinkwatch process PATH...`: the daemon's pipeline, once, over files and folders.
+
+Same outputs, ledger and reject records as the daemon; a progress line on a
+terminal; exit code 1 when anything was rejected or left unfinished.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from loguru import logger
+from prometheus_client import CollectorRegistry
+
+from service.engine import Candidate, Engine, Limits
+from service.errors import ConfigError, RuleError
+from service.folders import prepare_queue
+from service.ledger import Ledger
+from service.lock import InstanceLock
+from service.logs import configure_logging
+from service.metrics import Metrics
+from service.pool import WorkerPool
+from service.rules import Rule, RuleSet, load_rule_file, load_rules
+from service.selection import Selection
+from service.settings import Settings, add_flags, settings_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = "not yet: lands with issue 4"
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders of images")
+    parser.add_argument("--rule", metavar="NAME|PATH", help="use this rule for every file instead of matching")
+    parser.add_argument("--force", action="store_true", help="process again even what the ledger says is done")
+    add_flags(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    print("sinkwatch process: not yet (issue 4)", file=sys.stderr)
-    return 2
+    settings = settings_from_args(args)
+    configure_logging(log_format=settings.log_format, level=settings.log_level)
+    sources = list(expand(args.paths, settings))
+    if not sources:
+        raise ConfigError("no image files found in the given paths")
+    rules = load_rules(settings.rules)
+    forced = _choose_rule(args.rule, rules) if args.rule else None
+    queue, state = prepare_queue(settings.queue, settings.state_dir)
+    with InstanceLock(state), Ledger(state / "ledger.sqlite3") as ledger:
+        pool = WorkerPool(min(settings.workers, len(sources)))
+        engine = Engine(
+            queue=queue,
+            rules=rules,
+            ledger=ledger,
+            pool=pool,
+            metrics=Metrics(CollectorRegistry(), rules=rules.names),
+            limits=Limits(
+                settings.max_bytes, settings.max_pixels, settings.max_attempts, settings.retry_base, settings.queue_size
+            ),
+            resolve=Path,
+            forced_rule=forced,
+            force=args.force,
+        )
+        try:
+            _run(engine, sources, settings.max_attempts)
+        finally:
+            pool.close()
+        keys = {_key(path) for path, _label in sources}
+        unfinished = [entry.relpath for entry in ledger.entries("retry") if entry.relpath in keys]
+    counts = engine.counts
+    print(
+        f"sinkwatch process: {counts['published']} published, {counts['skipped']} unchanged, "
+        f"{counts['rejected']} rejected, {len(unfinished)} unfinished -> {queue}",
+        file=sys.stderr,
+    )
+    return 1 if counts["rejected"] or unfinished else 0
+
+
+def expand(paths: list[Path], settings: Settings) -> Iterator[tuple[Path, str]]:
+    """(file, name label) for every image file named or inside a named folder."""
+    for path in paths:
+        if path.is_dir():
+            selection = Selection(path, include=settings.include, ignore=settings.ignore, recursive=settings.recursive)
+            for found in selection.scan():
+                label = selection.relpath(found)
+                if label is not None:
+                    yield found, label
+        elif path.is_file():
+            yield path, path.name
+        else:
+            raise ConfigError("no such file or folder", path=path)
+
+
+def _choose_rule(choice: str, rules: RuleSet) -> Rule:
+    path = Path(choice)
+    if path.suffix == ".toml" or path.exists():
+        return load_rule_file(path)
+    try:
+        return rules.get(choice)
+    except KeyError:
+        raise RuleError(f"no rule named {choice!r}; known: {', '.join(rules.names)}", file=choice) from None
+
+
+def _key(path: Path) -> str:
+    return str(path.resolve())
+
+
+def _run(engine: Engine, sources: list[tuple[Path, str]], max_attempts: int) -> None:
+    total = len(sources)
+    feed = iter(sources)
+    exhausted = False
+    show = sys.stderr.isatty()
+    while True:
+        while not exhausted and engine.has_room():
+            item = next(feed, None)
+            if item is None:
+                exhausted = True
+                break
+            path, label = item
+            engine.offer(Candidate(_key(path), path, "batch", time.time(), label=label))
+        engine.requeue_due()
+        engine.pump(timeout=0.1)
+        if show:
+            done = sum(engine.counts.values()) - engine.counts["retried"]
+            print(
+                f"\r[{done}/{total}] " + ", ".join(f"{k} {v}" for k, v in engine.counts.items()),
+                end="",
+                file=sys.stderr,
+            )
+        if exhausted and engine.idle() and not engine.retrying(max_attempts):
+            break
+    if show:
+        print(file=sys.stderr)
+    logger.debug("batch finished: {}", engine.counts)

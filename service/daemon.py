@@ -1,15 +1,312 @@
-"""`sinkwatch run`: not built yet (issue 4)."""
+"""`sinkwatch run`: the daemon loop (initialize / loop / shutdown, like huey's consumer).
+
+Everything happens on the main thread except the observer (which only
+enqueues events) and the HTTP listener (which only reads state). Time is
+injectable so the loop can be driven in tests without sleeping.
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
+import contextlib
+import queue
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+
+from loguru import logger
+from prometheus_client import CollectorRegistry
+
+from service import __version__, notify
+from service.engine import Candidate, Engine, Limits
+from service.errors import ConfigError, RuleError
+from service.folders import Folders, prepare_folders
+from service.http import serve
+from service.ledger import Ledger
+from service.lock import InstanceLock
+from service.logs import configure_logging
+from service.metrics import Metrics
+from service.pool import WorkerPool
+from service.rules import RuleSet, load_rules
+from service.selection import Selection
+from service.settings import Settings, add_flags, settings_from_args
+from service.stability import StabilityTracker
+from service.watcher import EventQueue, FolderWatcher
+
+LOOP_TICK = 0.05
+RULES_CHECK_INTERVAL = 1.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = "not yet: lands with issue 4"
+    parser.add_argument(
+        "--once", action="store_true", help="process the backlog, then exit (0: nothing rejected, 1: something was)"
+    )
+    add_flags(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    print("sinkwatch run: not yet (issue 4)", file=sys.stderr)
-    return 2
+    settings = settings_from_args(args)
+    configure_logging(log_format=settings.log_format, level=settings.log_level)
+    return Daemon(settings).run(once=args.once)
+
+
+class Daemon:
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.registry = CollectorRegistry()
+        self.stopping = False
+        self.reload_requested = False
+        self.ready = False
+        self.last_scan_done = clock()
+        self.watch_missing = False
+        self.resources = contextlib.ExitStack()
+
+    # -- initialize -----------------------------------------------------------
+
+    def initialize(self, *, once: bool = False) -> None:
+        s = self.settings
+        self.folders: Folders = prepare_folders(s.watch, s.queue, s.state_dir)
+        self.lock = InstanceLock(self.folders.state)
+        self.lock.acquire()
+        self.resources.callback(self.lock.release)
+        self.rules_dir = s.rules
+        self.rules: RuleSet = load_rules(self.rules_dir)
+        self.rules_signature = self._rules_signature()
+        self.metrics = Metrics(self.registry, rules=self.rules.names)
+        self.metrics.rules_loaded.set(len(self.rules.names))
+        self.metrics.set_build_info(__version__, self.rules.fingerprint)
+        self.metrics.workers.set(s.workers)
+        self.ledger = Ledger(self.folders.state / "ledger.sqlite3")
+        self.resources.callback(self.ledger.close)
+        self.selection = Selection(self.folders.watch, include=s.include, ignore=s.ignore, recursive=s.recursive)
+        self.pool = WorkerPool(s.workers)
+        self.resources.callback(self.pool.close)
+        self.engine = Engine(
+            queue=self.folders.queue,
+            rules=self.rules,
+            ledger=self.ledger,
+            pool=self.pool,
+            metrics=self.metrics,
+            limits=Limits(s.max_bytes, s.max_pixels, s.max_attempts, s.retry_base, s.queue_size),
+            resolve=lambda key: self.folders.watch / key,
+        )
+        removed = self.engine.publisher.clean_temp()
+        if removed:
+            logger.warning("removed {} temp files left by an interrupted run", removed)
+        self.tracker = StabilityTracker(settle=s.settle_seconds, clock=self.clock)
+        self.events = EventQueue(maxsize=max(1024, 4 * s.queue_size))
+        self.watcher = FolderWatcher(
+            self.folders.watch, self.events, recursive=s.recursive, polling=s.polling, poll_interval=s.poll_interval
+        )
+        self.server = None
+        if not once:
+            if s.metrics_port:
+                self.server = serve(
+                    s.metrics_host, s.metrics_port, registry=self.registry, health=self.health, ready=lambda: self.ready
+                )
+                self.resources.callback(self.server.close)
+            self.watcher.start()
+            self.resources.callback(self.watcher.stop)
+            self.metrics.watcher_up.set(1)
+        recovered = self.engine.recover()
+        if recovered:
+            logger.info("recovered {} images published just before an interrupted run ended", recovered)
+        self.scan: Iterator[Path] | None = self.selection.scan()
+        self.scan_source = "startup"
+        self._feed_scan()
+        self.ready = True
+        self._announce(once)
+
+    def _announce(self, once: bool) -> None:
+        f = self.folders
+        logger.info(
+            "sinkwatch {} watching {} -> queue {} ({} workers, rules: {})",
+            __version__,
+            f.watch,
+            f.queue,
+            self.settings.workers,
+            ", ".join(self.rules.names),
+        )
+        if self.server is not None:
+            logger.info("metrics at {}metrics, health at {}healthz", self.server.url, self.server.url)
+        if not once:
+            notify.notify("READY=1")
+            notify.notify(f"STATUS=watching {f.watch}")
+
+    # -- loop -----------------------------------------------------------------
+
+    def loop(self, *, once: bool = False) -> None:
+        next_retry_check = next_rules_check = next_ping = self.clock()
+        ping_every = notify.watchdog_interval()
+        while not self.stopping:
+            now = self.clock()
+            if not once:
+                self._take_events()
+                self._check_watcher()
+            if now >= next_retry_check:
+                self.engine.requeue_due()
+                next_retry_check = now + 0.5
+            if now >= next_rules_check or self.reload_requested:
+                self._maybe_reload_rules()
+                next_rules_check = now + RULES_CHECK_INTERVAL
+            self._feed_scan()
+            if not once and (now - self.last_scan_done >= self.settings.rescan_interval or self.events.take_overflow()):
+                self._start_scan("scan")
+            self.engine.pump(timeout=LOOP_TICK)
+            if ping_every and now >= next_ping:
+                if self.health()[0]:
+                    notify.notify("WATCHDOG=1")
+                next_ping = now + ping_every / 2
+            if (
+                once
+                and self.scan is None
+                and self.engine.idle()
+                and not self.engine.retrying(self.settings.max_attempts)
+            ):
+                return
+
+    def _take_events(self) -> None:
+        wall = time.time()
+        for _ in range(4096):
+            try:
+                kind, path = self.events.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "rescan":
+                self._start_scan("scan")
+                continue
+            key = self.selection.relpath(path)
+            if key is None:
+                continue
+            if kind == "closed":
+                self.tracker.forget(path)
+                if not self.engine.offer(Candidate(key, path, "event", wall)):
+                    self.events.overflowed = True
+            else:
+                self.tracker.observe(path)
+        for path in self.tracker.ready():
+            key = self.selection.relpath(path)
+            if key is not None and not self.engine.offer(Candidate(key, path, "event", wall)):
+                self.events.overflowed = True
+
+    def _start_scan(self, source: str) -> None:
+        if self.scan is None:
+            self.scan = self.selection.scan()
+            self.scan_source = source
+
+    def _feed_scan(self) -> None:
+        """Move scanned files into the engine while it has room: backpressure, not memory."""
+        if self.scan is None:
+            return
+        wall = time.time()
+        while self.engine.has_room():
+            path = next(self.scan, None)
+            if path is None:
+                self.scan = None
+                self.last_scan_done = self.clock()
+                return
+            key = self.selection.relpath(path)
+            if key is not None:
+                self.engine.offer(Candidate(key, path, self.scan_source, wall))
+
+    def _check_watcher(self) -> None:
+        if self.watcher.alive():
+            if self.watch_missing:
+                logger.info("the watch folder {} is back; watching again", self.folders.watch)
+                self.watch_missing = False
+            return
+        self.metrics.watcher_up.set(0)
+        if not self.folders.watch.is_dir():
+            if not self.watch_missing:
+                logger.error("the watch folder {} disappeared; waiting for it to come back", self.folders.watch)
+                self.watch_missing = True
+            return
+        try:
+            self.watcher.restart()
+        except ConfigError as exc:
+            logger.error("cannot restart the watcher: {}", exc)
+            return
+        self.metrics.watcher_restarts.inc()
+        self.metrics.watcher_up.set(1)
+        logger.warning("the folder watcher had stopped; restarted it and rescanning")
+        self._start_scan("scan")
+
+    # -- rules ----------------------------------------------------------------
+
+    def request_reload(self) -> None:
+        self.reload_requested = True
+
+    def _rules_signature(self) -> tuple[tuple[str, int, int], ...]:
+        if self.rules_dir is None:
+            return ()
+        try:
+            files = sorted(self.rules_dir.glob("*.toml"))
+            return tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+        except OSError:
+            return (("<unreadable>", 0, 0),)
+
+    def _maybe_reload_rules(self) -> None:
+        signature = self._rules_signature()
+        if not self.reload_requested and signature == self.rules_signature:
+            return
+        self.reload_requested = False
+        self.rules_signature = signature
+        try:
+            rules = load_rules(self.rules_dir)
+        except RuleError as exc:
+            self.metrics.rule_reload_failures.inc()
+            logger.bind(file=exc.file, field=exc.field).error("rules not reloaded, keeping the last good ones: {}", exc)
+            return
+        self.rules = self.engine.rules = rules
+        for name in rules.names:
+            self.metrics.add_rule(name)
+        self.metrics.rules_loaded.set(len(rules.names))
+        self.metrics.set_build_info(__version__, rules.fingerprint)
+        logger.info("rules reloaded: {} (fingerprint {})", ", ".join(rules.names), rules.fingerprint)
+
+    # -- health ---------------------------------------------------------------
+
+    def health(self) -> tuple[bool, dict[str, object]]:
+        scan_age = self.clock() - self.last_scan_done
+        checks = {
+            "watcher": self.watcher.alive(),
+            "workers": self.pool.alive(),
+            "scan_recent": self.scan is not None or scan_age < 3 * self.settings.rescan_interval,
+        }
+        details: dict[str, object] = {**checks, "last_scan_age_seconds": round(scan_age, 1)}
+        return all(checks.values()), details
+
+    # -- shutdown -------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stop finding work, finish what is in flight, then release everything in reverse order."""
+        notify.notify("STOPPING=1")
+        self.watcher.stop()
+        logger.info("stopping: finishing {} images in flight", len(self.engine.in_flight))
+        self.engine.drain()
+        self.resources.close()
+        logger.info("stopped")
+
+    def stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
+        self.stopping = True
+
+    def run(self, *, once: bool = False) -> int:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
+        try:
+            self.initialize(once=once)
+        except BaseException:
+            self.resources.close()
+            raise
+        try:
+            self.loop(once=once)
+            unfinished = once and bool(self.ledger.entries("retry"))
+        finally:
+            self.shutdown()
+        if once and (self.engine.counts["rejected"] or unfinished):
+            return 1
+        return 0

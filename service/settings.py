@@ -31,25 +31,42 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SINKWATCH_", extra="forbid", frozen=True)
 
     watch: Path = Field(Path("watch"), description="Folder the image generator writes to (never modified).")
-    queue: Path = Field(Path("queue"), description="I2V queue folder the cleaned frames are published to; created if missing.")
+    queue: Path = Field(
+        Path("queue"), description="I2V queue folder the cleaned frames are published to; created if missing."
+    )
     rules: Path | None = Field(None, description="Folder of rule files (TOML); default: the shipped presets.")
     state_dir: Path | None = Field(None, description="Ledger and lock folder; default: QUEUE/.sinkwatch/state.")
     workers: int = Field(os.cpu_count() or 1, ge=1, le=256, description="Worker processes (default: one per core).")
-    polling: bool = Field(False, description="Poll the watch folder instead of inotify (network mounts, Docker Desktop).")
+    polling: bool = Field(
+        False, description="Poll the watch folder instead of inotify (network mounts, Docker Desktop)."
+    )
     poll_interval: float = Field(1.0, gt=0, description="Seconds between polls with --polling.")
     recursive: bool = Field(False, description="Also watch subfolders of the watch folder.")
     include: tuple[str, ...] = Field(DEFAULT_INCLUDE, description="Globs of file names to process (case-insensitive).")
-    ignore: tuple[str, ...] = Field((), description="Extra globs to ignore (hidden files, *.tmp, *.part, .DS_Store, Thumbs.db and @eaDir always are).")
-    settle_seconds: float = Field(1.0, ge=0, description="How long size and mtime must hold before a created/moved file counts as finished.")
-    rescan_interval: float = Field(60.0, gt=0, description="Seconds between reconciliation scans (inotify drops events on overflow).")
+    ignore: tuple[str, ...] = Field(
+        (),
+        description="Extra globs to ignore (hidden files, *.tmp, *.part, .DS_Store, Thumbs.db and @eaDir always are).",
+    )
+    settle_seconds: float = Field(
+        1.0, ge=0, description="How long size and mtime must hold before a created/moved file counts as finished."
+    )
+    rescan_interval: float = Field(
+        60.0, gt=0, description="Seconds between reconciliation scans (inotify drops events on overflow)."
+    )
     queue_size: int = Field(256, ge=1, description="Bound of the work queue; beyond it events wait for the next scan.")
-    max_attempts: int = Field(5, ge=1, description="Tries for a transient failure (incomplete file, full disk) before giving up.")
+    max_attempts: int = Field(
+        5, ge=1, description="Tries for a transient failure (incomplete file, full disk) before giving up."
+    )
     retry_base: float = Field(2.0, gt=0, description="First retry delay in seconds; doubles each attempt.")
     max_bytes: int = Field(256 * 1024 * 1024, ge=1, description="Largest source file accepted, in bytes.")
-    max_pixels: int = Field(100_000_000, ge=1, description="Largest source image accepted, in pixels (decompression-bomb guard).")
+    max_pixels: int = Field(
+        100_000_000, ge=1, description="Largest source image accepted, in pixels (decompression-bomb guard)."
+    )
     metrics_host: str = Field("127.0.0.1", description="Address of the /metrics, /healthz, /readyz listener.")
     metrics_port: int = Field(DEFAULT_METRICS_PORT, ge=0, le=65535, description="Port of that listener (0: disabled).")
-    log_format: Literal["auto", "text", "json"] = Field("auto", description="Log lines: text on a terminal, JSON lines otherwise (auto).")
+    log_format: Literal["auto", "text", "json"] = Field(
+        "auto", description="Log lines: text on a terminal, JSON lines otherwise (auto)."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Lowest log level written.")
 
     @property
@@ -69,9 +86,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return {key.replace("-", "_"): value for key, value in section.items()}
 
 
-def load_settings(
-    *, config_file: Path | None = None, flags: Mapping[str, Any] | None = None
-) -> Settings:
+def load_settings(*, config_file: Path | None = None, flags: Mapping[str, Any] | None = None) -> Settings:
     """Build the settings with their full precedence; errors name the field."""
     file_values = read_config_file(config_file) if config_file is not None else {}
 
@@ -99,7 +114,9 @@ def load_settings(
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per setting, help from its description; unset flags stay unset."""
-    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML config file (keys as below; optional [sinkwatch] table).")
+    parser.add_argument(
+        "--config", type=Path, metavar="FILE", help="TOML config file (keys as below; optional [sinkwatch] table)."
+    )
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         env = f"SINKWATCH_{name.upper()}"

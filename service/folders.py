@@ -1,0 +1,66 @@
+"""Start-up checks of the three folders, so a bad layout fails fast with a clear message."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from loguru import logger
+
+from service.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Folders:
+    watch: Path
+    queue: Path
+    state: Path
+
+
+def prepare_folders(watch: Path, queue: Path, state: Path | None) -> Folders:
+    """Resolve, create what may be created, and refuse layouts that would lose or eat images."""
+    watch = watch.expanduser().resolve()
+    queue = queue.expanduser().resolve()
+    if queue == watch or queue.is_relative_to(watch):
+        raise ConfigError(
+            f"the queue folder {queue} is the watch folder or inside it: sinkwatch would process its own output"
+        )
+    if watch.is_relative_to(queue):
+        raise ConfigError(f"the watch folder {watch} is inside the queue folder {queue}: keep them apart")
+    if not watch.exists():
+        _make(watch, "watch")
+        logger.info("created the watch folder {}", watch)
+    if not watch.is_dir():
+        raise ConfigError("the watch folder is not a folder", path=watch)
+    if not os.access(watch, os.R_OK | os.X_OK):
+        raise ConfigError("the watch folder cannot be read (permissions)", path=watch)
+    queue, state = prepare_queue(queue, state)
+    return Folders(watch=watch, queue=queue, state=state)
+
+
+def prepare_queue(queue: Path, state: Path | None) -> tuple[Path, Path]:
+    """The queue and state folders, created and proven writable."""
+    queue = queue.expanduser().resolve()
+    state = (state.expanduser() if state is not None else queue / ".sinkwatch" / "state").resolve()
+    for folder, role in ((queue, "queue"), (state, "state")):
+        _make(folder, role)
+        _probe_writable(folder, role)
+    return queue, state
+
+
+def _make(folder: Path, role: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the {role} folder: {exc.strerror}", path=folder) from exc
+
+
+def _probe_writable(folder: Path, role: str) -> None:
+    # os.access lies for root and on some network mounts; a real write does not.
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".sinkwatch-probe-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"the {role} folder is not writable: {exc.strerror}", path=folder) from exc

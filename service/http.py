@@ -1,0 +1,193 @@
+"""The one HTTP listener: ``/metrics``, ``/healthz`` and ``/readyz``.
+
+A ``ThreadingHTTPServer`` runs in a daemon thread. It answers from callables
+the daemon passes in, so it knows nothing about watchers or workers and can be
+tested alone. Requests are not logged (a scrape every 15 s is noise); errors
+inside a handler go to the optional ``log_error`` callback.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import socket
+import socketserver
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from service.errors import ConfigError
+
+Health = Callable[[], tuple[bool, Mapping[str, object]]]
+Ready = Callable[[], bool]
+LogError = Callable[[str], None]
+
+# A client that connects and sends nothing must not hold a thread (and
+# close()) for longer than this.
+REQUEST_TIMEOUT = 5.0
+
+
+class MetricsServer:
+    """A running listener; ``close()`` stops it and joins its threads."""
+
+    def __init__(self, httpd: _Server, thread: threading.Thread) -> None:
+        self._httpd = httpd
+        self._thread = thread
+        self.host: str = httpd.server_address[0]
+        self.port: int = httpd.server_address[1]
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.url = f"http://{host}:{self.port}"
+
+    def close(self) -> None:
+        if not self._thread.is_alive():
+            return
+        self._httpd.shutdown()
+        self._thread.join()
+        self._httpd.server_close()  # also joins request threads still answering
+
+    def __enter__(self) -> MetricsServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def serve(
+    host: str,
+    port: int,
+    *,
+    registry: CollectorRegistry,
+    health: Health,
+    ready: Ready,
+    log_error: LogError | None = None,
+) -> MetricsServer:
+    """Bind ``host:port`` (0: any free port) and answer in a background thread.
+
+    ``health()`` returns ``(healthy, details)``: details are merged into the
+    JSON body, with the reason when unhealthy. A port in use or an address that
+    cannot be bound is a :class:`ConfigError`.
+    """
+    family = _address_family(host, port)
+    handler = _handler_class(registry=registry, health=health, ready=ready, log_error=log_error)
+    try:
+        httpd = _Server((host, port), handler, family=family, log_error=log_error)
+    except OSError as exc:
+        raise ConfigError(_bind_message(host, port, exc)) from exc
+    thread = threading.Thread(target=httpd.serve_forever, name="sinkwatch-http", daemon=True)
+    thread.start()
+    return MetricsServer(httpd, thread)
+
+
+class _Server(ThreadingHTTPServer):
+    # Request threads are tracked and joined by server_close(), so close()
+    # leaves no thread behind; REQUEST_TIMEOUT bounds how long that takes.
+    daemon_threads = False
+    block_on_close = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        *,
+        family: socket.AddressFamily,
+        log_error: LogError | None,
+    ) -> None:
+        self.address_family = family  # read by TCPServer.__init__ to create the socket
+        self.log_error = log_error
+        super().__init__(address, handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind resolves the host's FQDN, a DNS lookup that
+        # can stall startup; the name is never used here.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name = str(self.server_address[0])
+        self.server_port = int(self.server_address[1])
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        if self.log_error is not None:
+            self.log_error(f"metrics listener: error answering {client_address}: {sys.exc_info()[1]!r}")
+
+
+def _handler_class(
+    *, registry: CollectorRegistry, health: Health, ready: Ready, log_error: LogError | None
+) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        timeout = REQUEST_TIMEOUT
+
+        def do_GET(self) -> None:
+            path = urlsplit(self.path).path
+            if path == "/metrics":
+                encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+                self._send(200, content_type, encoder(registry))
+            elif path == "/healthz":
+                ok, details = _call_health(health, log_error)
+                body = {"status": "ok" if ok else "unhealthy", **details}
+                self._send_json(200 if ok else 503, body)
+            elif path == "/readyz":
+                is_ready = _call_ready(ready, log_error)
+                self._send_json(200 if is_ready else 503, {"ready": is_ready})
+            else:
+                self._send_json(404, {"error": "not found", "paths": ["/metrics", "/healthz", "/readyz"]})
+
+        def _send_json(self, status: int, body: Mapping[str, object]) -> None:
+            data = json.dumps(body, default=str, sort_keys=True).encode()
+            self._send(status, "application/json", data)
+
+        def _send(self, status: int, content_type: str, data: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: object) -> None:
+            """No access log: the daemon's logs are for what the daemon does."""
+
+    return Handler
+
+
+def _call_health(health: Health, log_error: LogError | None) -> tuple[bool, Mapping[str, object]]:
+    try:
+        return health()
+    except Exception as exc:  # a broken probe must answer 503, not kill the request
+        if log_error is not None:
+            log_error(f"health check raised {exc!r}")
+        return False, {"reason": f"health check failed: {exc!r}"}
+
+
+def _call_ready(ready: Ready, log_error: LogError | None) -> bool:
+    try:
+        return bool(ready())
+    except Exception as exc:
+        if log_error is not None:
+            log_error(f"readiness check raised {exc!r}")
+        return False
+
+
+def _address_family(host: str, port: int) -> socket.AddressFamily:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ConfigError(
+            f"metrics listener: cannot resolve host {host!r} ({exc}); check --metrics-host"
+        ) from exc
+    return infos[0][0]
+
+
+def _bind_message(host: str, port: int, exc: OSError) -> str:
+    where = f"{host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"metrics listener: {where} is already in use (another sinkwatch or exporter?); "
+            "choose a free port with --metrics-port (SINKWATCH_METRICS_PORT), or 0 to disable"
+        )
+    return (
+        f"metrics listener: cannot listen on {where}: {exc.strerror or exc}; "
+        "check --metrics-host and --metrics-port"
+    )

@@ -1,0 +1,25 @@
+"""Log setup with loguru: readable lines on a terminal, JSON lines for journald and containers."""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from loguru import logger
+
+TEXT_FORMAT = "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> <level>{level: <7}</level> {message}"
+
+
+def configure_logging(*, log_format: str = "auto", level: str = "INFO", stream: TextIO | None = None) -> None:
+    """Route every log line to `stream` (stderr by default) in the chosen format.
+
+    ``auto`` means text when the stream is a terminal and JSON lines otherwise,
+    which is what journald, Docker and a log shipper want.
+    """
+    stream = stream if stream is not None else sys.stderr
+    as_json = log_format == "json" or (log_format == "auto" and not stream.isatty())
+    logger.remove()
+    if as_json:
+        logger.add(stream, level=level, serialize=True, backtrace=False, diagnose=False)
+    else:
+        logger.add(stream, level=level, format=TEXT_FORMAT, colorize=stream.isatty(), backtrace=False, diagnose=False)

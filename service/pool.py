@@ -1,0 +1,64 @@
+"""The worker pool: one process per worker, so decoding and the pipeline use every core.
+
+Workers are spawned (never forked: the parent runs observer and HTTP threads),
+ignore SIGINT/SIGTERM so that a stop drains them instead of killing them, and
+die with the parent on Linux so that a killed daemon leaves no orphan
+publishing behind its back. A worker that dies (OOM killer, segfault in a
+codec) breaks the executor; the pool replaces it and the daemon retries the
+jobs that were in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import signal
+from concurrent.futures import Future, ProcessPoolExecutor
+
+from service.runner import Job, Outcome, process_job
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _init_worker() -> None:
+    import cv2
+    from loguru import logger
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Not Linux: no prctl, and orphans end when their pipe to the parent closes.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    # One image per process: OpenCV's own threads would only fight the other workers.
+    cv2.setNumThreads(1)
+    logger.remove()
+
+
+class WorkerPool:
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._context = multiprocessing.get_context("spawn")
+        self._executor = self._new_executor()
+        self.restarts = 0
+
+    def _new_executor(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=self._context, initializer=_init_worker)
+
+    def submit(self, job: Job) -> Future[Outcome]:
+        return self._executor.submit(process_job, job)
+
+    def replace(self) -> None:
+        """Start a fresh executor after a worker died; the broken one is discarded."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor = self._new_executor()
+        self.restarts += 1
+
+    def alive(self) -> bool:
+        # The executor keeps its processes private; a broken pool is the signal we need.
+        return not getattr(self._executor, "_broken", False)
+
+    def close(self) -> None:
+        """Let in-flight jobs finish, then stop the workers."""
+        self._executor.shutdown(wait=True, cancel_futures=False)

@@ -1,0 +1,185 @@
+"""One image, start to finish, inside a worker process: the single runner.
+
+decode -> resize -> analysis -> blur -> heatmap -> encode -> publish, each
+stage timed here (core's stages are timed by core's runner and merged), so
+metrics and logs have one source. `process_job` never raises: every failure
+comes back as an `Outcome` the daemon can act on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from core import pipeline
+from service import __version__
+from service.decode import decode_file
+from service.encode import encode_png
+from service.errors import IncompleteImage, SinkwatchError
+from service.publish import Publisher
+from service.rules import Rule
+
+Status = Literal["published", "rejected", "retry", "skipped"]
+
+# Text chunks of a generator's PNG that a rule may carry into the frame.
+GENERATOR_TEXT_KEYS = ("prompt", "workflow")
+
+
+@dataclass(frozen=True)
+class Job:
+    source: Path
+    key: str
+    name: str
+    rule: Rule
+    queue: Path
+    max_bytes: int
+    max_pixels: int
+    known_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    key: str
+    name: str
+    rule: str
+    fingerprint: str
+    status: Status
+    size: int | None = None
+    mtime_ns: int | None = None
+    sha256: str | None = None
+    timings: Mapping[str, float] = field(default_factory=dict)
+    scores: Mapping[str, float] = field(default_factory=dict)
+    error: Mapping[str, object] | None = None
+    outputs: Mapping[str, str] = field(default_factory=dict)
+    finished_at: float = 0.0
+
+    @property
+    def reason(self) -> str | None:
+        return None if self.error is None else str(self.error["reason"])
+
+    @property
+    def transient(self) -> bool:
+        return bool(self.error and self.error.get("transient"))
+
+
+def process_job(job: Job) -> Outcome:
+    """Clean one source into the queue; report what happened, never raise."""
+    base = {"key": job.key, "name": job.name, "rule": job.rule.name, "fingerprint": job.rule.fingerprint}
+    timings: dict[str, float] = {}
+    try:
+        before = os.stat(job.source)
+    except FileNotFoundError:
+        return Outcome(**base, status="skipped", error={"reason": "vanished", "transient": False})
+    except OSError as exc:
+        error = IncompleteImage(f"cannot stat source: {exc.strerror}", path=job.source, rule=job.rule.name)
+        return Outcome(**base, status="retry", error=error.as_record())
+    stat_fields = {"size": before.st_size, "mtime_ns": before.st_mtime_ns}
+    try:
+        started = time.perf_counter()
+        decoded = decode_file(
+            job.source,
+            max_bytes=job.max_bytes,
+            max_pixels=job.max_pixels,
+            background=job.rule.output.background,
+        )
+        timings["decode"] = time.perf_counter() - started
+        _check_unchanged(job, before)
+        if job.known_sha256 == decoded.sha256:
+            return Outcome(**base, **stat_fields, status="skipped", sha256=decoded.sha256)
+
+        result = pipeline.run(decoded.rgb, job.rule.to_params())
+        timings.update(result.timings)
+        scores = result.scores.as_dict()
+
+        started = time.perf_counter()
+        frame = encode_png(result.cleaned, text=_frame_text(job.rule, scores, decoded.text))
+        heatmap = encode_png(result.heatmap)
+        timings["encode"] = time.perf_counter() - started
+
+        sidecar = _sidecar(job, decoded.sha256, decoded.text, scores, timings, before)
+        started = time.perf_counter()
+        paths = Publisher(job.queue).publish(job.name, frame=frame, heatmap=heatmap, sidecar=sidecar)
+        timings["publish"] = time.perf_counter() - started
+    except SinkwatchError as exc:
+        exc.path = exc.path or str(job.source)
+        exc.rule = exc.rule or job.rule.name
+        status: Status = "retry" if exc.transient else "rejected"
+        return Outcome(**base, **stat_fields, status=status, timings=timings, error=exc.as_record())
+    except Exception as exc:  # a bug must cost one image, never the worker
+        record = {
+            "error": type(exc).__name__,
+            "reason": "crashed",
+            "message": "".join(traceback.format_exception_only(exc)).strip(),
+            "traceback": traceback.format_exc(limit=8),
+            "path": str(job.source),
+            "rule": job.rule.name,
+            "transient": False,
+        }
+        return Outcome(**base, **stat_fields, status="rejected", timings=timings, error=record)
+    return Outcome(
+        **base,
+        **stat_fields,
+        status="published",
+        sha256=decoded.sha256,
+        timings=timings,
+        scores=scores,
+        outputs={kind: path.name for kind, path in paths.items()},
+        finished_at=time.time(),
+    )
+
+
+def _check_unchanged(job: Job, before: os.stat_result) -> None:
+    """A source that changed while it was read is still being written: try again later."""
+    try:
+        after = os.stat(job.source)
+    except FileNotFoundError as exc:
+        raise IncompleteImage("source vanished while it was read", path=job.source) from exc
+    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        raise IncompleteImage("source changed while it was read", path=job.source)
+
+
+def _frame_text(rule: Rule, scores: Mapping[str, float], source_text: Mapping[str, str]) -> dict[str, str]:
+    text = {
+        key: value
+        for key, value in source_text.items()
+        if rule.output.keep_generator_metadata and key in GENERATOR_TEXT_KEYS
+    }
+    provenance = {"rule": rule.name, "fingerprint": rule.fingerprint, "version": __version__, "scores": scores}
+    text["sinkwatch"] = json.dumps(provenance, sort_keys=True)
+    return text
+
+
+def _sidecar(
+    job: Job,
+    sha256: str,
+    source_text: Mapping[str, str],
+    scores: Mapping[str, float],
+    timings: Mapping[str, float],
+    stat: os.stat_result,
+) -> dict[str, object]:
+    return {
+        "source": {
+            "path": str(job.source),
+            "key": job.key,
+            "sha256": sha256,
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "metadata": dict(source_text),
+        },
+        "rule": {"name": job.rule.name, "fingerprint": job.rule.fingerprint},
+        "output": {
+            "frame": f"{job.name}.png",
+            "heatmap": f"matrix/{job.name}.matrix.png",
+            "width": int(scores["width"]),
+            "height": int(scores["height"]),
+        },
+        "scores": dict(scores),
+        "timings_ms": {stage: round(seconds * 1000, 3) for stage, seconds in timings.items()},
+        "sinkwatch_version": __version__,
+    }

@@ -1,0 +1,119 @@
+"""Watching the generator's folder: a watchdog observer whose handler only enqueues.
+
+inotify's close-after-write (``closed``) is the fast path; ``created``,
+``modified`` and ``moved`` go to the stability tracker; a polling observer
+serves network mounts and Docker Desktop, where inotify sees nothing. The
+daemon checks `alive()` and calls `restart()`; events lost on an inotify
+overflow are found by its reconciliation scan.
+"""
+
+from __future__ import annotations
+
+import errno
+import queue
+from pathlib import Path
+
+from loguru import logger
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from service.errors import ConfigError
+
+Event = tuple[str, Path]
+
+# Kinds the daemon acts on; "rescan" asks for a scan (a folder appeared, events were dropped).
+FILE_EVENTS = frozenset({"closed", "created", "modified", "moved"})
+
+
+class EventQueue(queue.Queue[Event]):
+    """A bounded event queue that remembers it dropped something."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize)
+        self.overflowed = False
+
+    def take_overflow(self) -> bool:
+        overflowed, self.overflowed = self.overflowed, False
+        return overflowed
+
+
+class EnqueueHandler(FileSystemEventHandler):
+    """Turns watchdog events into (kind, path) items; never raises into the observer."""
+
+    def __init__(self, events: EventQueue) -> None:
+        self.events = events
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        try:
+            kind = event.event_type
+            path = event.dest_path if kind == "moved" else event.src_path
+            if event.is_directory:
+                if kind in ("created", "moved"):
+                    self._put("rescan", Path(str(path)))
+                return
+            if kind in FILE_EVENTS:
+                self._put(kind, Path(str(path)))
+        except Exception:  # a handler error must never kill the observer thread
+            logger.exception("watch event handler failed on {}", event)
+
+    def _put(self, kind: str, path: Path) -> None:
+        try:
+            self.events.put_nowait((kind, path))
+        except queue.Full:
+            # Backpressure: drop the event and let the reconciliation scan find the file.
+            self.events.overflowed = True
+
+
+class FolderWatcher:
+    def __init__(self, root: Path, events: EventQueue, *, recursive: bool, polling: bool, poll_interval: float) -> None:
+        self.root = root
+        self.events = events
+        self.recursive = recursive
+        self.polling = polling
+        self.poll_interval = poll_interval
+        self._observer: BaseObserver | None = None
+
+    def start(self) -> None:
+        observer: BaseObserver = PollingObserver(timeout=self.poll_interval) if self.polling else Observer()
+        observer.schedule(EnqueueHandler(self.events), str(self.root), recursive=self.recursive)
+        try:
+            observer.start()
+        except OSError as exc:
+            observer.stop()
+            raise _watch_error(exc, self.root) from exc
+        self._observer = observer
+
+    def alive(self) -> bool:
+        """Observer and every emitter thread running, on a folder that still exists."""
+        observer = self._observer
+        if observer is None or not observer.is_alive() or not self.root.is_dir():
+            return False
+        return all(emitter.is_alive() for emitter in observer.emitters)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def stop(self) -> None:
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.stop()
+            if observer.is_alive():
+                observer.join(timeout=10)
+
+
+def _watch_error(exc: OSError, root: Path) -> ConfigError:
+    if exc.errno == errno.ENOSPC:
+        return ConfigError(
+            "inotify watch limit reached: raise the sysctl fs.inotify.max_user_watches "
+            "(e.g. `sysctl fs.inotify.max_user_watches=524288`) or run with --polling",
+            path=root,
+        )
+    if exc.errno == errno.EMFILE:
+        return ConfigError(
+            "inotify instance limit reached: raise the sysctl fs.inotify.max_user_instances or run with --polling",
+            path=root,
+        )
+    return ConfigError(f"cannot watch the folder: {exc.strerror or exc}", path=root)

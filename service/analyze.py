@@ -1,15 +1,117 @@
-"""`sinkwatch analyze`: not built yet (issue 3)."""
+"""`sinkwatch analyze FILE`: the scores and Matrix Vision of one image, for tuning a rule.
+
+Runs the daemon's pipeline on one file and prints what it measured; with
+``--json`` one JSON object. Writes the heatmap, the mask (8-bit grey), the
+cleaned frame and a side-by-side preview where asked. Nothing is published.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+
+import numpy as np
+
+from core import pipeline
+from service.decode import decode_file
+from service.encode import encode_png
+from service.errors import RuleError, SinkwatchError
+from service.rules import Rule, load_rule_file, load_rules
+from service.settings import Settings
+
+# Score lines of the human-readable report: (key, label, format).
+_REPORT = (
+    ("mask_coverage", "mask coverage", "{:.1%}"),
+    ("energy_mean_before", "energy mean before", "{:.4f}"),
+    ("energy_mean_after", "energy mean after", "{:.4f}"),
+    ("energy_p95_before", "energy p95 before", "{:.4f}"),
+    ("energy_p95_after", "energy p95 after", "{:.4f}"),
+    ("sink_energy_before", "sink energy before", "{:.4f}"),
+    ("sink_energy_after", "sink energy after", "{:.4f}"),
+    ("sink_energy_reduction", "sink energy reduction", "{:.1%}"),
+    ("highlight_coverage", "tamed highlights", "{:.2%}"),
+    ("ssim", "SSIM to the resized frame", "{:.4f}"),
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = "not yet: lands with issue 3"
+    parser.add_argument("file", type=Path, metavar="FILE", help="the image to analyse")
+    parser.add_argument(
+        "--rule", metavar="NAME|PATH", help="rule name (from --rules or the presets) or a rule file; default: by name"
+    )
+    parser.add_argument("--rules", type=Path, metavar="DIR", help="rule folder (default: the shipped presets)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a report")
+    parser.add_argument("--heatmap", type=Path, metavar="OUT.png", help="write the Matrix Vision heatmap")
+    parser.add_argument("--mask", type=Path, metavar="OUT.png", help="write the soft sink mask as 8-bit grey")
+    parser.add_argument("--cleaned", type=Path, metavar="OUT.png", help="write the cleaned frame")
+    parser.add_argument(
+        "--preview", type=Path, metavar="OUT.png", help="write resized | Matrix Vision | cleaned | Matrix Vision after"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
-    print("sinkwatch analyze: not yet (issue 3)", file=sys.stderr)
-    return 2
+    rule = choose_rule(args.rule, args.rules, args.file)
+    limits = Settings.model_fields
+    try:
+        decoded = decode_file(
+            args.file,
+            max_bytes=int(limits["max_bytes"].default),
+            max_pixels=int(limits["max_pixels"].default),
+            background=rule.output.background,
+        )
+    except SinkwatchError as exc:
+        print(f"sinkwatch analyze: {exc} ({exc.reason})", file=sys.stderr)
+        return 1
+    params = rule.to_params()
+    result = pipeline.run(decoded.rgb, params)
+    scores = result.scores.as_dict()
+    outputs = {
+        "heatmap": (args.heatmap, lambda: result.heatmap),
+        "mask": (args.mask, lambda: np.rint(result.mask * 255.0).astype(np.uint8)),
+        "cleaned": (args.cleaned, lambda: result.cleaned),
+        "preview": (args.preview, lambda: pipeline.preview(result, params=params.heatmap)),
+    }
+    written: dict[str, str] = {}
+    for kind, (path, picture) in outputs.items():
+        if path is not None:
+            path.write_bytes(encode_png(picture()))
+            written[kind] = str(path)
+    if args.json:
+        report = {
+            "file": str(args.file),
+            "rule": rule.name,
+            "fingerprint": rule.fingerprint,
+            "source_width": decoded.source_size[0],
+            "source_height": decoded.source_size[1],
+            **{key: int(value) if key in ("width", "height") else value for key, value in scores.items()},
+            "timings_ms": {stage: round(seconds * 1000, 3) for stage, seconds in result.timings.items()},
+            "written": written,
+        }
+        print(json.dumps(report, sort_keys=True))
+        return 0
+    width, height = decoded.source_size
+    print(f"{args.file}: {decoded.format} {width}x{height} -> {int(scores['width'])}x{int(scores['height'])}")
+    print(f"  rule                       {rule.name} ({rule.fingerprint})")
+    for key, label, form in _REPORT:
+        print(f"  {label:26s} {form.format(scores[key])}")
+    timings = ", ".join(f"{stage} {seconds * 1000:.1f}" for stage, seconds in result.timings.items())
+    print(f"  time (ms)                  {timings}")
+    for kind, path in written.items():
+        print(f"  wrote {kind:20s} {path}")
+    return 0
+
+
+def choose_rule(choice: str | None, folder: Path | None, file: Path) -> Rule:
+    """A rule file, a rule by name, or the rule the set selects for the file's name."""
+    if choice is not None and (choice.endswith(".toml") or Path(choice).is_file()):
+        return load_rule_file(choice)
+    rules = load_rules(folder)
+    if choice is None:
+        return rules.select(file.name)
+    try:
+        return rules.get(choice)
+    except KeyError:
+        known = ", ".join(rules.names)
+        raise RuleError(f"no rule named {choice!r}; known: {known}", file=rules.source, field="name") from None

@@ -17,11 +17,11 @@ from pathlib import Path
 from types import FrameType
 
 from loguru import logger
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from service import __version__, notify
 from service.engine import Candidate, Engine, Limits
-from service.errors import ConfigError, RuleError
+from service.errors import ConfigError, RuleError, SinkwatchError
 from service.folders import Folders, prepare_folders
 from service.http import serve
 from service.ledger import Ledger
@@ -56,6 +56,8 @@ class Daemon:
     def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.clock = clock
+        # The *_created series double the exposition and no dashboard or alert uses them.
+        disable_created_metrics()
         self.registry = CollectorRegistry()
         self.stopping = False
         self.reload_requested = False
@@ -131,7 +133,7 @@ class Daemon:
             ", ".join(self.rules.names),
         )
         if self.server is not None:
-            logger.info("metrics at {}metrics, health at {}healthz", self.server.url, self.server.url)
+            logger.info("metrics at {}/metrics, health at {}/healthz", self.server.url, self.server.url)
         if not once:
             notify.notify("READY=1")
             notify.notify(f"STATUS=watching {f.watch}")
@@ -139,34 +141,42 @@ class Daemon:
     # -- loop -----------------------------------------------------------------
 
     def loop(self, *, once: bool = False) -> None:
-        next_retry_check = next_rules_check = next_ping = self.clock()
-        ping_every = notify.watchdog_interval()
+        self.next_retry_check = self.next_rules_check = self.next_ping = self.clock()
+        self.ping_every = notify.watchdog_interval()
         while not self.stopping:
-            now = self.clock()
-            if not once:
-                self._take_events()
-                self._check_watcher()
-            if now >= next_retry_check:
-                self.engine.requeue_due()
-                next_retry_check = now + 0.5
-            if now >= next_rules_check or self.reload_requested:
-                self._maybe_reload_rules()
-                next_rules_check = now + RULES_CHECK_INTERVAL
-            self._feed_scan()
-            if not once and (now - self.last_scan_done >= self.settings.rescan_interval or self.events.take_overflow()):
-                self._start_scan("scan")
-            self.engine.pump(timeout=LOOP_TICK)
-            if ping_every and now >= next_ping:
-                if self.health()[0]:
-                    notify.notify("WATCHDOG=1")
-                next_ping = now + ping_every / 2
-            if (
-                once
-                and self.scan is None
-                and self.engine.idle()
-                and not self.engine.retrying(self.settings.max_attempts)
-            ):
-                return
+            try:
+                if self.tick(once=once):
+                    return
+            except SinkwatchError as exc:
+                if not exc.transient:
+                    raise
+                # The ledger's disk is full or read-only: the sources are untouched, so wait and carry on.
+                logger.bind(reason=exc.reason, stage=exc.stage).error("cannot record progress, pausing 1s: {}", exc)
+                time.sleep(1.0)
+
+    def tick(self, *, once: bool = False) -> bool:
+        """One turn of the loop; True when a `--once` run has nothing left to do."""
+        now = self.clock()
+        if not once:
+            self._take_events()
+            self._check_watcher()
+        if now >= self.next_retry_check:
+            self.engine.requeue_due()
+            self.next_retry_check = now + 0.5
+        if now >= self.next_rules_check or self.reload_requested:
+            self._maybe_reload_rules()
+            self.next_rules_check = now + RULES_CHECK_INTERVAL
+        self._feed_scan()
+        if not once and (now - self.last_scan_done >= self.settings.rescan_interval or self.events.take_overflow()):
+            self._start_scan("scan")
+        self.engine.pump(timeout=LOOP_TICK)
+        if self.ping_every and now >= self.next_ping:
+            if self.health()[0]:
+                notify.notify("WATCHDOG=1")
+            self.next_ping = now + self.ping_every / 2
+        if once:
+            return self.scan is None and self.engine.idle() and not self.engine.retrying(self.settings.max_attempts)
+        return False
 
     def _take_events(self) -> None:
         wall = time.time()

@@ -19,6 +19,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from loguru import logger
 
@@ -85,7 +86,8 @@ class Engine:
         self.publisher = Publisher(queue)
         self.pending: OrderedDict[str, Candidate] = OrderedDict()
         self.in_flight: dict[Future[Outcome], tuple[Candidate, Job]] = {}
-        self.overflowed = False
+        # Called with (name, key, width, height) after each publish, e.g. to upload to a remote ComfyUI.
+        self.on_published: Callable[[str, str, int, int], None] | None = None
         self.counts = {"published": 0, "rejected": 0, "retried": 0, "skipped": 0}
 
     # -- finding work ---------------------------------------------------------
@@ -97,7 +99,6 @@ class Engine:
         if not self.force and self._already_done(candidate):
             return True
         if len(self.pending) >= self.limits.queue_size:
-            self.overflowed = True
             return False
         self.pending[candidate.key] = candidate
         if candidate.source in ("event", "scan", "startup"):
@@ -136,36 +137,44 @@ class Engine:
     def recover(self) -> int:
         """After a crash: settle the rows a dead run left in "processing"; returns how many.
 
-        A frame whose sidecar names the source's current content was published
-        just before the crash and only needs its ledger row; anything else is
-        queued again.
+        A frame published just before the crash only needs its ledger row: its
+        sidecar names the source's current content and the frame's own hash.
+        Anything else is queued again.
         """
         recovered = 0
         for entry in self.ledger.entries("processing"):
             path = self.resolve(entry.relpath)
-            sidecar = _read_json(self.publisher.sidecar_path(entry.output_name))
-            frame = self.publisher.frame_path(entry.output_name)
-            source = sidecar.get("source") if sidecar else None
             try:
                 st = os.stat(path)
-                digest = sha256_file(path)
             except OSError:
                 self.ledger.forget(entry.relpath)
                 continue
-            if frame.exists() and isinstance(source, dict) and source.get("sha256") == digest:
-                rule = sidecar["rule"] if sidecar else {}
+            sidecar = self._own_sidecar(entry.output_name, entry.relpath) if entry.output_name else None
+            if sidecar is not None and _complete(sidecar, path, self.publisher.frame_path(str(entry.output_name))):
                 self.ledger.published(
                     entry.relpath,
                     size=st.st_size,
                     mtime_ns=st.st_mtime_ns,
-                    sha256=digest,
-                    rule=str(rule["name"]),
-                    fingerprint=str(rule["fingerprint"]),
+                    sha256=sidecar["source"]["sha256"],
+                    rule=sidecar["rule"]["name"],
+                    fingerprint=sidecar["rule"]["fingerprint"],
                 )
                 recovered += 1
             else:
                 self.offer(Candidate(entry.relpath, path, "retry", self.clock()))
         return recovered
+
+    def _own_sidecar(self, name: str, key: str) -> dict[str, Any] | None:
+        """The sidecar of output `name` if it exists and was written for source `key`."""
+        sidecar = _read_json(self.publisher.sidecar_path(name))
+        try:
+            return sidecar if sidecar is not None and sidecar["source"]["key"] == key else None
+        except (KeyError, TypeError):
+            return None
+
+    def _taken(self, name: str, key: str) -> bool:
+        """A frame of that name exists and is not ours: the user's own file, or another source's."""
+        return self.publisher.frame_path(name).exists() and self._own_sidecar(name, key) is None
 
     # -- dispatch -------------------------------------------------------------
 
@@ -194,7 +203,7 @@ class Engine:
         entry = self.ledger.get(candidate.key)
         rule = self.forced_rule or self.rules.select(candidate.key)
         name = self.ledger.name_for(
-            candidate.key, safe_stem(candidate.name_source), exists=lambda n: self.publisher.frame_path(n).exists()
+            candidate.key, safe_stem(candidate.name_source), exists=lambda n: self._taken(n, candidate.key)
         )
         known = entry.sha256 if entry and entry.state == "published" and not self.force else None
         self.ledger.start(
@@ -275,6 +284,8 @@ class Engine:
         m.last_publish.set(outcome.finished_at)
         if candidate.source == "event":
             m.latency_seconds.observe(max(0.0, outcome.finished_at - candidate.seen_at))
+        if self.on_published is not None:
+            self.on_published(job.name, job.key, int(outcome.scores["width"]), int(outcome.scores["height"]))
         logger.bind(source=job.key, rule=outcome.rule, frame=outcome.outputs.get("frame")).info(
             "published {} -> {} (rule {}, coverage {:.1%}, {:.0f} ms)",
             job.key,
@@ -313,6 +324,7 @@ class Engine:
         delay = self.limits.retry_base * 2 ** (attempts - 1)
         if is_publish:
             delay = min(delay, MAX_PUBLISH_RETRY_DELAY)
+            self.metrics.publish_errors.labels(reason=str(error.get("publish_reason", "other"))).inc()
         self.ledger.retry(
             job.key,
             reason=str(error.get("reason")),
@@ -330,6 +342,7 @@ class Engine:
         try:
             self.publisher.reject(job.name, record)
         except PublishError as exc:
+            self.metrics.record_publish_error(exc)
             # Without its reject record the rejection would be invisible: try again later.
             self.ledger.retry(
                 job.key, reason="publish", message=exc.message, next_attempt=self.clock() + self.limits.retry_base
@@ -368,7 +381,18 @@ class Engine:
         self.metrics.processed.labels(rule=rule, outcome=outcome).inc()
 
 
-def _read_json(path: Path) -> dict[str, object] | None:
+def _complete(sidecar: dict[str, Any], source: Path, frame: Path) -> bool:
+    """The sidecar describes this source's current content and the frame on disk is the one it names."""
+    try:
+        return bool(
+            sidecar["source"]["sha256"] == sha256_file(source)
+            and sidecar["output"]["frame_sha256"] == sha256_file(frame)
+        )
+    except (KeyError, TypeError, OSError):
+        return False
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

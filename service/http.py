@@ -38,8 +38,8 @@ class MetricsServer:
     def __init__(self, httpd: _Server, thread: threading.Thread) -> None:
         self._httpd = httpd
         self._thread = thread
-        self.host: str = httpd.server_address[0]
-        self.port: int = httpd.server_address[1]
+        self.host = str(httpd.server_address[0])
+        self.port = int(httpd.server_address[1])
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.url = f"http://{host}:{self.port}"
 
@@ -69,8 +69,9 @@ def serve(
     """Bind ``host:port`` (0: any free port) and answer in a background thread.
 
     ``health()`` returns ``(healthy, details)``: details are merged into the
-    JSON body, with the reason when unhealthy. A port in use or an address that
-    cannot be bound is a :class:`ConfigError`.
+    JSON body; when unhealthy without a ``reason`` key, the reason names the
+    details that are False (``{"watcher": False}`` -> ``"failed: watcher"``).
+    A port in use or an address that cannot be bound is a :class:`ConfigError`.
     """
     family = _address_family(host, port)
     handler = _handler_class(registry=registry, health=health, ready=ready, log_error=log_error)
@@ -127,6 +128,8 @@ def _handler_class(
             elif path == "/healthz":
                 ok, details = _call_health(health, log_error)
                 body = {"status": "ok" if ok else "unhealthy", **details}
+                if not ok:
+                    body.setdefault("reason", _failed_checks(details))
                 self._send_json(200 if ok else 503, body)
             elif path == "/readyz":
                 is_ready = _call_ready(ready, log_error)
@@ -161,6 +164,12 @@ def _call_health(health: Health, log_error: LogError | None) -> tuple[bool, Mapp
         return False, {"reason": f"health check failed: {exc!r}"}
 
 
+def _failed_checks(details: Mapping[str, object]) -> str:
+    """A reason when the probe gave none: the checks it reported as False."""
+    failed = [name for name, value in details.items() if value is False]
+    return "failed: " + ", ".join(failed) if failed else "unhealthy"
+
+
 def _call_ready(ready: Ready, log_error: LogError | None) -> bool:
     try:
         return bool(ready())
@@ -174,9 +183,7 @@ def _address_family(host: str, port: int) -> socket.AddressFamily:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as exc:
-        raise ConfigError(
-            f"metrics listener: cannot resolve host {host!r} ({exc}); check --metrics-host"
-        ) from exc
+        raise ConfigError(f"metrics listener: cannot resolve host {host!r} ({exc}); check --metrics-host") from exc
     return infos[0][0]
 
 
@@ -187,7 +194,4 @@ def _bind_message(host: str, port: int, exc: OSError) -> str:
             f"metrics listener: {where} is already in use (another sinkwatch or exporter?); "
             "choose a free port with --metrics-port (SINKWATCH_METRICS_PORT), or 0 to disable"
         )
-    return (
-        f"metrics listener: cannot listen on {where}: {exc.strerror or exc}; "
-        "check --metrics-host and --metrics-port"
-    )
+    return f"metrics listener: cannot listen on {where}: {exc.strerror or exc}; check --metrics-host and --metrics-port"

@@ -17,7 +17,7 @@ mmap files and lost counts on crashes) is not needed.
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 from prometheus_client import (
     REGISTRY,
@@ -41,6 +41,7 @@ PUBLISH_ERROR_REASONS = ("no_space", "permission", "read_only", "other")
 UPLOAD_OUTCOMES = ("ok", "failed", "retried")
 PROMPT_OUTCOMES = ("queued", "rejected", "failed")
 
+# fmt: off
 # One stage costs tens of milliseconds (decode ~30 ms, resize ~6 ms, encode
 # ~25 ms); buckets are dense there and still tell 1 ms from 2 s.
 STAGE_BUCKETS = (
@@ -57,6 +58,7 @@ LATENCY_BUCKETS = (
 RATIO_BUCKETS = (
     0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0,
 )
+# fmt: on
 
 _ERRNO_REASONS = {
     errno.ENOSPC: "no_space",
@@ -70,58 +72,61 @@ _ERRNO_REASONS = {
 class Metrics:
     """The sinkwatch metrics, registered on ``registry`` (a fresh one when None)."""
 
-    def __init__(
-        self, registry: CollectorRegistry | None = None, *, rules: Iterable[str] = ("default",)
-    ) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, rules: Iterable[str] = ("default",)) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         reg = self.registry
 
         self.discovered = Counter(
             "sinkwatch_images_discovered_total",
             "Source images found, by how they were found.",
-            ["source"], registry=reg,
+            ["source"],
+            registry=reg,
         )
         self.processed = Counter(
             "sinkwatch_images_processed_total",
             "Source images handled, by rule and outcome.",
-            ["rule", "outcome"], registry=reg,
+            ["rule", "outcome"],
+            registry=reg,
         )
         self.rejected = Counter(
             "sinkwatch_rejections_total",
             "Source images rejected for good, by reason.",
-            ["reason"], registry=reg,
+            ["reason"],
+            registry=reg,
         )
         self.stage_seconds = Histogram(
             "sinkwatch_stage_duration_seconds",
             "Time one image spends in one pipeline stage.",
-            ["stage"], buckets=STAGE_BUCKETS, registry=reg,
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=reg,
         )
         self.latency_seconds = Histogram(
             "sinkwatch_publish_latency_seconds",
             "Time from the source file being closed to its cleaned frame being published.",
-            buckets=LATENCY_BUCKETS, registry=reg,
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
         )
-        self.queue_depth = Gauge(
-            "sinkwatch_queue_depth", "Images waiting in the work queue.", registry=reg
-        )
-        self.in_flight = Gauge(
-            "sinkwatch_in_flight", "Images being processed by the workers right now.", registry=reg
-        )
+        self.queue_depth = Gauge("sinkwatch_queue_depth", "Images waiting in the work queue.", registry=reg)
+        self.in_flight = Gauge("sinkwatch_in_flight", "Images being processed by the workers right now.", registry=reg)
         self.workers = Gauge("sinkwatch_workers", "Worker processes alive.", registry=reg)
         self.energy_before = Histogram(
             "sinkwatch_energy_before_ratio",
             "Mean high-frequency (Matrix Vision) energy of a frame before cleaning, 0..1.",
-            buckets=RATIO_BUCKETS, registry=reg,
+            buckets=RATIO_BUCKETS,
+            registry=reg,
         )
         self.energy_after = Histogram(
             "sinkwatch_energy_after_ratio",
             "Mean high-frequency (Matrix Vision) energy of a frame after cleaning, 0..1.",
-            buckets=RATIO_BUCKETS, registry=reg,
+            buckets=RATIO_BUCKETS,
+            registry=reg,
         )
         self.mask_coverage = Histogram(
             "sinkwatch_mask_coverage_ratio",
             "Share of the frame covered by the sink mask (blurred), 0..1.",
-            buckets=RATIO_BUCKETS, registry=reg,
+            buckets=RATIO_BUCKETS,
+            registry=reg,
         )
         self.last_publish = Gauge(
             "sinkwatch_last_publish_timestamp_seconds",
@@ -134,9 +139,7 @@ class Metrics:
             "Rule reloads that failed; the last good rules stayed in force.",
             registry=reg,
         )
-        self.watcher_up = Gauge(
-            "sinkwatch_watcher_up", "1 while the folder observer is alive, else 0.", registry=reg
-        )
+        self.watcher_up = Gauge("sinkwatch_watcher_up", "1 while the folder observer is alive, else 0.", registry=reg)
         self.watcher_restarts = Counter(
             "sinkwatch_watcher_restarts_total",
             "Times a dead folder observer was restarted.",
@@ -145,21 +148,22 @@ class Metrics:
         self.publish_errors = Counter(
             "sinkwatch_publish_errors_total",
             "Failed attempts to write into the queue folder (retried), by reason.",
-            ["reason"], registry=reg,
+            ["reason"],
+            registry=reg,
         )
         self.comfyui_uploads = Counter(
             "sinkwatch_comfyui_uploads_total",
             "Uploads of cleaned frames to a remote ComfyUI, by outcome.",
-            ["outcome"], registry=reg,
+            ["outcome"],
+            registry=reg,
         )
         self.comfyui_prompts = Counter(
             "sinkwatch_comfyui_prompts_total",
             "I2V workflows queued on ComfyUI, by outcome.",
-            ["outcome"], registry=reg,
+            ["outcome"],
+            registry=reg,
         )
-        self.build_info = Info(
-            "sinkwatch_build", "Version and fingerprint of the rules in force.", registry=reg
-        )
+        self.build_info = Info("sinkwatch_build", "Version and fingerprint of the rules in force.", registry=reg)
 
         # The default registry already carries these collectors.
         if reg is not REGISTRY:
@@ -191,42 +195,6 @@ class Metrics:
     def set_build_info(self, version: str, rules_fingerprint: str) -> None:
         """Replace ``sinkwatch_build_info`` (one series at any time), e.g. on rule reload."""
         self.build_info.info({"version": version, "rules_fingerprint": rules_fingerprint})
-
-    def record_published(
-        self,
-        *,
-        rule: str,
-        timings: Mapping[str, float],
-        energy_before: float,
-        energy_after: float,
-        mask_coverage: float,
-        latency: float | None,
-        now: float,
-    ) -> None:
-        """Count one published frame and observe everything measured on the way.
-
-        ``timings`` maps stage names to seconds (unknown stages are ignored, so
-        a worker may report extra detail); ``latency`` is None when the file's
-        close time is unknown (found by a scan); ``now`` is the Unix time.
-        """
-        self.processed.labels(rule, "published").inc()
-        self.observe_stages(timings)
-        self.energy_before.observe(energy_before)
-        self.energy_after.observe(energy_after)
-        self.mask_coverage.observe(mask_coverage)
-        if latency is not None:
-            self.latency_seconds.observe(latency)
-        self.last_publish.set(now)
-
-    def record_rejected(self, *, rule: str, reason: str) -> None:
-        """Count one source rejected for good: by rule and by reason, always together."""
-        self.processed.labels(rule, "rejected").inc()
-        self.rejected.labels(reason).inc()
-
-    def observe_stages(self, timings: Mapping[str, float]) -> None:
-        for stage, seconds in timings.items():
-            if stage in STAGES:
-                self.stage_seconds.labels(stage).observe(seconds)
 
     def record_publish_error(self, error: BaseException) -> None:
         """Count a failed write into the queue by a fixed reason taken from its errno."""

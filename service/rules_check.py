@@ -1,15 +1,61 @@
-"""`sinkwatch rules check`: not built yet (issue 3)."""
+"""`sinkwatch rules check [DIR]`: validate every rule file, one line per file.
+
+Without DIR the shipped presets are checked. Each file is validated on its
+own (so one broken file does not hide the others), then the folder as a set
+(duplicate names, a ``default`` rule). Exit status 0 when all is well, 1
+otherwise; every error names the file and the field.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from service.errors import RuleError
+from service.rules import Rule, load_rules, parse_rule, rule_files
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = "not yet: lands with issue 3"
+    parser.add_argument("action", choices=["check"], help="what to do with the rules (only 'check')")
+    parser.add_argument(
+        "directory", nargs="?", type=Path, metavar="DIR", help="rule folder (default: the shipped presets)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
-    print("sinkwatch rules check: not yet (issue 3)", file=sys.stderr)
-    return 2
+    try:
+        files = rule_files(args.directory)
+    except RuleError as exc:
+        print(f"FAIL {exc}")
+        return 1
+    if not files:
+        print(f"FAIL {args.directory}: no rule files (*.toml)")
+        return 1
+    failures = 0
+    for label, text in files:
+        try:
+            rule = parse_rule(text, file=label)
+        except RuleError as exc:
+            failures += 1
+            print(f"FAIL {exc}")
+            continue
+        print(f"ok   {label}: {_summary(rule)}")
+    if not failures:
+        try:
+            load_rules(args.directory)
+        except RuleError as exc:
+            failures += 1
+            print(f"FAIL {exc}")
+    where = args.directory or "presets"
+    if failures:
+        print(f"sinkwatch rules check: {failures} problem(s) in {where}", file=sys.stderr)
+        return 1
+    print(f"sinkwatch rules check: {len(files)} rule file(s) in {where} are valid", file=sys.stderr)
+    return 0
+
+
+def _summary(rule: Rule) -> str:
+    size = f"{rule.resize.width}x{rule.resize.height}"
+    globs = ", ".join(rule.match) if rule.match else "(no globs)"
+    return f"{rule.name} {size} {rule.resize.mode}, priority {rule.priority}, match {globs}, fingerprint {rule.fingerprint}"

@@ -8,6 +8,7 @@ comes back as an `Outcome` the daemon can act on.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -15,13 +16,14 @@ import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from core import pipeline
 from service import __version__
 from service.decode import decode_file
 from service.encode import encode_png
-from service.errors import IncompleteImage, SinkwatchError
+from service.errors import IncompleteImage, PublishError, SinkwatchError
+from service.metrics import publish_error_reason
 from service.publish import Publisher
 from service.rules import Rule
 
@@ -103,6 +105,8 @@ def process_job(job: Job) -> Outcome:
         timings["encode"] = time.perf_counter() - started
 
         sidecar = _sidecar(job, decoded.sha256, decoded.text, scores, timings, before)
+        # Recovery after a crash compares this with the frame on disk: a sidecar alone proves nothing.
+        sidecar["output"]["frame_sha256"] = hashlib.sha256(frame).hexdigest()
         started = time.perf_counter()
         paths = Publisher(job.queue).publish(job.name, frame=frame, heatmap=heatmap, sidecar=sidecar)
         timings["publish"] = time.perf_counter() - started
@@ -110,7 +114,10 @@ def process_job(job: Job) -> Outcome:
         exc.path = exc.path or str(job.source)
         exc.rule = exc.rule or job.rule.name
         status: Status = "retry" if exc.transient else "rejected"
-        return Outcome(**base, **stat_fields, status=status, timings=timings, error=exc.as_record())
+        record = exc.as_record()
+        if isinstance(exc, PublishError):
+            record["publish_reason"] = publish_error_reason(exc)
+        return Outcome(**base, **stat_fields, status=status, timings=timings, error=record)
     except Exception as exc:  # a bug must cost one image, never the worker
         record = {
             "error": type(exc).__name__,
@@ -162,7 +169,7 @@ def _sidecar(
     scores: Mapping[str, float],
     timings: Mapping[str, float],
     stat: os.stat_result,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     return {
         "source": {
             "path": str(job.source),

@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -21,6 +21,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from service.comfyui import DEFAULT_SUBFOLDER, ComfyClient
 from service.errors import ConfigError
 
 DEFAULT_METRICS_PORT = 18416
@@ -68,10 +69,53 @@ class Settings(BaseSettings):
         "auto", description="Log lines: text on a terminal, JSON lines otherwise (auto)."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Lowest log level written.")
+    comfyui_input: Path | None = Field(
+        None,
+        description="ComfyUI's input/ folder: publish the frames there, in place of --queue (default: use --queue).",
+    )
+    comfyui_url: str | None = Field(
+        None,
+        description="Also upload every frame to this ComfyUI, e.g. http://host:8188 (default: off).",
+    )
+    comfyui_workflow: Path | None = Field(
+        None,
+        description="API-format workflow JSON to queue on that ComfyUI per uploaded frame (needs --comfyui-url).",
+    )
+    comfyui_subfolder: str = Field(
+        DEFAULT_SUBFOLDER, description="Subfolder of ComfyUI's input/ the frames are uploaded into (empty: top level)."
+    )
+    comfyui_timeout: float = Field(10.0, gt=0, description="Seconds one request to ComfyUI may take.")
+
+    @field_validator("comfyui_url")
+    @classmethod
+    def _check_comfyui_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            _comfy_check(lambda: ComfyClient(url))
+        return url
+
+    @field_validator("comfyui_subfolder")
+    @classmethod
+    def _check_comfyui_subfolder(cls, subfolder: str) -> str:
+        _comfy_check(lambda: ComfyClient("http://127.0.0.1", subfolder=subfolder))
+        return subfolder
+
+    @model_validator(mode="after")
+    def _check_comfyui_combination(self) -> Settings:
+        if self.comfyui_workflow is not None and self.comfyui_url is None:
+            raise ValueError("comfyui_workflow needs comfyui_url (the ComfyUI to queue it on)")
+        # Two different queues named at once would leave one of them silently unused.
+        if self.comfyui_input is not None and "queue" in self.model_fields_set and self.queue != self.comfyui_input:
+            raise ValueError(f"comfyui_input ({self.comfyui_input}) and queue ({self.queue}) name different folders")
+        return self
+
+    @property
+    def queue_folder(self) -> Path:
+        """Where frames are published: ComfyUI's input folder when given, else the queue."""
+        return self.comfyui_input if self.comfyui_input is not None else self.queue
 
     @property
     def resolved_state_dir(self) -> Path:
-        return self.state_dir if self.state_dir is not None else self.queue / ".sinkwatch" / "state"
+        return self.state_dir if self.state_dir is not None else self.queue_folder / ".sinkwatch" / "state"
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -109,7 +153,11 @@ def load_settings(*, config_file: Path | None = None, flags: Mapping[str, Any] |
         first = exc.errors()[0]
         field = ".".join(str(part) for part in first["loc"])
         source = f" (config {config_file})" if config_file else ""
-        raise ConfigError(f"setting {field!r}: {first['msg']}{source}") from exc
+        # A check across fields has no location; its message names the fields itself.
+        where = f"setting {field!r}: " if field else "settings: "
+        # Our own checks' messages, without pydantic's "Value error, " in front.
+        message = str(first["ctx"]["error"]) if first["type"] == "value_error" else first["msg"]
+        raise ConfigError(f"{where}{message}{source}") from exc
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -120,7 +168,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         env = f"SINKWATCH_{name.upper()}"
-        text = f"{field.description} [{env}; default: {_show_default(field.default)}]"
+        # An unset default (None) is explained by the description itself.
+        shown = f"; default: {_show_default(field.default)}" if field.default is not None else ""
+        text = f"{field.description} [{env}{shown}]"
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": text}
         if field.annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
@@ -138,4 +188,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def _show_default(value: object) -> str:
     if isinstance(value, tuple):
         return ",".join(map(str, value)) or "none"
-    return "shipped presets / under the queue" if value is None else str(value)
+    return repr(value) if value == "" else str(value)
+
+
+def _comfy_check(build: Callable[[], object]) -> None:
+    """Run the ComfyUI client's own check of a value, as a validation error of the field."""
+    try:
+        build()
+    except ConfigError as exc:
+        raise ValueError(exc.message) from exc

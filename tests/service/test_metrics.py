@@ -127,41 +127,27 @@ def test_add_rule_pre_initialises_its_outcomes(registry: CollectorRegistry) -> N
         assert value(registry, "sinkwatch_images_processed_total", rule="portrait", outcome=outcome) == 0
 
 
-def test_record_published_counts_and_observes(registry: CollectorRegistry) -> None:
+def test_observations_land_in_their_buckets(registry: CollectorRegistry) -> None:
     metrics = Metrics(registry)
-    timings = {"decode": 0.03, "resize": 0.006, "publish": 0.004, "not-a-stage": 1.0}
-    metrics.record_published(
-        rule="default", timings=timings, energy_before=0.2, energy_after=0.05,
-        mask_coverage=0.3, latency=1.25, now=1_700_000_000.0,
-    )
-    metrics.record_published(
-        rule="default", timings={"decode": 0.02}, energy_before=0.1, energy_after=0.04,
-        mask_coverage=0.1, latency=None, now=1_700_000_005.0,
-    )
-    assert value(registry, "sinkwatch_images_processed_total", rule="default", outcome="published") == 2
+    metrics.stage_seconds.labels(stage="decode").observe(0.03)
+    metrics.stage_seconds.labels(stage="decode").observe(0.02)
+    metrics.latency_seconds.observe(1.25)
+    metrics.energy_before.observe(0.2)
+    metrics.energy_after.observe(0.05)
+    metrics.mask_coverage.observe(0.3)
+    metrics.last_publish.set(1_700_000_005.0)
     assert value(registry, "sinkwatch_stage_duration_seconds_count", stage="decode") == 2
     assert value(registry, "sinkwatch_stage_duration_seconds_sum", stage="decode") == pytest.approx(0.05)
-    assert value(registry, "sinkwatch_stage_duration_seconds_count", stage="resize") == 1
+    assert value(registry, "sinkwatch_stage_duration_seconds_bucket", stage="decode", le="0.025") == 1
+    assert value(registry, "sinkwatch_stage_duration_seconds_bucket", stage="decode", le="0.03") == 2
     assert value(registry, "sinkwatch_stage_duration_seconds_count", stage="blur") == 0
-    assert value(registry, "sinkwatch_stage_duration_seconds_count", stage="not-a-stage") is None
-    assert value(registry, "sinkwatch_publish_latency_seconds_count") == 1
-    assert value(registry, "sinkwatch_publish_latency_seconds_sum") == 1.25
-    assert value(registry, "sinkwatch_energy_before_ratio_sum") == pytest.approx(0.3)
-    assert value(registry, "sinkwatch_energy_after_ratio_sum") == pytest.approx(0.09)
-    assert value(registry, "sinkwatch_mask_coverage_ratio_bucket", le="0.1") == 1
-    assert value(registry, "sinkwatch_mask_coverage_ratio_count") == 2
+    assert value(registry, "sinkwatch_publish_latency_seconds_bucket", le="1.0") == 0
+    assert value(registry, "sinkwatch_publish_latency_seconds_bucket", le="1.5") == 1
+    assert value(registry, "sinkwatch_energy_before_ratio_bucket", le="0.2") == 1
+    assert value(registry, "sinkwatch_energy_after_ratio_bucket", le="0.03") == 0
+    assert value(registry, "sinkwatch_energy_after_ratio_bucket", le="0.05") == 1
+    assert value(registry, "sinkwatch_mask_coverage_ratio_bucket", le="1.0") == 1
     assert value(registry, "sinkwatch_last_publish_timestamp_seconds") == 1_700_000_005.0
-
-
-def test_record_rejected_counts_rule_and_reason_together(registry: CollectorRegistry) -> None:
-    metrics = Metrics(registry)
-    metrics.record_rejected(rule="default", reason="bomb")
-    metrics.record_rejected(rule="default", reason="not_image")
-    metrics.record_rejected(rule="default", reason="bomb")
-    assert value(registry, "sinkwatch_images_processed_total", rule="default", outcome="rejected") == 3
-    assert value(registry, "sinkwatch_rejections_total", reason="bomb") == 2
-    assert value(registry, "sinkwatch_rejections_total", reason="not_image") == 1
-    assert value(registry, "sinkwatch_rejections_total", reason="corrupt") == 0
 
 
 def test_build_info_is_replaced_not_accumulated(registry: CollectorRegistry) -> None:
@@ -209,15 +195,14 @@ def test_stage_buckets_suit_tens_of_milliseconds() -> None:
 
 def test_exposition_passes_promtool_lint(registry: CollectorRegistry) -> None:
     metrics = Metrics(registry, rules=("default", "wan21-480p"))
-    metrics.record_published(
-        rule="default", timings={stage: 0.01 for stage in STAGES}, energy_before=0.2,
-        energy_after=0.05, mask_coverage=0.3, latency=1.0, now=1_700_000_000.0,
-    )
-    metrics.record_rejected(rule="wan21-480p", reason="corrupt")
+    for stage in STAGES:
+        metrics.stage_seconds.labels(stage=stage).observe(0.01)
+    metrics.processed.labels(rule="default", outcome="published").inc()
+    metrics.processed.labels(rule="wan21-480p", outcome="rejected").inc()
+    metrics.rejected.labels(reason="corrupt").inc()
+    metrics.mask_coverage.observe(0.3)
     metrics.set_build_info("0.1.0", "0123abcd")
     text = generate_latest(registry)
-    done = subprocess.run(
-        [promtool(), "check", "metrics"], input=text, capture_output=True, timeout=60, check=False
-    )
+    done = subprocess.run([promtool(), "check", "metrics"], input=text, capture_output=True, timeout=60, check=False)
     assert done.returncode == 0 and done.stderr == b"", done.stderr.decode()
     assert b'sinkwatch_images_processed_total{outcome="published",rule="default"} 1.0' in text

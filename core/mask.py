@@ -1,0 +1,193 @@
+"""From the sink score to a soft 0..1 mask of where to blur.
+
+threshold -> speckle removal -> minimum region area -> optional blot breakup
+-> dilation -> feathering -> ``max_coverage`` guard. The morphology runs on
+the work grid of :mod:`core.frequency` (all sizes are given in output pixels
+and converted), and the feathered mask is interpolated to output size.
+
+Coverage is the mean of the soft mask: the share of the frame that is
+blurred, a half-blurred pixel counting half.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
+
+ThresholdMode = Literal["absolute", "percentile"]
+
+# Mask values below one grey level are set to exactly 0: the pixel is untouched.
+_NEGLIGIBLE = np.float32(1.0 / 255.0)
+
+
+@dataclass(frozen=True)
+class MaskParams:
+    """How the sink score becomes a mask (lengths in output pixels).
+
+    mode, threshold, percentile : ``absolute`` blurs where the score exceeds
+        ``threshold`` (on the fixed scale of the map); ``percentile`` where it
+        exceeds that percentile of the image's own scores, but never below
+        ``threshold`` (so a flat image stays untouched).
+    speckle : radius of the opening that removes specks and thin threads.
+    min_area : regions smaller than this many pixels are dropped.
+    dilate : radius by which the kept regions grow.
+    feather : Gaussian sigma of the soft edge.
+    max_coverage : the mask never covers more than this share of the frame.
+    blots : break regions of at least ``blot_min_area`` pixels into irregular
+        blots of about ``blot_size`` pixels, keeping ``blot_keep`` of them.
+    """
+
+    mode: ThresholdMode = "absolute"
+    threshold: float = 0.18
+    percentile: float = 90.0
+    speckle: int = 2
+    min_area: int = 256
+    dilate: int = 4
+    feather: float = 3.0
+    max_coverage: float = 0.2
+    blots: bool = True
+    blot_size: int = 48
+    blot_keep: float = 0.6
+    blot_min_area: int = 20000
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("absolute", "percentile"):
+            raise ValueError(f"mode must be 'absolute' or 'percentile', got {self.mode!r}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in 0..1, got {self.threshold}")
+        if not 0.0 <= self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in 0..100, got {self.percentile}")
+        for name in ("speckle", "min_area", "dilate", "blot_min_area"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.feather < 0:
+            raise ValueError(f"feather must be >= 0, got {self.feather}")
+        if not 0.0 <= self.max_coverage <= 1.0:
+            raise ValueError(f"max_coverage must be in 0..1, got {self.max_coverage}")
+        if self.blot_size < 4:
+            raise ValueError(f"blot_size must be >= 4, got {self.blot_size}")
+        if not 0.0 < self.blot_keep <= 1.0:
+            raise ValueError(f"blot_keep must be in (0, 1], got {self.blot_keep}")
+
+
+def build_mask(sinks: np.ndarray, *, shape: tuple[int, ...], params: MaskParams, seed: int = 0) -> np.ndarray:
+    """Soft sink mask at output size.
+
+    Parameters
+    ----------
+    sinks : float32 (h, w)
+        Sink score on the work grid (0..1, fixed scale).
+    shape : tuple
+        (H, W, ...) of the output image.
+    params : MaskParams
+    seed : int
+        Seeds the blot noise; derive it from the image content so that the
+        same image always gets the same blots.
+
+    Returns
+    -------
+    float32 (H, W) in 0..1; exactly 0 where nothing is blurred. Its mean never
+    exceeds ``params.max_coverage``.
+    """
+    if sinks.dtype != np.float32 or sinks.ndim != 2:
+        raise ValueError(f"sinks must be float32 (h, w), got {sinks.dtype} {sinks.shape}")
+    out_h, out_w = shape[0], shape[1]
+    if out_h < sinks.shape[0] or out_w < sinks.shape[1]:
+        raise ValueError(f"shape {shape[:2]} is smaller than the sink grid {sinks.shape}")
+    scale = out_w / sinks.shape[1]
+    threshold = params.threshold
+    if params.mode == "percentile":
+        threshold = max(threshold, float(np.percentile(sinks, params.percentile)))
+    binary = cv2.compare(sinks, threshold, cv2.CMP_GT)
+    if cv2.countNonZero(binary) == 0:
+        return np.zeros((out_h, out_w), np.float32)
+    noise = _blot_noise((sinks.shape[0], sinks.shape[1]), scale, params, seed) if params.blots else None
+    mask = _soft_mask(binary, (out_h, out_w), scale, params, noise)
+    covered = _coverage(mask)
+    if covered > params.max_coverage:
+        # Coverage grows about in step with the thresholded share: aim that share at the limit once,
+        # so that the strongest sinks keep their full blur.
+        share = cv2.countNonZero(binary) / binary.size * params.max_coverage / covered
+        threshold = max(threshold, float(np.quantile(sinks, 1.0 - share)))
+        binary = cv2.compare(sinks, threshold, cv2.CMP_GT)
+        mask = _soft_mask(binary, (out_h, out_w), scale, params, noise)
+        covered = _coverage(mask)
+    if covered > params.max_coverage:
+        # Still too much: weaken the blur evenly, so the cap holds whatever the image.
+        mask *= np.float32(params.max_coverage / covered)
+        while _coverage(mask) > params.max_coverage:
+            mask *= np.float32(1.0 - 1e-6)
+        cv2.threshold(mask, _NEGLIGIBLE, 0.0, cv2.THRESH_TOZERO, dst=mask)
+    return mask
+
+
+def support_box(values: np.ndarray, *, margin: int = 0, align: int = 1) -> tuple[int, int, int, int] | None:
+    """Bounding box ``(y0, y1, x0, x1)`` of the non-zero pixels of a 2-D map, or ``None``.
+
+    Grown by ``margin`` and clipped to the map; ``y0`` and ``x0`` are rounded
+    down to a multiple of ``align`` (to stay on a coarser grid).
+    """
+    flags = values if values.dtype == np.uint8 else cv2.compare(values, 0, cv2.CMP_NE)
+    x, y, w, h = cv2.boundingRect(flags)
+    if w == 0:
+        return None
+    rows, cols = values.shape[:2]
+    y0 = max(0, y - margin) // align * align
+    x0 = max(0, x - margin) // align * align
+    return y0, min(rows, y + h + margin), x0, min(cols, x + w + margin)
+
+
+def _coverage(mask: np.ndarray) -> float:
+    return float(cv2.mean(mask)[0])
+
+
+def _soft_mask(
+    binary: np.ndarray, shape: tuple[int, int], scale: float, params: MaskParams, noise: np.ndarray | None
+) -> np.ndarray:
+    work = binary
+    speckle = round(params.speckle / scale)
+    if speckle > 0:
+        work = cv2.morphologyEx(work, cv2.MORPH_OPEN, _disc(speckle))
+    count, labels, stats, _centroids = cv2.connectedComponentsWithStatsWithAlgorithm(
+        work, 8, cv2.CV_32S, cv2.CCL_GRANA
+    )
+    areas = stats[:, cv2.CC_STAT_AREA].astype(np.float64) * scale * scale
+    keep = areas >= params.min_area
+    keep[0] = False  # the background
+    if not keep[1:].all():
+        work = (keep.astype(np.uint8) * 255)[labels]
+    if noise is not None:
+        large = keep & (areas >= params.blot_min_area)
+        if large.any():
+            # Holes where the noise is low, inside large regions only.
+            holes = cv2.bitwise_and((large.astype(np.uint8) * 255)[labels], noise)
+            work = cv2.subtract(work, holes)
+    radius = round(params.dilate / scale)
+    if radius > 0:
+        work = cv2.dilate(work, _disc(radius))
+    soft = cv2.multiply(work, 1.0 / 255.0, dtype=cv2.CV_32F)
+    sigma = params.feather / scale
+    if sigma > 0:
+        soft = cv2.GaussianBlur(soft, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
+    mask = cv2.resize(soft, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR).reshape(shape)
+    # Interpolated blur of 0..1 stays in 0..1 up to rounding; below a grey level counts as untouched.
+    cv2.threshold(mask, 1.0, 1.0, cv2.THRESH_TRUNC, dst=mask)
+    cv2.threshold(mask, _NEGLIGIBLE, 0.0, cv2.THRESH_TOZERO, dst=mask)
+    return mask
+
+
+def _blot_noise(shape: tuple[int, int], scale: float, params: MaskParams, seed: int) -> np.ndarray:
+    """Where blots are cut (255) on the work grid: smooth noise below its ``1 - blot_keep`` quantile."""
+    h, w = shape
+    cell = max(2.0, params.blot_size / scale)
+    grid = np.random.default_rng(seed).random((int(h / cell) + 2, int(w / cell) + 2), dtype=np.float32)
+    noise = cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC)
+    level = float(np.quantile(noise[::2, ::2], 1.0 - params.blot_keep))
+    return cv2.compare(noise, level, cv2.CMP_LT)
+
+
+def _disc(radius: int) -> np.ndarray:
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))

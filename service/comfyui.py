@@ -1,0 +1,373 @@
+"""A small ComfyUI HTTP client: upload a frame, queue a workflow, poll its history.
+
+Standard library only (``urllib.request``; the multipart body is built by
+hand). The routes and bodies follow ComfyUI's ``server.py``:
+
+- ``POST /upload/image``: multipart ``image`` (the file), ``type`` (``input``),
+  ``subfolder``, ``overwrite`` (``"true"``/``"1"``, anything else means no) ->
+  ``{name, subfolder, type}``; a subfolder that leaves ``input/`` is a bare 400.
+- ``POST /prompt``: ``{"prompt": {...API-format nodes...}, "client_id": ...}``
+  -> ``{prompt_id, number, node_errors}``, or 400 ``{error, node_errors}``.
+- ``GET /history/{prompt_id}``: ``{}`` until the prompt finished, then
+  ``{prompt_id: {prompt, outputs, status: {status_str, completed, messages}}}``.
+
+Failures split in two: :class:`ComfyUnavailable` (refused, timed out, 5xx,
+not a ComfyUI answer: transient, try again later) and :class:`ComfyRejected`
+(a 4xx: the request itself is wrong, sending it again will not help).
+
+Why uploads use ``overwrite=True`` into their own subfolder (default
+``sinkwatch``): the caller passes the published frame name, which the
+publisher already keeps unique per source, and nothing but sinkwatch writes
+into that subfolder, so a name there belongs to exactly one source and never
+meets a file a user uploaded by hand. Overwriting makes an upload idempotent:
+a retry after a lost answer, or a re-upload of a reprocessed source, replaces
+that source's own file and keeps the name the ledger and sidecar recorded.
+Without it ComfyUI would store changed content as ``name (1).png`` and the
+recorded name would point at the stale frame. ComfyUI writes uploads in place
+(not atomically), so a prompt that loads a frame at the very moment it is
+re-uploaded could read a partial file; re-uploads are rare (a changed rule).
+LoadImage takes ``subfolder/name`` (:attr:`UploadResult.reference`); files in a
+subfolder are not in its dropdown, which keeps the user's list clean.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import mimetypes
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any, TypeVar
+
+from service.errors import ConfigError, SinkwatchError
+
+DEFAULT_SUBFOLDER = "sinkwatch"
+
+T = TypeVar("T")
+
+
+class ComfyUnavailable(SinkwatchError):
+    """ComfyUI cannot be reached or failed on its side: try again later."""
+
+    reason = "comfyui_down"
+    transient = True
+
+    def __init__(self, message: str, *, url: str, status: int | None = None) -> None:
+        super().__init__(message, stage="comfyui")
+        self.url = url
+        self.status = status
+
+    def as_record(self) -> dict[str, object]:
+        return {**super().as_record(), "url": self.url, "status": self.status}
+
+
+class ComfyRejected(SinkwatchError):
+    """ComfyUI refused the request (4xx), with its ``error`` and ``node_errors`` as fields."""
+
+    reason = "comfyui_rejected"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str,
+        status: int,
+        error_type: str | None = None,
+        details: str | None = None,
+        node_errors: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message, stage="comfyui")
+        self.url = url
+        self.status = status
+        self.error_type = error_type
+        self.details = details
+        self.node_errors: dict[str, Any] = dict(node_errors or {})
+
+    def node_messages(self) -> list[str]:
+        """One line per node error, e.g. ``node 10 (LoadImage): image - Invalid image file: x.png``."""
+        lines = []
+        for node_id, entry in sorted(self.node_errors.items()):
+            entry = entry if isinstance(entry, Mapping) else {}
+            for error in entry.get("errors") or ():
+                if isinstance(error, Mapping):
+                    text = error.get("details") or error.get("message") or error.get("type")
+                    lines.append(f"node {node_id} ({entry.get('class_type', '?')}): {text}")
+        return lines
+
+    def as_record(self) -> dict[str, object]:
+        return {
+            **super().as_record(),
+            "url": self.url,
+            "status": self.status,
+            "error_type": self.error_type,
+            "details": self.details,
+            "node_errors": self.node_messages(),
+        }
+
+
+class ComfyPending(SinkwatchError):
+    """A queued prompt had not finished when the wait ran out (still queued or running)."""
+
+    reason = "comfyui_pending"
+    transient = True
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """ComfyUI's answer to an upload: the stored name (it may differ from the one sent)."""
+
+    name: str
+    subfolder: str
+    type: str
+
+    @property
+    def reference(self) -> str:
+        """The value for a LoadImage node's ``image`` input: ``subfolder/name`` or ``name``."""
+        return f"{self.subfolder.strip('/')}/{self.name}" if self.subfolder.strip("/") else self.name
+
+
+@dataclass(frozen=True)
+class QueuedPrompt:
+    """ComfyUI's answer to ``POST /prompt``; ``node_errors`` lists outputs it dropped."""
+
+    prompt_id: str
+    number: float
+    node_errors: Mapping[str, Any] = field(default_factory=dict)
+
+
+class ComfyClient:
+    """Talks to one ComfyUI server. Cheap to create; holds no connection between calls."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 10.0,
+        client_id: str | None = None,
+        subfolder: str = DEFAULT_SUBFOLDER,
+    ) -> None:
+        parsed = urllib.parse.urlsplit(base_url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ConfigError(f"ComfyUI URL must look like http://host:8188, got {base_url!r}", stage="comfyui")
+        if timeout <= 0:
+            raise ConfigError(f"ComfyUI timeout must be positive, got {timeout}", stage="comfyui")
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.client_id = client_id or f"sinkwatch-{uuid.uuid4().hex}"
+        self.subfolder = _checked_subfolder(subfolder)
+        # No proxy from the environment: ComfyUI lives on loopback or the LAN, where a
+        # corporate http_proxy would only swallow the requests.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def upload_image(
+        self, data: bytes, *, name: str, subfolder: str | None = None, overwrite: bool = True
+    ) -> UploadResult:
+        """Store ``data`` as ``input/<subfolder>/<name>`` (subfolder: the client's unless given)."""
+        if not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
+            raise ValueError(f"name must be a plain file name, got {name!r}")
+        fields = {
+            "type": "input",
+            "subfolder": self.subfolder if subfolder is None else subfolder,
+            "overwrite": "true" if overwrite else "false",
+        }
+        body, content_type = _multipart(fields, file_field="image", filename=name, data=data)
+        answer = self._call("POST", "/upload/image", body=body, content_type=content_type)
+        if not isinstance(answer, Mapping) or not isinstance(answer.get("name"), str):
+            raise self._unexpected("/upload/image", answer)
+        return UploadResult(
+            name=answer["name"], subfolder=str(answer.get("subfolder") or ""), type=str(answer.get("type") or "input")
+        )
+
+    def submit(self, prompt: Mapping[str, Any]) -> QueuedPrompt:
+        """Queue an API-format workflow; a 400 raises :class:`ComfyRejected`."""
+        body = json.dumps({"prompt": prompt, "client_id": self.client_id}).encode()
+        answer = self._call("POST", "/prompt", body=body, content_type="application/json")
+        if not isinstance(answer, Mapping) or not isinstance(answer.get("prompt_id"), str):
+            raise self._unexpected("/prompt", answer)
+        node_errors = answer.get("node_errors")
+        return QueuedPrompt(
+            prompt_id=answer["prompt_id"],
+            number=float(answer.get("number") or 0),
+            node_errors=dict(node_errors) if isinstance(node_errors, Mapping) else {},
+        )
+
+    def queue_prompt(self, prompt: Mapping[str, Any]) -> str:
+        """Queue an API-format workflow and return its ``prompt_id``."""
+        return self.submit(prompt).prompt_id
+
+    def history(self, prompt_id: str) -> Mapping[str, Any] | None:
+        """The finished prompt's history entry, or None while it is queued or running."""
+        route = "/history/" + urllib.parse.quote(prompt_id, safe="")
+        answer = self._call("GET", route)
+        if not isinstance(answer, Mapping):
+            raise self._unexpected(route, answer)
+        entry = answer.get(prompt_id)
+        return entry if isinstance(entry, Mapping) else None
+
+    def wait(
+        self,
+        prompt_id: str,
+        *,
+        timeout: float,
+        poll: float = 1.0,
+        sleep: Callable[[float], object] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> str:
+        """Poll the history until the prompt finished; return ``status_str`` ("success" or "error").
+
+        Raises :class:`ComfyPending` when ``timeout`` seconds pass first.
+        """
+        deadline = clock() + timeout
+        while True:
+            entry = self.history(prompt_id)
+            if entry is not None:
+                return status_of(entry)
+            remaining = deadline - clock()
+            if remaining <= 0:
+                raise ComfyPending(f"prompt {prompt_id} not finished after {timeout:g}s", stage="comfyui")
+            sleep(min(poll, remaining))
+
+    def _call(self, method: str, route: str, *, body: bytes | None = None, content_type: str | None = None) -> Any:
+        url = self.base_url + route
+        request = urllib.request.Request(url, data=body, method=method)
+        request.add_header("Accept", "application/json")
+        if content_type is not None:
+            request.add_header("Content-Type", content_type)
+        try:
+            with self._opener.open(request, timeout=self.timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as error:
+            payload = _read_quietly(error)
+            if error.code >= 500 or error.code in (408, 429):
+                raise ComfyUnavailable(
+                    f"ComfyUI answered {error.code} to {method} {route}", url=url, status=error.code
+                ) from error
+            raise _rejected(method, route, url, error.code, payload) from error
+        except (OSError, http.client.HTTPException) as error:
+            why = error.reason if isinstance(error, urllib.error.URLError) else error
+            raise ComfyUnavailable(f"ComfyUI at {self.base_url} unreachable: {why}", url=url) from error
+        try:
+            return json.loads(raw)
+        except ValueError as error:
+            raise self._unexpected(route, raw[:80]) from error
+
+    def _unexpected(self, route: str, answer: object) -> ComfyUnavailable:
+        # Not what ComfyUI answers: a wrong URL or a proxy page. Transient, so nothing
+        # is dropped while the operator fixes it; the message says what came back.
+        return ComfyUnavailable(f"not a ComfyUI answer from {route}: {answer!r:.120}", url=self.base_url + route)
+
+
+def status_of(entry: Mapping[str, Any]) -> str:
+    """``status.status_str`` of a history entry; entries of ComfyUI versions before it existed count as success."""
+    status = entry.get("status")
+    if isinstance(status, Mapping) and isinstance(status.get("status_str"), str):
+        return str(status["status_str"])
+    return "success"
+
+
+def backoff(attempt: int, *, base: float, cap: float) -> float:
+    """Delay after the ``attempt``-th failure: ``base * 2**(attempt-1)``, at most ``cap``."""
+    return min(cap, base * 2.0 ** (attempt - 1))
+
+
+def retrying(
+    fn: Callable[[], T],
+    *,
+    attempts: int = 5,
+    base: float = 1.0,
+    cap: float = 60.0,
+    sleep: Callable[[float], object] = time.sleep,
+    on_retry: Callable[[int, float, SinkwatchError], None] | None = None,
+) -> T:
+    """Call ``fn`` until it succeeds, retrying transient sinkwatch errors with capped exponential backoff.
+
+    Permanent errors (``transient`` False, e.g. :class:`ComfyRejected`) and the
+    last attempt's error propagate unchanged. No jitter: one client per daemon,
+    and tests see an exact sequence. ``sleep`` may return True to stop early
+    (pass ``stop_event.wait``), which re-raises the last transient error so the
+    caller keeps the work pending.
+    """
+    if attempts < 1:
+        raise ValueError(f"attempts must be at least 1, got {attempts}")
+    attempt = 1
+    while True:
+        try:
+            return fn()
+        except SinkwatchError as error:
+            if not error.transient or attempt >= attempts:
+                raise
+            delay = backoff(attempt, base=base, cap=cap)
+            if on_retry is not None:
+                on_retry(attempt, delay, error)
+            if sleep(delay) is True:
+                raise
+            attempt += 1
+
+
+def _checked_subfolder(subfolder: str) -> str:
+    path = PurePosixPath(subfolder)
+    if path.is_absolute() or ".." in path.parts or "\\" in subfolder or "\x00" in subfolder:
+        raise ConfigError(f"ComfyUI upload subfolder must stay inside input/, got {subfolder!r}", stage="comfyui")
+    return "" if str(path) == "." else str(path)
+
+
+def _multipart(fields: Mapping[str, str], *, file_field: str, filename: str, data: bytes) -> tuple[bytes, str]:
+    boundary = f"sinkwatch-{uuid.uuid4().hex}"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode()
+        for key, value in fields.items()
+    ]
+    quoted = filename.replace("\\", "\\\\").replace('"', '\\"')
+    disposition = f'form-data; name="{file_field}"; filename="{quoted}"'
+    if not filename.isascii():
+        disposition += f"; filename*=utf-8''{urllib.parse.quote(filename, safe='')}"
+    media_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+    head = f"--{boundary}\r\nContent-Disposition: {disposition}\r\nContent-Type: {media_type}\r\n\r\n"
+    body = b"".join(parts) + head.encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def _read_quietly(error: urllib.error.HTTPError) -> bytes:
+    try:
+        return error.read()
+    except (OSError, http.client.HTTPException):
+        return b""
+    finally:
+        error.close()
+
+
+def _rejected(method: str, route: str, url: str, status: int, payload: bytes) -> ComfyRejected:
+    try:
+        answer = json.loads(payload) if payload else None
+    except ValueError:
+        answer = None
+    error_type = details = None
+    comfy_message = ""
+    node_errors: Mapping[str, Any] = {}
+    if isinstance(answer, Mapping):
+        error = answer.get("error")
+        if isinstance(error, Mapping):
+            error_type = error.get("type")
+            comfy_message = str(error.get("message") or "")
+            details = error.get("details")
+        elif isinstance(error, str):
+            comfy_message = error
+        if isinstance(answer.get("node_errors"), Mapping):
+            node_errors = answer["node_errors"]
+    elif payload:
+        details = payload[:500].decode("utf-8", "replace")
+    message = f"ComfyUI rejected {method} {route} ({status})" + (f": {comfy_message}" if comfy_message else "")
+    return ComfyRejected(
+        message,
+        url=url,
+        status=status,
+        error_type=str(error_type) if error_type is not None else None,
+        details=str(details) if details else None,
+        node_errors=node_errors,
+    )

@@ -1,0 +1,426 @@
+"""The ledger: what happened to every source, so nothing is processed twice or lost.
+
+SQLite in the state folder, one transaction per method. WAL lets a reader
+(a status command, a test) look while the daemon writes. ``synchronous=FULL``
+makes every commit durable before the method returns; that ordering matters:
+an output name is on disk before any file carries it, so a power cut can
+never make a rerun pick a second name for an image already published. A
+commit costs one WAL fsync, small beside the six fsyncs of a publication.
+
+Source keys are stored as UTF-8 bytes (BLOB) so that file names that are not
+valid UTF-8 (lone surrogates after Python's decoding) round-trip exactly.
+
+The ``uploads`` table (schema 2) holds the frames owed to a remote ComfyUI,
+keyed by output name. A row is written *before* the upload is attempted, so an
+upload pending while ComfyUI is down survives a restart. Each (re)publication
+of a name bumps its ``generation``; an upload result only settles the row of
+the generation it was started for, so the answer for an older frame never marks
+a newer one as sent.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+import threading
+import time
+import unicodedata
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from service.errors import ConfigError, PublishError
+from service.naming import disambiguated
+
+STATES = ("processing", "published", "rejected", "retry")
+FINAL_STATES = ("published", "rejected")
+UPLOAD_STATES = ("pending", "done", "failed")
+
+SCHEMA_VERSION = 2
+# Statements that bring a ledger from version N-1 to N; a new version appends an entry.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE sources (
+            relpath BLOB PRIMARY KEY,
+            state TEXT NOT NULL CHECK (state IN ('processing', 'published', 'rejected', 'retry')),
+            size INTEGER,
+            mtime_ns INTEGER,
+            sha256 TEXT,
+            rule TEXT,
+            fingerprint TEXT,
+            attempts INTEGER NOT NULL CHECK (attempts >= 0),
+            next_attempt REAL,
+            reason TEXT,
+            message TEXT,
+            updated REAL NOT NULL
+        )""",
+        "CREATE INDEX sources_by_state ON sources (state, next_attempt)",
+        """CREATE TABLE names (
+            relpath BLOB PRIMARY KEY,
+            name TEXT NOT NULL,
+            folded TEXT NOT NULL UNIQUE
+        )""",
+    ),
+    2: (
+        """CREATE TABLE uploads (
+            name TEXT PRIMARY KEY,
+            relpath BLOB NOT NULL,
+            width INTEGER NOT NULL CHECK (width > 0),
+            height INTEGER NOT NULL CHECK (height > 0),
+            state TEXT NOT NULL CHECK (state IN ('pending', 'done', 'failed')),
+            generation INTEGER NOT NULL CHECK (generation >= 1),
+            reference TEXT,
+            prompt_id TEXT,
+            reason TEXT,
+            message TEXT,
+            queued REAL NOT NULL,
+            updated REAL NOT NULL
+        )""",
+        "CREATE INDEX uploads_by_state ON uploads (state, queued)",
+    ),
+}
+
+_SELECT_UPLOAD = """
+    SELECT name, relpath, width, height, state, generation, reference, prompt_id, reason, message, queued, updated
+    FROM uploads
+"""
+
+_SELECT_ENTRY = """
+    SELECT s.relpath, s.size, s.mtime_ns, s.sha256, s.rule, s.fingerprint, s.state, n.name,
+           s.attempts, s.next_attempt, s.reason, s.message, s.updated
+    FROM sources AS s LEFT JOIN names AS n ON n.relpath = s.relpath
+"""
+
+
+@dataclass(frozen=True)
+class Entry:
+    relpath: str
+    size: int | None
+    mtime_ns: int | None
+    sha256: str | None
+    rule: str | None
+    fingerprint: str | None
+    state: str
+    output_name: str | None
+    attempts: int
+    next_attempt: float | None
+    reason: str | None
+    message: str | None
+    updated: float
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A frame owed to (or already sent to) a remote ComfyUI."""
+
+    name: str  # output name (stem) of the published frame
+    relpath: str  # the source it was made from
+    width: int
+    height: int
+    state: str  # "pending" | "done" | "failed"
+    generation: int
+    reference: str | None  # what LoadImage takes: "subfolder/name.png"
+    prompt_id: str | None
+    reason: str | None
+    message: str | None
+    queued: float
+    updated: float
+
+
+class Ledger:
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self.clock = clock
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise ConfigError(f"cannot open the ledger: {exc}", path=path) from exc
+        try:
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = FULL")
+            self._migrate()
+        except (sqlite3.Error, PublishError) as exc:
+            self._db.close()
+            detail = exc.message if isinstance(exc, PublishError) else str(exc)
+            raise ConfigError(f"cannot open the ledger: {detail}", path=path) from exc
+        except BaseException:
+            self._db.close()
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- reading --------------------------------------------------------------
+
+    def get(self, relpath: str) -> Entry | None:
+        with self._transaction(write=False) as db:
+            row = db.execute(_SELECT_ENTRY + " WHERE s.relpath = ?", (_key(relpath),)).fetchone()
+        return _entry(row) if row else None
+
+    def seen(self, relpath: str, *, size: int, mtime_ns: int) -> Entry | None:
+        """The entry if this exact file (size and mtime) was already published or rejected."""
+        entry = self.get(relpath)
+        if entry and entry.state in FINAL_STATES and (entry.size, entry.mtime_ns) == (size, mtime_ns):
+            return entry
+        return None
+
+    def due(self, now: float) -> list[Entry]:
+        """Entries waiting to be retried whose time has come, the longest-waiting first."""
+        query = _SELECT_ENTRY + " WHERE s.state = 'retry' AND s.next_attempt <= ? ORDER BY s.next_attempt, s.relpath"
+        with self._transaction(write=False) as db:
+            return [_entry(row) for row in db.execute(query, (now,))]
+
+    def entries(self, state: str | None = None) -> list[Entry]:
+        if state is not None and state not in STATES:
+            raise ValueError(f"state must be one of {STATES}, got {state!r}")
+        where, params = (" WHERE s.state = ?", (state,)) if state else ("", ())
+        with self._transaction(write=False) as db:
+            return [_entry(row) for row in db.execute(_SELECT_ENTRY + where + " ORDER BY s.relpath", params)]
+
+    def counts(self) -> dict[str, int]:
+        with self._transaction(write=False) as db:
+            rows = db.execute("SELECT state, COUNT(*) FROM sources GROUP BY state").fetchall()
+        return {state: 0 for state in STATES} | dict(rows)
+
+    # -- names ----------------------------------------------------------------
+
+    def name_for(self, relpath: str, stem: str, *, exists: Callable[[str], bool]) -> str:
+        """The output name of `relpath`: the one it already has, else the first free of
+        `stem`, ``stem-<hash>``, ``stem-<hash>-2``, ... (free: no other source owns it,
+        compared case-insensitively, and ``exists(name)`` is False)."""
+        key = _key(relpath)
+        with self._transaction() as db:
+            row = db.execute("SELECT name FROM names WHERE relpath = ?", (key,)).fetchone()
+            if row:
+                return str(row[0])
+            candidates = itertools.chain(
+                (stem, disambiguated(stem, relpath)),
+                (disambiguated(stem, relpath, counter=n) for n in itertools.count(2)),
+            )
+            for name in candidates:
+                folded = _fold(name)
+                if db.execute("SELECT 1 FROM names WHERE folded = ?", (folded,)).fetchone() or exists(name):
+                    continue
+                db.execute("INSERT INTO names (relpath, name, folded) VALUES (?, ?, ?)", (key, name, folded))
+                return name
+        raise AssertionError("unreachable: the candidate names are endless")
+
+    # -- state changes --------------------------------------------------------
+
+    def start(self, relpath: str, *, size: int, mtime_ns: int, sha256: str | None, rule: str, fingerprint: str) -> None:
+        """Processing begins: one more attempt, counted afresh for content that had reached a final state."""
+        self._write(
+            """INSERT INTO sources (relpath, state, size, mtime_ns, sha256, rule, fingerprint, attempts, updated)
+               VALUES (?, 'processing', ?, ?, ?, ?, ?, 1, ?)
+               ON CONFLICT (relpath) DO UPDATE SET
+                   attempts = CASE WHEN state IN ('published', 'rejected') THEN 1 ELSE attempts + 1 END,
+                   reason = CASE WHEN state IN ('published', 'rejected') THEN NULL ELSE reason END,
+                   message = CASE WHEN state IN ('published', 'rejected') THEN NULL ELSE message END,
+                   state = 'processing', size = excluded.size, mtime_ns = excluded.mtime_ns,
+                   sha256 = excluded.sha256, rule = excluded.rule, fingerprint = excluded.fingerprint,
+                   next_attempt = NULL, updated = excluded.updated""",
+            (_key(relpath), size, mtime_ns, _text(sha256), _text(rule), _text(fingerprint), self.clock()),
+        )
+
+    def published(self, relpath: str, *, size: int, mtime_ns: int, sha256: str, rule: str, fingerprint: str) -> None:
+        self._write(
+            """INSERT INTO sources (relpath, state, size, mtime_ns, sha256, rule, fingerprint, attempts, updated)
+               VALUES (?, 'published', ?, ?, ?, ?, ?, 1, ?)
+               ON CONFLICT (relpath) DO UPDATE SET
+                   state = 'published', size = excluded.size, mtime_ns = excluded.mtime_ns,
+                   sha256 = excluded.sha256, rule = excluded.rule, fingerprint = excluded.fingerprint,
+                   next_attempt = NULL, reason = NULL, message = NULL, updated = excluded.updated""",
+            (_key(relpath), size, mtime_ns, _text(sha256), _text(rule), _text(fingerprint), self.clock()),
+        )
+
+    def rejected(
+        self,
+        relpath: str,
+        *,
+        reason: str,
+        message: str,
+        size: int | None = None,
+        mtime_ns: int | None = None,
+        sha256: str | None = None,
+    ) -> None:
+        """A final failure; size, mtime and hash not given keep what `start` recorded."""
+        self._write(
+            """INSERT INTO sources (relpath, state, size, mtime_ns, sha256, reason, message, attempts, updated)
+               VALUES (?, 'rejected', ?, ?, ?, ?, ?, 1, ?)
+               ON CONFLICT (relpath) DO UPDATE SET
+                   state = 'rejected', size = COALESCE(excluded.size, size),
+                   mtime_ns = COALESCE(excluded.mtime_ns, mtime_ns), sha256 = COALESCE(excluded.sha256, sha256),
+                   reason = excluded.reason, message = excluded.message, next_attempt = NULL,
+                   updated = excluded.updated""",
+            (_key(relpath), size, mtime_ns, _text(sha256), _text(reason), _text(message), self.clock()),
+        )
+
+    def retry(self, relpath: str, *, reason: str, message: str, next_attempt: float) -> None:
+        """A transient failure: try again at `next_attempt` (same clock as `due`); attempts are kept."""
+        self._write(
+            """INSERT INTO sources (relpath, state, reason, message, next_attempt, attempts, updated)
+               VALUES (?, 'retry', ?, ?, ?, 1, ?)
+               ON CONFLICT (relpath) DO UPDATE SET
+                   state = 'retry', reason = excluded.reason, message = excluded.message,
+                   next_attempt = excluded.next_attempt, updated = excluded.updated""",
+            (_key(relpath), _text(reason), _text(message), next_attempt, self.clock()),
+        )
+
+    def forget(self, relpath: str) -> None:
+        """Drop the source's entry (it vanished); its output name stays reserved for it."""
+        self._write("DELETE FROM sources WHERE relpath = ?", (_key(relpath),))
+
+    # -- uploads to a remote ComfyUI ------------------------------------------
+
+    def upload_pending(self, name: str, *, relpath: str, width: int, height: int) -> int:
+        """Owe ComfyUI the frame `name` (again, if it was republished); returns the new generation."""
+        now = self.clock()
+        with self._transaction() as db:
+            row = db.execute(
+                """INSERT INTO uploads (name, relpath, width, height, state, generation, queued, updated)
+                   VALUES (?, ?, ?, ?, 'pending', 1, ?, ?)
+                   ON CONFLICT (name) DO UPDATE SET
+                       relpath = excluded.relpath, width = excluded.width, height = excluded.height,
+                       state = 'pending', generation = generation + 1, reference = NULL, prompt_id = NULL,
+                       reason = NULL, message = NULL, queued = excluded.queued, updated = excluded.updated
+                   RETURNING generation""",
+                (_text(name), _key(relpath), width, height, now, now),
+            ).fetchone()
+        return int(row[0])
+
+    def upload_done(self, name: str, *, generation: int, reference: str, prompt_id: str | None = None) -> bool:
+        """The frame of that generation reached ComfyUI (and its workflow was queued); False if superseded."""
+        return self._settle_upload(
+            name, generation, "done", reference=reference, prompt_id=prompt_id, reason=None, message=None
+        )
+
+    def upload_failed(
+        self, name: str, *, generation: int, reason: str, message: str, reference: str | None = None
+    ) -> bool:
+        """Sending it again cannot help (rejected, frame gone); False if superseded."""
+        return self._settle_upload(
+            name, generation, "failed", reference=reference, prompt_id=None, reason=reason, message=message
+        )
+
+    def get_upload(self, name: str) -> Upload | None:
+        with self._transaction(write=False) as db:
+            row = db.execute(_SELECT_UPLOAD + " WHERE name = ?", (_text(name),)).fetchone()
+        return _upload(row) if row else None
+
+    def uploads(self, state: str | None = None) -> list[Upload]:
+        """Uploads in the order they were owed (the oldest first), optionally of one state."""
+        if state is not None and state not in UPLOAD_STATES:
+            raise ValueError(f"state must be one of {UPLOAD_STATES}, got {state!r}")
+        where, params = (" WHERE state = ?", (state,)) if state else ("", ())
+        with self._transaction(write=False) as db:
+            return [_upload(row) for row in db.execute(_SELECT_UPLOAD + where + " ORDER BY queued, name", params)]
+
+    def upload_counts(self) -> dict[str, int]:
+        with self._transaction(write=False) as db:
+            rows = db.execute("SELECT state, COUNT(*) FROM uploads GROUP BY state").fetchall()
+        return {state: 0 for state in UPLOAD_STATES} | dict(rows)
+
+    def _settle_upload(
+        self,
+        name: str,
+        generation: int,
+        state: str,
+        *,
+        reference: str | None,
+        prompt_id: str | None,
+        reason: str | None,
+        message: str | None,
+    ) -> bool:
+        with self._transaction() as db:
+            cursor = db.execute(
+                """UPDATE uploads SET state = ?, reference = ?, prompt_id = ?, reason = ?, message = ?, updated = ?
+                   WHERE name = ? AND generation = ? AND state = 'pending'""",
+                (
+                    state,
+                    _text(reference),
+                    _text(prompt_id),
+                    _text(reason),
+                    _text(message),
+                    self.clock(),
+                    _text(name),
+                    generation,
+                ),
+            )
+            return cursor.rowcount == 1
+
+    # -- plumbing -------------------------------------------------------------
+
+    def _write(self, statement: str, params: tuple[object, ...]) -> None:
+        with self._transaction() as db:
+            db.execute(statement, params)
+
+    @contextmanager
+    def _transaction(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction; IMMEDIATE for writers so that a read-then-write cannot interleave."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    with suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:
+                # Disk full, I/O error, read-only or locked state folder: worth trying again later.
+                raise PublishError(f"ledger: {exc}", path=self.path, stage="ledger") from exc
+            except sqlite3.DatabaseError as exc:
+                if type(exc) is not sqlite3.DatabaseError:
+                    raise  # integrity and programming errors are bugs, not conditions
+                raise ConfigError(f"the ledger is damaged: {exc}", path=self.path) from exc
+
+    def _migrate(self) -> None:
+        with self._transaction() as db:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise ConfigError(
+                    f"the ledger has schema version {version}, newer than this sinkwatch ({SCHEMA_VERSION})",
+                    path=self.path,
+                )
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[target]:
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _key(relpath: str) -> bytes:
+    return relpath.encode("utf-8", "surrogatepass")
+
+
+def _text(value: str | None) -> str | None:
+    """Text SQLite can store: lone surrogates (from undecodable file names) escaped."""
+    return None if value is None else value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _fold(name: str) -> str:
+    """Names equal on a case-insensitive file system (Windows, macOS) fold to the same text."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", name).casefold())
+
+
+def _entry(row: tuple[Any, ...]) -> Entry:
+    relpath, *rest = row
+    return Entry(bytes(relpath).decode("utf-8", "surrogatepass"), *rest)
+
+
+def _upload(row: tuple[Any, ...]) -> Upload:
+    name, relpath, *rest = row
+    return Upload(name, bytes(relpath).decode("utf-8", "surrogatepass"), *rest)

@@ -1,0 +1,186 @@
+"""Atomic publishing into the queue folder; the only code that writes there.
+
+ComfyUI's LoadImage lists every file at the top of its ``input/`` folder,
+hidden ones included, so nothing but finished frames may ever appear there.
+Every file is written to a temp file in ``QUEUE/.sinkwatch/tmp/`` (same file
+system), fsynced, renamed into place with `os.replace` and its folder fsynced:
+a reader sees the old file or the new one, never a partial one, and a crash
+leaves at most a temp file that `clean_temp` removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+
+from service.errors import PublishError
+
+MATRIX_DIR = "matrix"
+REJECTED_DIR = "rejected"
+TEMP_DIR = Path(".sinkwatch") / "tmp"
+TEMP_SUFFIX = ".tmp"
+
+
+class Publisher:
+    def __init__(self, queue: Path) -> None:
+        self.queue = queue
+        self.temp_dir = queue / TEMP_DIR
+
+    def frame_path(self, name: str) -> Path:
+        return self.queue / f"{_checked(name)}.png"
+
+    def heatmap_path(self, name: str) -> Path:
+        return self.queue / MATRIX_DIR / f"{_checked(name)}.matrix.png"
+
+    def sidecar_path(self, name: str) -> Path:
+        return self.queue / MATRIX_DIR / f"{_checked(name)}.json"
+
+    def reject_path(self, name: str) -> Path:
+        return self.queue / REJECTED_DIR / f"{_checked(name)}.json"
+
+    def publish(self, name: str, *, frame: bytes, heatmap: bytes, sidecar: Mapping[str, object]) -> dict[str, Path]:
+        """Publish one image's outputs, the frame last; returns their paths by kind.
+
+        The frame appears only after its heatmap and sidecar are in place. A
+        failure part-way leaves each file either absent, the previous version
+        or the new one, never partial; publishing again completes the set.
+        """
+        paths = {
+            "heatmap": self.heatmap_path(name),
+            "sidecar": self.sidecar_path(name),
+            "frame": self.frame_path(name),
+        }
+        sidecar_bytes = json_bytes(sidecar)  # a value JSON cannot hold fails before anything is written
+        self._write(paths["heatmap"], heatmap)
+        self._write(paths["sidecar"], sidecar_bytes)
+        self._write(paths["frame"], frame)
+        # Published now: an old reject record of this name would contradict it. Failing to remove
+        # it must not undo the publication (a retry would only publish the same files again).
+        with contextlib.suppress(OSError):
+            os.unlink(self.reject_path(name))
+        return paths
+
+    def reject(self, name: str, record: Mapping[str, object]) -> Path:
+        """Write the reject record of `name`, atomically like every output."""
+        path = self.reject_path(name)
+        self._write(path, json_bytes(record))
+        return path
+
+    def clean_temp(self) -> int:
+        """Remove temp files a crashed run left behind; returns how many.
+
+        Call it only while no other publisher writes to this queue (the daemon
+        does at start, under its instance lock).
+        """
+        try:
+            with os.scandir(self.temp_dir) as listing:
+                names = [entry.name for entry in listing if entry.is_file(follow_symlinks=False)]
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            raise _publish_error("cannot list temp files", self.temp_dir, exc) from exc
+        removed = 0
+        for name in names:
+            try:
+                os.unlink(self.temp_dir / name)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise _publish_error("cannot remove temp file", self.temp_dir / name, exc) from exc
+            removed += 1
+        return removed
+
+    def _write(self, final: Path, data: bytes) -> None:
+        try:
+            _ensure_dir(self.temp_dir)
+            _ensure_dir(final.parent)
+        except OSError as exc:
+            raise _publish_error("cannot create folder", Path(exc.filename or final.parent), exc) from exc
+        temp = self.temp_dir / f"{os.getpid()}-{secrets.token_hex(8)}{TEMP_SUFFIX}"
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            raise _publish_error("cannot create a temp file", final, exc) from exc
+        try:
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                # Network file systems may report a full disk only here.
+                os.close(fd)
+            os.replace(temp, final)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            if isinstance(exc, OSError):
+                raise _publish_error("cannot write", final, exc) from exc
+            raise
+        try:
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            raise _publish_error("cannot sync folder", final.parent, exc) from exc
+
+
+def json_bytes(value: Mapping[str, object]) -> bytes:
+    """Deterministic JSON: sorted keys, indent 2, UTF-8 text, trailing newline.
+
+    Undecodable bytes of source names (lone surrogates) are written as JSON
+    escapes rather than failing the whole publication.
+    """
+    text = json.dumps(value, sort_keys=True, indent=2, ensure_ascii=False, default=_plain)
+    return (text + "\n").encode("utf-8", "backslashreplace")
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _checked(name: str) -> str:
+    if not name or "/" in name or "\\" in name or "\0" in name or name.startswith("."):
+        raise ValueError(f"name must be one safe file-name stem (see service.naming), got {name!r}")
+    return name
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _ensure_dir(folder: Path) -> None:
+    """Create `folder` (and parents) if missing, syncing each new entry into its parent."""
+    if folder.is_dir() or folder.parent == folder:
+        return
+    _ensure_dir(folder.parent)
+    try:
+        os.mkdir(folder)
+    except FileExistsError:
+        return
+    _fsync_dir(folder.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Some file systems (certain FUSE and network mounts) cannot sync a folder at all.
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _publish_error(what: str, path: Path, exc: OSError) -> PublishError:
+    code = errno.errorcode.get(exc.errno or 0, "EIO")
+    return PublishError(f"{what}: {code} ({exc.strerror or exc})", path=path)

@@ -1,0 +1,137 @@
+"""Which files in the watch folder are work, for events and scans alike.
+
+One rule set serves both the watcher's events (`Selection.relpath`) and the
+reconciliation scan (`Selection.scan`), so a file is never found by one and
+ignored by the other. Keys are POSIX paths relative to the watch folder.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from loguru import logger
+
+# Always ignored: partial downloads, editor and OS litter, Synology thumbnails.
+BUILTIN_IGNORE = ("*.tmp", "*.part", ".ds_store", "thumbs.db", "@eadir")
+
+
+@dataclass(frozen=True)
+class Selection:
+    root: Path
+    include: tuple[str, ...]
+    ignore: tuple[str, ...] = ()
+    recursive: bool = False
+
+    def relpath(self, path: Path) -> str | None:
+        """The source key of `path` if it is selected, else None.
+
+        A path that does not exist (any more) is judged by its name alone, so
+        that events for files that vanished still map to their key.
+        """
+        root = os.path.abspath(self.root)
+        absolute = os.path.abspath(path)
+        parts = _parts_under(absolute, root)
+        if parts is None:
+            # Events may carry resolved paths when the root was given through a symlink.
+            root = os.path.realpath(root)
+            parts = _parts_under(absolute, root)
+        if not parts or (len(parts) > 1 and not self.recursive):
+            return None
+        if any(self._folder_excluded(parts[: i + 1]) for i in range(len(parts) - 1)):
+            return None
+        if not self._file_selected(parts) or _through_linked_folder(root, parts):
+            return None
+        return "/".join(parts) if _acceptable_file(os.path.join(root, *parts), root) else None
+
+    def scan(self) -> Iterator[Path]:
+        """Every selected regular file present now, in sorted order.
+
+        Lazy (the daemon feeds it to a bounded queue), never follows symlinked
+        folders, and skips folders that vanish or cannot be read.
+        """
+        root = os.path.abspath(self.root)
+        yield from self._scan_folder(Path(root), (), root)
+
+    def _scan_folder(self, folder: Path, prefix: tuple[str, ...], root: str) -> Iterator[Path]:
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as exc:
+            # Vanished or unreadable: the next reconciliation scan tries again.
+            logger.debug("scan skips {}: {}", folder, exc.strerror)
+            return
+        for entry in entries:
+            parts = (*prefix, entry.name)
+            try:
+                is_folder = entry.is_dir(follow_symlinks=False)
+                is_link = entry.is_symlink()
+                is_file = entry.is_file(follow_symlinks=False)
+            except OSError:
+                continue
+            if is_folder:
+                if self.recursive and not self._folder_excluded(parts):
+                    yield from self._scan_folder(folder / entry.name, parts, root)
+            elif (is_file or is_link) and self._file_selected(parts):
+                path = folder / entry.name
+                if is_file or _acceptable_file(str(path), root):
+                    yield path
+
+    def _folder_excluded(self, parts: tuple[str, ...]) -> bool:
+        name = parts[-1]
+        return name.startswith(".") or _matches(name, BUILTIN_IGNORE) or self._ignored(parts)
+
+    def _file_selected(self, parts: tuple[str, ...]) -> bool:
+        name = parts[-1]
+        if name.startswith(".") or _matches(name, BUILTIN_IGNORE) or self._ignored(parts):
+            return False
+        return _matches(name, self.include) or _matches("/".join(parts), self.include)
+
+    def _ignored(self, parts: tuple[str, ...]) -> bool:
+        return bool(self.ignore) and (_matches(parts[-1], self.ignore) or _matches("/".join(parts), self.ignore))
+
+
+def _through_linked_folder(root: str, parts: tuple[str, ...]) -> bool:
+    """Whether a folder on the way is a symlink: it would give the same file a second key."""
+    folder = root
+    for name in parts[:-1]:
+        folder = os.path.join(folder, name)
+        try:
+            if stat.S_ISLNK(os.lstat(folder).st_mode):
+                return True
+        except OSError:
+            return False  # gone: judged by its name alone
+    return False
+
+
+def _acceptable_file(path: str, root: str) -> bool:
+    """A regular file, or nothing (any more); a symlink only if its target is a file inside the root."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return True
+    if stat.S_ISLNK(mode):
+        if _parts_under(os.path.realpath(path), os.path.realpath(root)) is None:
+            return False
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            return False  # dangling
+    return stat.S_ISREG(mode)
+
+
+def _parts_under(path: str, root: str) -> tuple[str, ...] | None:
+    """The components of absolute `path` below absolute `root`, or None when it is not below."""
+    if path == root:
+        return ()
+    prefix = root if root.endswith(os.sep) else root + os.sep
+    return tuple(path[len(prefix) :].split(os.sep)) if path.startswith(prefix) else None
+
+
+def _matches(text: str, globs: tuple[str, ...]) -> bool:
+    folded = text.lower()
+    return any(fnmatch.fnmatchcase(folded, glob.lower()) for glob in globs)

@@ -1,0 +1,247 @@
+"""The real daemon beside ComfyUI: frames in input/ are never seen half written, and remote uploads
+arrive, with their workflow queued, even when ComfyUI is down for a while (across a daemon restart)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.comfyui import ComfyClient
+from tests import fake_comfyui
+from tests.conftest import PHOTO_NAMES, wait_for
+from tests.e2e.conftest import DaemonProcess, frames, free_port, wait_published
+from tests.fake_comfyui import FakeComfyUI
+
+SMOKE = Path(__file__).resolve().parents[2] / "deploy" / "comfyui" / "loadimage-save-api.json"
+FRAME_NAME = re.compile(r"[^.].*\.png")  # what may appear at the top of the queue: finished frames only
+
+
+def drop(watch: Path, index: int, photos: dict[str, np.ndarray]) -> Path:
+    """Write a real photo the way ComfyUI's SaveImage does: straight to its final name, with a prompt chunk."""
+    name = PHOTO_NAMES[index % len(PHOTO_NAMES)]
+    rgb = photos[name][(index // len(PHOTO_NAMES)) * 4 :]  # a few rows off: each file its own content
+    info = PngInfo()
+    info.add_text("prompt", json.dumps({"3": {"class_type": "KSampler", "inputs": {"seed": index}}}))
+    path = watch / f"ComfyUI_{index + 1:05}_.png"
+    Image.fromarray(np.ascontiguousarray(rgb)).save(path, pnginfo=info, compress_level=4)
+    return path
+
+
+def sidecar(queue: Path, frame: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((queue / "matrix" / f"{frame.stem}.json").read_text(encoding="utf-8"))
+    return data
+
+
+def counter(daemon: DaemonProcess, name: str, outcome: str) -> float:
+    status, text = daemon.get("/metrics")
+    assert status == 200
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels.get("outcome") == outcome:
+                return float(sample.value)
+    raise AssertionError(f"{name}{{outcome={outcome!r}}} not exported")
+
+
+@contextlib.contextmanager
+def fake_comfyui_on(port: int) -> Iterator[FakeComfyUI]:
+    """The fake on a port chosen in advance, so that a daemon can point at it before it runs."""
+
+    class OnPort(fake_comfyui._Server):
+        def __init__(self, _address: object, handler: Any) -> None:
+            super().__init__(("127.0.0.1", port), handler)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fake_comfyui, "_Server", OnPort)
+        fake = FakeComfyUI()
+    with fake:
+        yield fake
+    assert fake.errors == [], "the fake server hit an internal error"
+
+
+@pytest.fixture
+def start_daemon(folders: tuple[Path, Path], tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    """Start `sinkwatch run` with extra flags; each one still running is stopped after the test and must exit 0."""
+    watch, queue = folders
+    started: list[DaemonProcess] = []
+
+    def start(*args: str) -> DaemonProcess:
+        daemon = DaemonProcess(watch, queue, tmp_path / "daemon.log", *args).start()
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            assert daemon.stop() == 0, daemon.log.read_text()[-4000:]
+
+
+def uploaded(comfy: FakeComfyUI, queue: Path, expected: list[Path]) -> bool:
+    """Every frame is in ComfyUI's input/sinkwatch/ byte for byte, and its sidecar names the queued prompt."""
+    for frame in expected:
+        stored = comfy.input_dir / "sinkwatch" / frame.name
+        if not stored.exists() or stored.read_bytes() != frame.read_bytes():
+            return False
+        if not sidecar(queue, frame).get("comfyui", {}).get("prompt_id"):
+            return False
+    return True
+
+
+def check_prompts_ran_on_their_frames(comfy: FakeComfyUI, queue: Path, expected: list[Path]) -> None:
+    client = ComfyClient(comfy.url)
+    for frame in expected:
+        note = sidecar(queue, frame)["comfyui"]
+        assert note["upload"] == f"sinkwatch/{frame.name}"
+        assert client.wait(note["prompt_id"], timeout=10, poll=0.02) == "success"
+        entry = client.history(note["prompt_id"])
+        assert entry is not None and entry["prompt"][2]["1"]["inputs"]["image"] == f"sinkwatch/{frame.name}"
+
+
+# -- input/ is never seen half written --------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_reader_polling_the_queue_during_a_burst_only_ever_decodes_complete_frames(
+    start_daemon: Callable[..., DaemonProcess], folders: tuple[Path, Path], photos: dict[str, np.ndarray]
+) -> None:
+    watch, queue = folders
+    start_daemon()
+    stop = threading.Event()
+    decoded: dict[str, tuple[int, int]] = {}
+    bad: list[str] = []
+
+    def read() -> None:
+        # What ComfyUI's LoadImage does with its input/ folder: list the top level, open the images.
+        # Each new name is opened the moment it shows up, when a partial file would be caught.
+        while not stop.wait(0.001):
+            with os.scandir(queue) as listing:
+                names = [entry.name for entry in listing if entry.is_file(follow_symlinks=False)]
+            for name in names:
+                if name in decoded:
+                    continue
+                if not FRAME_NAME.fullmatch(name):
+                    bad.append(f"not a frame: {name}")
+                    continue
+                try:
+                    with Image.open(queue / name) as image:
+                        image.verify()
+                    with Image.open(queue / name) as image:
+                        image.load()
+                        size = image.size
+                except Exception as exc:
+                    bad.append(f"{name}: {exc!r}")
+                    continue
+                if size[0] % 16 or size[1] % 16:
+                    bad.append(f"{name}: {size}")
+                decoded[name] = size
+
+    reader = threading.Thread(target=read, name="queue-reader")
+    reader.start()
+    try:
+        for index in range(40):
+            drop(watch, index, photos)
+        published = wait_published(queue, 40, timeout=180)
+        wait_for(lambda: all(frame.name in decoded for frame in published))
+    finally:
+        stop.set()
+        reader.join()
+
+    assert bad == []
+    assert sorted(decoded) == [frame.name for frame in published]
+    assert len(published) == 40
+
+
+# -- remote ComfyUI ------------------------------------------------------------------------
+
+
+def test_every_published_frame_is_uploaded_and_its_workflow_queued(
+    start_daemon: Callable[..., DaemonProcess], folders: tuple[Path, Path], photos: dict[str, np.ndarray]
+) -> None:
+    watch, queue = folders
+    with FakeComfyUI() as comfy:
+        daemon = start_daemon("--comfyui-url", comfy.url, "--comfyui-workflow", str(SMOKE))
+        for index in range(4):
+            drop(watch, index, photos)
+        published = wait_published(queue, 4)
+        wait_for(lambda: uploaded(comfy, queue, published), timeout=60)
+        check_prompts_ran_on_their_frames(comfy, queue, published)
+        wait_for(lambda: counter(daemon, "sinkwatch_comfyui_prompts_total", "queued") == 4)
+        assert counter(daemon, "sinkwatch_comfyui_uploads_total", "ok") == 4
+        assert counter(daemon, "sinkwatch_comfyui_uploads_total", "retried") == 0
+        assert daemon.stop() == 0
+    assert sorted(frames(queue)) == published, "the local queue holds the frames as well"
+
+
+@pytest.mark.slow
+def test_frames_publish_while_comfyui_is_down_and_every_pending_upload_arrives_across_a_restart(
+    start_daemon: Callable[..., DaemonProcess], folders: tuple[Path, Path], photos: dict[str, np.ndarray]
+) -> None:
+    watch, queue = folders
+    port = free_port()
+    flags = ("--comfyui-url", f"http://127.0.0.1:{port}", "--comfyui-workflow", str(SMOKE))
+
+    first = start_daemon(*flags)
+    for index in range(3):
+        drop(watch, index, photos)
+    wait_published(queue, 3)
+    wait_for(lambda: any("ComfyUI is down" in m for m in first.messages()))
+    assert counter(first, "sinkwatch_comfyui_uploads_total", "ok") == 0
+    assert first.stop() == 0, "a daemon waiting for ComfyUI still stops cleanly"
+
+    second = start_daemon(*flags)
+    assert any("resuming 3 uploads" in m for m in second.messages())
+    for index in range(3, 5):
+        drop(watch, index, photos)
+    published = wait_published(queue, 5)
+
+    with fake_comfyui_on(port) as comfy:
+        wait_for(lambda: uploaded(comfy, queue, published), timeout=90)
+        check_prompts_ran_on_their_frames(comfy, queue, published)
+        wait_for(lambda: any("ComfyUI is back" in m for m in second.messages()))
+        wait_for(lambda: counter(second, "sinkwatch_comfyui_prompts_total", "queued") == 5)
+        assert counter(second, "sinkwatch_comfyui_uploads_total", "ok") == 5
+        assert second.stop() == 0
+
+
+@pytest.mark.slow
+def test_comfyui_stopping_mid_run_loses_nothing(
+    start_daemon: Callable[..., DaemonProcess], folders: tuple[Path, Path], photos: dict[str, np.ndarray]
+) -> None:
+    watch, queue = folders
+    port = free_port()
+    with fake_comfyui_on(port) as comfy:
+        daemon = start_daemon("--comfyui-url", f"http://127.0.0.1:{port}")
+        drop(watch, 0, photos)
+        before = wait_published(queue, 1)
+        wait_for(lambda: (comfy.input_dir / "sinkwatch" / before[0].name).exists())
+    # ComfyUI is gone now (its server closed); frames keep publishing locally.
+    for index in range(1, 4):
+        drop(watch, index, photos)
+    published = wait_published(queue, 4)
+    wait_for(lambda: any("ComfyUI is down" in m for m in daemon.messages()))
+    later = [frame for frame in published if frame != before[0]]
+
+    with fake_comfyui_on(port) as comfy:
+
+        def arrived() -> bool:
+            return all(
+                (comfy.input_dir / "sinkwatch" / f.name).is_file()
+                and (comfy.input_dir / "sinkwatch" / f.name).read_bytes() == f.read_bytes()
+                for f in later
+            )
+
+        wait_for(arrived, timeout=90)
+        wait_for(lambda: all(sidecar(queue, f).get("comfyui", {}).get("upload") for f in published))
+        wait_for(lambda: counter(daemon, "sinkwatch_comfyui_uploads_total", "ok") == 4)
+        assert daemon.stop() == 0

@@ -1,0 +1,392 @@
+"""A loopback stand-in for ComfyUI's HTTP API, for tests.
+
+It follows ComfyUI's ``server.py`` / ``execution.py`` where sinkwatch touches them:
+
+- ``POST /upload/image`` (multipart ``image``, ``type``, ``subfolder``,
+  ``overwrite``): stores into the input folder it owns and answers
+  ``{name, subfolder, type}``. Without ``overwrite`` ("true"/"1") an existing
+  name with different content becomes ``name (1).ext`` (then ``(2)``...), the
+  same content is answered with the existing name and not written again. A
+  subfolder that leaves the folder (``../x``) is a bare 400.
+- ``POST /prompt``: validates like ComfyUI (class_type present and known,
+  required inputs, links, LoadImage's file must exist) and answers
+  ``{prompt_id, number, node_errors}``, or 400 ``{error, node_errors}``.
+- ``GET /history/{id}``: ``{}`` until the prompt is done, then
+  ``{id: {prompt, outputs, status: {status_str, completed, messages}, meta}}``.
+  A prompt is done after ``pending_polls`` history requests for it (time plays
+  no part, so tests are deterministic); it runs at that moment.
+- Identical prompts (same nodes, same LoadImage file content) are cached: the
+  re-run executes nothing, writes no file and reports the earlier outputs.
+  (ComfyUI caches per node; whole-prompt caching is the part sinkwatch meets.)
+
+Known nodes: LoadImage, SaveImage, PreviewImage. Other class types are
+refused the way ComfyUI refuses a node it does not have (``missing_node_type``).
+"""
+
+from __future__ import annotations
+
+import email
+import email.message
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageOps
+from PIL.PngImagePlugin import PngInfo
+
+# class_type -> (required inputs, output node?)
+NODES: dict[str, tuple[tuple[str, ...], bool]] = {
+    "LoadImage": (("image",), False),
+    "SaveImage": (("images", "filename_prefix"), True),
+    "PreviewImage": (("images",), True),
+}
+
+
+class FakeComfyUI:
+    """Start with ``with FakeComfyUI() as comfy:``; ``comfy.url`` is the base URL."""
+
+    def __init__(self, *, pending_polls: int = 1) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="fake-comfyui-"))
+        self.input_dir = self.root / "input"
+        self.output_dir = self.root / "output"
+        self.temp_dir = self.root / "temp"
+        for folder in (self.input_dir, self.output_dir, self.temp_dir):
+            folder.mkdir()
+        self.pending_polls = pending_polls
+        self.requests: list[tuple[str, str]] = []
+        self.errors: list[str] = []
+        self.executions = 0
+        self._lock = threading.Lock()
+        self._number = 0
+        self._pending: dict[str, dict[str, Any]] = {}
+        self._history: dict[str, dict[str, Any]] = {}
+        self._cache: dict[str, dict[str, Any]] = {}
+        self._failures: list[int] = []
+        self._stalling = False
+        self._release = threading.Event()
+        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server.fake = self
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-comfyui", daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self) -> FakeComfyUI:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._release.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def fail_next(self, status: int, *, count: int = 1) -> None:
+        """Answer the next ``count`` requests with ``status`` (e.g. 500, 503) instead of handling them."""
+        with self._lock:
+            self._failures.extend([status] * count)
+
+    def stall(self) -> None:
+        """Hold every following request unanswered until close (a hung server)."""
+        self._stalling = True
+
+    def handle(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, object | None]:
+        """One request -> (status, JSON payload or None for an empty body)."""
+        self.requests.append((method, path))
+        if self._stalling:
+            self._release.wait(timeout=30)
+        with self._lock:
+            if self._failures:
+                return self._failures.pop(0), {"error": "fake failure"}
+            if method == "POST" and path == "/upload/image":
+                return self._upload(headers.get("Content-Type", ""), body)
+            if method == "POST" and path == "/prompt":
+                return self._prompt(body)
+            if method == "GET" and path.startswith("/history/"):
+                return self._history_of(path.removeprefix("/history/"))
+        return 404, None
+
+    def _upload(self, content_type: str, body: bytes) -> tuple[int, object | None]:
+        form = _parse_multipart(content_type, body)
+        image = form.get("image")
+        if image is None or not image[0]:
+            return 400, None
+        filename, data = image
+        kind = form.get("type", (None, b"input"))[1].decode() or "input"
+        folders = {"input": self.input_dir, "temp": self.temp_dir, "output": self.output_dir}
+        if kind not in folders:
+            return 500, None  # ComfyUI's get_dir_by_type leaves the folder unset: a 500
+        upload_dir = str(folders[kind])
+        subfolder = form.get("subfolder", (None, b""))[1].decode()
+        full_folder = os.path.join(upload_dir, os.path.normpath(subfolder))
+        filepath = os.path.abspath(os.path.join(full_folder, filename))
+        if os.path.commonpath((upload_dir, filepath)) != upload_dir:
+            return 400, None
+        os.makedirs(full_folder, exist_ok=True)
+        overwrite = form.get("overwrite", (None, b""))[1].decode() in ("true", "1")
+        stem, ext = os.path.splitext(filename)
+        duplicate = False
+        counter = 1
+        while not overwrite and os.path.exists(filepath):
+            if Path(filepath).read_bytes() == data:
+                duplicate = True
+                break
+            filename = f"{stem} ({counter}){ext}"
+            filepath = os.path.join(full_folder, filename)
+            counter += 1
+        if not duplicate:
+            Path(filepath).write_bytes(data)
+        return 200, {"name": filename, "subfolder": subfolder, "type": kind}
+
+    def _prompt(self, body: bytes) -> tuple[int, object | None]:
+        request = json.loads(body or b"{}")
+        prompt = request.get("prompt")
+        if not isinstance(prompt, dict):
+            return 400, {"error": _error("no_prompt", "No prompt provided", ""), "node_errors": {}}
+        error, node_errors, outputs = self._validate(prompt)
+        if error is not None:
+            return 400, {"error": error, "node_errors": node_errors}
+        number = self._number
+        self._number += 1
+        prompt_id = str(uuid.uuid4())
+        extra = {"client_id": request["client_id"]} if "client_id" in request else {}
+        self._pending[prompt_id] = {"polls": 0, "record": [number, prompt_id, prompt, extra, outputs]}
+        return 200, {"prompt_id": prompt_id, "number": number, "node_errors": node_errors}
+
+    def _validate(self, prompt: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any], list[str]]:
+        for node_id, node in prompt.items():
+            if not isinstance(node, dict) or "class_type" not in node:
+                return _error("missing_node_type", f"Node 'ID #{node_id}' has no class_type.", ""), {}, []
+            if node["class_type"] not in NODES:
+                message = f"Node '{node['class_type']}' not found. The custom node may not be installed."
+                return _error("missing_node_type", message, f"Node ID '#{node_id}'"), {}, []
+        outputs = [node_id for node_id, node in prompt.items() if NODES[node["class_type"]][1]]
+        if not outputs:
+            return _error("prompt_no_outputs", "Prompt has no outputs", ""), {}, []
+        node_errors: dict[str, Any] = {}
+        good = []
+        for output in outputs:
+            failed = self._node_errors(prompt, output, set())
+            for node_id, errors in failed.items():
+                entry = node_errors.setdefault(
+                    node_id, {"errors": errors, "dependent_outputs": [], "class_type": prompt[node_id]["class_type"]}
+                )
+                entry["dependent_outputs"].append(output)
+            if not failed:
+                good.append(output)
+        if not good:
+            details = "\n".join(
+                f"{e['message']}: {e['details']}" for entry in node_errors.values() for e in entry["errors"]
+            )
+            error = _error("prompt_outputs_failed_validation", "Prompt outputs failed validation", details)
+            return error, node_errors, []
+        return None, node_errors, good
+
+    def _node_errors(self, prompt: dict[str, Any], node_id: str, seen: set[str]) -> dict[str, list[dict[str, Any]]]:
+        if node_id in seen:
+            return {}
+        seen.add(node_id)
+        node = prompt[node_id]
+        inputs = node.get("inputs") or {}
+        found: dict[str, list[dict[str, Any]]] = {}
+        errors = []
+        for name in NODES[node["class_type"]][0]:
+            value = inputs.get(name)
+            if value is None:
+                errors.append(_error("required_input_missing", "Required input is missing", name, input_name=name))
+            elif isinstance(value, list):
+                if len(value) != 2 or str(value[0]) not in prompt:
+                    errors.append(_error("bad_linked_input", "Bad linked input", f"{name}, {value}", input_name=name))
+                else:
+                    found.update(self._node_errors(prompt, str(value[0]), seen))
+            elif node["class_type"] == "LoadImage" and self._input_file(str(value)) is None:
+                details = f"image - Invalid image file: {value}"
+                errors.append(
+                    _error("custom_validation_failed", "Custom validation failed for node", details, input_name=name)
+                )
+        if errors:
+            found[node_id] = errors
+        return found
+
+    def _input_file(self, name: str) -> Path | None:
+        name = re.sub(r" \[(input|output|temp)\]$", "", name)
+        path = (self.input_dir / name).resolve()
+        inside = path.is_relative_to(self.input_dir.resolve())
+        return path if inside and path.is_file() else None
+
+    def _history_of(self, prompt_id: str) -> tuple[int, object | None]:
+        job = self._pending.get(prompt_id)
+        if job is not None:
+            job["polls"] += 1
+            if job["polls"] > self.pending_polls:
+                del self._pending[prompt_id]
+                self._history[prompt_id] = self._run(job["record"])
+        entry = self._history.get(prompt_id)
+        return 200, ({prompt_id: entry} if entry is not None else {})
+
+    def _run(self, record: list[Any]) -> dict[str, Any]:
+        prompt_id, prompt = record[1], record[2]
+        messages: list[list[Any]] = [["execution_start", {"prompt_id": prompt_id}]]
+        key = self._cache_key(prompt)
+        outputs: dict[str, Any] = {}
+        status = "success"
+        if key in self._cache:
+            messages.append(["execution_cached", {"nodes": list(prompt), "prompt_id": prompt_id}])
+            outputs = json.loads(json.dumps(self._cache[key]))
+        else:
+            messages.append(["execution_cached", {"nodes": [], "prompt_id": prompt_id}])
+            self.executions += 1
+            try:
+                outputs = self._execute(prompt)
+                self._cache[key] = outputs
+            except _NodeFailed as failure:
+                status = "error"
+                messages.append(["execution_error", failure.message(prompt_id)])
+        if status == "success":
+            messages.append(["execution_success", {"prompt_id": prompt_id}])
+        meta = {
+            node_id: {"node_id": node_id, "display_node": node_id, "parent_node": None, "real_node_id": node_id}
+            for node_id in outputs
+        }
+        return {
+            "prompt": record,
+            "outputs": outputs,
+            "status": {"status_str": status, "completed": status == "success", "messages": messages},
+            "meta": meta,
+        }
+
+    def _cache_key(self, prompt: dict[str, Any]) -> str:
+        digest = hashlib.sha256(json.dumps(prompt, sort_keys=True).encode())
+        for node in prompt.values():
+            if node["class_type"] == "LoadImage":
+                path = self._input_file(str(node["inputs"]["image"]))
+                digest.update(hashlib.sha256(path.read_bytes()).digest() if path else b"-")
+        return digest.hexdigest()
+
+    def _execute(self, prompt: dict[str, Any]) -> dict[str, Any]:
+        images: dict[str, Image.Image] = {}
+        outputs: dict[str, Any] = {}
+        for node_id, node in prompt.items():
+            if node["class_type"] == "LoadImage":
+                path = self._input_file(str(node["inputs"]["image"]))
+                try:
+                    with Image.open(path or "") as opened:
+                        images[node_id] = ImageOps.exif_transpose(opened).convert("RGB")
+                except Exception as error:
+                    raise _NodeFailed(node_id, node["class_type"], error) from error
+        for node_id, node in prompt.items():
+            if NODES[node["class_type"]][1]:
+                source = images[str(node["inputs"]["images"][0])]
+                prefix = node["inputs"].get("filename_prefix", "ComfyUI")
+                folder_type = "output" if node["class_type"] == "SaveImage" else "temp"
+                outputs[node_id] = {"images": [self._save(source, prefix, prompt, folder_type)]}
+        return outputs
+
+    def _save(self, image: Image.Image, prefix: str, prompt: dict[str, Any], folder_type: str) -> dict[str, str]:
+        subfolder, _, stem = prefix.rpartition("/")
+        folder = (self.output_dir if folder_type == "output" else self.temp_dir) / subfolder
+        folder.mkdir(parents=True, exist_ok=True)
+        pattern = re.compile(rf"^{re.escape(stem)}_(\d+)_")
+        counters = [int(m.group(1)) for f in os.listdir(folder) if (m := pattern.match(f))]
+        filename = f"{stem}_{max(counters, default=0) + 1:05}_.png"
+        info = PngInfo()
+        info.add_text("prompt", json.dumps(prompt))
+        image.save(folder / filename, pnginfo=info, compress_level=4)
+        return {"filename": filename, "subfolder": subfolder, "type": folder_type}
+
+
+class _NodeFailed(Exception):
+    def __init__(self, node_id: str, class_type: str, error: Exception) -> None:
+        super().__init__(str(error))
+        self.node_id, self.class_type, self.error = node_id, class_type, error
+
+    def message(self, prompt_id: str) -> dict[str, Any]:
+        return {
+            "prompt_id": prompt_id,
+            "node_id": self.node_id,
+            "node_type": self.class_type,
+            "executed": [],
+            "exception_message": str(self.error),
+            "exception_type": type(self.error).__name__,
+            "traceback": [],
+            "current_inputs": {},
+            "current_outputs": {},
+        }
+
+
+def _error(kind: str, message: str, details: str, **extra_info: Any) -> dict[str, Any]:
+    return {"type": kind, "message": message, "details": details, "extra_info": extra_info}
+
+
+def _parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | None, bytes]]:
+    """Form fields by name -> (filename or None, raw bytes); parsed by hand, byte-exact."""
+    header = email.message.Message()
+    header["Content-Type"] = content_type
+    boundary = header.get_param("boundary")
+    if not isinstance(boundary, str):
+        return {}
+    fields: dict[str, tuple[str | None, bytes]] = {}
+    for part in body.split(b"--" + boundary.encode())[1:]:
+        if part.startswith(b"--"):
+            break
+        head, _, data = part.removeprefix(b"\r\n").partition(b"\r\n\r\n")
+        # aiohttp decodes part headers as UTF-8 and prefers filename* when present; both agree here.
+        headers = email.message_from_string(head.decode("utf-8", "replace") + "\r\n\r\n")
+        name = headers.get_param("name", header="content-disposition")
+        if isinstance(name, str):
+            fields[name] = (headers.get_filename(), data.removesuffix(b"\r\n"))
+    return fields
+
+
+class _Server(ThreadingHTTPServer):
+    # Join handler threads on close so no test leaks one.
+    daemon_threads = False
+    block_on_close = True
+    fake: FakeComfyUI
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        error = sys.exc_info()[1]
+        if not isinstance(error, ConnectionError):  # a client that gave up (timeout test) is expected
+            self.fake.errors.append(repr(error))
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def do_GET(self) -> None:
+        self._answer()
+
+    def do_POST(self) -> None:
+        self._answer()
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        status, payload = self.server.fake.handle(self.command, self.path, self.headers, body)
+        data = json.dumps(payload).encode() if payload is not None else b""
+        self.send_response(status)
+        if payload is not None:
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet: tests read ``FakeComfyUI.requests`` instead."""

@@ -1,0 +1,382 @@
+"""ComfyClient against a loopback fake that behaves like ComfyUI's server (tests/fake_comfyui.py)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.comfyui import (
+    ComfyClient,
+    ComfyPending,
+    ComfyRejected,
+    ComfyUnavailable,
+    UploadResult,
+    backoff,
+    retrying,
+)
+from service.errors import ConfigError
+from service.workflow import load_workflow, prepare
+from tests.conftest import photo_file
+from tests.fake_comfyui import FakeComfyUI
+
+TEMPLATES = Path(__file__).resolve().parents[2] / "deploy" / "comfyui"
+
+
+class FakeClock:
+    """Time that moves only when someone sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def comfy() -> Iterator[FakeComfyUI]:
+    with FakeComfyUI() as fake:
+        yield fake
+    assert fake.errors == [], "the fake server hit an internal error"
+
+
+@pytest.fixture
+def client(comfy: FakeComfyUI) -> ComfyClient:
+    return ComfyClient(comfy.url, timeout=5.0)
+
+
+@pytest.fixture(scope="module")
+def photo_png() -> bytes:
+    return photo_file("astronaut").read_bytes()
+
+
+def closed_port_url() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def smoke_prompt(image: str) -> dict[str, object]:
+    return prepare(load_workflow(TEMPLATES / "loadimage-save-api.json"), image=image, width=832, height=480)
+
+
+# --- upload -------------------------------------------------------------------------------------
+
+
+def test_upload_stores_the_frame_in_the_sinkwatch_subfolder(
+    comfy: FakeComfyUI, client: ComfyClient, photo_png: bytes
+) -> None:
+    result = client.upload_image(photo_png, name="astronaut_0001.png")
+    assert result == UploadResult(name="astronaut_0001.png", subfolder="sinkwatch", type="input")
+    assert result.reference == "sinkwatch/astronaut_0001.png"
+    assert (comfy.input_dir / "sinkwatch" / "astronaut_0001.png").read_bytes() == photo_png
+    assert comfy.requests == [("POST", "/upload/image")]
+
+
+def test_upload_to_the_top_level_when_asked(comfy: FakeComfyUI, client: ComfyClient, photo_png: bytes) -> None:
+    result = client.upload_image(photo_png, name="frame.png", subfolder="")
+    assert (result.name, result.subfolder, result.reference) == ("frame.png", "", "frame.png")
+    assert (comfy.input_dir / "frame.png").read_bytes() == photo_png
+
+
+def test_reupload_with_overwrite_replaces_the_sources_own_file(
+    comfy: FakeComfyUI, client: ComfyClient, photo_png: bytes
+) -> None:
+    client.upload_image(b"first version", name="frame.png")
+    result = client.upload_image(photo_png, name="frame.png")
+    assert result.name == "frame.png"
+    assert sorted(p.name for p in (comfy.input_dir / "sinkwatch").iterdir()) == ["frame.png"]
+    assert (comfy.input_dir / "sinkwatch" / "frame.png").read_bytes() == photo_png
+
+
+def test_without_overwrite_comfyui_renames_different_content_and_dedups_same(
+    comfy: FakeComfyUI, client: ComfyClient, photo_png: bytes
+) -> None:
+    first = client.upload_image(photo_png, name="frame.png", overwrite=False)
+    second = client.upload_image(b"other content", name="frame.png", overwrite=False)
+    third = client.upload_image(b"yet another", name="frame.png", overwrite=False)
+    again = client.upload_image(photo_png, name="frame.png", overwrite=False)
+    assert [r.name for r in (first, second, third, again)] == [
+        "frame.png",
+        "frame (1).png",
+        "frame (2).png",
+        "frame.png",
+    ]
+    folder = comfy.input_dir / "sinkwatch"
+    assert sorted(p.name for p in folder.iterdir()) == ["frame (1).png", "frame (2).png", "frame.png"]
+    assert (folder / "frame (1).png").read_bytes() == b"other content"
+
+
+def test_a_subfolder_leaving_input_is_refused_with_400(comfy: FakeComfyUI, client: ComfyClient) -> None:
+    with pytest.raises(ComfyRejected) as caught:
+        client.upload_image(b"data", name="frame.png", subfolder="../x")
+    error = caught.value
+    assert error.status == 400
+    assert (error.reason, error.transient) == ("comfyui_rejected", False)
+    assert not (comfy.root / "x").exists()
+
+
+@pytest.mark.parametrize("subfolder", ["../x", "/abs", "a/../../b"])
+def test_a_configured_subfolder_outside_input_is_a_config_error(subfolder: str) -> None:
+    with pytest.raises(ConfigError):
+        ComfyClient("http://127.0.0.1:8188", subfolder=subfolder)
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8188", "ftp://host", "http://"])
+def test_a_malformed_url_is_a_config_error(url: str) -> None:
+    with pytest.raises(ConfigError):
+        ComfyClient(url)
+
+
+@pytest.mark.parametrize("name", ["", "..", "a/b.png", "a\\b.png"])
+def test_upload_refuses_names_that_are_not_plain_file_names(comfy: FakeComfyUI, client: ComfyClient, name: str) -> None:
+    with pytest.raises(ValueError, match="plain file name"):
+        client.upload_image(b"x", name=name)
+    assert comfy.requests == []
+
+
+def test_non_ascii_names_arrive_intact(comfy: FakeComfyUI, client: ComfyClient) -> None:
+    result = client.upload_image(b"pixels", name="café_0001.png")
+    assert result.name == "café_0001.png"
+    assert (comfy.input_dir / "sinkwatch" / "café_0001.png").read_bytes() == b"pixels"
+
+
+# --- prompt and history -------------------------------------------------------------------------
+
+
+def test_a_prompt_naming_a_missing_image_is_rejected_with_node_errors(comfy: FakeComfyUI, client: ComfyClient) -> None:
+    with pytest.raises(ComfyRejected) as caught:
+        client.queue_prompt(smoke_prompt("sinkwatch/missing.png"))
+    error = caught.value
+    assert error.status == 400
+    assert error.error_type == "prompt_outputs_failed_validation"
+    assert set(error.node_errors) == {"1"}
+    assert error.node_errors["1"]["class_type"] == "LoadImage"
+    assert error.node_errors["1"]["dependent_outputs"] == ["2"]
+    assert error.node_messages() == ["node 1 (LoadImage): image - Invalid image file: sinkwatch/missing.png"]
+    record = error.as_record()
+    assert record["reason"] == "comfyui_rejected"
+    assert record["node_errors"] == error.node_messages()
+    assert "Prompt outputs failed validation" in str(error)
+
+
+def test_an_unknown_node_class_is_rejected(client: ComfyClient) -> None:
+    workflow = load_workflow(TEMPLATES / "wan22-i2v-api.json")
+    with pytest.raises(ComfyRejected) as caught:
+        client.queue_prompt(workflow)
+    assert caught.value.error_type == "missing_node_type"
+    assert caught.value.node_errors == {}
+
+
+def test_history_is_empty_until_done_then_success(comfy: FakeComfyUI, client: ComfyClient, photo_png: bytes) -> None:
+    uploaded = client.upload_image(photo_png, name="astronaut_0001.png")
+    prompt_id = client.queue_prompt(smoke_prompt(uploaded.reference))
+    assert client.history(prompt_id) is None
+    entry = client.history(prompt_id)
+    assert entry is not None
+    assert entry["status"]["status_str"] == "success"
+    assert entry["outputs"]["2"]["images"][0]["subfolder"] == "sinkwatch"
+
+
+def test_wait_polls_until_success(comfy: FakeComfyUI, photo_png: bytes) -> None:
+    comfy.pending_polls = 3
+    client = ComfyClient(comfy.url)
+    clock = FakeClock()
+    uploaded = client.upload_image(photo_png, name="astronaut_0001.png")
+    prompt_id = client.queue_prompt(smoke_prompt(uploaded.reference))
+    assert client.wait(prompt_id, timeout=60, poll=0.5, sleep=clock.sleep, clock=clock) == "success"
+    assert clock.sleeps == [0.5, 0.5, 0.5]
+    assert comfy.requests.count(("GET", f"/history/{prompt_id}")) == 4
+
+
+def test_wait_reports_an_execution_error(comfy: FakeComfyUI, client: ComfyClient) -> None:
+    client.upload_image(b"not a png at all", name="broken.png")
+    prompt_id = client.queue_prompt(smoke_prompt("sinkwatch/broken.png"))
+    clock = FakeClock()
+    assert client.wait(prompt_id, timeout=60, poll=0.1, sleep=clock.sleep, clock=clock) == "error"
+    entry = client.history(prompt_id)
+    assert entry is not None
+    events = [name for name, _data in entry["status"]["messages"]]
+    assert "execution_error" in events and "execution_success" not in events
+    assert entry["outputs"] == {}
+
+
+def test_wait_gives_up_at_its_deadline(comfy: FakeComfyUI, photo_png: bytes) -> None:
+    comfy.pending_polls = 10_000
+    client = ComfyClient(comfy.url)
+    uploaded = client.upload_image(photo_png, name="astronaut_0001.png")
+    prompt_id = client.queue_prompt(smoke_prompt(uploaded.reference))
+    clock = FakeClock()
+    with pytest.raises(ComfyPending) as caught:
+        client.wait(prompt_id, timeout=2.0, poll=0.5, sleep=clock.sleep, clock=clock)
+    assert caught.value.transient
+    assert clock.sleeps == [0.5, 0.5, 0.5, 0.5]
+    assert comfy.requests.count(("GET", f"/history/{prompt_id}")) == 5
+
+
+def test_an_identical_prompt_is_cached_until_the_frame_changes(
+    comfy: FakeComfyUI, client: ComfyClient, photo_png: bytes
+) -> None:
+    clock = FakeClock()
+    uploaded = client.upload_image(photo_png, name="astronaut_0001.png")
+    prompt = smoke_prompt(uploaded.reference)
+    first = client.queue_prompt(prompt)
+    second = client.queue_prompt(prompt)
+    assert first != second
+    for prompt_id in (first, second):
+        assert client.wait(prompt_id, timeout=60, poll=0.1, sleep=clock.sleep, clock=clock) == "success"
+    assert comfy.executions == 1
+    assert len(list((comfy.output_dir / "sinkwatch").iterdir())) == 1
+
+    client.upload_image(photo_file("chelsea").read_bytes(), name="astronaut_0001.png")  # same name, new content
+    third = client.queue_prompt(prompt)
+    assert client.wait(third, timeout=60, poll=0.1, sleep=clock.sleep, clock=clock) == "success"
+    assert comfy.executions == 2
+
+    client.upload_image(photo_png, name="astronaut_0001.png")  # back to the first content: cached again
+    fourth = client.queue_prompt(prompt)
+    assert client.wait(fourth, timeout=60, poll=0.1, sleep=clock.sleep, clock=clock) == "success"
+    assert comfy.executions == 2
+    assert len(list((comfy.output_dir / "sinkwatch").iterdir())) == 2
+
+
+# --- ComfyUI down -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("call", ["upload", "prompt", "history"])
+def test_connection_refused_is_unavailable(call: str) -> None:
+    client = ComfyClient(closed_port_url(), timeout=2.0)
+    with pytest.raises(ComfyUnavailable) as caught:
+        if call == "upload":
+            client.upload_image(b"x", name="frame.png")
+        elif call == "prompt":
+            client.queue_prompt({"1": {"class_type": "LoadImage", "inputs": {"image": "x.png"}}})
+        else:
+            client.history("some-id")
+    error = caught.value
+    assert (error.reason, error.transient, error.status) == ("comfyui_down", True, None)
+    assert error.as_record()["url"].startswith(client.base_url)
+
+
+def test_a_hung_server_times_out_as_unavailable(comfy: FakeComfyUI) -> None:
+    comfy.stall()
+    client = ComfyClient(comfy.url, timeout=0.2)
+    with pytest.raises(ComfyUnavailable, match="unreachable"):
+        client.upload_image(b"x", name="frame.png")
+
+
+@pytest.mark.parametrize("status", [500, 502, 503])
+def test_server_errors_are_unavailable(comfy: FakeComfyUI, client: ComfyClient, status: int) -> None:
+    comfy.fail_next(status)
+    with pytest.raises(ComfyUnavailable) as caught:
+        client.history("some-id")
+    assert caught.value.status == status
+
+
+def test_a_non_comfyui_answer_is_unavailable_not_a_crash(comfy: FakeComfyUI, client: ComfyClient) -> None:
+    comfy.fail_next(200)  # the fake then answers with a body that is not ComfyUI's
+    with pytest.raises(ComfyUnavailable, match="not a ComfyUI answer"):
+        client.upload_image(b"x", name="frame.png")
+
+
+# --- retry --------------------------------------------------------------------------------------
+
+
+def test_backoff_doubles_up_to_the_cap() -> None:
+    assert [backoff(n, base=0.5, cap=4.0) for n in range(1, 7)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+
+
+def test_retrying_sleeps_the_backoff_sequence_then_gives_up() -> None:
+    clock = FakeClock()
+    calls = []
+
+    def down() -> None:
+        calls.append(clock.now)
+        raise ComfyUnavailable("refused", url="http://x")
+
+    with pytest.raises(ComfyUnavailable):
+        retrying(down, attempts=6, base=0.5, cap=4.0, sleep=clock.sleep)
+    assert clock.sleeps == [0.5, 1.0, 2.0, 4.0, 4.0]
+    assert len(calls) == 6
+
+
+def test_retrying_returns_once_comfyui_is_back(comfy: FakeComfyUI, client: ComfyClient, photo_png: bytes) -> None:
+    comfy.fail_next(503, count=2)
+    clock = FakeClock()
+    retried: list[tuple[int, float, str]] = []
+    result = retrying(
+        lambda: client.upload_image(photo_png, name="frame.png"),
+        attempts=5,
+        base=1.0,
+        cap=30.0,
+        sleep=clock.sleep,
+        on_retry=lambda attempt, delay, error: retried.append((attempt, delay, error.reason)),
+    )
+    assert result.name == "frame.png"
+    assert clock.sleeps == [1.0, 2.0]
+    assert retried == [(1, 1.0, "comfyui_down"), (2, 2.0, "comfyui_down")]
+
+
+def test_retrying_does_not_retry_a_rejection(client: ComfyClient) -> None:
+    clock = FakeClock()
+    calls = []
+
+    def rejected() -> None:
+        calls.append(1)
+        client.upload_image(b"x", name="frame.png", subfolder="../x")
+
+    with pytest.raises(ComfyRejected):
+        retrying(rejected, attempts=5, base=1.0, sleep=clock.sleep)
+    assert (len(calls), clock.sleeps) == (1, [])
+
+
+def test_retrying_stops_when_sleep_says_stop() -> None:
+    calls = []
+
+    def down() -> None:
+        calls.append(1)
+        raise ComfyUnavailable("refused", url="http://x")
+
+    with pytest.raises(ComfyUnavailable):
+        retrying(down, attempts=10, base=1.0, sleep=lambda _delay: True)
+    assert len(calls) == 1
+
+
+def test_retrying_needs_one_attempt() -> None:
+    with pytest.raises(ValueError, match="attempts"):
+        retrying(lambda: None, attempts=0)
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+
+def test_a_real_photo_goes_through_upload_queue_and_history(
+    comfy: FakeComfyUI, client: ComfyClient, photo_png: bytes
+) -> None:
+    uploaded = client.upload_image(photo_png, name="astronaut_0001.png")
+    prompt = smoke_prompt(uploaded.reference)
+    queued = client.submit(prompt)
+    assert queued.node_errors == {}
+    clock = FakeClock()
+    assert client.wait(queued.prompt_id, timeout=60, poll=0.1, sleep=clock.sleep, clock=clock) == "success"
+
+    entry = client.history(queued.prompt_id)
+    assert entry is not None
+    assert entry["prompt"][3] == {"client_id": client.client_id}
+    saved = entry["outputs"]["2"]["images"][0]
+    assert saved["type"] == "output" and saved["filename"] == "smoke_00001_.png"
+    path = comfy.output_dir / saved["subfolder"] / saved["filename"]
+    with Image.open(path) as result, Image.open(photo_file("astronaut")) as original:
+        assert np.array_equal(np.asarray(result.convert("RGB")), np.asarray(original.convert("RGB")))
+        assert json.loads(result.text["prompt"])["1"]["inputs"]["image"] == "sinkwatch/astronaut_0001.png"

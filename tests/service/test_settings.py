@@ -1,0 +1,187 @@
+"""Settings: defaults < --config TOML < SINKWATCH_* environment < flags; errors name the field."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from service.errors import ConfigError
+from service.settings import Settings, add_flags, load_settings, settings_from_args
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No SINKWATCH_* variable of the machine running the tests may leak in."""
+    for name in list(os.environ):
+        if name.startswith("SINKWATCH_"):
+            monkeypatch.delenv(name)
+
+
+def config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "sinkwatch.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def parse(*argv: str) -> Settings:
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    return settings_from_args(parser.parse_args(argv))
+
+
+# -- precedence -------------------------------------------------------------------
+
+
+def test_it_starts_with_no_configuration_at_all() -> None:
+    settings = load_settings()
+    assert settings.queue == settings.queue_folder == Path("queue")
+    assert settings.comfyui_input is None and settings.comfyui_url is None and settings.comfyui_workflow is None
+    assert (settings.comfyui_subfolder, settings.comfyui_timeout) == ("sinkwatch", 10.0)
+
+
+def test_each_source_overrides_the_one_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = config(
+        tmp_path,
+        'workers = 3\npoll_interval = 2.0\ncomfyui_timeout = 5.0\ncomfyui_subfolder = "from-file"\n'
+        'comfyui_url = "http://127.0.0.1:1111"\n',
+    )
+    monkeypatch.setenv("SINKWATCH_POLL_INTERVAL", "3.0")
+    monkeypatch.setenv("SINKWATCH_COMFYUI_TIMEOUT", "6.0")
+    monkeypatch.setenv("SINKWATCH_COMFYUI_URL", "http://127.0.0.1:2222")
+    settings = load_settings(config_file=path, flags={"poll_interval": 4.0})
+
+    assert settings.workers == 3, "file over default"
+    assert settings.comfyui_subfolder == "from-file", "file over default"
+    assert settings.comfyui_timeout == 6.0, "environment over file"
+    assert settings.comfyui_url == "http://127.0.0.1:2222", "environment over file"
+    assert settings.poll_interval == 4.0, "flag over environment"
+    assert settings.settle_seconds == 1.0, "default where nobody says otherwise"
+
+
+def test_flags_parsed_from_the_command_line_win(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = config(tmp_path, '[sinkwatch]\ncomfyui-url = "http://127.0.0.1:1111"\ncomfyui-timeout = 5\n')
+    monkeypatch.setenv("SINKWATCH_COMFYUI_URL", "http://127.0.0.1:2222")
+    settings = parse(
+        "--config", str(path),
+        "--comfyui-url", "http://127.0.0.1:3333",
+        "--comfyui-workflow", str(tmp_path / "wf.json"),
+        "--comfyui-subfolder", "",
+    )  # fmt: skip
+    assert settings.comfyui_url == "http://127.0.0.1:3333"
+    assert settings.comfyui_timeout == 5.0, "a [sinkwatch] table with dashed keys reads like flat keys"
+    assert settings.comfyui_workflow == tmp_path / "wf.json"
+    assert settings.comfyui_subfolder == "", "empty: ComfyUI's input/ itself"
+
+
+def test_unset_flags_leave_the_lower_sources_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SINKWATCH_COMFYUI_SUBFOLDER", "farm")
+    assert parse("--workers", "2").comfyui_subfolder == "farm"
+
+
+# -- --comfyui-input ------------------------------------------------------------------
+
+
+def test_comfyui_input_is_the_queue_folder(tmp_path: Path) -> None:
+    settings = parse("--comfyui-input", str(tmp_path / "ComfyUI" / "input"))
+    assert settings.queue_folder == tmp_path / "ComfyUI" / "input"
+    assert settings.resolved_state_dir == tmp_path / "ComfyUI" / "input" / ".sinkwatch" / "state"
+
+
+def test_comfyui_input_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SINKWATCH_COMFYUI_INPUT", str(tmp_path / "in"))
+    assert load_settings().queue_folder == tmp_path / "in"
+
+
+def test_comfyui_input_and_the_same_queue_agree(tmp_path: Path) -> None:
+    assert parse("--comfyui-input", str(tmp_path), "--queue", str(tmp_path)).queue_folder == tmp_path
+
+
+def test_comfyui_input_and_a_different_queue_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"comfyui_input .* and queue .* name different folders"):
+        parse("--comfyui-input", str(tmp_path / "a"), "--queue", str(tmp_path / "b"))
+
+
+def test_without_comfyui_input_the_queue_is_the_queue_folder(tmp_path: Path) -> None:
+    settings = parse("--queue", str(tmp_path / "q"))
+    assert settings.queue_folder == tmp_path / "q"
+    assert settings.resolved_state_dir == tmp_path / "q" / ".sinkwatch" / "state"
+
+
+# -- errors name the field --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "field"),
+    [
+        (("--comfyui-timeout", "0"), "comfyui_timeout"),
+        (("--comfyui-timeout", "soon"), "comfyui_timeout"),
+        (("--comfyui-url", "localhost:8188"), "comfyui_url"),
+        (("--comfyui-url", "ftp://127.0.0.1"), "comfyui_url"),
+        (("--comfyui-subfolder", "../models"), "comfyui_subfolder"),
+        (("--comfyui-subfolder", "/abs"), "comfyui_subfolder"),
+        (("--workers", "0"), "workers"),
+    ],
+)
+def test_a_bad_flag_names_its_field(argv: tuple[str, ...], field: str) -> None:
+    with pytest.raises(ConfigError, match=f"setting '{field}'"):
+        parse(*argv)
+
+
+def test_a_bad_url_says_what_a_url_must_look_like() -> None:
+    with pytest.raises(ConfigError, match=r"http://host:8188") as caught:
+        parse("--comfyui-url", "localhost:8188")
+    assert "Value error" not in str(caught.value), "our own message, not pydantic's wrapping"
+
+
+def test_a_bad_environment_variable_names_its_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SINKWATCH_COMFYUI_TIMEOUT", "-1")
+    with pytest.raises(ConfigError, match="setting 'comfyui_timeout'"):
+        load_settings()
+
+
+def test_a_bad_config_value_names_its_field_and_the_file(tmp_path: Path) -> None:
+    path = config(tmp_path, 'comfyui_url = "not a url"\n')
+    with pytest.raises(ConfigError, match=f"setting 'comfyui_url'.*config {re.escape(str(path))}"):
+        load_settings(config_file=path)
+
+
+def test_an_unknown_config_key_is_named(tmp_path: Path) -> None:
+    path = config(tmp_path, 'comfyui_adress = "http://127.0.0.1:8188"\n')
+    with pytest.raises(ConfigError, match="setting 'comfyui_adress'"):
+        load_settings(config_file=path)
+
+
+def test_a_workflow_without_a_comfyui_to_queue_it_on_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="comfyui_workflow needs comfyui_url"):
+        parse("--comfyui-workflow", str(tmp_path / "wf.json"))
+
+
+def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
+    path = config(tmp_path, "comfyui_url = \n")
+    with pytest.raises(ConfigError, match="invalid TOML") as caught:
+        load_settings(config_file=path)
+    assert caught.value.path == str(path)
+
+
+def test_a_missing_config_file_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file") as caught:
+        load_settings(config_file=tmp_path / "absent.toml")
+    assert caught.value.path == str(tmp_path / "absent.toml")
+
+
+# -- flags and help ------------------------------------------------------------------------
+
+
+def test_every_comfyui_setting_is_a_flag_with_its_environment_variable_in_the_help() -> None:
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    text = " ".join(parser.format_help().split())
+    for name in ("comfyui_input", "comfyui_url", "comfyui_workflow", "comfyui_subfolder", "comfyui_timeout"):
+        assert "--" + name.replace("_", "-") in text
+        assert f"SINKWATCH_{name.upper()}" in text
+    assert "default: sinkwatch" in text and "default: 10.0" in text
+    assert "shipped presets / under the queue" not in text, "an unset default is explained by the description"

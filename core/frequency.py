@@ -156,5 +156,6 @@ def _work_window(window: int) -> int:
 def _box(values: np.ndarray, window: int, gain: float) -> np.ndarray:
     """Window mean times ``gain`` (the box filter divides by the area anyway, so the scale is free)."""
     size = _work_window(window)
-    scaled = cv2.multiply(values, gain)
-    return cv2.boxFilter(scaled, cv2.CV_32F, (size, size), borderType=cv2.BORDER_REFLECT)
+    scaled = values * np.float32(gain)
+    mean: np.ndarray = cv2.boxFilter(scaled, cv2.CV_32F, (size, size), borderType=cv2.BORDER_REFLECT)
+    return mean

@@ -3,7 +3,8 @@
 Flat regions render black, dense detail bright. ``gamma`` below 1 lifts faint
 detail so that it is visible at all; the glow adds a soft halo (a blurred copy
 of the map on a quarter grid), the look of the original ComfyUI workflow.
-The mask outline, when asked for, is drawn where the soft mask crosses 0.5.
+The mask outline, when asked for, traces the edge of where the soft mask is at
+least 0.5 (the outermost pixels of that region).
 """
 
 from __future__ import annotations
@@ -67,9 +68,9 @@ def render_heatmap(energy: np.ndarray, *, params: HeatmapParams, mask: np.ndarra
     else:
         picture = cv2.cvtColor(cv2.applyColorMap(grey, COLORMAPS[params.colormap]), cv2.COLOR_BGR2RGB)
     if params.outline and mask is not None:
-        inside = cv2.compare(mask, 0.5, cv2.CMP_GE)
-        edge = cv2.morphologyEx(inside, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8))
-        picture[edge > 0] = params.outline_color
+        inside = (mask >= np.float32(0.5)).view(np.uint8)
+        contours, _hierarchy = cv2.findContours(inside, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(picture, contours, -1, params.outline_color, 1)
     return picture
 
 

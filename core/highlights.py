@@ -20,8 +20,8 @@ import numpy as np
 
 # BT.601 luma weights, as cv2.COLOR_RGB2GRAY uses.
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
-# The rim of a spot reaches one pixel beyond it.
-_MARGIN = 1
+# The eight neighbours of a pixel: a spot's rim touches the spot through one of them.
+_NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 
 
 @dataclass(frozen=True)
@@ -86,22 +86,39 @@ def tame_highlights(image: np.ndarray, *, params: HighlightParams) -> tuple[np.n
     keep = small & (params.level - colours @ _LUMA >= params.contrast)
     if not keep.any():
         return out, spots
-    y0, y1, x0, x1 = _around(stats[keep], image.shape)
-    ids = np.where(keep, np.arange(count), 0).astype(np.float32)[labels[y0:y1, x0:x1]]
-    grown = cv2.dilate(ids, np.ones((3, 3), np.uint8))  # each spot plus its one-pixel rim
-    where = np.flatnonzero(grown)
-    weight = np.where(ids.ravel()[where] > 0, np.float32(1.0), np.float32(0.5))
-    region = out[y0:y1, x0:x1]
-    pixels = region.reshape(-1, 3)[where].astype(np.float32)
-    target = colours[grown.ravel()[where].astype(np.intp)]
-    moved = pixels + (target - pixels) * (weight * np.float32(params.strength))[:, None]
-    tamed = region.copy()
-    tamed.reshape(-1, 3)[where] = (moved + np.float32(0.5)).astype(np.uint8)
-    out[y0:y1, x0:x1] = tamed
-    local = np.zeros(grown.shape, np.float32)
-    local.ravel()[where] = weight
-    spots[y0:y1, x0:x1] = local
+    # Only the pixels of each kept spot's box (grown by the rim) are visited, never the whole frame.
+    h, w = image.shape[:2]
+    ys, xs, spot = _box_pixels(stats, np.flatnonzero(keep), (h, w))
+    core = labels[ys, xs] == spot
+    rim = np.zeros_like(core)
+    for dy, dx in _NEIGHBOURS:
+        rim |= labels[np.clip(ys + dy, 0, h - 1), np.clip(xs + dx, 0, w - 1)] == spot
+    weight = np.where(core, np.float32(1.0), np.where(rim, np.float32(0.5), np.float32(0.0)))
+    chosen = weight > 0
+    ys, xs, spot, weight = ys[chosen], xs[chosen], spot[chosen], weight[chosen]
+    pixels = image[ys, xs].astype(np.float32)
+    moved = pixels + (colours[spot] - pixels) * (weight * np.float32(params.strength))[:, None]
+    out[ys, xs] = (moved + np.float32(0.5)).astype(np.uint8)
+    spots[ys, xs] = weight
     return out, spots
+
+
+def _box_pixels(
+    stats: np.ndarray, ids: np.ndarray, shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row, column and component id of every pixel in the boxes of ``ids``, grown by one pixel."""
+    h, w = shape
+    boxes = stats[ids]
+    left = np.maximum(boxes[:, cv2.CC_STAT_LEFT] - 1, 0)
+    top = np.maximum(boxes[:, cv2.CC_STAT_TOP] - 1, 0)
+    width = np.minimum(boxes[:, cv2.CC_STAT_LEFT] + boxes[:, cv2.CC_STAT_WIDTH] + 1, w) - left
+    height = np.minimum(boxes[:, cv2.CC_STAT_TOP] + boxes[:, cv2.CC_STAT_HEIGHT] + 1, h) - top
+    sizes = width * height
+    owner = np.repeat(np.arange(ids.size), sizes)
+    offset = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    ys = top[owner] + offset // width[owner]
+    xs = left[owner] + offset % width[owner]
+    return ys, xs, ids[owner]
 
 
 def _surroundings(image: np.ndarray, boxes: np.ndarray, radius: int) -> np.ndarray:
@@ -117,15 +134,5 @@ def _surroundings(image: np.ndarray, boxes: np.ndarray, radius: int) -> np.ndarr
     px = np.clip(xs[[0, 1, 2, 0, 2, 0, 1, 2]], 0, w - 1)
     py = np.clip(ys[[0, 0, 0, 1, 1, 2, 2, 2]], 0, h - 1)
     samples = image[py, px].astype(np.float32)  # (8, n, 3)
-    return np.median(samples, axis=0).astype(np.float32)
-
-
-def _around(boxes: np.ndarray, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
-    """The union of connected-component boxes (stats rows), grown by the margin and clipped."""
-    h, w = shape[:2]
-    left = int(boxes[:, cv2.CC_STAT_LEFT].min())
-    top = int(boxes[:, cv2.CC_STAT_TOP].min())
-    right = int((boxes[:, cv2.CC_STAT_LEFT] + boxes[:, cv2.CC_STAT_WIDTH]).max())
-    bottom = int((boxes[:, cv2.CC_STAT_TOP] + boxes[:, cv2.CC_STAT_HEIGHT]).max())
-    return max(0, top - _MARGIN), min(h, bottom + _MARGIN), max(0, left - _MARGIN), min(w, right + _MARGIN)
-
+    colours: np.ndarray = np.median(samples, axis=0).astype(np.float32)
+    return colours

@@ -20,7 +20,7 @@ import numpy as np
 ThresholdMode = Literal["absolute", "percentile"]
 
 # Mask values below one grey level are set to exactly 0: the pixel is untouched.
-_NEGLIGIBLE = np.float32(1.0 / 255.0)
+_NEGLIGIBLE = 1.0 / 255.0
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def build_mask(sinks: np.ndarray, *, shape: tuple[int, ...], params: MaskParams,
     threshold = params.threshold
     if params.mode == "percentile":
         threshold = max(threshold, float(np.percentile(sinks, params.percentile)))
-    binary = cv2.compare(sinks, threshold, cv2.CMP_GT)
+    binary = _above(sinks, threshold)
     if cv2.countNonZero(binary) == 0:
         return np.zeros((out_h, out_w), np.float32)
     noise = _blot_noise((sinks.shape[0], sinks.shape[1]), scale, params, seed) if params.blots else None
@@ -112,7 +112,7 @@ def build_mask(sinks: np.ndarray, *, shape: tuple[int, ...], params: MaskParams,
         # so that the strongest sinks keep their full blur.
         share = cv2.countNonZero(binary) / binary.size * params.max_coverage / covered
         threshold = max(threshold, float(np.quantile(sinks, 1.0 - share)))
-        binary = cv2.compare(sinks, threshold, cv2.CMP_GT)
+        binary = _above(sinks, threshold)
         mask = _soft_mask(binary, (out_h, out_w), scale, params, noise)
         covered = _coverage(mask)
     if covered > params.max_coverage:
@@ -130,7 +130,7 @@ def support_box(values: np.ndarray, *, margin: int = 0, align: int = 1) -> tuple
     Grown by ``margin`` and clipped to the map; ``y0`` and ``x0`` are rounded
     down to a multiple of ``align`` (to stay on a coarser grid).
     """
-    flags = values if values.dtype == np.uint8 else cv2.compare(values, 0, cv2.CMP_NE)
+    flags = values if values.dtype == np.uint8 else (values != 0).view(np.uint8)
     x, y, w, h = cv2.boundingRect(flags)
     if w == 0:
         return None
@@ -151,24 +151,24 @@ def _soft_mask(
     speckle = round(params.speckle / scale)
     if speckle > 0:
         work = cv2.morphologyEx(work, cv2.MORPH_OPEN, _disc(speckle))
-    count, labels, stats, _centroids = cv2.connectedComponentsWithStatsWithAlgorithm(
+    _count, labels, stats, _centroids = cv2.connectedComponentsWithStatsWithAlgorithm(
         work, 8, cv2.CV_32S, cv2.CCL_GRANA
     )
     areas = stats[:, cv2.CC_STAT_AREA].astype(np.float64) * scale * scale
     keep = areas >= params.min_area
     keep[0] = False  # the background
     if not keep[1:].all():
-        work = (keep.astype(np.uint8) * 255)[labels]
+        work = keep.view(np.uint8)[labels]
     if noise is not None:
         large = keep & (areas >= params.blot_min_area)
         if large.any():
             # Holes where the noise is low, inside large regions only.
-            holes = cv2.bitwise_and((large.astype(np.uint8) * 255)[labels], noise)
+            holes = cv2.bitwise_and(large.view(np.uint8)[labels], noise)
             work = cv2.subtract(work, holes)
     radius = round(params.dilate / scale)
     if radius > 0:
         work = cv2.dilate(work, _disc(radius))
-    soft = cv2.multiply(work, 1.0 / 255.0, dtype=cv2.CV_32F)
+    soft: np.ndarray = work.astype(np.float32)
     sigma = params.feather / scale
     if sigma > 0:
         soft = cv2.GaussianBlur(soft, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
@@ -176,17 +176,23 @@ def _soft_mask(
     # Interpolated blur of 0..1 stays in 0..1 up to rounding; below a grey level counts as untouched.
     cv2.threshold(mask, 1.0, 1.0, cv2.THRESH_TRUNC, dst=mask)
     cv2.threshold(mask, _NEGLIGIBLE, 0.0, cv2.THRESH_TOZERO, dst=mask)
-    return mask
+    result: np.ndarray = mask
+    return result
 
 
 def _blot_noise(shape: tuple[int, int], scale: float, params: MaskParams, seed: int) -> np.ndarray:
-    """Where blots are cut (255) on the work grid: smooth noise below its ``1 - blot_keep`` quantile."""
+    """Where blots are cut (1) on the work grid: smooth noise below its ``1 - blot_keep`` quantile."""
     h, w = shape
     cell = max(2.0, params.blot_size / scale)
     grid = np.random.default_rng(seed).random((int(h / cell) + 2, int(w / cell) + 2), dtype=np.float32)
     noise = cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC)
     level = float(np.quantile(noise[::2, ::2], 1.0 - params.blot_keep))
-    return cv2.compare(noise, level, cv2.CMP_LT)
+    return (noise < np.float32(level)).view(np.uint8)
+
+
+def _above(values: np.ndarray, threshold: float) -> np.ndarray:
+    """0/1 ``uint8`` flags of ``values > threshold``."""
+    return (values > np.float32(threshold)).view(np.uint8)
 
 
 def _disc(radius: int) -> np.ndarray:

@@ -138,18 +138,18 @@ def _ssim_map(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     def window(values: np.ndarray) -> np.ndarray:
         return cv2.GaussianBlur(values, size, _SIGMA, borderType=cv2.BORDER_REFLECT)
 
-    mu_x, mu_y = window(x), window(y)
-    scratch = cv2.multiply(x, y)
-    cross = window(scratch)
+    mu_x: np.ndarray = window(x)
+    mu_y: np.ndarray = window(y)
+    scratch: np.ndarray = cv2.multiply(x, y)
+    cross: np.ndarray = window(scratch)
     cv2.multiply(x, x, dst=scratch)
-    squares = cv2.multiply(y, y)
-    cv2.add(scratch, squares, dst=scratch)
-    squares = window(scratch)
-    mean_cross = cv2.multiply(mu_x, mu_y, dst=scratch)
-    mean_squares = cv2.multiply(mu_x, mu_x, dst=mu_x)
+    scratch += cv2.multiply(y, y)
+    squares: np.ndarray = window(scratch)
+    mean_cross: np.ndarray = cv2.multiply(mu_x, mu_y, dst=scratch)
+    mean_squares: np.ndarray = cv2.multiply(mu_x, mu_x, dst=mu_x)
     mean_squares += cv2.multiply(mu_y, mu_y, dst=mu_y)
-    covariance = cv2.subtract(cross, mean_cross, dst=cross)
-    variances = cv2.subtract(squares, mean_squares, dst=squares)
+    covariance: np.ndarray = cv2.subtract(cross, mean_cross, dst=cross)
+    variances: np.ndarray = cv2.subtract(squares, mean_squares, dst=squares)
     numerator = mean_cross
     numerator *= 2.0
     numerator += _C1

@@ -54,13 +54,17 @@ def fill_fraction(highpass: np.ndarray, highpass_sq: np.ndarray, *, window: int)
         raise ValueError(f"highpass and highpass_sq differ in shape: {highpass.shape} vs {highpass_sq.shape}")
     mean_abs = cv2.boxFilter(highpass, cv2.CV_32F, (window, window), borderType=cv2.BORDER_REFLECT)
     mean_sq = cv2.boxFilter(highpass_sq, cv2.CV_32F, (window, window), borderType=cv2.BORDER_REFLECT)
-    fill = cv2.divide(cv2.multiply(mean_abs, mean_abs), cv2.max(mean_sq, _EPS))
-    return np.clip(fill, 0.0, 1.0, out=fill)
+    np.maximum(mean_sq, np.float32(_EPS), out=mean_sq)
+    fill: np.ndarray = cv2.divide(cv2.multiply(mean_abs, mean_abs), mean_sq)
+    np.clip(fill, 0.0, 1.0, out=fill)
+    return fill
 
 
 def texture_weight(fill: np.ndarray, *, low: float, high: float) -> np.ndarray:
     """Smooth step from 0 at ``fill <= low`` (outlines) to 1 at ``fill >= high`` (texture)."""
     if not 0.0 <= low < high <= 1.0:
         raise ValueError(f"need 0 <= low < high <= 1, got low={low}, high={high}")
-    t = np.clip((fill - np.float32(low)) * np.float32(1.0 / (high - low)), 0.0, 1.0)
-    return (t * t * (3.0 - 2.0 * t)).astype(np.float32, copy=False)
+    t = (fill - np.float32(low)) * np.float32(1.0 / (high - low))
+    np.clip(t, 0.0, 1.0, out=t)
+    weight: np.ndarray = (t * t * (np.float32(3.0) - np.float32(2.0) * t)).astype(np.float32, copy=False)
+    return weight

@@ -39,7 +39,9 @@ _REPORT = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", type=Path, metavar="FILE", help="the image to analyse")
     parser.add_argument(
-        "--rule", metavar="NAME|PATH", help="rule name (from --rules or the presets) or a rule file; default: by name"
+        "--rule",
+        metavar="NAME|PATH",
+        help="rule name (from --rules or the presets) or a rule file; default: the rule selected for FILE's name",
     )
     parser.add_argument("--rules", type=Path, metavar="DIR", help="rule folder (default: the shipped presets)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a report")

@@ -43,7 +43,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("no image files found in the given paths")
     rules = load_rules(settings.rules)
     forced = _choose_rule(args.rule, rules) if args.rule else None
-    queue, state = prepare_queue(settings.queue, settings.state_dir)
+    queue, state = prepare_queue(settings.queue_folder, settings.state_dir)
     with InstanceLock(state), Ledger(state / "ledger.sqlite3") as ledger:
         pool = WorkerPool(min(settings.workers, len(sources)))
         engine = Engine(

@@ -273,7 +273,7 @@ def status_of(entry: Mapping[str, Any]) -> str:
 
 def backoff(attempt: int, *, base: float, cap: float) -> float:
     """Delay after the ``attempt``-th failure: ``base * 2**(attempt-1)``, at most ``cap``."""
-    return min(cap, base * 2.0 ** (attempt - 1))
+    return min(cap, base * 2.0 ** min(attempt - 1, 64))  # the cap applies long before 2**64 overflows
 
 
 def retrying(

@@ -20,6 +20,7 @@ from loguru import logger
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from service import __version__, notify
+from service.comfyui import ComfyClient
 from service.engine import Candidate, Engine, Limits
 from service.errors import ConfigError, RuleError, SinkwatchError
 from service.folders import Folders, prepare_folders
@@ -33,7 +34,9 @@ from service.rules import RuleSet, load_rules
 from service.selection import Selection
 from service.settings import Settings, add_flags, settings_from_args
 from service.stability import StabilityTracker
+from service.uploader import Uploads
 from service.watcher import EventQueue, FolderWatcher
+from service.workflow import load_workflow
 
 LOOP_TICK = 0.05
 RULES_CHECK_INTERVAL = 1.0
@@ -70,7 +73,7 @@ class Daemon:
 
     def initialize(self, *, once: bool = False) -> None:
         s = self.settings
-        self.folders: Folders = prepare_folders(s.watch, s.queue, s.state_dir)
+        self.folders: Folders = prepare_folders(s.watch, s.queue_folder, s.state_dir)
         self.lock = InstanceLock(self.folders.state)
         self.lock.acquire()
         self.resources.callback(self.lock.release)
@@ -95,6 +98,18 @@ class Daemon:
             limits=Limits(s.max_bytes, s.max_pixels, s.max_attempts, s.retry_base, s.queue_size),
             resolve=lambda key: self.folders.watch / key,
         )
+        self.uploads: Uploads | None = None
+        if s.comfyui_url:
+            self.uploads = Uploads(
+                client=ComfyClient(s.comfyui_url, timeout=s.comfyui_timeout, subfolder=s.comfyui_subfolder),
+                ledger=self.ledger,
+                publisher=self.engine.publisher,
+                metrics=self.metrics,
+                workflow=load_workflow(s.comfyui_workflow) if s.comfyui_workflow else None,
+            )
+            self.resources.callback(self.uploads.close)
+            self.uploads.resume()
+            self.engine.on_published = self.uploads.enqueue
         removed = self.engine.publisher.clean_temp()
         if removed:
             logger.warning("removed {} temp files left by an interrupted run", removed)
@@ -170,6 +185,8 @@ class Daemon:
         if not once and (now - self.last_scan_done >= self.settings.rescan_interval or self.events.take_overflow()):
             self._start_scan("scan")
         self.engine.pump(timeout=LOOP_TICK)
+        if self.uploads is not None:
+            self.uploads.pump()
         if self.ping_every and now >= self.next_ping:
             if self.health()[0]:
                 notify.notify("WATCHDOG=1")

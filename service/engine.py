@@ -321,7 +321,7 @@ class Engine:
             error["message"] = f"{error.get('message')} (gave up after {attempts} attempts)"
             self._reject(job, error, outcome)
             return
-        delay = self.limits.retry_base * 2 ** (attempts - 1)
+        delay = self.limits.retry_base * 2.0 ** min(attempts - 1, 32)  # a full disk may retry for weeks
         if is_publish:
             delay = min(delay, MAX_PUBLISH_RETRY_DELAY)
             self.metrics.publish_errors.labels(reason=str(error.get("publish_reason", "other"))).inc()

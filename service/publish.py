@@ -71,6 +71,12 @@ class Publisher:
         self._write(path, json_bytes(record))
         return path
 
+    def write_sidecar(self, name: str, sidecar: Mapping[str, object]) -> Path:
+        """Replace the sidecar of `name` atomically (to add what happened after publishing, e.g. an upload)."""
+        path = self.sidecar_path(name)
+        self._write(path, json_bytes(sidecar))
+        return path
+
     def clean_temp(self) -> int:
         """Remove temp files a crashed run left behind; returns how many.
 

@@ -68,7 +68,7 @@ class ResizeSection(_Section):
         for name in ("width", "height"):
             value = getattr(self, name)
             if value % self.multiple:
-                raise _FieldError(name, f"must be a multiple of {self.multiple} (multiple = {self.multiple}), got {value}")
+                raise _FieldError(name, f"must be a multiple of {self.multiple} (resize.multiple), got {value}")
         return self
 
 

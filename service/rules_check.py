@@ -58,4 +58,7 @@ def main(args: argparse.Namespace) -> int:
 def _summary(rule: Rule) -> str:
     size = f"{rule.resize.width}x{rule.resize.height}"
     globs = ", ".join(rule.match) if rule.match else "(no globs)"
-    return f"{rule.name} {size} {rule.resize.mode}, priority {rule.priority}, match {globs}, fingerprint {rule.fingerprint}"
+    return (
+        f"{rule.name} {size} {rule.resize.mode}, priority {rule.priority}, match {globs}, "
+        f"fingerprint {rule.fingerprint}"
+    )

@@ -21,7 +21,7 @@ def disc_image(width: int, height: int, radius: int) -> np.ndarray:
 
 
 def disc_box(image: np.ndarray) -> tuple[int, int]:
-    x, y, w, h = cv2.boundingRect(cv2.compare(image[:, :, 0], 128, cv2.CMP_GT))
+    _x, _y, w, h = cv2.boundingRect(cv2.compare(image[:, :, 0], 128, cv2.CMP_GT))
     return w, h
 
 

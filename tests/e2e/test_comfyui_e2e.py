@@ -152,7 +152,7 @@ def test_a_reader_polling_the_queue_during_a_burst_only_ever_decodes_complete_fr
         for index in range(40):
             drop(watch, index, photos)
         published = wait_published(queue, 40, timeout=180)
-        wait_for(lambda: all(frame.name in decoded for frame in published))
+        wait_for(lambda: all(frame.name in decoded for frame in published), timeout=90)
     finally:
         stop.set()
         reader.join()

@@ -1,0 +1,123 @@
+"""Codec alternatives measured on the corpus: what the floor would be with other choices.
+
+- PNG decode: OpenCV alone, sinkwatch's `decode_file` (OpenCV plus the
+  container walk, the guards and the SHA-256), and libspng (`pyspng`), whose
+  pixels must equal OpenCV's;
+- PNG encode of the published frame and heatmap: sinkwatch's `encode_png`
+  (OpenCV's default parameters), OpenCV with an explicit compression level,
+  and `fpng`, whose files Pillow (ComfyUI's reader) must decode to the same
+  pixels;
+- JPEG: decode + resize of a source at least twice the target, with and
+  without the reduced-scale decode (`reduce_to`), and the same at generator size.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from benchmarks.corpus import Source, at_size, encode, load_photo
+from benchmarks.machine import median_ms
+from core import pipeline
+from core.resize import ResizeParams, resize, target_size
+from service.decode import decode_bytes
+from service.encode import encode_png
+
+MAX_PIXELS = 100_000_000
+EXPLICIT_LEVEL = 4  # any explicit level switches OpenCV's zlib strategy
+
+
+def measure(sources: Sequence[Source], *, params: pipeline.PipelineParams, folder: Path, reps: int) -> dict[str, Any]:
+    """Median ms per codec choice over `sources` (PNG), and the JPEG reduced-decode comparison."""
+    cv2.setNumThreads(1)
+    spng = _optional("pyspng")
+    fpng = _optional("fpng")
+    times: dict[str, list[float]] = {}
+    same_spng: list[bool] = []
+    same_fpng: list[bool] = []
+    sizes: list[float] = []
+    for source in sources:
+        data = source.path.read_bytes()
+        rgb = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
+        result = pipeline.run(rgb, params)
+        outputs = (result.cleaned, result.heatmap)
+        candidates: dict[str, Callable[[], object]] = {
+            "decode opencv": lambda d=data: cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_COLOR_RGB),
+            "decode sinkwatch": lambda d=data, p=source.path: decode_bytes(d, path=p, max_pixels=MAX_PIXELS),
+            "encode sinkwatch": lambda o=outputs: [encode_png(a) for a in o],
+            "encode opencv level 4": lambda o=outputs: [_cv2_level(a) for a in o],
+        }
+        if spng is not None:
+            candidates["decode pyspng"] = lambda d=data: spng.load(d, "RGB")
+            same_spng.append(bool(np.array_equal(spng.load(data, "RGB"), rgb)))
+        if fpng is not None:
+            candidates["encode fpng"] = lambda o=outputs: [fpng.from_ndarray(np.ascontiguousarray(a)) for a in o]
+            same_fpng.extend(_pillow_pixels(fpng.from_ndarray(a)) == a.tobytes() for a in outputs)
+            sizes.append(len(fpng.from_ndarray(result.cleaned)) / len(encode_png(result.cleaned)))
+        for name, call in candidates.items():
+            times.setdefault(name, []).extend(_time(call, reps))
+    checks = {
+        "pyspng_same_pixels": all(same_spng) if same_spng else None,
+        "fpng_pillow_same_pixels": all(same_fpng) if same_fpng else None,
+        "fpng_size_ratio": round(float(np.median(sizes)), 3) if sizes else None,
+    }
+    return {
+        "png_ms": {name: median_ms(values) for name, values in times.items()},
+        "checks": checks,
+        "jpeg": _jpeg_reduced(folder, params.resize, reps=reps),
+    }
+
+
+def _jpeg_reduced(folder: Path, params: ResizeParams, *, reps: int) -> dict[str, dict[str, float]]:
+    """Decode + resize ms of JPEG sources, full decode vs `reduce_to` the target size."""
+    photo = load_photo("astronaut")
+    out = {}
+    for size in ((2048, 2048), (1024, 1024)):
+        path = folder / f"astronaut-{size[0]}x{size[1]}.jpeg"
+        path.write_bytes(encode(at_size(photo, size), "JPEG"))
+        data = path.read_bytes()
+        target = target_size(*size, params)
+        row = {}
+        for label, reduce_to in (("full", None), ("reduced", target)):
+
+            def job(d: bytes = data, r: tuple[int, int] | None = reduce_to, p: Path = path) -> None:
+                resize(decode_bytes(d, path=p, max_pixels=MAX_PIXELS, reduce_to=r).rgb, params=params)
+
+            row[label] = median_ms(_time(job, reps))
+        out[f"JPEG {size[0]}x{size[1]}"] = row
+    return out
+
+
+def _time(call: Callable[[], object], reps: int) -> list[float]:
+    out = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        call()
+        out.append(time.perf_counter() - started)
+    return out
+
+
+def _cv2_level(rgb: np.ndarray) -> bytes:
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if rgb.ndim == 3 else rgb
+    ok, png = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, EXPLICIT_LEVEL])
+    return bytes(png) if ok else b""
+
+
+def _pillow_pixels(png: bytes) -> bytes:
+    with Image.open(io.BytesIO(png)) as image:
+        return image.tobytes()
+
+
+def _optional(module: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None

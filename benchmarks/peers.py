@@ -1,0 +1,117 @@
+"""The same job done the ways a user might do it without sinkwatch.
+
+Both peers produce what sinkwatch publishes, at the size it publishes: a
+cleaned frame (resized with ``cover``, a blurred copy blended in through a
+soft mask of high-frequency detail) and a Matrix Vision heatmap, as PNG files.
+
+- ImageMagick: one ``convert`` command per image, as a shell loop would run
+  it; high-pass by blur difference, local mean, fixed scale, threshold mask,
+  soft edge, composite. The fast ``-blur`` (separable Gaussian) everywhere,
+  one thread (``MAGICK_THREAD_LIMIT=1``) to compare per image and per core.
+- Pillow: a short script at Pillow's defaults (``ImageOps.fit``,
+  ``ImageFilter.GaussianBlur``, ``ImageChops.difference``, ``point``,
+  ``Image.composite``, ``save``), in-process, so it pays no start-up per image.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageChops, ImageFilter, ImageOps
+
+from benchmarks.corpus import Source
+from benchmarks.machine import imagemagick_version
+from core.resize import ResizeParams, target_size
+
+# Shared by both peers, in output pixels and grey levels, close to sinkwatch's default rule.
+SIGMA = 1.2  # high-pass and blur sigma
+WINDOW_RADIUS = 4  # local energy window (9 px)
+GAIN = 10  # energy scale: a mean detail of 25.5 grey levels is full white
+THRESHOLD = 128  # mask where the scaled energy is at least half scale
+FEATHER = 3  # soft mask edge (Gaussian sigma)
+
+
+def output_size(source: Source, params: ResizeParams) -> tuple[int, int]:
+    """The (w, h) sinkwatch publishes for `source`: the peers make the same."""
+    return target_size(*source.size, params)
+
+
+def magick_command(convert: str, source: Path, frame: Path, heatmap: Path, size: tuple[int, int]) -> list[str]:
+    geometry = f"{size[0]}x{size[1]}"
+    return [
+        convert, str(source),
+        "-resize", f"{geometry}^", "-gravity", "center", "-extent", geometry, "+repage",
+        "-write", "mpr:frame", "+delete",
+        # Matrix Vision: |Y - G(Y)|, its local mean, on a fixed scale.
+        "mpr:frame", "-colorspace", "Gray", "(", "+clone", "-blur", f"0x{SIGMA}", ")",
+        "-compose", "Difference", "-composite",
+        "-blur", f"0x{WINDOW_RADIUS}", "-level", f"0,{100 / GAIN:g}%",
+        "-write", str(heatmap), "-write", "mpr:energy", "+delete",
+        # Cleaned frame: a blurred copy composited through the soft threshold mask.
+        "mpr:frame", "(", "mpr:frame", "-blur", f"0x{SIGMA}", ")",
+        "(", "mpr:energy", "-threshold", f"{100 * THRESHOLD / 255:.1f}%", "-blur", f"0x{FEATHER}", ")",
+        "-compose", "Over", "-composite", str(frame),
+    ]  # fmt: skip
+
+
+def magick_job(convert: str, source: Path, frame: Path, heatmap: Path, size: tuple[int, int]) -> None:
+    env = {**os.environ, "MAGICK_THREAD_LIMIT": "1"}
+    subprocess.run(magick_command(convert, source, frame, heatmap, size), env=env, check=True, capture_output=True)
+
+
+def pillow_job(source: Path, frame: Path, heatmap: Path, size: tuple[int, int]) -> None:
+    with Image.open(source) as image:
+        rgb = ImageOps.fit(image.convert("RGB"), size)
+    grey = rgb.convert("L")
+    detail = ImageChops.difference(grey, grey.filter(ImageFilter.GaussianBlur(SIGMA)))
+    energy = detail.filter(ImageFilter.BoxBlur(WINDOW_RADIUS)).point(lambda v: min(255, v * GAIN))
+    energy.save(heatmap)
+    mask = energy.point(lambda v: 255 if v >= THRESHOLD else 0).filter(ImageFilter.GaussianBlur(FEATHER))
+    Image.composite(rgb.filter(ImageFilter.GaussianBlur(SIGMA)), rgb, mask).save(frame)
+
+
+def measure(
+    sources: Sequence[Source], *, params: ResizeParams, folder: Path, reps: int
+) -> dict[str, dict[str, Any]]:
+    """Per source: median seconds of each peer, and what it wrote (checked: both images, right size)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    convert = shutil.which("convert") if imagemagick_version() else None
+    peers = ("pillow", "imagemagick") if convert else ("pillow",)
+    results: dict[str, dict[str, Any]] = {}
+    for source in sources:
+        size = output_size(source, params)
+        row: dict[str, Any] = {"group": source.group, "size": list(size)}
+        for peer in peers:
+            frame = folder / f"{source.path.stem}.{peer}.png"
+            heatmap = folder / f"{source.path.stem}.{peer}.matrix.png"
+            times = []
+            for _ in range(reps):
+                started = time.perf_counter()
+                if peer == "pillow":
+                    pillow_job(source.path, frame, heatmap, size)
+                else:
+                    magick_job(str(convert), source.path, frame, heatmap, size)
+                times.append(time.perf_counter() - started)
+            row[peer] = statistics.median(times)
+            row[f"{peer}_outputs"] = _checked_outputs(frame, heatmap, size)
+        results[source.path.name] = row
+    return results
+
+
+def _checked_outputs(frame: Path, heatmap: Path, size: tuple[int, int]) -> dict[str, Any]:
+    """Proof that a peer did the job: both images exist, decode, and have the published size."""
+    found = {}
+    for kind, path in (("frame", frame), ("heatmap", heatmap)):
+        with Image.open(path) as image:
+            image.load()
+            if image.size != size:
+                raise RuntimeError(f"{path.name} is {image.size}, not {size}")
+            found[kind] = {"mode": image.mode, "bytes": path.stat().st_size}
+    return found

@@ -1,0 +1,126 @@
+"""One benchmark run: the corpus, then each section, into one JSON-ready dict."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks import codecs, daemon, machine, peers, single
+from benchmarks.corpus import GENERATOR_SIZES, OTHER_FORMAT_SIZE, PHOTOS, Source, build_corpus
+from service.rules import load_rules
+
+SECTIONS = ("single", "peers", "codecs", "daemon")
+
+
+@dataclass(frozen=True)
+class Config:
+    photos: tuple[str, ...] = PHOTOS
+    sizes: tuple[tuple[int, int], ...] = GENERATOR_SIZES
+    other_formats: tuple[str, ...] = ("JPEG", "WEBP")
+    other_size: tuple[int, int] = OTHER_FORMAT_SIZE
+    reps: int = 3  # rounds over the corpus, single thread
+    peer_photos: tuple[str, ...] = PHOTOS  # peers run on these, at the first two sizes
+    peer_reps: int = 1
+    codec_reps: int = 5
+    burst: int = 100  # files per throughput burst
+    latency: int = 75  # files at `rate` per second
+    rate: float = 5.0
+    backlog: int = 2000
+    backlog_from: int = 500  # growth is measured from this image on
+    idle_seconds: float = 2.0
+
+
+FULL = Config()
+QUICK = Config(
+    photos=("astronaut", "coffee"),
+    sizes=GENERATOR_SIZES[:2],
+    reps=2,
+    peer_photos=("astronaut",),
+    codec_reps=3,
+    burst=12,
+    latency=10,
+    backlog=80,
+    backlog_from=20,
+    idle_seconds=1.0,
+)
+
+
+def run(config: Config, *, sections: Sequence[str] = SECTIONS, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every requested section on a fresh corpus in a temp folder (removed afterwards)."""
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    report: dict[str, Any] = {"machine": machine.describe(), "config": asdict(config), "started": time.time()}
+    rule = load_rules(None).get("default")
+    params = rule.to_params()
+    with tempfile.TemporaryDirectory(prefix="sinkwatch-bench-") as temp:
+        root = Path(temp)
+        progress("building the corpus")
+        sources = build_corpus(
+            root / "corpus",
+            photos=config.photos,
+            sizes=config.sizes,
+            other_formats=config.other_formats,
+            other_size=config.other_size,
+        )
+        report["corpus"] = {s.path.name: {"group": s.group, "mb": round(s.megabytes, 3)} for s in sources}
+        pngs = [s for s in sources if s.format == "PNG"]
+        if "single" in sections or "peers" in sections:
+            progress(f"single image, one thread: {len(sources)} images x {config.reps}")
+            samples = single.measure(sources, rule=rule, queue=root / "single-queue", reps=config.reps)
+            report["single"] = single.summarise(samples)
+            job_by_source = _median_by_source(samples)
+        if "peers" in sections:
+            chosen = [s for s in pngs if s.photo in config.peer_photos and s.size in config.sizes[:2]]
+            progress(f"peers: {len(chosen)} images")
+            rows = peers.measure(chosen, params=params.resize, folder=root / "peers", reps=config.peer_reps)
+            for name, row in rows.items():
+                row["sinkwatch"] = job_by_source[name]
+            report["peers"] = rows
+        if "codecs" in sections:
+            chosen = [s for s in pngs if s.size == config.sizes[0]]
+            progress(f"codecs: {len(chosen)} images")
+            report["codecs"] = codecs.measure(chosen, params=params, folder=root / "codecs", reps=config.codec_reps)
+        if "daemon" in sections:
+            report["daemon"] = _daemon(config, root, pngs, progress)
+    report["machine"]["load_average_end"] = machine.describe()["load_average"]
+    report["seconds"] = round(time.time() - report.pop("started"), 1)
+    return report
+
+
+def _daemon(config: Config, root: Path, pngs: list[Source], progress: Callable[[str], None]) -> dict[str, Any]:
+    payloads = [(f"{i:04d}-{s.path.name}", s.path.read_bytes()) for i, s in _cycle(pngs, config.burst)]
+    square = [s for s in pngs if s.size == config.sizes[0]]
+    paced = [(f"{i:04d}-{s.path.name}", s.path.read_bytes()) for i, s in _cycle(square, config.latency)]
+    out: dict[str, Any] = {"latency_source": square[0].group}
+    for workers in (1, 2):
+        progress(f"daemon: burst of {config.burst} with {workers} worker(s)")
+        out[f"burst_{workers}"] = daemon.burst(
+            root,
+            workers=workers,
+            payloads=payloads,
+            latency=paced if workers == 2 else (),
+            rate=config.rate,
+            idle_seconds=config.idle_seconds,
+        )
+    progress(f"daemon: backlog of {config.backlog}")
+    out["backlog"] = daemon.backlog(
+        root, sources=[s.path for s in pngs], count=config.backlog, start_at=config.backlog_from
+    )
+    return out
+
+
+def _cycle(sources: list[Source], count: int) -> list[tuple[int, Source]]:
+    return [(i, sources[i % len(sources)]) for i in range(count)]
+
+
+def _median_by_source(samples: Sequence[single.Sample]) -> dict[str, float]:
+    by: dict[str, list[float]] = {}
+    for sample in samples:
+        by.setdefault(sample.source.path.name, []).append(sample.job)
+    return {name: statistics.median(values) for name, values in by.items()}

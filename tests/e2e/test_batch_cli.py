@@ -1,0 +1,155 @@
+"""The command line as a user runs it: `sinkwatch run --once`, `sinkwatch process`, refusing a
+layout that would eat its own output, and a first start with no configuration at all."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import load_photo, wait_for
+from tests.e2e.conftest import (
+    REPO,
+    check_outputs_complete,
+    check_watch_unchanged,
+    frames,
+    free_port,
+    http_get,
+    logged,
+    run_sinkwatch,
+    small_photo,
+    snapshot,
+    write_photo,
+)
+
+
+def records(stderr: str) -> list[dict[str, Any]]:
+    """The JSON log records of a command's stderr (loguru writes JSON lines when not on a terminal)."""
+    out = []
+    for line in stderr.splitlines():
+        try:
+            out.append(json.loads(line)["record"])
+        except (ValueError, KeyError):
+            continue
+    return out
+
+
+def corrupt_png() -> bytes:
+    """A PNG signature and header followed by nonsense."""
+    return b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + b"nonsense" * 64
+
+
+def test_run_once_exits_0_after_the_backlog_and_1_when_something_was_rejected(tmp_path: Path) -> None:
+    watch, queue = tmp_path / "watch", tmp_path / "queue"
+    watch.mkdir()
+    names = ["one.png", "two.png", "three.png"]
+    for index, name in enumerate(names):
+        write_photo(watch / name, small_photo(index, height=120, width=180))
+    before = snapshot(watch)
+
+    done = run_sinkwatch("run", "--once", "--watch", str(watch), "--queue", str(queue), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert [frame.name for frame in frames(queue)] == sorted(names)
+    assert sorted(logged(records(done.stderr), "published")) == sorted(names)
+    published = {frame.name: frame.read_bytes() for frame in frames(queue)}
+    check_watch_unchanged(watch, before)
+
+    (watch / "broken.png").write_bytes(corrupt_png())
+    before = snapshot(watch)
+    done = run_sinkwatch("run", "--once", "--watch", str(watch), "--queue", str(queue), cwd=tmp_path)
+    assert done.returncode == 1, done.stderr[-4000:]
+    log = records(done.stderr)
+    assert logged(log, "published") == [], "the backlog done by the first run was processed again"
+    assert logged(log, "rejected") == ["broken.png"]
+    assert json.loads((queue / "rejected" / "broken.json").read_text())["reason"] == "corrupt"
+    assert {frame.name: frame.read_bytes() for frame in frames(queue)} == published
+    check_outputs_complete(queue)
+    check_watch_unchanged(watch, before)
+
+
+def test_process_makes_the_daemons_frames_and_exits_1_when_a_file_is_rejected(tmp_path: Path) -> None:
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    photo = load_photo("chelsea")
+    sources = [write_photo(watch / f"cat_{i}.png", photo[i * 20 :, i * 30 :]) for i in range(3)]
+    (watch / "broken.png").write_bytes(corrupt_png())
+    sources.append(watch / "broken.png")
+    before = snapshot(watch)
+
+    by_daemon = run_sinkwatch("run", "--once", "--watch", str(watch), "--queue", str(tmp_path / "daemon"), cwd=tmp_path)
+    assert by_daemon.returncode == 1, by_daemon.stderr[-4000:]
+    batch = run_sinkwatch("process", *map(str, sources), "--queue", str(tmp_path / "batch"), cwd=tmp_path)
+    assert batch.returncode == 1, batch.stderr[-4000:]
+    assert "3 published" in batch.stderr and "1 rejected" in batch.stderr, batch.stderr[-2000:]
+
+    daemon_frames = {frame.name: frame.read_bytes() for frame in frames(tmp_path / "daemon")}
+    batch_frames = {frame.name: frame.read_bytes() for frame in frames(tmp_path / "batch")}
+    assert sorted(batch_frames) == ["cat_0.png", "cat_1.png", "cat_2.png"]
+    assert batch_frames == daemon_frames, "`process` and the daemon made different frames of the same files"
+    for queue in (tmp_path / "daemon", tmp_path / "batch"):
+        assert json.loads((queue / "rejected" / "broken.json").read_text())["reason"] == "corrupt"
+        check_outputs_complete(queue)
+    check_watch_unchanged(watch, before)
+
+
+@pytest.mark.parametrize("where", ["the watch folder itself", "a folder inside it"])
+def test_a_queue_inside_the_watch_folder_is_refused(tmp_path: Path, where: str) -> None:
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    write_photo(watch / "image.png", small_photo(0))
+    queue = watch if where == "the watch folder itself" else watch / "frames" / "out"
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+
+    done = run_sinkwatch("run", "--watch", str(watch), "--queue", str(queue), "--metrics-port", "0", cwd=tmp_path)
+
+    assert done.returncode == 2, done.stderr
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith("sinkwatch: ") and str(queue) in message, message
+    assert "is the watch folder or inside it" in message and "its own output" in message, message
+    assert "Traceback" not in done.stderr
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before, "it created something"
+
+
+def test_startup_with_no_flags_in_an_empty_folder_creates_watch_and_queue_and_says_where(tmp_path: Path) -> None:
+    cwd = tmp_path / "empty"
+    cwd.mkdir()
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SINKWATCH_")}
+    env["PYTHONPATH"] = str(REPO)
+    log = tmp_path / "sinkwatch.log"
+    with log.open("wb") as handle:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "run", "--metrics-port", str(port)],
+            cwd=cwd,
+            env=env,
+            stdout=handle,
+            stderr=handle,
+        )
+    try:
+
+        def ready() -> bool:
+            assert proc.poll() is None, log.read_text()[-4000:]
+            try:
+                return http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200
+            except OSError:
+                return False
+
+        wait_for(ready, timeout=60)
+        assert sorted(p.name for p in cwd.iterdir()) == ["queue", "watch"]
+        messages = [str(r["message"]) for r in records(log.read_text())]
+        assert any(f"watching {cwd / 'watch'} -> queue {cwd / 'queue'}" in m for m in messages), messages
+        assert any(f"metrics at http://127.0.0.1:{port}/metrics" in m for m in messages), messages
+
+        write_photo(cwd / "watch" / "first.png", small_photo(2))
+        wait_for((cwd / "queue" / "first.png").is_file, timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    assert code == 0, log.read_text()[-4000:]

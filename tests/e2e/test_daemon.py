@@ -1,0 +1,499 @@
+"""`sinkwatch run` end to end: the real daemon in a subprocess (or in-process where events must be
+suppressed) on real temp folders with the real inotify observer and real photos.
+
+Finding work (slow writers, atomic moves, bursts, the backlog, lost events), never twice and never
+lost (kill -9, restart), failures (bad files, a read-only queue), odd names, a second instance.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import unicodedata
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from watchdog.events import FileSystemEvent
+
+from service.settings import Settings
+from service.watcher import EnqueueHandler
+from tests.conftest import load_photo, photo_file, wait_for
+from tests.e2e.conftest import (
+    SENTINEL,
+    DaemonProcess,
+    InProcessDaemon,
+    check_outputs_complete,
+    check_watch_unchanged,
+    copy_rules,
+    frames,
+    logged,
+    metric_sum,
+    png_bytes,
+    reference_frames,
+    sentinel,
+    sidecars,
+    small_photo,
+    snapshot,
+    wait_published,
+    write_photo,
+)
+
+# Where the frame size does not matter: a small default frame keeps bursts quick on 2 cores.
+TINY = {"width": 256, "height": 144}
+
+
+def chunks(data: bytes, parts: int) -> list[bytes]:
+    """`data` cut into `parts` pieces; every cut falls inside the PNG's image data."""
+    step = len(data) // parts
+    return [data[i * step : (i + 1) * step if i < parts - 1 else len(data)] for i in range(parts)]
+
+
+def retries_of(daemon: DaemonProcess, key: str) -> int:
+    return sum(1 for r in daemon.records() if str(r["message"]).startswith(f"retrying {key} "))
+
+
+def tries_of(daemon: DaemonProcess, key: str) -> int:
+    """How often the daemon has given up on `key` for now: retries scheduled and rejections."""
+    return sum(1 for r in daemon.records() if str(r["message"]).startswith((f"retrying {key} ", f"rejected {key} ")))
+
+
+# -- finding work -----------------------------------------------------------------------------
+
+
+def write_slowly(daemon: DaemonProcess, path: Path, data: bytes, parts: int, *, reopen: bool) -> None:
+    """Write `data` in `parts` pieces, through one open handle or (`reopen`) one open/append/close
+    cycle per piece. Each pause lasts until the daemon has tried the partial file once more."""
+    pieces = chunks(data, parts)
+    handle = None if reopen else path.open("wb")
+    try:
+        for done, piece in enumerate(pieces, start=1):
+            if handle is None:
+                with path.open("ab") as cycle:
+                    cycle.write(piece)
+            else:
+                handle.write(piece)
+                handle.flush()
+            if done < parts:
+                wait_for(lambda n=done: tries_of(daemon, path.name) >= n, timeout=30)
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def test_slowly_written_and_moved_in_images_are_each_processed_once_when_complete(
+    daemon: DaemonProcess, folders: tuple[Path, Path], tmp_path: Path
+) -> None:
+    watch, queue = folders
+    # A retry timer far off: the final close must be what gets each slow file processed.
+    daemon.args += ["--retry-base", "30"]
+    daemon.start()
+    photo = load_photo("astronaut")
+
+    # One handle: created/modified events only, and pauses longer than the settle time.
+    write_slowly(daemon, watch / "one_handle.png", png_bytes(photo[:192, :288]), 4, reopen=False)
+    write_slowly(daemon, watch / "slow_jpeg.jpg", photo_file("rocket").read_bytes(), 3, reopen=False)
+    # Open/append/close cycles: every close is an inotify close-after-write of a partial file.
+    write_slowly(daemon, watch / "cycles.png", png_bytes(photo[100:292, 50:338]), 4, reopen=True)
+    # Finished elsewhere, then moved in atomically (what careful writers and rsync do).
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    write_photo(outside / "moved_in.png", photo[200:392, 150:438])
+    os.replace(outside / "moved_in.png", watch / "moved_in.png")
+
+    names = ["one_handle.png", "slow_jpeg.jpg", "cycles.png", "moved_in.png"]
+    wait_published(queue, 4)
+    before = snapshot(watch)
+    sentinel(watch, queue, daemon=daemon)
+
+    records = daemon.records()
+    assert collections.Counter(logged(records, "published")) == collections.Counter([*names, SENTINEL])
+    assert logged(records, "rejected") == []
+    reference = reference_frames([watch / name for name in names], tmp_path)
+    outputs = {card["source"]["key"]: stem for stem, card in sidecars(queue).items()}
+    for name in names:
+        frame = queue / f"{outputs[name]}.png"
+        assert frame.read_bytes() == reference[frame.name], f"{name}: the frame is not that of the final file"
+    check_outputs_complete(queue)
+    check_watch_unchanged(watch, before, added=(SENTINEL,))
+
+
+def test_a_file_appended_in_more_cycles_than_max_attempts_is_not_rejected_while_it_grows(
+    daemon: DaemonProcess, folders: tuple[Path, Path], tmp_path: Path
+) -> None:
+    watch, queue = folders
+    # Each close of a partial file is one failed attempt; growing content is progress, not a failure.
+    daemon.args += ["--retry-base", "30", "--max-attempts", "3"]
+    daemon.start()
+    data = png_bytes(load_photo("coffee")[:240, :360])
+    write_slowly(daemon, watch / "appended.png", data, 6, reopen=True)
+    wait_published(queue, 1)
+    sentinel(watch, queue, daemon=daemon)
+
+    records = daemon.records()
+    assert logged(records, "published") == ["appended.png", SENTINEL]
+    assert logged(records, "rejected") == [], "a file still being written was rejected"
+    assert metric_sum(daemon.get("/metrics")[1], "sinkwatch_rejections_total") == 0
+    assert (queue / "appended.png").read_bytes() == reference_frames([watch / "appended.png"], tmp_path)["appended.png"]
+
+
+@pytest.mark.slow
+def test_a_burst_of_200_files_is_processed_exactly_once_each(
+    daemon: DaemonProcess, folders: tuple[Path, Path], tmp_path: Path
+) -> None:
+    watch, queue = folders
+    daemon.args += ["--rules", str(copy_rules(tmp_path / "rules", **TINY))]
+    daemon.start()
+    names = [f"burst_{i:03}.png" for i in range(200)]
+    for index, name in enumerate(names):
+        write_photo(watch / name, small_photo(index))
+    before = snapshot(watch)
+    wait_published(queue, 200, timeout=240)
+    sentinel(watch, queue, daemon=daemon)
+
+    expected = sorted([*names, SENTINEL])
+    assert [frame.name for frame in frames(queue)] == expected
+    cards = sidecars(queue)
+    assert sorted(f"{stem}.png" for stem in cards) == expected
+    for stem, card in cards.items():
+        assert card["source"]["key"] == f"{stem}.png"
+        assert (queue / "matrix" / f"{stem}.matrix.png").is_file()
+    published = collections.Counter(logged(daemon.records(), "published"))
+    assert sorted(published) == expected
+    assert set(published.values()) == {1}, [key for key, n in published.items() if n > 1]
+    check_outputs_complete(queue)
+    check_watch_unchanged(watch, before, added=(SENTINEL,))
+
+
+def test_the_backlog_is_processed_at_start_and_a_second_instance_refuses(
+    daemon: DaemonProcess, folders: tuple[Path, Path], tmp_path: Path
+) -> None:
+    watch, queue = folders
+    names = [f"backlog_{i}.png" for i in range(5)]
+    for index, name in enumerate(names):
+        write_photo(watch / name, small_photo(index))
+    # Never work: hidden, partial downloads, OS litter, not an image name.
+    for litter in (".hidden.png", "render.png.part", "x.tmp", "Thumbs.db", "notes.txt"):
+        write_photo(watch / litter, small_photo(9))
+    before = snapshot(watch)
+    daemon.start()
+    wait_published(queue, 5)
+
+    second = DaemonProcess(watch, queue, tmp_path / "second.log")
+    second.start(wait_ready=False)
+    assert second.proc is not None
+    assert second.proc.wait(timeout=60) == 2
+    message = second.log.read_text()
+    assert "another sinkwatch" in message and f"pid {daemon.proc.pid}" in message, message  # type: ignore[union-attr]
+    assert daemon.get("/readyz")[0] == 200, "the first daemon carries on"
+
+    sentinel(watch, queue, daemon=daemon)
+    assert [frame.name for frame in frames(queue)] == sorted([*names, SENTINEL])
+    assert sorted(logged(daemon.records(), "published")) == sorted([*names, SENTINEL])
+    assert metric_sum(daemon.get("/metrics")[1], "sinkwatch_images_discovered_total", source="startup") == 5
+    check_outputs_complete(queue)
+    check_watch_unchanged(watch, before, added=(SENTINEL,))
+
+
+def test_a_file_whose_events_are_lost_is_found_by_the_reconciliation_scan(
+    folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    watch, queue = folders
+    dropped: list[FileSystemEvent] = []
+    # inotify sees the file, but every event is lost before it reaches the daemon (as on an overflow).
+    monkeypatch.setattr(EnqueueHandler, "dispatch", lambda _self, event: dropped.append(event))
+    settings = Settings(
+        watch=watch, queue=queue, rescan_interval=2, metrics_port=0, workers=1, settle_seconds=0.3, log_level="DEBUG"
+    )
+    with InProcessDaemon(settings) as running:
+        write_photo(watch / "unseen.png", small_photo(3))
+        before = snapshot(watch)
+        wait_published(queue, 1, timeout=30)
+        wait_for(lambda: running.sample("sinkwatch_images_processed_total", rule="default", outcome="published"))
+        assert any(str(event.src_path).endswith("unseen.png") for event in dropped), "inotify did see the file"
+        assert running.sample("sinkwatch_images_discovered_total", source="scan") == 1
+        assert running.sample("sinkwatch_images_discovered_total", source="event") == 0
+    assert [frame.name for frame in frames(queue)] == ["unseen.png"]
+    check_outputs_complete(queue)
+    check_watch_unchanged(watch, before)
+
+
+# -- never twice, never lost --------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_burst_then_restart_leaves_one_frame_per_source_and_no_partial_files(
+    folders: tuple[Path, Path], tmp_path: Path
+) -> None:
+    watch, queue = folders
+    rules = copy_rules(tmp_path / "rules", **TINY)
+    names = [f"crash_{i:03}.png" for i in range(120)]
+    for index, name in enumerate(names):
+        write_photo(watch / name, small_photo(index))
+    before = snapshot(watch)
+
+    first = DaemonProcess(watch, queue, tmp_path / "first.log", "--rules", str(rules)).start()
+    wait_published(queue, 10, timeout=120)
+    assert first.proc is not None
+    workers = children(first.proc.pid)
+    assert workers, "the daemon has no worker processes"
+    first.kill()
+    wait_for(lambda: not any(alive(pid) for pid in workers), timeout=30)  # no orphan publishes on
+    at_kill = {path.name: path.read_bytes() for path in frames(queue)}
+    assert len(at_kill) < len(names), "the burst was over before the kill: nothing was tested"
+    check_outputs_complete(queue)
+
+    second = DaemonProcess(watch, queue, tmp_path / "second.log", "--rules", str(rules)).start()
+    try:
+        wait_published(queue, len(names), timeout=240)
+        sentinel(watch, queue, daemon=second)
+    finally:
+        assert second.stop() == 0, second.log.read_text()[-4000:]
+
+    expected = sorted([*names, SENTINEL])
+    assert [frame.name for frame in frames(queue)] == expected
+    assert {stem: card["source"]["key"] for stem, card in sidecars(queue).items()} == {
+        Path(name).stem: name for name in expected
+    }
+    first_run, second_run = logged(first.records(), "published"), logged(second.records(), "published")
+    assert [key for key, n in collections.Counter(first_run + second_run).items() if n > 1] == []
+    assert set(at_kill).isdisjoint(second_run), "a frame complete at the kill was processed again"
+    assert {name: (queue / name).read_bytes() for name in at_kill} == at_kill
+    unlogged = len(set(at_kill) - set(first_run))  # published just before the kill: the restart adopts them
+    if unlogged:
+        assert any(m.startswith(f"recovered {unlogged} images") for m in second.messages()), second.messages()
+    check_outputs_complete(queue)
+    assert list((queue / ".sinkwatch" / "tmp").glob("*")) == [], "temp files left after a clean stop"
+    check_watch_unchanged(watch, before, added=(SENTINEL,))
+
+
+def children(pid: int) -> list[int]:
+    """Direct child processes of `pid` (Linux /proc)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie waiting for its reaper does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_a_source_overwritten_with_new_content_is_processed_again_and_a_touched_one_is_not(
+    daemon: DaemonProcess, folders: tuple[Path, Path], tmp_path: Path
+) -> None:
+    watch, queue = folders
+    daemon.start()
+    write_photo(watch / "changed.png", small_photo(0, height=120, width=180))
+    write_photo(watch / "touched.png", small_photo(1, height=120, width=180))
+    wait_published(queue, 2)
+    wait_for(lambda: len(logged(daemon.records(), "published")) == 2)
+    first = (queue / "changed.png").read_bytes()
+    touched = snapshot(queue)["touched.png"]
+
+    # New content under the same name (ComfyUI re-running into an existing file name).
+    new_content = write_photo(watch / "changed.png", small_photo(2, height=120, width=180)).read_bytes()
+    wait_for(lambda: logged(daemon.records(), "published").count("changed.png") == 2)
+    # Same content, new mtime (a touch, a copy with the same bytes): nothing to redo.
+    os.utime(watch / "touched.png")
+    wait_for(lambda: any(m == "unchanged content, skipped touched.png" for m in daemon.messages()))
+    before = snapshot(watch)
+    sentinel(watch, queue, daemon=daemon)
+
+    assert logged(daemon.records(), "published") == ["changed.png", "touched.png", "changed.png", SENTINEL] or sorted(
+        logged(daemon.records(), "published")
+    ) == sorted(["changed.png", "touched.png", "changed.png", SENTINEL])
+    assert [frame.name for frame in frames(queue)] == ["changed.png", "touched.png", SENTINEL]
+    assert (queue / "changed.png").read_bytes() != first
+    assert (queue / "changed.png").read_bytes() == reference_frames([watch / "changed.png"], tmp_path)["changed.png"]
+    assert sidecars(queue)["changed"]["source"]["sha256"] == hashlib.sha256(new_content).hexdigest()
+    assert snapshot(queue)["touched.png"] == touched, "the touched source's frame was written again"
+    check_outputs_complete(queue)
+    check_watch_unchanged(watch, before, added=(SENTINEL,))
+
+
+# -- failures ---------------------------------------------------------------------------------
+
+
+def bomb_png() -> bytes:
+    """A well-formed PNG whose header claims 100000 x 100000 pixels (valid CRCs, tiny IDAT)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 4096))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_bad_files_are_rejected_with_their_reasons_while_good_ones_beside_them_are_published(
+    daemon: DaemonProcess, folders: tuple[Path, Path]
+) -> None:
+    watch, queue = folders
+    daemon.args += ["--retry-base", "0.2", "--max-attempts", "2"]
+    good = png_bytes(load_photo("coffee")[:200, :300])
+    broken = bytearray(good)
+    broken[len(good) // 3 : len(good) // 3 + 2000] = bytes(2000)  # image data zeroed: zlib/filter errors
+    bad = {
+        "corrupt.png": (bytes(broken), "corrupt"),
+        "empty.png": (b"", "empty"),
+        "not_an_image.png": (b"this is a text file, not a picture\n" * 40, "not_image"),
+        "truncated.png": (good[: len(good) // 2], "incomplete"),
+        "bomb.png": (bomb_png(), "bomb"),
+    }
+    (watch / "backlog_good.png").write_bytes(good)
+    (watch / "backlog_bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 100)
+    daemon.start()
+    for name, (data, _reason) in bad.items():
+        (watch / name).write_bytes(data)
+    (watch / "rocket.jpg").write_bytes(photo_file("rocket").read_bytes())
+    before = snapshot(watch)
+
+    rejected = queue / "rejected"
+    wait_for(lambda: rejected.is_dir() and len(list(rejected.glob("*.json"))) == 6, timeout=60)
+    wait_published(queue, 2)
+    sentinel(watch, queue, daemon=daemon)
+
+    assert [frame.name for frame in frames(queue)] == sorted(["backlog_good.png", "rocket.png", SENTINEL])
+    records = {path.name: path for path in rejected.glob("*.json")}
+    assert sorted(records) == sorted([f"{Path(name).stem}.json" for name in [*bad, "backlog_bad.png"]])
+    for name, (_data, reason) in [*bad.items(), ("backlog_bad.png", (b"", "corrupt"))]:
+        record = json.loads(records[f"{Path(name).stem}.json"].read_text(encoding="utf-8"))
+        assert record["reason"] == reason, (name, record)
+        assert record["key"] == name and record["message"], record
+    text = daemon.get("/metrics")[1]
+    for reason, count in collections.Counter([r for _d, r in bad.values()] + ["corrupt"]).items():
+        assert metric_sum(text, "sinkwatch_rejections_total", reason=reason) == count, reason
+    assert metric_sum(text, "sinkwatch_images_processed_total", outcome="rejected") == 6
+    assert metric_sum(text, "sinkwatch_images_processed_total", outcome="published") == 3
+    assert sorted(logged(daemon.records(), "rejected")) == sorted([*bad, "backlog_bad.png"])
+    check_outputs_complete(queue)
+    check_watch_unchanged(watch, before, added=(SENTINEL,))
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path) -> Iterator[Path]:
+    """A real tmpfs mounted at `path` (tests run as root); unmounted afterwards."""
+    path.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(path)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs for the read-only queue test (needs root / CAP_SYS_ADMIN): {done.stderr}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def remount(path: Path, mode: str) -> None:
+    done = subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, f"remount {mode} refused: {done.stderr}"
+
+
+def test_a_read_only_queue_recovers_once_it_is_writable_again(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    watch, _queue = folders
+    with tmpfs(tmp_path / "mnt") as queue:
+        # The state (ledger, lock) lives elsewhere: the queue is ComfyUI's input/ on its own mount.
+        daemon = DaemonProcess(
+            watch, queue, tmp_path / "daemon.log", "--state-dir", str(tmp_path / "state"), "--retry-base", "0.5"
+        )
+        try:
+            daemon.start()
+            write_photo(watch / "before.png", small_photo(0))
+            wait_published(queue, 1)
+
+            remount(queue, "ro")
+            write_photo(watch / "while_read_only.png", small_photo(1))
+            wait_for(lambda: retries_of(daemon, "while_read_only.png") >= 2, timeout=30)
+            text = daemon.get("/metrics")[1]
+            assert metric_sum(text, "sinkwatch_publish_errors_total", reason="read_only") >= 2
+            assert [frame.name for frame in frames(queue)] == ["before.png"]
+
+            remount(queue, "rw")
+            wait_published(queue, 2, timeout=60)
+            before = snapshot(watch)
+            sentinel(watch, queue, daemon=daemon)
+        finally:
+            code = daemon.stop()
+        assert code == 0, daemon.log.read_text()[-4000:]
+        records = daemon.records()
+        assert sorted(logged(records, "published")) == ["before.png", "while_read_only.png", SENTINEL]
+        assert logged(records, "rejected") == []
+        assert not (queue / "rejected").exists()
+        check_outputs_complete(queue)
+        assert list((queue / ".sinkwatch" / "tmp").glob("*")) == []
+        check_watch_unchanged(watch, before, added=(SENTINEL,))
+
+
+# -- names ------------------------------------------------------------------------------------
+
+ODD_NAMES = (
+    "my photo 1.png",
+    "фото 日本 cafe\u0301.png",  # Cyrillic, CJK, a decomposed accent
+    "a" * 200 + ".png",
+    "ü" * 120 + ".png",  # 240 bytes of UTF-8
+    "up..down.png",
+    "..dots_first.png",  # hidden: ignored
+    ".hidden.png",  # hidden: ignored
+    "tab\tand\nnewline.png",
+    "x:y.png",
+    "x_y.png",  # "x:y" made safe collides with it
+    "CON.png",
+    "back\\slash.png",
+    "sub..dir/inner.png",
+    "sub..dir/..hidden_inner.png",  # hidden: ignored
+    "..hidden_dir/inside.png",  # in a hidden folder: ignored
+)
+HIDDEN = {"..dots_first.png", ".hidden.png", "sub..dir/..hidden_inner.png", "..hidden_dir/inside.png"}
+UNSAFE = set('<>:"|?*\\/')
+
+
+def test_odd_names_give_safe_distinct_outputs_and_hidden_files_are_ignored(
+    daemon: DaemonProcess, folders: tuple[Path, Path], tmp_path: Path
+) -> None:
+    watch, queue = folders
+    daemon.args += ["--recursive"]
+    half = len(ODD_NAMES) // 2
+    for index, name in enumerate(ODD_NAMES[:half]):  # some as backlog, the rest as events
+        (watch / name).parent.mkdir(parents=True, exist_ok=True)
+        write_photo(watch / name, small_photo(index))
+    daemon.start()
+    for index, name in enumerate(ODD_NAMES[half:], start=half):
+        (watch / name).parent.mkdir(parents=True, exist_ok=True)
+        write_photo(watch / name, small_photo(index))
+    before = snapshot(watch)
+    visible = sorted(set(ODD_NAMES) - HIDDEN)
+    wait_published(queue, len(visible))
+    sentinel(watch, queue, daemon=daemon)
+
+    cards = sidecars(queue)
+    assert sorted(card["source"]["key"] for card in cards.values()) == sorted([*visible, SENTINEL])
+    names = [frame.name for frame in frames(queue)]
+    assert sorted(f"{stem}.png" for stem in cards) == names
+    assert len({unicodedata.normalize("NFC", n).casefold() for n in names}) == len(names), "names clash"
+    for name in names:
+        assert not name.startswith(".") and name.endswith(".png"), name
+        assert not UNSAFE & set(name), name
+        assert all(unicodedata.category(c)[0] != "C" for c in name), repr(name)
+        assert len(name.encode("utf-8")) <= 124, (len(name.encode()), name)
+        assert (queue / "matrix" / f"{Path(name).stem}.matrix.png").is_file()
+    assert {p.name for p in tmp_path.iterdir()} == {"watch", "queue", "daemon.log"}, "wrote outside the queue"
+    assert sorted(logged(daemon.records(), "published")) == sorted([*visible, SENTINEL])
+    check_outputs_complete(queue)
+    check_watch_unchanged(watch, before, added=(SENTINEL,))

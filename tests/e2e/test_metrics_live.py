@@ -1,0 +1,229 @@
+"""The live /metrics, /healthz and /readyz of a running daemon: promtool checks the exposition, a
+real Prometheus server scrapes it and answers PromQL, and health follows the observer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service.settings import Settings
+from service.watcher import FolderWatcher
+from tests.conftest import PHOTO_NAMES, load_photo, wait_for
+from tests.e2e.conftest import (
+    DaemonProcess,
+    InProcessDaemon,
+    check_watch_unchanged,
+    copy_rules,
+    free_port,
+    http_get,
+    logged,
+    metric_sum,
+    small_photo,
+    snapshot,
+    wait_published,
+    write_photo,
+)
+
+PHOTOS = PHOTO_NAMES[:3]
+TINY = {"width": 256, "height": 144}
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} not found on PATH: install the 'prometheus' package (apt-get install prometheus)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def busy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    """A daemon that has published 3 real photos and rejected 1 corrupt file, and nothing else."""
+    root = tmp_path_factory.mktemp("busy")
+    watch, queue = root / "watch", root / "queue"
+    watch.mkdir()
+    daemon = DaemonProcess(watch, queue, root / "daemon.log").start()
+    try:
+        for name in PHOTOS:
+            write_photo(watch / f"{name}.png", load_photo(name))
+        (watch / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 300)
+        before = snapshot(watch)
+        wait_published(queue, 3)
+        wait_for(lambda: len(logged(daemon.records(), "published")) == 3 and logged(daemon.records(), "rejected"))
+        yield daemon
+        check_watch_unchanged(watch, before)
+    finally:
+        code = daemon.stop()
+    assert code == 0, daemon.log.read_text()[-4000:]
+
+
+def test_live_metrics_pass_promtool_and_count_exactly_what_happened(busy: DaemonProcess) -> None:
+    status, text = busy.get("/metrics")
+    assert status == 200
+    checked = subprocess.run(
+        [tool("promtool"), "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
+    assert checked.returncode == 0, f"promtool check metrics:\n{checked.stdout}{checked.stderr}"
+
+    assert metric_sum(text, "sinkwatch_images_processed_total", outcome="published") == 3
+    assert metric_sum(text, "sinkwatch_images_processed_total", outcome="rejected") == 1
+    assert metric_sum(text, "sinkwatch_rejections_total") == 1
+    assert metric_sum(text, "sinkwatch_rejections_total", reason="corrupt") == 1
+    assert metric_sum(text, "sinkwatch_images_discovered_total") == 4
+    assert metric_sum(text, "sinkwatch_stage_duration_seconds_count", stage="decode") == 3
+    assert metric_sum(text, "sinkwatch_mask_coverage_ratio_count") == 3
+    assert metric_sum(text, "sinkwatch_last_publish_timestamp_seconds") > 0
+    assert metric_sum(text, "sinkwatch_watcher_up") == 1
+
+
+@pytest.mark.slow
+def test_a_real_prometheus_scrapes_the_daemon_and_promql_returns_the_published_count(
+    busy: DaemonProcess, tmp_path: Path
+) -> None:
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n"
+        "  scrape_interval: 1s\n"
+        "  evaluation_interval: 1s\n"
+        "scrape_configs:\n"
+        "  - job_name: sinkwatch\n"
+        "    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{busy.port}']\n",
+        encoding="utf-8",
+    )
+    log = tmp_path / "prometheus.log"
+    with log.open("wb") as handle:
+        server = subprocess.Popen(
+            [
+                tool("prometheus"),
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=handle,
+            stderr=handle,
+            cwd=tmp_path,
+        )
+    api = f"http://127.0.0.1:{port}/api/v1/query?query="
+
+    def query(promql: str) -> list[dict[str, object]] | None:
+        if server.poll() is not None:
+            pytest.fail(f"prometheus exited with {server.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            status, body = http_get(api + urllib.parse.quote(promql))
+        except OSError:
+            return None  # not listening yet
+        if status != 200:
+            return None  # starting up (503) until the TSDB is open
+        answer = json.loads(body)
+        assert answer["status"] == "success", answer
+        result: list[dict[str, object]] = answer["data"]["result"]
+        return result
+
+    def value(promql: str) -> float | None:
+        result = query(promql)
+        return float(result[0]["value"][1]) if result else None  # type: ignore[index]
+
+    try:
+        wait_for(lambda: value('up{job="sinkwatch"}') == 1, timeout=60)
+        published = 'sum(sinkwatch_images_processed_total{job="sinkwatch",outcome="published"})'
+        wait_for(lambda: value(published) is not None, timeout=30)
+        assert value(published) == 3
+        assert value('sum(sinkwatch_rejections_total{reason="corrupt"})') == 1
+    finally:
+        server.terminate()
+        code = server.wait(timeout=60)
+    assert code == 0, log.read_text()[-4000:]
+
+
+def test_readyz_answers_200_only_once_the_startup_scan_is_queued(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    watch, queue = folders
+    backlog = 40
+    for index in range(backlog):
+        write_photo(watch / f"backlog_{index:02}.png", small_photo(index))
+    daemon = DaemonProcess(
+        watch, queue, tmp_path / "daemon.log", "--rules", str(copy_rules(tmp_path / "rules", **TINY))
+    )
+    daemon.start(wait_ready=False)
+    try:
+        # The first 200 of /readyz: every backlog file has been found by then, however early we ask.
+        wait_for(daemon.ready, timeout=60, interval=0.01)
+        text = daemon.get("/metrics")[1]
+        assert metric_sum(text, "sinkwatch_images_discovered_total", source="startup") == backlog
+        status, body = daemon.get("/readyz")
+        assert (status, json.loads(body)) == (200, {"ready": True})
+    finally:
+        assert daemon.stop() == 0, daemon.log.read_text()[-4000:]
+
+
+def test_healthz_turns_503_when_the_observer_stops_and_200_after_it_is_restarted(
+    folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    watch, queue = folders
+    restart_begun, may_restart = threading.Event(), threading.Event()
+    restart = FolderWatcher.restart
+
+    def held_restart(self: FolderWatcher) -> None:
+        # Hold the daemon's restart of the dead observer until the test has seen the 503.
+        restart_begun.set()
+        assert may_restart.wait(timeout=60)
+        restart(self)
+
+    monkeypatch.setattr(FolderWatcher, "restart", held_restart)
+    port = free_port()
+    settings = Settings(watch=watch, queue=queue, metrics_port=port, workers=1, settle_seconds=0.3)
+    health = f"http://127.0.0.1:{port}/healthz"
+    try:
+        with InProcessDaemon(settings) as running:
+            status, body = http_get(health)
+            assert status == 200, body
+            assert http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200
+
+            running.daemon.watcher.stop()
+            wait_for(restart_begun.is_set)
+            status, body = http_get(health)
+            assert status == 503, body
+            answer = json.loads(body)
+            assert answer["watcher"] is False and "watcher" in answer["reason"], answer
+            assert running.sample("sinkwatch_watcher_up") == 0
+
+            may_restart.set()
+            wait_for(lambda: http_get(health)[0] == 200)
+            assert running.sample("sinkwatch_watcher_restarts_total") == 1
+            assert running.sample("sinkwatch_watcher_up") == 1
+            # The new observer delivers events again.
+            write_photo(watch / "after_restart.png", small_photo(1))
+            wait_published(queue, 1, timeout=30)
+            wait_for(lambda: running.sample("sinkwatch_images_discovered_total", source="event") == 1)
+    finally:
+        may_restart.set()
+
+
+def test_healthz_is_503_while_the_watch_folder_is_gone_and_200_once_it_is_back(daemon: DaemonProcess) -> None:
+    watch, queue = daemon.watch, daemon.queue
+    daemon.start()
+    assert daemon.get("/healthz")[0] == 200
+    shutil.rmtree(watch)
+
+    def unhealthy() -> dict[str, object] | None:
+        status, body = daemon.get("/healthz")
+        return json.loads(body) if status == 503 else None
+
+    answer = wait_for(unhealthy, timeout=30)
+    assert isinstance(answer, dict) and answer["watcher"] is False, answer
+    assert any("disappeared" in m for m in daemon.messages())
+
+    watch.mkdir()
+    wait_for(lambda: daemon.get("/healthz")[0] == 200, timeout=30)
+    assert metric_sum(daemon.get("/metrics")[1], "sinkwatch_watcher_restarts_total") == 1
+    write_photo(watch / "back.png", small_photo(2))
+    wait_published(queue, 1, timeout=30)
+    wait_for(lambda: "back.png" in logged(daemon.records(), "published"))
+    assert metric_sum(daemon.get("/metrics")[1], "sinkwatch_images_discovered_total", source="event") == 1

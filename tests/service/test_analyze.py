@@ -1,0 +1,129 @@
+"""`sinkwatch analyze` and `sinkwatch rules check`, through the real command line."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.cli import main
+from tests.conftest import photo_file
+
+RULES_DIR = Path(__file__).resolve().parents[2] / "rules"
+REQUIRED = {"rule", "width", "height", "mask_coverage", "energy_mean_before", "energy_mean_after", "ssim"}
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_json_report(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _err = run_cli(capsys, "analyze", str(photo_file("coffee")), "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report.keys() >= REQUIRED
+    assert report["rule"] == "default" and (report["width"], report["height"]) == (832, 480)
+    assert (report["source_width"], report["source_height"]) == (600, 400)
+    assert 0.02 <= report["mask_coverage"] <= 0.35 and report["ssim"] >= 0.93
+    assert report["energy_mean_after"] < report["energy_mean_before"]
+
+
+def test_human_report_and_every_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    outs = {kind: tmp_path / f"{kind}.png" for kind in ("heatmap", "mask", "cleaned", "preview")}
+    args = [f"--{kind}={path}" for kind, path in outs.items()]
+    code, out, _err = run_cli(capsys, "analyze", str(photo_file("astronaut")), *args)
+    assert code == 0
+    assert "mask coverage" in out and "SSIM" in out and "default" in out
+    images = {kind: Image.open(path) for kind, path in outs.items()}
+    assert images["heatmap"].mode == "RGB" and images["heatmap"].size == (832, 480)
+    assert images["cleaned"].mode == "RGB" and images["cleaned"].size == (832, 480)
+    assert images["mask"].mode == "L" and images["mask"].size == (832, 480)
+    assert images["preview"].size == (4 * 832 + 3 * 8, 480)
+    mask = np.asarray(images["mask"])
+    assert mask.max() == 255 and mask.min() == 0 and 0 < (mask > 0).mean() < 0.5
+    for path in outs.values():
+        assert str(path) in out
+
+
+def test_the_report_matches_the_written_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    mask_path = tmp_path / "mask.png"
+    code, out, _err = run_cli(capsys, "analyze", str(photo_file("chelsea")), "--json", "--mask", str(mask_path))
+    report = json.loads(out)
+    assert code == 0 and report["written"] == {"mask": str(mask_path)}
+    mask = np.asarray(Image.open(mask_path), dtype=np.float64) / 255.0
+    assert mask.mean() == pytest.approx(report["mask_coverage"], abs=0.002)
+
+
+@pytest.mark.parametrize("choice", ["wan22-5b", str(RULES_DIR / "wan22-5b.toml")])
+def test_a_rule_by_name_or_by_file(capsys: pytest.CaptureFixture[str], choice: str) -> None:
+    code, out, _err = run_cli(capsys, "analyze", str(photo_file("rocket")), "--json", "--rule", choice)
+    report = json.loads(out)
+    assert code == 0 and report["rule"] == "wan22-5b" and (report["width"], report["height"]) == (1280, 704)
+
+
+def test_a_rule_folder_selects_by_file_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], write_png: Callable[[str, np.ndarray], Path]
+) -> None:
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "default.toml").write_text('name = "default"\n')
+    (rules / "portrait.toml").write_text(
+        'name = "portrait"\nmatch = ["*_portrait.png"]\n[resize]\nwidth = 640\nheight = 640\n'
+    )
+    image = write_png("me_portrait.png", np.full((300, 300, 3), 90, np.uint8))
+    code, out, _err = run_cli(capsys, "analyze", str(image), "--json", "--rules", str(rules))
+    report = json.loads(out)
+    assert code == 0 and report["rule"] == "portrait" and report["mask_coverage"] == 0.0
+
+
+def test_an_unknown_rule_is_a_configuration_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _out, err = run_cli(capsys, "analyze", str(photo_file("coffee")), "--rule", "nope")
+    assert code == 2 and "no rule named 'nope'" in err and "default" in err
+
+
+def test_not_an_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bogus = tmp_path / "notes.png"
+    bogus.write_text("hello, not a picture")
+    code, out, err = run_cli(capsys, "analyze", str(bogus), "--json")
+    assert code == 1 and out == "" and str(bogus) in err and "not_image" in err
+
+
+def test_rules_check_presets(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "rules", "check")
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 5
+    assert all(line.startswith("ok ") for line in lines)
+    assert "5 rule file(s)" in err
+
+
+def test_rules_check_a_broken_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "default.toml").write_text('name = "default"\n')
+    (tmp_path / "bad-width.toml").write_text('name = "w"\n[resize]\nwidth = 830\n')
+    (tmp_path / "bad-key.toml").write_text('name = "k"\n[mask]\nthreshhold = 0.2\n')
+    code, out, err = run_cli(capsys, "rules", "check", str(tmp_path))
+    lines = sorted(out.splitlines())
+    assert code == 1 and len(lines) == 3
+    assert lines[0].startswith("FAIL") and f"{tmp_path / 'bad-key.toml'}: mask.threshhold: unknown key" in lines[0]
+    assert (
+        lines[1].startswith("FAIL") and f"{tmp_path / 'bad-width.toml'}: resize.width: must be a multiple" in lines[1]
+    )
+    assert lines[2].startswith("ok ") and "default.toml" in lines[2]
+    assert "2 problem(s)" in err
+
+
+def test_rules_check_finds_set_problems(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a.toml").write_text('name = "portraits"\n')
+    (tmp_path / "b.toml").write_text('name = "portraits"\n')
+    code, out, _err = run_cli(capsys, "rules", "check", str(tmp_path))
+    assert code == 1 and "duplicate rule name 'portraits'" in out and "b.toml: name:" in out
+
+
+def test_rules_check_a_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _err = run_cli(capsys, "rules", "check", str(tmp_path / "nowhere"))
+    assert code == 1 and "FAIL" in out and "nowhere" in out

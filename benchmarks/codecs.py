@@ -78,6 +78,7 @@ def measure(sources: Sequence[Source], *, params: pipeline.PipelineParams, folde
 
 def _jpeg_reduced(folder: Path, params: ResizeParams, *, reps: int) -> dict[str, dict[str, float]]:
     """Decode + resize ms of JPEG sources, full decode vs `reduce_to` the target size."""
+    folder.mkdir(parents=True, exist_ok=True)
     photo = load_photo("astronaut")
     out = {}
     for size in ((2048, 2048), (1024, 1024)):

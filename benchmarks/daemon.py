@@ -144,16 +144,21 @@ def burst(
         time.sleep(idle_seconds)
         idle_cpu = (procs.cpu_seconds(daemon.pid) - cpu_before) / idle_seconds
 
+        cpu_main, cpu_all = procs.cpu_seconds(daemon.pid), _family_cpu(daemon.pid)
         started = time.time()
         for name, data in payloads:
             write_file(daemon.watch / f"burst-{name}", data)
         daemon.wait_done(len(warm) + len(payloads), timeout=60 + 5 * len(payloads))
         finished = max((daemon.queue / f"burst-{Path(name).stem}.png").stat().st_mtime for name, _ in payloads)
+        wall = finished - started
         result: dict[str, Any] = {
             "workers": workers,
             "images": len(payloads),
-            "seconds": round(finished - started, 3),
-            "images_per_second": round(len(payloads) / (finished - started), 2),
+            "seconds": round(wall, 3),
+            "images_per_second": round(len(payloads) / wall, 2),
+            # CPU the daemon and its workers got, in cores: on a shared machine, what the burst could use.
+            "cores_used": round((_family_cpu(daemon.pid) - cpu_all) / wall, 2),
+            "daemon_main_cores": round((procs.cpu_seconds(daemon.pid) - cpu_main) / wall, 2),
             "idle_daemon_cpu_percent": round(100 * idle_cpu, 1),
         }
         if latency:
@@ -268,6 +273,10 @@ def _growth(samples: list[dict[str, Any]], *, count: int, start_at: int) -> dict
             "growth": round(last / first - 1, 4) if first and last else None,
         }
     return out
+
+
+def _family_cpu(pid: int) -> float:
+    return sum(procs.cpu_seconds(member) for member in procs.family(pid))
 
 
 def _count(folder: Path, suffix: str) -> int:

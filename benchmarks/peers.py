@@ -20,7 +20,7 @@ import shutil
 import statistics
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,31 +78,41 @@ def pillow_job(source: Path, frame: Path, heatmap: Path, size: tuple[int, int]) 
 
 
 def measure(
-    sources: Sequence[Source], *, params: ResizeParams, folder: Path, reps: int
+    sources: Sequence[Source],
+    *,
+    params: ResizeParams,
+    folder: Path,
+    reps: int,
+    ours: Callable[[Source, str], float],
 ) -> dict[str, dict[str, Any]]:
-    """Per source: median seconds of each peer, and what it wrote (checked: both images, right size)."""
+    """Per source: median seconds of sinkwatch (`ours`, one job) and of each peer, run in turn so
+    that the load of a shared machine falls on all alike; and what each peer wrote (checked)."""
     folder.mkdir(parents=True, exist_ok=True)
     convert = shutil.which("convert") if imagemagick_version() else None
     peers = ("pillow", "imagemagick") if convert else ("pillow",)
     results: dict[str, dict[str, Any]] = {}
     for source in sources:
         size = output_size(source, params)
-        row: dict[str, Any] = {"group": source.group, "size": list(size)}
-        for peer in peers:
-            frame = folder / f"{source.path.stem}.{peer}.png"
-            heatmap = folder / f"{source.path.stem}.{peer}.matrix.png"
-            times = []
-            for _ in range(reps):
+        times: dict[str, list[float]] = {name: [] for name in ("sinkwatch", *peers)}
+        for rep in range(reps):
+            times["sinkwatch"].append(ours(source, f"peer{rep}"))
+            for peer in peers:
+                frame, heatmap = _outputs(folder, source, peer)
                 started = time.perf_counter()
                 if peer == "pillow":
                     pillow_job(source.path, frame, heatmap, size)
                 else:
                     magick_job(str(convert), source.path, frame, heatmap, size)
-                times.append(time.perf_counter() - started)
-            row[peer] = statistics.median(times)
-            row[f"{peer}_outputs"] = _checked_outputs(frame, heatmap, size)
+                times[peer].append(time.perf_counter() - started)
+        row: dict[str, Any] = {"group": source.group, "size": list(size)}
+        row |= {name: statistics.median(values) for name, values in times.items()}
+        row |= {f"{peer}_outputs": _checked_outputs(*_outputs(folder, source, peer), size) for peer in peers}
         results[source.path.name] = row
     return results
+
+
+def _outputs(folder: Path, source: Source, peer: str) -> tuple[Path, Path]:
+    return folder / f"{source.path.stem}.{peer}.png", folder / f"{source.path.stem}.{peer}.matrix.png"
 
 
 def _checked_outputs(frame: Path, heatmap: Path, size: tuple[int, int]) -> dict[str, Any]:

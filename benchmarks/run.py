@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -50,17 +49,24 @@ QUICK = Config(
 )
 
 
-def run(config: Config, *, sections: Sequence[str] = SECTIONS, progress: Callable[[str], None] = print) -> dict[str, Any]:
+def run(
+    config: Config, *, sections: Sequence[str] = SECTIONS, progress: Callable[[str], None] = print
+) -> dict[str, Any]:
     """Every requested section on a fresh corpus in a temp folder (removed afterwards)."""
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise ValueError(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    clock = _Laps()
+
+    def step(message: str) -> None:
+        clock.lap(message)
+        progress(message)
     report: dict[str, Any] = {"machine": machine.describe(), "config": asdict(config), "started": time.time()}
     rule = load_rules(None).get("default")
     params = rule.to_params()
     with tempfile.TemporaryDirectory(prefix="sinkwatch-bench-") as temp:
         root = Path(temp)
-        progress("building the corpus")
+        step("corpus")
         sources = build_corpus(
             root / "corpus",
             photos=config.photos,
@@ -71,26 +77,45 @@ def run(config: Config, *, sections: Sequence[str] = SECTIONS, progress: Callabl
         report["corpus"] = {s.path.name: {"group": s.group, "mb": round(s.megabytes, 3)} for s in sources}
         pngs = [s for s in sources if s.format == "PNG"]
         if "single" in sections or "peers" in sections:
-            progress(f"single image, one thread: {len(sources)} images x {config.reps}")
+            step(f"single image, one thread: {len(sources)} images x {config.reps}")
             samples = single.measure(sources, rule=rule, queue=root / "single-queue", reps=config.reps)
             report["single"] = single.summarise(samples)
-            job_by_source = _median_by_source(samples)
         if "peers" in sections:
             chosen = [s for s in pngs if s.photo in config.peer_photos and s.size in config.sizes[:2]]
-            progress(f"peers: {len(chosen)} images")
-            rows = peers.measure(chosen, params=params.resize, folder=root / "peers", reps=config.peer_reps)
-            for name, row in rows.items():
-                row["sinkwatch"] = job_by_source[name]
-            report["peers"] = rows
+            step(f"peers: {len(chosen)} images")
+            report["peers"] = peers.measure(
+                chosen,
+                params=params.resize,
+                folder=root / "peers",
+                reps=config.peer_reps,
+                ours=lambda source, tag: single.job_seconds(source, rule=rule, queue=root / "peer-queue", tag=tag),
+            )
         if "codecs" in sections:
             chosen = [s for s in pngs if s.size == config.sizes[0]]
-            progress(f"codecs: {len(chosen)} images")
+            step(f"codecs: {len(chosen)} images")
             report["codecs"] = codecs.measure(chosen, params=params, folder=root / "codecs", reps=config.codec_reps)
         if "daemon" in sections:
-            report["daemon"] = _daemon(config, root, pngs, progress)
+            report["daemon"] = _daemon(config, root, pngs, step)
+    clock.lap("end")
     report["machine"]["load_average_end"] = machine.describe()["load_average"]
     report["seconds"] = round(time.time() - report.pop("started"), 1)
+    report["step_seconds"] = clock.laps
     return report
+
+
+class _Laps:
+    """Seconds each step took (a step lasts until the next one starts)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self.current: str | None = None
+        self.started = time.monotonic()
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        if self.current is not None:
+            self.laps[self.current] = round(now - self.started, 1)
+        self.current, self.started = name, now
 
 
 def _daemon(config: Config, root: Path, pngs: list[Source], progress: Callable[[str], None]) -> dict[str, Any]:
@@ -117,10 +142,3 @@ def _daemon(config: Config, root: Path, pngs: list[Source], progress: Callable[[
 
 def _cycle(sources: list[Source], count: int) -> list[tuple[int, Source]]:
     return [(i, sources[i % len(sources)]) for i in range(count)]
-
-
-def _median_by_source(samples: Sequence[single.Sample]) -> dict[str, float]:
-    by: dict[str, list[float]] = {}
-    for sample in samples:
-        by.setdefault(sample.source.path.name, []).append(sample.job)
-    return {name: statistics.median(values) for name, values in by.items()}

@@ -140,8 +140,18 @@ def _outputs(source: Source, rule: Rule) -> tuple[np.ndarray, np.ndarray]:
     return result.cleaned, result.heatmap
 
 
-def _sample(source: Source, rule: Rule, queue: Path, tag: str, outputs: tuple[np.ndarray, np.ndarray]) -> Sample:
-    job = Job(
+def job_seconds(source: Source, *, rule: Rule, queue: Path, tag: str) -> float:
+    """Wall time of one `process_job` on `source` (the peers' yardstick)."""
+    started = time.perf_counter()
+    outcome = process_job(_job(source, rule, queue, tag))
+    elapsed = time.perf_counter() - started
+    if outcome.status != "published":
+        raise RuntimeError(f"{source.path.name} was not published: {outcome.status} {outcome.error}")
+    return elapsed
+
+
+def _job(source: Source, rule: Rule, queue: Path, tag: str) -> Job:
+    return Job(
         source=source.path,
         key=source.path.name,
         name=f"{source.path.stem}-{tag}",
@@ -150,9 +160,12 @@ def _sample(source: Source, rule: Rule, queue: Path, tag: str, outputs: tuple[np
         max_bytes=RUNNER_LIMITS["max_bytes"].default,
         max_pixels=RUNNER_LIMITS["max_pixels"].default,
     )
+
+
+def _sample(source: Source, rule: Rule, queue: Path, tag: str, outputs: tuple[np.ndarray, np.ndarray]) -> Sample:
     with timed_core_calls() as calls:
         started = time.perf_counter()
-        outcome = process_job(job)
+        outcome = process_job(_job(source, rule, queue, tag))
         elapsed = time.perf_counter() - started
     if outcome.status != "published":
         raise RuntimeError(f"{source.path.name} was not published: {outcome.status} {outcome.error}")
@@ -167,7 +180,8 @@ def _floor(source: Source, rule: Rule, outputs: tuple[np.ndarray, np.ndarray]) -
     resized_at = time.perf_counter()
     for image in outputs:
         encode_png(image)
-    return {"decode": decoded_at - started, "resize": resized_at - decoded_at, "encode": time.perf_counter() - resized_at}
+    encoded_at = time.perf_counter()
+    return {"decode": decoded_at - started, "resize": resized_at - decoded_at, "encode": encoded_at - resized_at}
 
 
 def _decode(source: Source, rule: Rule) -> Any:

@@ -99,19 +99,24 @@ def selective_blur(
         raise ValueError(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
     if mask.dtype != np.float32 or mask.shape != image.shape[:2]:
         raise ValueError(f"mask must be float32 {image.shape[:2]}, got {mask.dtype} {mask.shape}")
-    out = image.copy()
     box = support_box(mask, margin=_MARGIN, align=WORK_SCALE)
     if box is None or params.strength == 0.0:
-        return out
+        return image.copy()
     y0, y1, x0, x1 = box
     region = image[y0:y1, x0:x1]
     blurred = gaussian(region, sigma=params.sigma)
-    weight = mask[y0:y1, x0:x1] * np.float32(params.strength)
+    weight = mask[y0:y1, x0:x1]
     if params.mode == "target":
         if energy is None or analysis is None:
             raise ValueError("target mode needs the energy of the image and the analysis parameters")
-        weight *= _target_share(energy, blurred, box, params.target, analysis)
-    out[y0:y1, x0:x1] = blend(region, blurred, weight)
+        weight = weight * _target_share(energy, blurred, box, params.target, analysis)
+    if params.strength != 1.0:
+        weight = weight * np.float32(params.strength)
+    mixed = blend(region, blurred, np.ascontiguousarray(weight))
+    if mixed.shape == image.shape:
+        return mixed
+    out = image.copy()
+    out[y0:y1, x0:x1] = mixed
     return out
 
 

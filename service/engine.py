@@ -201,7 +201,7 @@ class Engine:
         except OSError:
             return
         entry = self.ledger.get(candidate.key)
-        rule = self.forced_rule or self.rules.select(candidate.key)
+        rule = self.forced_rule or self.rules.select(candidate.name_source)
         name = self.ledger.name_for(
             candidate.key, safe_stem(candidate.name_source), exists=lambda n: self._taken(n, candidate.key)
         )

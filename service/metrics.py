@@ -36,7 +36,7 @@ from service.errors import REJECT_REASONS
 
 SOURCES = ("event", "scan", "startup")
 OUTCOMES = ("published", "rejected", "retried", "skipped")
-STAGES = ("decode", "resize", "analysis", "blur", "heatmap", "encode", "publish")
+STAGES = ("decode", "resize", "analysis", "blur", "heatmap", "scores", "encode", "publish")
 PUBLISH_ERROR_REASONS = ("no_space", "permission", "read_only", "other")
 UPLOAD_OUTCOMES = ("ok", "failed", "retried")
 PROMPT_OUTCOMES = ("queued", "rejected", "failed")

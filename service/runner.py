@@ -83,19 +83,23 @@ def process_job(job: Job) -> Outcome:
         return Outcome(**base, status="retry", error=error.as_record())
     stat_fields = {"size": before.st_size, "mtime_ns": before.st_mtime_ns}
     try:
+        params = job.rule.to_params()
+        # A square that covers either orientation lets a large JPEG decode at reduced scale safely.
+        side = max(params.resize.width, params.resize.height)
         started = time.perf_counter()
         decoded = decode_file(
             job.source,
             max_bytes=job.max_bytes,
             max_pixels=job.max_pixels,
             background=job.rule.output.background,
+            reduce_to=(side, side),
         )
         timings["decode"] = time.perf_counter() - started
         _check_unchanged(job, before)
         if job.known_sha256 == decoded.sha256:
             return Outcome(**base, **stat_fields, status="skipped", sha256=decoded.sha256)
 
-        result = pipeline.run(decoded.rgb, job.rule.to_params())
+        result = pipeline.run(decoded.rgb, params)
         timings.update(result.timings)
         scores = result.scores.as_dict()
 

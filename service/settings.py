@@ -56,7 +56,12 @@ class Settings(BaseSettings):
     )
     queue_size: int = Field(256, ge=1, description="Bound of the work queue; beyond it events wait for the next scan.")
     max_attempts: int = Field(
-        5, ge=1, description="Tries for a transient failure (incomplete file, full disk) before giving up."
+        5,
+        ge=1,
+        description=(
+            "Tries for an incomplete file before it is rejected "
+            "(a full or read-only queue is retried until it recovers)."
+        ),
     )
     retry_base: float = Field(2.0, gt=0, description="First retry delay in seconds; doubles each attempt.")
     max_bytes: int = Field(256 * 1024 * 1024, ge=1, description="Largest source file accepted, in bytes.")

@@ -320,7 +320,8 @@ class InProcessDaemon:
     initialize, loop until stopped, shutdown (all on that thread: the ledger's SQLite
     connection belongs to it). Signals stay with pytest; `close()` is the SIGTERM."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, wait_ready: bool = True) -> None:
+        self.wait_ready = wait_ready
         self.created_series = getattr(prometheus_client.metrics, "_use_created", True)
         self.daemon = Daemon(settings)
         self.errors: list[BaseException] = []
@@ -343,6 +344,8 @@ class InProcessDaemon:
 
     def __enter__(self) -> InProcessDaemon:
         self.thread.start()
+        if not self.wait_ready:
+            return self
         wait_for(lambda: self.errors or self.daemon.ready or not self.thread.is_alive(), timeout=60)
         if self.errors:
             self.thread.join()

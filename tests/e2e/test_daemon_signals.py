@@ -53,12 +53,12 @@ def test_sigterm_during_work_finishes_what_is_in_flight_and_exits_0_with_nothing
     daemon: DaemonProcess, folders: tuple[Path, Path], tmp_path: Path
 ) -> None:
     watch, queue = folders
-    # Full-size photos and the shipped 832x480 rule: each image takes a while, so work is in flight.
-    photo = load_photo("motorcycle_left")
-    names = [f"work_{i:02}.png" for i in range(12)]
+    rules = copy_rules(tmp_path / "rules", width=256, height=144)  # quick frames: a long backlog, cheaply
+    names = [f"work_{i:02}.png" for i in range(40)]
     for index, name in enumerate(names):
-        write_photo(watch / name, photo[index * 4 :, index * 4 :])
+        write_photo(watch / name, small_photo(index, height=160, width=240))
     before = snapshot(watch)
+    daemon.args += ["--rules", str(rules)]
     daemon.start()
     wait_published(queue, 2, timeout=120)
     daemon.signal(signal.SIGTERM)
@@ -77,7 +77,7 @@ def test_sigterm_during_work_finishes_what_is_in_flight_and_exits_0_with_nothing
     first_run = logged(daemon.records(), "published")
     assert sorted(first_run) == [frame.name for frame in at_stop]
 
-    again = DaemonProcess(watch, queue, tmp_path / "again.log").start()
+    again = DaemonProcess(watch, queue, tmp_path / "again.log", "--rules", str(rules)).start()
     try:
         wait_published(queue, len(names), timeout=180)
         sentinel(watch, queue, daemon=again)

@@ -3,6 +3,7 @@ real Prometheus server scrapes it and answers PromQL, and health follows the obs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from service.selection import Selection
 from service.settings import Settings
 from service.watcher import FolderWatcher
 from tests.conftest import PHOTO_NAMES, load_photo, wait_for
@@ -20,7 +22,6 @@ from tests.e2e.conftest import (
     DaemonProcess,
     InProcessDaemon,
     check_watch_unchanged,
-    copy_rules,
     free_port,
     http_get,
     logged,
@@ -32,7 +33,14 @@ from tests.e2e.conftest import (
 )
 
 PHOTOS = PHOTO_NAMES[:3]
-TINY = {"width": 256, "height": 144}
+
+
+@contextlib.contextmanager
+def set_on_exit(event: threading.Event) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        event.set()
 
 
 def tool(name: str) -> str:
@@ -143,24 +151,37 @@ def test_a_real_prometheus_scrapes_the_daemon_and_promql_returns_the_published_c
     assert code == 0, log.read_text()[-4000:]
 
 
-def test_readyz_answers_200_only_once_the_startup_scan_is_queued(folders: tuple[Path, Path], tmp_path: Path) -> None:
+def test_readyz_is_503_until_the_startup_scan_is_queued_and_200_from_then_on(
+    folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     watch, queue = folders
-    backlog = 40
+    backlog = 4
     for index in range(backlog):
-        write_photo(watch / f"backlog_{index:02}.png", small_photo(index))
-    daemon = DaemonProcess(
-        watch, queue, tmp_path / "daemon.log", "--rules", str(copy_rules(tmp_path / "rules", **TINY))
-    )
-    daemon.start(wait_ready=False)
-    try:
-        # The first 200 of /readyz: every backlog file has been found by then, however early we ask.
-        wait_for(daemon.ready, timeout=60, interval=0.01)
-        text = daemon.get("/metrics")[1]
-        assert metric_sum(text, "sinkwatch_images_discovered_total", source="startup") == backlog
-        status, body = daemon.get("/readyz")
-        assert (status, json.loads(body)) == (200, {"ready": True})
-    finally:
-        assert daemon.stop() == 0, daemon.log.read_text()[-4000:]
+        write_photo(watch / f"backlog_{index}.png", small_photo(index))
+    scanning, may_scan = threading.Event(), threading.Event()
+    scan = Selection.scan
+
+    def held_scan(self: Selection) -> Iterator[Path]:
+        # The startup scan waits here until the test has asked /readyz.
+        scanning.set()
+        assert may_scan.wait(timeout=60)
+        yield from scan(self)
+
+    monkeypatch.setattr(Selection, "scan", held_scan)
+    port = free_port()
+    readyz = f"http://127.0.0.1:{port}/readyz"
+    settings = Settings(watch=watch, queue=queue, metrics_port=port, workers=1, settle_seconds=0.3)
+    # Released before the daemon is stopped, also when an assertion fails (exits run in reverse order).
+    with InProcessDaemon(settings, wait_ready=False) as running, set_on_exit(may_scan):
+        wait_for(scanning.is_set, timeout=60)
+        status, body = http_get(readyz)
+        assert (status, json.loads(body)) == (503, {"ready": False})
+
+        may_scan.set()
+        wait_for(lambda: http_get(readyz)[0] == 200, timeout=30)
+        assert running.sample("sinkwatch_images_discovered_total", source="startup") == backlog
+        wait_published(queue, backlog)
+        assert http_get(readyz) == (200, json.dumps({"ready": True}))
 
 
 def test_healthz_turns_503_when_the_observer_stops_and_200_after_it_is_restarted(
@@ -180,30 +201,27 @@ def test_healthz_turns_503_when_the_observer_stops_and_200_after_it_is_restarted
     port = free_port()
     settings = Settings(watch=watch, queue=queue, metrics_port=port, workers=1, settle_seconds=0.3)
     health = f"http://127.0.0.1:{port}/healthz"
-    try:
-        with InProcessDaemon(settings) as running:
-            status, body = http_get(health)
-            assert status == 200, body
-            assert http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200
+    with InProcessDaemon(settings) as running, set_on_exit(may_restart):
+        status, body = http_get(health)
+        assert status == 200, body
+        assert http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200
 
-            running.daemon.watcher.stop()
-            wait_for(restart_begun.is_set)
-            status, body = http_get(health)
-            assert status == 503, body
-            answer = json.loads(body)
-            assert answer["watcher"] is False and "watcher" in answer["reason"], answer
-            assert running.sample("sinkwatch_watcher_up") == 0
+        running.daemon.watcher.stop()
+        wait_for(restart_begun.is_set)
+        status, body = http_get(health)
+        assert status == 503, body
+        answer = json.loads(body)
+        assert answer["watcher"] is False and "watcher" in answer["reason"], answer
+        assert running.sample("sinkwatch_watcher_up") == 0
 
-            may_restart.set()
-            wait_for(lambda: http_get(health)[0] == 200)
-            assert running.sample("sinkwatch_watcher_restarts_total") == 1
-            assert running.sample("sinkwatch_watcher_up") == 1
-            # The new observer delivers events again.
-            write_photo(watch / "after_restart.png", small_photo(1))
-            wait_published(queue, 1, timeout=30)
-            wait_for(lambda: running.sample("sinkwatch_images_discovered_total", source="event") == 1)
-    finally:
         may_restart.set()
+        wait_for(lambda: http_get(health)[0] == 200)
+        assert running.sample("sinkwatch_watcher_restarts_total") == 1
+        assert running.sample("sinkwatch_watcher_up") == 1
+        # The new observer delivers events again.
+        write_photo(watch / "after_restart.png", small_photo(1))
+        wait_published(queue, 1, timeout=30)
+        wait_for(lambda: running.sample("sinkwatch_images_discovered_total", source="event") == 1)
 
 
 def test_healthz_is_503_while_the_watch_folder_is_gone_and_200_once_it_is_back(daemon: DaemonProcess) -> None:

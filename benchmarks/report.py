@@ -1,0 +1,183 @@
+"""The report: targets checked against one run's numbers, and the tables printed from them."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+
+def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target with the measured value, its limit and whether it is met (ratios of one run only)."""
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, limit: float, *, at_least: bool = False) -> None:
+        met = None if value is None else (value >= limit if at_least else value <= limit)
+        out.append({"target": name, "value": value, "limit": f"{'>=' if at_least else '<='} {limit:g}", "met": met})
+
+    single = report.get("single", {})
+    # The first two generator sizes (1024x1024 and 832x1216 in a full run), as issues 3 and 7 name them.
+    for width, height in report["config"]["sizes"][:2]:
+        group = f"PNG {width}x{height}"
+        if group in single:
+            add(f"pipeline / floor, {group}", single[group]["pipeline_over_floor"], 1.15)
+            add(f"between / (decode+encode), {group}", single[group]["between_over_codec"], 0.15)
+    rows = list(report.get("peers", {}).values())
+    for peer, limit in (("imagemagick", 8.0), ("pillow", 3.0)):
+        ratios = [row[peer] / row["sinkwatch"] for row in rows if peer in row]
+        if ratios:
+            name = f"{peer} / sinkwatch per image (median of {len(ratios)})"
+            add(name, round(statistics.median(ratios), 2), limit, at_least=True)
+    d = report.get("daemon")
+    if d:
+        one, two = d["burst_1"]["images_per_second"], d["burst_2"]["images_per_second"]
+        add("throughput 2 workers / 1 worker", round(two / one, 2), 1.8, at_least=True)
+        latency = d["burst_2"].get("latency")
+        group = d["latency_source"]
+        if latency and group in single:
+            add(f"latency p50 / single-image job, {group}", round(latency["p50_ms"] / single[group]["job_ms"], 2), 1.3)
+        for key, label in (("rss_kb", "RSS"), ("fds", "open fds")):
+            growth = d["backlog"][key]["growth"]
+            add(f"{label} growth, image {d['backlog']['from_image']} to {d['backlog']['images']}", growth, 0.10)
+    return out
+
+
+def render(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        f"sinkwatch benchmarks ({report.get('mode', 'custom')} run, {report.get('seconds', '?')} s)",
+        f"machine: {m['cores']} cores, {m['cpu']}; Python {m['python']}, numpy {m['numpy']}, OpenCV {m['opencv']}, "
+        f"Pillow {m['pillow']}, pyspng {m['pyspng']}, fpng {m['fpng']}",
+        f"ImageMagick: {m['imagemagick']}; OPENBLAS_CORETYPE={m['OPENBLAS_CORETYPE']}; "
+        f"load average {m['load_average']} at start, {m.get('load_average_end')} at end",
+    ]
+    if "single" in report:
+        lines += ["", *_single(report["single"])]
+    if "peers" in report:
+        lines += ["", *_peers(report["peers"])]
+    if "codecs" in report:
+        lines += ["", *_codecs(report["codecs"])]
+    if "daemon" in report:
+        lines += ["", *_daemon(report["daemon"])]
+    verdicts = {True: "met", False: "NOT MET", None: "-"}
+    rows = [[t["target"], _num(t["value"]), t["limit"], verdicts[t["met"]]] for t in report["targets"]]
+    lines += ["", "Targets", *table(["target", "measured", "limit", ""], rows)]
+    return "\n".join(lines)
+
+
+def _single(single: dict[str, Any]) -> list[str]:
+    stage_heads = ["decode", "resize", "analysis", "mask+blur", "heatmap", "scores", "encode", "publish"]
+    keys = ["decode", "resize", "analysis", "mask_blur", "heatmap", "scores", "encode", "publish"]
+    rows = []
+    for group, s in single.items():
+        st = s["stages_ms"]
+        rows.append([group, s["images"], s["source_mb"], *(st[k] for k in keys), s["pipeline_ms"], s["job_ms"]])
+    out = ["Single image, one thread: median ms per image (runner timings; pipeline = decode..encode)"]
+    out += table(["source", "n", "MB", *stage_heads, "pipeline", "job"], rows)
+    rows = [
+        [
+            group,
+            s["floor_stages_ms"]["decode"],
+            s["floor_stages_ms"]["resize"],
+            s["floor_stages_ms"]["encode"],
+            s["floor_ms"],
+            s["pipeline_over_floor"],
+            s["between_over_codec"],
+            s["resize_to_heatmap_over_codec"],
+        ]
+        for group, s in single.items()
+    ]
+    out += ["", "Floor (decode + resize + encode of the two outputs, same functions) and ratios"]
+    out += table(
+        ["source", "decode", "resize", "encode", "floor", "pipeline/floor", "between/codec", "resize..heatmap/codec"],
+        rows,
+    )
+    calls = list(next(iter(single.values()))["core_calls_ms"])
+    rows = [[group, *(s["core_calls_ms"][c] for c in calls)] for group, s in single.items()]
+    out += ["", "Inside core.pipeline.run: median ms per call"]
+    out += table(["source", *calls], rows)
+    return out
+
+
+def _peers(rows_by_source: dict[str, Any]) -> list[str]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows_by_source.values():
+        groups.setdefault(row["group"], []).append(row)
+    rows = []
+    for group, items in groups.items():
+        sw = statistics.median(r["sinkwatch"] for r in items)
+        row: list[Any] = [group, len(items), round(1000 * sw, 1)]
+        for peer in ("pillow", "imagemagick"):
+            have = [r for r in items if peer in r]
+            if have:
+                row += [round(1000 * statistics.median(r[peer] for r in have), 1)]
+                row += [round(statistics.median(r[peer] / r["sinkwatch"] for r in have), 1)]
+            else:
+                row += ["n/a", "n/a"]
+        rows.append(row)
+    out = ["Peers: the same job per image (ms; x = peer time / sinkwatch time, median per image)"]
+    return out + table(["source", "n", "sinkwatch job", "Pillow", "x", "ImageMagick", "x"], rows)
+
+
+def _codecs(c: dict[str, Any]) -> list[str]:
+    out = ["Codec alternatives, PNG at the first generator size (median ms per image; encode = frame + heatmap)"]
+    out += table(["codec", "ms"], [[name, ms] for name, ms in c["png_ms"].items()])
+    out += [f"checks: {c['checks']}"]
+    rows = [[group, v["full"], v["reduced"]] for group, v in c["jpeg"].items()]
+    out += ["", "JPEG decode + resize (ms): full decode vs reduced-scale decode (reduce_to = target)"]
+    return out + table(["source", "full", "reduced"], rows)
+
+
+def _daemon(d: dict[str, Any]) -> list[str]:
+    rows = []
+    for key in ("burst_1", "burst_2"):
+        b = d[key]
+        rows.append(
+            [
+                b["workers"],
+                b["images"],
+                b["seconds"],
+                b["images_per_second"],
+                b["cores_used"],
+                b["daemon_main_cores"],
+                b["idle_daemon_cpu_percent"],
+            ]
+        )
+    out = ["Daemon (subprocess, real folders): burst throughput; cores = CPU seconds / wall seconds"]
+    out += table(["workers", "images", "seconds", "images/s", "cores used", "main process", "idle CPU %"], rows)
+    lat = d["burst_2"].get("latency")
+    if lat:
+        where = f"{d['latency_source']} at {lat['rate_per_second']}/s, 2 workers"
+        out += ["", f"Latency, file close -> frame published, {where}"]
+        out += table(
+            ["images", "p50 ms", "p99 ms", "max ms", "daemon's mean ms"],
+            [[lat["images"], lat["p50_ms"], lat["p99_ms"], lat["max_ms"], lat["daemon_mean_ms"]]],
+        )
+    b = d["backlog"]
+    rows = [
+        [label, b[key]["early_peak"], b[key]["late_peak"], b[key]["peak"], _num(b[key]["growth"])]
+        for key, label in (("rss_kb", "RSS kB, daemon + workers"), ("fds", "open fds, daemon + workers"))
+    ]
+    out += ["", f"Backlog of {b['images']} images, 2 workers ({b['images_per_second']} images/s): peaks"]
+    return out + table(["", f"from {b['from_image']}", "last quarter", "whole run", "growth"], rows)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """Plain text columns: the first left-aligned, the rest right-aligned."""
+    cells = [[str(h) for h in headers], *[[_num(v) for v in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
+    for n, row in enumerate(cells):
+        parts = [row[0].ljust(widths[0]), *(cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True))]
+        lines.append("  ".join(parts).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines
+
+
+def _num(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)

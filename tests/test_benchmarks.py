@@ -1,0 +1,132 @@
+"""`python -m benchmarks` end to end on a tiny corpus with tiny counts: every section runs on the
+real code (runner, peers, a real daemon subprocess) and the table and JSON are well formed.
+No timing is asserted: only that every number is there and consistent with the others."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+import benchmarks.__main__ as cli
+from benchmarks import corpus, machine
+from benchmarks.run import Config
+
+TINY = Config(
+    photos=("astronaut",),
+    sizes=((320, 320), (256, 384)),
+    other_formats=("JPEG",),
+    other_size=(320, 320),
+    reps=1,
+    peer_photos=("astronaut",),
+    peer_reps=1,
+    codec_reps=1,
+    burst=2,
+    latency=2,
+    rate=10.0,
+    backlog=6,
+    backlog_from=2,
+    idle_seconds=0.2,
+)
+STAGES = ("decode", "resize", "analysis", "mask_blur", "heatmap", "scores", "encode", "publish")
+
+
+def positive(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def run_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    patch = pytest.MonkeyPatch()
+    patch.setattr(cli, "QUICK", TINY)
+    try:
+        printed = io.StringIO()
+        with redirect_stdout(printed):
+            assert cli.main(["--quick", "--out", str(out)]) == 0
+    finally:
+        patch.undo()
+    return json.loads(out.read_text(encoding="utf-8")), printed.getvalue()
+
+
+def test_the_corpus_is_deterministic_and_made_as_the_generator_saves(tmp_path: Path) -> None:
+    first = corpus.build_corpus(tmp_path / "a", photos=("coffee",), sizes=((320, 256),), other_formats=("WEBP",))
+    second = corpus.build_corpus(tmp_path / "b", photos=("coffee",), sizes=((320, 256),), other_formats=("WEBP",))
+    assert [s.path.read_bytes() for s in first] == [s.path.read_bytes() for s in second]
+    assert [s.group for s in first] == ["PNG 320x256", "WEBP 1024x1024"]
+    with Image.open(first[0].path) as png:
+        assert png.size == (320, 256) and png.mode == "RGB"
+        assert set(png.text) == {"prompt", "workflow"}
+
+
+def test_single_image_section_reports_every_stage_and_its_floor(run_once: tuple[dict[str, Any], str]) -> None:
+    results, _printed = run_once
+    assert set(results["single"]) == {"PNG 320x320", "PNG 256x384", "JPEG 320x320"}
+    for summary in results["single"].values():
+        assert all(summary["stages_ms"][stage] >= 0 for stage in STAGES)
+        assert positive(summary["stages_ms"]["decode"]) and positive(summary["stages_ms"]["encode"])
+        assert summary["mask_split"] is True  # build_mask was found and timed inside core.pipeline.run
+        assert positive(summary["pipeline_ms"]) and positive(summary["floor_ms"])
+        assert summary["job_ms"] >= summary["pipeline_ms"] * 0.5
+        assert summary["pipeline_over_floor"] == round(summary["pipeline_ms"] / summary["floor_ms"], 3)
+        assert summary["between_over_codec"] >= summary["resize_to_heatmap_over_codec"] >= 0
+
+
+def test_peers_do_the_same_job_at_the_published_size(run_once: tuple[dict[str, Any], str]) -> None:
+    results, _printed = run_once
+    rows = results["peers"]
+    assert set(rows) == {"astronaut-320x320.png", "astronaut-256x384.png"}
+    assert machine.imagemagick_version() is not None, "the ImageMagick peer needs apt's imagemagick"
+    sizes = {name: row["size"] for name, row in rows.items()}
+    assert sizes == {"astronaut-320x320.png": [832, 480], "astronaut-256x384.png": [480, 832]}
+    for row in rows.values():
+        for peer in ("pillow", "imagemagick"):
+            assert positive(row[peer]) and positive(row["sinkwatch"])
+            outputs = row[f"{peer}_outputs"]
+            assert outputs["frame"]["mode"] == "RGB" and outputs["heatmap"]["bytes"] > 0
+
+
+def test_codec_section_checks_the_alternatives_pixels(run_once: tuple[dict[str, Any], str]) -> None:
+    codecs = run_once[0]["codecs"]
+    assert {"decode opencv", "decode sinkwatch", "encode sinkwatch", "encode opencv level 4"} <= set(codecs["png_ms"])
+    assert all(positive(ms) for ms in codecs["png_ms"].values())
+    assert set(codecs["jpeg"]) == {"JPEG 2048x2048", "JPEG 1024x1024"}
+    for name, same in codecs["checks"].items():
+        module = name.split("_")[0]
+        assert (same is None) == (machine.describe()[module] is None), name
+
+
+def test_daemon_section_measures_a_real_daemon(run_once: tuple[dict[str, Any], str]) -> None:
+    daemon = run_once[0]["daemon"]
+    for workers in (1, 2):
+        burst = daemon[f"burst_{workers}"]
+        assert burst["workers"] == workers and burst["images"] == TINY.burst
+        assert positive(burst["images_per_second"]) and positive(burst["cores_used"])
+    latency = daemon["burst_2"]["latency"]
+    assert latency["images"] == TINY.latency
+    assert 0 < latency["p50_ms"] <= latency["p99_ms"] <= latency["max_ms"]
+    assert positive(latency["daemon_mean_ms"])
+    backlog = daemon["backlog"]
+    assert backlog["images"] == TINY.backlog and backlog["samples"][-1]["published"] >= TINY.backlog
+    for key in ("rss_kb", "fds"):
+        assert positive(backlog[key]["peak"]) and backlog[key]["growth"] is not None
+    roles = {role for sample in backlog["samples"] for role, _rss, _fds in sample["processes"]}
+    assert {"daemon", "worker"} <= roles
+
+
+def test_the_table_names_the_machine_and_every_target(run_once: tuple[dict[str, Any], str]) -> None:
+    results, printed = run_once
+    assert results["machine"]["cores"] >= 1 and results["machine"]["cpu"]
+    assert f"{results['machine']['cores']} cores" in printed
+    names = [t["target"] for t in results["targets"]]
+    assert len(names) == 2 * 2 + 2 + 1 + 1 + 2  # 2 sizes x 2 ratios, 2 peers, scaling, latency, RSS + fds
+    for target in results["targets"]:
+        assert target["met"] in (True, False) and target["target"] in printed
+    for heading in ("Single image", "Floor", "Peers", "Codec", "Daemon", "Latency", "Backlog", "Targets"):
+        assert heading in printed

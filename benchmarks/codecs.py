@@ -7,8 +7,9 @@
   (OpenCV's default parameters), OpenCV with an explicit compression level,
   and `fpng`, whose files Pillow (ComfyUI's reader) must decode to the same
   pixels;
-- JPEG: decode + resize of a source at least twice the target, with and
-  without the reduced-scale decode (`reduce_to`), and the same at generator size.
+- JPEG: decode + resize of a source at least twice the frame, with and
+  without the reduced-scale decode (`reduce_to`, as the runner asks for it),
+  and the same at generator size (where it cannot apply).
 """
 
 from __future__ import annotations
@@ -27,17 +28,19 @@ from PIL import Image
 from benchmarks.corpus import Source, at_size, encode, load_photo
 from benchmarks.machine import median_ms
 from core import pipeline
-from core.resize import ResizeParams, resize, target_size
+from core.resize import ResizeParams, resize
 from service.decode import decode_bytes
 from service.encode import encode_png
+from service.rules import Rule
 
 MAX_PIXELS = 100_000_000
 EXPLICIT_LEVEL = 4  # any explicit level switches OpenCV's zlib strategy
 
 
-def measure(sources: Sequence[Source], *, params: pipeline.PipelineParams, folder: Path, reps: int) -> dict[str, Any]:
+def measure(sources: Sequence[Source], *, rule: Rule, folder: Path, reps: int) -> dict[str, Any]:
     """Median ms per codec choice over `sources` (PNG), and the JPEG reduced-decode comparison."""
     cv2.setNumThreads(1)
+    params = rule.to_params()
     spng = _optional("pyspng")
     fpng = _optional("fpng")
     times: dict[str, list[float]] = {}
@@ -62,8 +65,8 @@ def measure(sources: Sequence[Source], *, params: pipeline.PipelineParams, folde
             candidates["encode fpng"] = lambda o=outputs: [fpng.from_ndarray(np.ascontiguousarray(a)) for a in o]
             same_fpng.extend(_pillow_pixels(fpng.from_ndarray(a)) == a.tobytes() for a in outputs)
             sizes.append(len(fpng.from_ndarray(result.cleaned)) / len(encode_png(result.cleaned)))
-        for name, call in candidates.items():
-            times.setdefault(name, []).extend(_time(call, reps))
+        for name, values in _interleaved(candidates, reps).items():
+            times.setdefault(name, []).extend(values)
     checks = {
         "pyspng_same_pixels": all(same_spng) if same_spng else None,
         "fpng_pillow_same_pixels": all(same_fpng) if same_fpng else None,
@@ -85,24 +88,26 @@ def _jpeg_reduced(folder: Path, params: ResizeParams, *, reps: int) -> dict[str,
         path = folder / f"astronaut-{size[0]}x{size[1]}.jpeg"
         path.write_bytes(encode(at_size(photo, size), "JPEG"))
         data = path.read_bytes()
-        target = target_size(*size, params)
-        row = {}
-        for label, reduce_to in (("full", None), ("reduced", target)):
+        side = max(params.width, params.height)  # what service/runner.py asks for: any orientation fits
+        jobs: dict[str, Callable[[], object]] = {}
+        for label, reduce_to in (("full", None), ("reduced", (side, side))):
 
             def job(d: bytes = data, r: tuple[int, int] | None = reduce_to, p: Path = path) -> None:
                 resize(decode_bytes(d, path=p, max_pixels=MAX_PIXELS, reduce_to=r).rgb, params=params)
 
-            row[label] = median_ms(_time(job, reps))
-        out[f"JPEG {size[0]}x{size[1]}"] = row
+            jobs[label] = job
+        out[f"JPEG {size[0]}x{size[1]}"] = {k: median_ms(v) for k, v in _interleaved(jobs, reps).items()}
     return out
 
 
-def _time(call: Callable[[], object], reps: int) -> list[float]:
-    out = []
+def _interleaved(calls: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
+    """Seconds of each call, `reps` times, taking turns: a change in the machine's load hits all alike."""
+    out: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(reps):
-        started = time.perf_counter()
-        call()
-        out.append(time.perf_counter() - started)
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            out[name].append(time.perf_counter() - started)
     return out
 
 

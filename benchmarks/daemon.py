@@ -145,19 +145,24 @@ def burst(
         idle_cpu = (procs.cpu_seconds(daemon.pid) - cpu_before) / idle_seconds
 
         cpu_main, cpu_all = procs.cpu_seconds(daemon.pid), _family_cpu(daemon.pid)
+        busy = procs.machine_busy_seconds()
         started = time.time()
         for name, data in payloads:
             write_file(daemon.watch / f"burst-{name}", data)
         daemon.wait_done(len(warm) + len(payloads), timeout=60 + 5 * len(payloads))
         finished = max((daemon.queue / f"burst-{Path(name).stem}.png").stat().st_mtime for name, _ in payloads)
         wall = finished - started
+        used = _family_cpu(daemon.pid) - cpu_all
         result: dict[str, Any] = {
             "workers": workers,
             "images": len(payloads),
             "seconds": round(wall, 3),
             "images_per_second": round(len(payloads) / wall, 2),
             # CPU the daemon and its workers got, in cores: on a shared machine, what the burst could use.
-            "cores_used": round((_family_cpu(daemon.pid) - cpu_all) / wall, 2),
+            "cores_used": round(used / wall, 2),
+            # Throughput per CPU second: flat from 1 to 2 workers means scaling is bounded by free cores only.
+            "images_per_cpu_second": round(len(payloads) / used, 2),
+            "machine_busy_cores": round((procs.machine_busy_seconds() - busy) / wall, 2),
             "daemon_main_cores": round((procs.cpu_seconds(daemon.pid) - cpu_main) / wall, 2),
             "idle_daemon_cpu_percent": round(100 * idle_cpu, 1),
         }
@@ -260,7 +265,9 @@ def _growth(samples: list[dict[str, Any]], *, count: int, start_at: int) -> dict
     Peaks, not single samples: RSS swings by tens of MB within one image.
     """
     quarter = max(1, (count - start_at) // 4)
-    early = [s for s in samples if start_at <= s["published"] < start_at + quarter]
+    after = [s for s in samples if s["published"] >= start_at]
+    # A short backlog may pass the first quarter between two samples: then the first sample after it.
+    early = [s for s in after if s["published"] < start_at + quarter] or after[:1]
     late = [s for s in samples if s["published"] >= count - quarter]
     out: dict[str, Any] = {"images": count, "from_image": start_at}
     for key in ("rss_kb", "fds"):

@@ -20,7 +20,7 @@ import shutil
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,9 @@ from PIL import Image, ImageChops, ImageFilter, ImageOps
 
 from benchmarks.corpus import Source
 from benchmarks.machine import imagemagick_version
+from benchmarks.single import job_seconds
 from core.resize import ResizeParams, target_size
+from service.rules import Rule
 
 # Shared by both peers, in output pixels and grey levels, close to sinkwatch's default rule.
 SIGMA = 1.2  # high-pass and blur sigma
@@ -80,14 +82,14 @@ def pillow_job(source: Path, frame: Path, heatmap: Path, size: tuple[int, int]) 
 def measure(
     sources: Sequence[Source],
     *,
-    params: ResizeParams,
+    rule: Rule,
     folder: Path,
     reps: int,
-    ours: Callable[[Source, str], float],
 ) -> dict[str, dict[str, Any]]:
-    """Per source: median seconds of sinkwatch (`ours`, one job) and of each peer, run in turn so
+    """Per source: median seconds of sinkwatch (one `process_job`) and of each peer, run in turn so
     that the load of a shared machine falls on all alike; and what each peer wrote (checked)."""
     folder.mkdir(parents=True, exist_ok=True)
+    params = rule.to_params().resize
     convert = shutil.which("convert") if imagemagick_version() else None
     peers = ("pillow", "imagemagick") if convert else ("pillow",)
     results: dict[str, dict[str, Any]] = {}
@@ -95,7 +97,7 @@ def measure(
         size = output_size(source, params)
         times: dict[str, list[float]] = {name: [] for name in ("sinkwatch", *peers)}
         for rep in range(reps):
-            times["sinkwatch"].append(ours(source, f"peer{rep}"))
+            times["sinkwatch"].append(job_seconds(source, rule=rule, queue=folder / "queue", tag=f"peer{rep}"))
             for peer in peers:
                 frame, heatmap = _outputs(folder, source, peer)
                 started = time.perf_counter()

@@ -58,6 +58,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores have spent busy since boot (everything in /proc/stat but idle and iowait)."""
+    fields = (_read("/proc/stat") or "cpu 0").splitlines()[0].split()[1:]
+    values = [int(v) for v in fields[:8]]
+    return (sum(values) - sum(values[3:5])) / CLOCK_TICKS
+
+
 def _role(member: int, root: int) -> str:
     if member == root:
         return "daemon"

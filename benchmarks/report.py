@@ -48,7 +48,7 @@ def render(report: dict[str, Any]) -> str:
         f"sinkwatch benchmarks ({report.get('mode', 'custom')} run, {report.get('seconds', '?')} s)",
         f"machine: {m['cores']} cores, {m['cpu']}; Python {m['python']}, numpy {m['numpy']}, OpenCV {m['opencv']}, "
         f"Pillow {m['pillow']}, pyspng {m['pyspng']}, fpng {m['fpng']}",
-        f"ImageMagick: {m['imagemagick']}; OPENBLAS_CORETYPE={m['OPENBLAS_CORETYPE']}; "
+        f"ImageMagick: {m['imagemagick']}; OPENBLAS_CORETYPE={m['OPENBLAS_CORETYPE'] or 'unset'}; "
         f"load average {m['load_average']} at start, {m.get('load_average_end')} at end",
     ]
     if "single" in report:
@@ -59,6 +59,11 @@ def render(report: dict[str, Any]) -> str:
         lines += ["", *_codecs(report["codecs"])]
     if "daemon" in report:
         lines += ["", *_daemon(report["daemon"])]
+    steps = report.get("step_seconds", {})
+    if steps:
+        rows = [[name, lap["seconds"], lap["machine_busy_cores"]] for name, lap in steps.items()]
+        lines += ["", "Steps: wall seconds, and cores the whole machine kept busy meanwhile (this run and others)"]
+        lines += table(["step", "seconds", "machine busy cores"], rows)
     verdicts = {True: "met", False: "NOT MET", None: "-"}
     rows = [[t["target"], _num(t["value"]), t["limit"], verdicts[t["met"]]] for t in report["targets"]]
     lines += ["", "Targets", *table(["target", "measured", "limit", ""], rows)]
@@ -124,7 +129,7 @@ def _codecs(c: dict[str, Any]) -> list[str]:
     out += table(["codec", "ms"], [[name, ms] for name, ms in c["png_ms"].items()])
     out += [f"checks: {c['checks']}"]
     rows = [[group, v["full"], v["reduced"]] for group, v in c["jpeg"].items()]
-    out += ["", "JPEG decode + resize (ms): full decode vs reduced-scale decode (reduce_to = target)"]
+    out += ["", "JPEG decode + resize (ms): full decode vs reduced-scale decode (reduce_to as the runner passes it)"]
     return out + table(["source", "full", "reduced"], rows)
 
 
@@ -139,12 +144,19 @@ def _daemon(d: dict[str, Any]) -> list[str]:
                 b["seconds"],
                 b["images_per_second"],
                 b["cores_used"],
+                b["images_per_cpu_second"],
                 b["daemon_main_cores"],
+                b["machine_busy_cores"],
                 b["idle_daemon_cpu_percent"],
             ]
         )
-    out = ["Daemon (subprocess, real folders): burst throughput; cores = CPU seconds / wall seconds"]
-    out += table(["workers", "images", "seconds", "images/s", "cores used", "main process", "idle CPU %"], rows)
+    out = [
+        "Daemon (subprocess, real folders): burst throughput. Cores = CPU seconds / wall seconds: used by",
+        "daemon + workers, by its main process alone, by the whole machine (others included); idle = main process",
+        "CPU % while nothing is to do",
+    ]
+    heads = ["workers", "images", "seconds", "images/s", "cores used", "images/CPU s", "main", "machine", "idle CPU %"]
+    out += table(heads, rows)
     lat = d["burst_2"].get("latency")
     if lat:
         where = f"{d['latency_source']} at {lat['rate_per_second']}/s, 2 workers"

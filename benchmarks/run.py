@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import codecs, daemon, machine, peers, single
+from benchmarks import codecs, daemon, machine, peers, procs, single
 from benchmarks.corpus import GENERATOR_SIZES, OTHER_FORMAT_SIZE, PHOTOS, Source, build_corpus
-from service.rules import load_rules
+from service import pool
+from service.rules import Rule, load_rules
 
 SECTIONS = ("single", "peers", "codecs", "daemon")
 
@@ -61,9 +65,9 @@ def run(
     def step(message: str) -> None:
         clock.lap(message)
         progress(message)
+
     report: dict[str, Any] = {"machine": machine.describe(), "config": asdict(config), "started": time.time()}
     rule = load_rules(None).get("default")
-    params = rule.to_params()
     with tempfile.TemporaryDirectory(prefix="sinkwatch-bench-") as temp:
         root = Path(temp)
         step("corpus")
@@ -76,24 +80,9 @@ def run(
         )
         report["corpus"] = {s.path.name: {"group": s.group, "mb": round(s.megabytes, 3)} for s in sources}
         pngs = [s for s in sources if s.format == "PNG"]
-        if "single" in sections or "peers" in sections:
-            step(f"single image, one thread: {len(sources)} images x {config.reps}")
-            samples = single.measure(sources, rule=rule, queue=root / "single-queue", reps=config.reps)
-            report["single"] = single.summarise(samples)
-        if "peers" in sections:
-            chosen = [s for s in pngs if s.photo in config.peer_photos and s.size in config.sizes[:2]]
-            step(f"peers: {len(chosen)} images")
-            report["peers"] = peers.measure(
-                chosen,
-                params=params.resize,
-                folder=root / "peers",
-                reps=config.peer_reps,
-                ours=lambda source, tag: single.job_seconds(source, rule=rule, queue=root / "peer-queue", tag=tag),
-            )
-        if "codecs" in sections:
-            chosen = [s for s in pngs if s.size == config.sizes[0]]
-            step(f"codecs: {len(chosen)} images")
-            report["codecs"] = codecs.measure(chosen, params=params, folder=root / "codecs", reps=config.codec_reps)
+        if {"single", "peers", "codecs"} & set(sections):
+            with _worker() as worker:
+                _in_worker(worker, config, sections, sources, rule, root, report, step)
         if "daemon" in sections:
             report["daemon"] = _daemon(config, root, pngs, step)
     clock.lap("end")
@@ -103,19 +92,58 @@ def run(
     return report
 
 
+@contextmanager
+def _worker() -> Iterator[ProcessPoolExecutor]:
+    """One process set up exactly as the daemon's workers are (spawned; one OpenCV thread; malloc tuning)."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=pool._init_worker) as executor:
+        yield executor
+
+
+def _in_worker(
+    worker: ProcessPoolExecutor,
+    config: Config,
+    sections: Sequence[str],
+    sources: list[Source],
+    rule: Rule,
+    root: Path,
+    report: dict[str, Any],
+    step: Callable[[str], None],
+) -> None:
+    pngs = [s for s in sources if s.format == "PNG"]
+    if "single" in sections:
+        step(f"single image, one thread: {len(sources)} images x {config.reps}")
+        samples = worker.submit(single.measure, sources, rule=rule, queue=root / "single", reps=config.reps)
+        report["single"] = single.summarise(samples.result())
+    if "peers" in sections:
+        chosen = [s for s in pngs if s.photo in config.peer_photos and s.size in config.sizes[:2]]
+        step(f"peers: {len(chosen)} images")
+        rows = worker.submit(peers.measure, chosen, rule=rule, folder=root / "peers", reps=config.peer_reps)
+        report["peers"] = rows.result()
+    if "codecs" in sections:
+        chosen = [s for s in pngs if s.size == config.sizes[0]]
+        step(f"codecs: {len(chosen)} images")
+        found = worker.submit(codecs.measure, chosen, rule=rule, folder=root / "codecs", reps=config.codec_reps)
+        report["codecs"] = found.result()
+
+
 class _Laps:
     """Seconds each step took (a step lasts until the next one starts)."""
 
     def __init__(self) -> None:
-        self.laps: dict[str, float] = {}
+        self.laps: dict[str, dict[str, float]] = {}
         self.current: str | None = None
         self.started = time.monotonic()
+        self.busy = procs.machine_busy_seconds()
 
     def lap(self, name: str) -> None:
-        now = time.monotonic()
+        now, busy = time.monotonic(), procs.machine_busy_seconds()
         if self.current is not None:
-            self.laps[self.current] = round(now - self.started, 1)
-        self.current, self.started = name, now
+            wall = now - self.started
+            # How many cores the whole machine kept busy meanwhile: ours and everyone else's.
+            cores = round((busy - self.busy) / wall, 2)
+            self.laps[self.current] = {"seconds": round(wall, 1), "machine_busy_cores": cores}
+        self.current, self.started, self.busy = name, now, busy
 
 
 def _daemon(config: Config, root: Path, pngs: list[Source], progress: Callable[[str], None]) -> dict[str, Any]:

@@ -52,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     configure_logging(log_format=settings.log_format, level=settings.log_level)
+    # The *_created series double the exposition and no dashboard or alert uses them.
+    disable_created_metrics()
     return Daemon(settings).run(once=args.once)
 
 
@@ -59,8 +61,6 @@ class Daemon:
     def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.clock = clock
-        # The *_created series double the exposition and no dashboard or alert uses them.
-        disable_created_metrics()
         self.registry = CollectorRegistry()
         self.stopping = False
         self.reload_requested = False

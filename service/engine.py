@@ -343,6 +343,9 @@ class Engine:
             self.publisher.reject(job.name, record)
         except PublishError as exc:
             self.metrics.record_publish_error(exc)
+            logger.bind(source=job.key, reason="publish").warning(
+                "cannot write the reject record of {}, retrying: {}", job.key, exc.message
+            )
             # Without its reject record the rejection would be invisible: try again later.
             self.ledger.retry(
                 job.key, reason="publish", message=exc.message, next_attempt=self.clock() + self.limits.retry_base

@@ -226,7 +226,11 @@ class Ledger:
             """INSERT INTO sources (relpath, state, size, mtime_ns, sha256, rule, fingerprint, attempts, updated)
                VALUES (?, 'processing', ?, ?, ?, ?, ?, 1, ?)
                ON CONFLICT (relpath) DO UPDATE SET
-                   attempts = CASE WHEN state IN ('published', 'rejected') THEN 1 ELSE attempts + 1 END,
+                   attempts = CASE
+                       WHEN state IN ('published', 'rejected') THEN 1
+                       WHEN size IS NOT excluded.size OR mtime_ns IS NOT excluded.mtime_ns THEN 1
+                       ELSE attempts + 1
+                   END,
                    reason = CASE WHEN state IN ('published', 'rejected') THEN NULL ELSE reason END,
                    message = CASE WHEN state IN ('published', 'rejected') THEN NULL ELSE message END,
                    state = 'processing', size = excluded.size, mtime_ns = excluded.mtime_ns,

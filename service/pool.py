@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import multiprocessing
+import os
 import signal
 from concurrent.futures import Future, ProcessPoolExecutor
 
@@ -27,19 +28,22 @@ _HEAP_KEEP = 256 << 20
 _MMAP_ABOVE = 64 << 20
 
 
-def _init_worker() -> None:
-    import cv2
-    from loguru import logger
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+def _init_worker(parent: int) -> None:
     # Not Linux/glibc: no prctl or mallopt; orphans then end when their pipe to the parent closes.
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_ABOVE)
         libc.mallopt(_M_TRIM_THRESHOLD, _HEAP_KEEP)
+    # The daemon died while this worker was starting, before the death signal was armed: leave now.
+    if os.getppid() != parent:
+        os._exit(1)
+    import cv2
+    from loguru import logger
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # One image per process: OpenCV's own threads would only fight the other workers.
     cv2.setNumThreads(1)
     logger.remove()
@@ -53,7 +57,9 @@ class WorkerPool:
         self.restarts = 0
 
     def _new_executor(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=self.workers, mp_context=self._context, initializer=_init_worker)
+        return ProcessPoolExecutor(
+            max_workers=self.workers, mp_context=self._context, initializer=_init_worker, initargs=(os.getpid(),)
+        )
 
     def submit(self, job: Job) -> Future[Outcome]:
         return self._executor.submit(process_job, job)

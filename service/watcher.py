@@ -10,7 +10,9 @@ overflow are found by its reconciliation scan.
 from __future__ import annotations
 
 import errno
+import os
 import queue
+import stat
 from pathlib import Path
 
 from loguru import logger
@@ -74,8 +76,10 @@ class FolderWatcher:
         self.polling = polling
         self.poll_interval = poll_interval
         self._observer: BaseObserver | None = None
+        self._identity: tuple[int, int] | None = None
 
     def start(self) -> None:
+        identity = _identity(self.root)
         observer: BaseObserver = PollingObserver(timeout=self.poll_interval) if self.polling else Observer()
         observer.schedule(EnqueueHandler(self.events), str(self.root), recursive=self.recursive)
         try:
@@ -84,11 +88,16 @@ class FolderWatcher:
             observer.stop()
             raise _watch_error(exc, self.root) from exc
         self._observer = observer
+        self._identity = identity
 
     def alive(self) -> bool:
-        """Observer and every emitter thread running, on a folder that still exists."""
+        """Observer and every emitter thread running, on the very folder they were started on.
+
+        A folder moved away and made anew has the same path but another inode;
+        inotify would go on watching the old one.
+        """
         observer = self._observer
-        if observer is None or not observer.is_alive() or not self.root.is_dir():
+        if observer is None or not observer.is_alive() or _identity(self.root) != self._identity:
             return False
         return all(emitter.is_alive() for emitter in observer.emitters)
 
@@ -102,6 +111,14 @@ class FolderWatcher:
             observer.stop()
             if observer.is_alive():
                 observer.join(timeout=10)
+
+
+def _identity(folder: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
 def _watch_error(exc: OSError, root: Path) -> ConfigError:

@@ -108,6 +108,7 @@ def test_daemon_section_measures_a_real_daemon(run_once: tuple[dict[str, Any], s
         burst = daemon[f"burst_{workers}"]
         assert burst["workers"] == workers and burst["images"] == TINY.burst
         assert positive(burst["images_per_second"]) and positive(burst["cores_used"])
+        assert positive(burst["images_per_cpu_second"]) and burst["machine_busy_cores"] >= burst["cores_used"] * 0.5
     latency = daemon["burst_2"]["latency"]
     assert latency["images"] == TINY.latency
     assert 0 < latency["p50_ms"] <= latency["p99_ms"] <= latency["max_ms"]
@@ -128,5 +129,7 @@ def test_the_table_names_the_machine_and_every_target(run_once: tuple[dict[str, 
     assert len(names) == 2 * 2 + 2 + 1 + 1 + 2  # 2 sizes x 2 ratios, 2 peers, scaling, latency, RSS + fds
     for target in results["targets"]:
         assert target["met"] in (True, False) and target["target"] in printed
-    for heading in ("Single image", "Floor", "Peers", "Codec", "Daemon", "Latency", "Backlog", "Targets"):
+    for heading in ("Single image", "Floor", "Peers", "Codec", "Daemon", "Latency", "Backlog", "Steps", "Targets"):
         assert heading in printed
+    steps = results["step_seconds"]
+    assert len(steps) == 7 and all(lap["seconds"] >= 0 and lap["machine_busy_cores"] >= 0 for lap in steps.values())

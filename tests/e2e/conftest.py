@@ -244,9 +244,10 @@ def sidecars(queue: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def check_outputs_complete(queue: Path) -> None:
+def check_outputs_complete(queue: Path, *, foreign: tuple[str, ...] = ()) -> None:
     """What ComfyUI (top level) and a user (matrix/, rejected/) can see is whole: no temp or hidden
-    files, every PNG decodes completely with Pillow, every JSON parses, every frame has its set."""
+    files, every PNG decodes completely with Pillow, every JSON parses, every frame has its set
+    (but the `foreign` files: the user's own images in the queue)."""
     problems: list[str] = []
     top = frames(queue)
     for path in top:
@@ -268,6 +269,8 @@ def check_outputs_complete(queue: Path) -> None:
         except ValueError as exc:
             problems.append(f"{path.relative_to(queue)} is not JSON: {exc}")
     for path in top:
+        if path.name in foreign:
+            continue
         for part in (queue / "matrix" / f"{path.stem}.matrix.png", queue / "matrix" / f"{path.stem}.json"):
             if not part.is_file():
                 problems.append(f"frame {path.name} is published without {part.relative_to(queue)}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -114,6 +115,21 @@ def test_a_queue_inside_the_watch_folder_is_refused(tmp_path: Path, where: str) 
     assert "is the watch folder or inside it" in message and "its own output" in message, message
     assert "Traceback" not in done.stderr
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before, "it created something"
+
+
+def test_a_metrics_port_in_use_is_a_clear_startup_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_sinkwatch(
+            "run", "--watch", str(tmp_path / "watch"), "--queue", str(tmp_path / "queue"),
+            "--metrics-port", str(port), cwd=tmp_path,
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-4000:]
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith("sinkwatch: metrics listener: ") and f"127.0.0.1:{port} is already in use" in message
+    assert "--metrics-port" in message and "Traceback" not in done.stderr, done.stderr
 
 
 def test_startup_with_no_flags_in_an_empty_folder_creates_watch_and_queue_and_says_where(tmp_path: Path) -> None:

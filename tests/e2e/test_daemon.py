@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import struct
 import subprocess
 import unicodedata
@@ -37,6 +38,7 @@ from tests.e2e.conftest import (
     metric_sum,
     png_bytes,
     reference_frames,
+    run_sinkwatch,
     sentinel,
     sidecars,
     small_photo,
@@ -50,7 +52,7 @@ TINY = {"width": 256, "height": 144}
 
 
 def chunks(data: bytes, parts: int) -> list[bytes]:
-    """`data` cut into `parts` pieces; every cut falls inside the PNG's image data."""
+    """`data` cut into `parts` pieces; for these images every cut falls inside the compressed image data."""
     step = len(data) // parts
     return [data[i * step : (i + 1) * step if i < parts - 1 else len(data)] for i in range(parts)]
 
@@ -69,7 +71,9 @@ def tries_of(daemon: DaemonProcess, key: str) -> int:
 
 def write_slowly(daemon: DaemonProcess, path: Path, data: bytes, parts: int, *, reopen: bool) -> None:
     """Write `data` in `parts` pieces, through one open handle or (`reopen`) one open/append/close
-    cycle per piece. Each pause lasts until the daemon has tried the partial file once more."""
+    cycle per piece. Each pause lasts until the daemon has tried the partial file once more: a
+    close-after-write, or size and mtime holding for the settle time, hand a partial file on by
+    design, and the daemon must then see it is incomplete and wait for more."""
     pieces = chunks(data, parts)
     handle = None if reopen else path.open("wb")
     try:
@@ -96,7 +100,7 @@ def test_slowly_written_and_moved_in_images_are_each_processed_once_when_complet
     daemon.start()
     photo = load_photo("astronaut")
 
-    # One handle: created/modified events only, and pauses longer than the settle time.
+    # One handle: created/modified events only; every pause outlasts the settle time.
     write_slowly(daemon, watch / "one_handle.png", png_bytes(photo[:192, :288]), 4, reopen=False)
     write_slowly(daemon, watch / "slow_jpeg.jpg", photo_file("rocket").read_bytes(), 3, reopen=False)
     # Open/append/close cycles: every close is an inotify close-after-write of a partial file.
@@ -124,15 +128,6 @@ def test_slowly_written_and_moved_in_images_are_each_processed_once_when_complet
     check_watch_unchanged(watch, before, added=(SENTINEL,))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "daemon bug: Ledger.start counts every attempt on a growing file against --max-attempts, so a file "
-        "closed more often than that while still being written is rejected (ERROR log, reject record, "
-        "sinkwatch_rejections_total) before its final version is published; fix: reset attempts when "
-        "size or mtime changed (see the report)"
-    ),
-)
 def test_a_file_appended_in_more_cycles_than_max_attempts_is_not_rejected_while_it_grows(
     daemon: DaemonProcess, folders: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -201,10 +196,10 @@ def test_the_backlog_is_processed_at_start_and_a_second_instance_refuses(
 
     second = DaemonProcess(watch, queue, tmp_path / "second.log")
     second.start(wait_ready=False)
-    assert second.proc is not None
+    assert second.proc is not None and daemon.proc is not None
     assert second.proc.wait(timeout=60) == 2
     message = second.log.read_text()
-    assert "another sinkwatch" in message and f"pid {daemon.proc.pid}" in message, message  # type: ignore[union-attr]
+    assert "another sinkwatch" in message and f"pid {daemon.proc.pid}" in message, message
     assert daemon.get("/readyz")[0] == 200, "the first daemon carries on"
 
     sentinel(watch, queue, daemon=daemon)
@@ -238,6 +233,24 @@ def test_a_file_whose_events_are_lost_is_found_by_the_reconciliation_scan(
     check_watch_unchanged(watch, before)
 
 
+def test_a_watch_folder_moved_away_and_made_anew_is_watched_again(
+    daemon: DaemonProcess, folders: tuple[Path, Path], tmp_path: Path
+) -> None:
+    watch, queue = folders
+    # No reconciliation scan within the test: only the observer can find the new file.
+    daemon.args += ["--rescan-interval", "3600"]
+    daemon.start()
+    write_photo(watch / "before.png", small_photo(0))
+    wait_published(queue, 1)
+
+    # Rotating ComfyUI's output folder: the old one moves aside, a new one takes its name.
+    watch.rename(tmp_path / "watch.old")
+    watch.mkdir()
+    write_photo(watch / "after.png", small_photo(1))
+    wait_for((queue / "after.png").is_file, timeout=10)
+    assert metric_sum(daemon.get("/metrics")[1], "sinkwatch_watcher_restarts_total") == 1
+
+
 # -- never twice, never lost --------------------------------------------------------------------
 
 
@@ -255,10 +268,14 @@ def test_kill_9_during_a_burst_then_restart_leaves_one_frame_per_source_and_no_p
     first = DaemonProcess(watch, queue, tmp_path / "first.log", "--rules", str(rules)).start()
     wait_published(queue, 10, timeout=120)
     assert first.proc is not None
-    workers = children(first.proc.pid)
-    assert workers, "the daemon has no worker processes"
+    # Both workers running (a worker still starting up is the next test's case).
+    workers = wait_for(lambda: started_workers(first.proc.pid, count=2), timeout=60)
+    assert isinstance(workers, list)
     first.kill()
-    wait_for(lambda: not any(alive(pid) for pid in workers), timeout=30)  # no orphan publishes on
+    try:
+        wait_for(lambda: not any(alive(pid) for pid in workers), timeout=30)  # workers die with it: no orphan
+    finally:
+        end_orphans(workers)
     at_kill = {path.name: path.read_bytes() for path in frames(queue)}
     assert len(at_kill) < len(names), "the burst was over before the kill: nothing was tested"
     check_outputs_complete(queue)
@@ -288,8 +305,10 @@ def test_kill_9_during_a_burst_then_restart_leaves_one_frame_per_source_and_no_p
 def children(pid: int) -> list[int]:
     """Direct child processes of `pid` (Linux /proc)."""
     found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(child) for child in (task / "children").read_text().split()]
+    with contextlib.suppress(FileNotFoundError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                found += [int(child) for child in (task / "children").read_text().split()]
     return found
 
 
@@ -302,34 +321,95 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def test_a_source_overwritten_with_new_content_is_processed_again_and_a_rewritten_same_one_is_not(
+def worker_ready(pid: int) -> bool | None:
+    """None if `pid` is not a pool worker; else whether its initializer has run (it ignores SIGTERM then)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    if b"spawn_main" not in cmdline:
+        return None  # the resource tracker
+    ignored = int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+    return bool(ignored & (1 << (signal.SIGTERM - 1)))
+
+
+def loaded(pid: int, library: str) -> bool:
+    """Whether `pid` has a shared object of `library` mapped (its import has begun)."""
+    try:
+        return f"/{library}" in Path(f"/proc/{pid}/maps").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def started_workers(daemon_pid: int, *, count: int) -> list[int] | None:
+    """All children of the daemon once `count` workers have finished starting up."""
+    kids = children(daemon_pid)
+    return kids if sum(1 for pid in kids if worker_ready(pid)) >= count else None
+
+
+def end_orphans(pids: list[int]) -> None:
+    """SIGKILL what is left of the children this test's daemon started (a failed test must not leak them)."""
+    for pid in pids:
+        if alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_kill_9_while_a_worker_is_still_starting_leaves_no_orphan_process(
+    folders: tuple[Path, Path], tmp_path: Path
+) -> None:
+    watch, queue = folders
+    write_photo(watch / "first.png", small_photo(0))
+    daemon = DaemonProcess(watch, queue, tmp_path / "daemon.log")  # not the fixture: it would SIGTERM a dead pid
+    daemon.start(wait_ready=False)
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+
+    def starting_worker() -> list[int] | None:
+        kids = children(pid)
+        # Past its start-up handshake with the daemon (it is importing numpy), initializer not run yet.
+        return kids if any(worker_ready(kid) is False and loaded(kid, "numpy") for kid in kids) else None
+
+    # The first job spawns the workers; kill the daemon while one of them is still importing.
+    kids = wait_for(starting_worker, timeout=60, interval=0.005)
+    assert isinstance(kids, list)
+    daemon.kill()
+    try:
+        wait_for(lambda: not any(alive(kid) for kid in kids), timeout=12)  # with the fix: once its imports end
+    finally:
+        end_orphans(kids)
+
+
+def test_a_source_overwritten_with_new_content_is_processed_again_and_a_resaved_identical_one_is_not(
     daemon: DaemonProcess, folders: tuple[Path, Path], tmp_path: Path
 ) -> None:
     watch, queue = folders
     daemon.start()
     write_photo(watch / "changed.png", small_photo(0, height=120, width=180))
-    write_photo(watch / "touched.png", small_photo(1, height=120, width=180))
+    write_photo(watch / "resaved.png", small_photo(1, height=120, width=180))
     wait_published(queue, 2)
     wait_for(lambda: len(logged(daemon.records(), "published")) == 2)
     first = (queue / "changed.png").read_bytes()
-    touched = snapshot(queue)["touched.png"]
+    resaved = snapshot(queue)["resaved.png"]
 
     # New content under the same name (ComfyUI re-running into an existing file name).
     new_content = write_photo(watch / "changed.png", small_photo(2, height=120, width=180)).read_bytes()
     wait_for(lambda: logged(daemon.records(), "published").count("changed.png") == 2)
     # The same bytes written again (a re-save, a copy over it): new mtime, same content, nothing to redo.
-    (watch / "touched.png").write_bytes((watch / "touched.png").read_bytes())
-    wait_for(lambda: any(m == "unchanged content, skipped touched.png" for m in daemon.messages()))
+    (watch / "resaved.png").write_bytes((watch / "resaved.png").read_bytes())
+    wait_for(lambda: any(m == "unchanged content, skipped resaved.png" for m in daemon.messages()))
     before = snapshot(watch)
     sentinel(watch, queue, daemon=daemon)
 
     published = collections.Counter(logged(daemon.records(), "published"))
-    assert published == collections.Counter(["changed.png", "changed.png", "touched.png", SENTINEL])
-    assert [frame.name for frame in frames(queue)] == ["changed.png", "touched.png", SENTINEL]
+    assert published == collections.Counter(["changed.png", "changed.png", "resaved.png", SENTINEL])
+    assert [frame.name for frame in frames(queue)] == ["changed.png", "resaved.png", SENTINEL]
     assert (queue / "changed.png").read_bytes() != first
     assert (queue / "changed.png").read_bytes() == reference_frames([watch / "changed.png"], tmp_path)["changed.png"]
     assert sidecars(queue)["changed"]["source"]["sha256"] == hashlib.sha256(new_content).hexdigest()
-    assert snapshot(queue)["touched.png"] == touched, "the touched source's frame was written again"
+    assert snapshot(queue)["resaved.png"] == resaved, "the re-saved source's frame was written again"
     check_outputs_complete(queue)
     check_watch_unchanged(watch, before, added=(SENTINEL,))
 
@@ -396,6 +476,19 @@ def test_bad_files_are_rejected_with_their_reasons_while_good_ones_beside_them_a
     check_outputs_complete(queue)
     check_watch_unchanged(watch, before, added=(SENTINEL,))
 
+    # The user replaces a rejected file with a good one: it is published and its reject record goes.
+    (watch / "corrupt.png").write_bytes(good)
+    wait_for((queue / "corrupt.png").is_file)
+    wait_for(lambda: not (rejected / "corrupt.json").exists())
+    sentinel(watch, queue, daemon=daemon, name="zz_sentinel_2.png")
+    assert sorted(logged(daemon.records(), "published")) == sorted(
+        ["backlog_good.png", "rocket.jpg", SENTINEL, "corrupt.png", "zz_sentinel_2.png"]
+    )
+    assert sorted(path.name for path in rejected.glob("*.json")) == sorted(
+        f"{Path(name).stem}.json" for name in [*bad, "backlog_bad.png"] if name != "corrupt.png"
+    )
+    check_outputs_complete(queue)
+
 
 @contextlib.contextmanager
 def tmpfs(path: Path) -> Iterator[Path]:
@@ -420,6 +513,16 @@ def remount(path: Path, mode: str) -> None:
 def test_a_read_only_queue_recovers_once_it_is_writable_again(folders: tuple[Path, Path], tmp_path: Path) -> None:
     watch, _queue = folders
     with tmpfs(tmp_path / "mnt") as queue:
+        # Read-only at start: a clear refusal, not a daemon that can never publish.
+        remount(queue, "ro")
+        refused = run_sinkwatch(
+            "run", "--watch", str(watch), "--queue", str(queue), "--state-dir", str(tmp_path / "state"),
+            "--metrics-port", "0", cwd=tmp_path,
+        )  # fmt: skip
+        assert refused.returncode == 2, refused.stderr[-4000:]
+        assert f"sinkwatch: {queue}: the queue folder is not writable" in refused.stderr, refused.stderr
+        remount(queue, "rw")
+
         # The state (ledger, lock) lives elsewhere: the queue is ComfyUI's input/ on its own mount.
         daemon = DaemonProcess(
             watch, queue, tmp_path / "daemon.log", "--state-dir", str(tmp_path / "state"), "--retry-base", "0.5"
@@ -492,6 +595,9 @@ def test_odd_names_give_safe_distinct_outputs_and_hidden_files_are_ignored(
     for index, name in enumerate(ODD_NAMES[:half]):  # some as backlog, the rest as events
         (watch / name).parent.mkdir(parents=True, exist_ok=True)
         write_photo(watch / name, small_photo(index))
+    # The queue is ComfyUI's input/: it may already hold the user's own image of a source's name.
+    queue.mkdir()
+    users_own = write_photo(queue / "my photo 1.png", small_photo(40)).read_bytes()
     outside = tmp_path / "outside"
     outside.mkdir()
     (watch / "link_outside.png").symlink_to(write_photo(outside / "secret.png", small_photo(20)))  # not followed
@@ -508,12 +614,13 @@ def test_odd_names_give_safe_distinct_outputs_and_hidden_files_are_ignored(
     before = snapshot(watch)
     moved = {"moved folder/in_folder_0.png", "moved folder/in_folder_1.png"}
     visible = sorted(set(ODD_NAMES) - HIDDEN | {"link_inside.png"} | moved)
-    wait_published(queue, len(visible))
+    wait_published(queue, len(visible) + 1)  # and the user's own image
     sentinel(watch, queue, daemon=daemon)
 
     cards = sidecars(queue)
     assert sorted(card["source"]["key"] for card in cards.values()) == sorted([*visible, SENTINEL])
-    names = [frame.name for frame in frames(queue)]
+    assert (queue / "my photo 1.png").read_bytes() == users_own, "the user's own image was overwritten"
+    names = [frame.name for frame in frames(queue) if frame.name != "my photo 1.png"]
     assert sorted(f"{stem}.png" for stem in cards) == names
     assert len({unicodedata.normalize("NFC", n).casefold() for n in names}) == len(names), "names clash"
     for name in names:
@@ -525,5 +632,5 @@ def test_odd_names_give_safe_distinct_outputs_and_hidden_files_are_ignored(
     assert {p.name for p in tmp_path.iterdir()} == {"watch", "queue", "outside", "daemon.log"}, "wrote elsewhere"
     assert [p.name for p in outside.iterdir()] == ["secret.png"]
     assert sorted(logged(daemon.records(), "published")) == sorted([*visible, SENTINEL])
-    check_outputs_complete(queue)
+    check_outputs_complete(queue, foreign=("my photo 1.png",))
     check_watch_unchanged(watch, before, added=(SENTINEL,))

@@ -49,6 +49,7 @@ def build_fingerprint(daemon: DaemonProcess) -> str:
 # -- SIGTERM ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigterm_during_work_finishes_what_is_in_flight_and_exits_0_with_nothing_half_written(
     daemon: DaemonProcess, folders: tuple[Path, Path], tmp_path: Path
 ) -> None:

@@ -37,6 +37,7 @@ PHOTOS = PHOTO_NAMES[:3]
 
 @contextlib.contextmanager
 def set_on_exit(event: threading.Event) -> Iterator[None]:
+    """Set `event` when the block ends, however it ends (releases a held daemon thread)."""
     try:
         yield
     finally:
@@ -44,6 +45,7 @@ def set_on_exit(event: threading.Event) -> Iterator[None]:
 
 
 def tool(name: str) -> str:
+    """The path of a Prometheus binary; a missing one fails the test (never a skip)."""
     path = shutil.which(name)
     if path is None:
         pytest.fail(f"{name} not found on PATH: install the 'prometheus' package (apt-get install prometheus)")
@@ -88,6 +90,9 @@ def test_live_metrics_pass_promtool_and_count_exactly_what_happened(busy: Daemon
     assert metric_sum(text, "sinkwatch_mask_coverage_ratio_count") == 3
     assert metric_sum(text, "sinkwatch_last_publish_timestamp_seconds") > 0
     assert metric_sum(text, "sinkwatch_watcher_up") == 1
+    assert metric_sum(text, "sinkwatch_publish_latency_seconds_count") == 3  # all three came as events
+    assert metric_sum(text, "sinkwatch_queue_depth") == metric_sum(text, "sinkwatch_in_flight") == 0
+    assert metric_sum(text, "sinkwatch_rejections_total", reason="bomb") == 0  # known labels exist at 0
 
 
 @pytest.mark.slow
@@ -239,8 +244,9 @@ def test_healthz_is_503_while_the_watch_folder_is_gone_and_200_once_it_is_back(d
     assert any("disappeared" in m for m in daemon.messages())
 
     watch.mkdir()
-    wait_for(lambda: daemon.get("/healthz")[0] == 200, timeout=30)
-    assert metric_sum(daemon.get("/metrics")[1], "sinkwatch_watcher_restarts_total") == 1
+    # Healthy again once the observer has been restarted on the new folder.
+    restarts = "sinkwatch_watcher_restarts_total"
+    wait_for(lambda: metric_sum(daemon.get("/metrics")[1], restarts) == 1 and daemon.get("/healthz")[0] == 200)
     write_photo(watch / "back.png", small_photo(2))
     wait_published(queue, 1, timeout=30)
     wait_for(lambda: "back.png" in logged(daemon.records(), "published"))

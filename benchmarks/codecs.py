@@ -18,6 +18,7 @@ import importlib
 import io
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,20 +50,20 @@ def measure(sources: Sequence[Source], *, rule: Rule, folder: Path, reps: int) -
     sizes: list[float] = []
     for source in sources:
         data = source.path.read_bytes()
-        rgb = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
+        rgb = _cv2_decode(data)
         result = pipeline.run(rgb, params)
         outputs = (result.cleaned, result.heatmap)
         candidates: dict[str, Callable[[], object]] = {
-            "decode opencv": lambda d=data: cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_COLOR_RGB),
-            "decode sinkwatch": lambda d=data, p=source.path: decode_bytes(d, path=p, max_pixels=MAX_PIXELS),
-            "encode sinkwatch": lambda o=outputs: [encode_png(a) for a in o],
-            "encode opencv level 4": lambda o=outputs: [_cv2_level(a) for a in o],
+            "decode opencv": partial(_cv2_decode, data),
+            "decode sinkwatch": partial(decode_bytes, data, path=source.path, max_pixels=MAX_PIXELS),
+            "encode sinkwatch": partial(_each, encode_png, outputs),
+            "encode opencv level 4": partial(_each, _cv2_level, outputs),
         }
         if spng is not None:
-            candidates["decode pyspng"] = lambda d=data: spng.load(d, "RGB")
+            candidates["decode pyspng"] = partial(spng.load, data, "RGB")
             same_spng.append(bool(np.array_equal(spng.load(data, "RGB"), rgb)))
         if fpng is not None:
-            candidates["encode fpng"] = lambda o=outputs: [fpng.from_ndarray(np.ascontiguousarray(a)) for a in o]
+            candidates["encode fpng"] = partial(_each, fpng.from_ndarray, outputs)
             same_fpng.extend(_pillow_pixels(fpng.from_ndarray(a)) == a.tobytes() for a in outputs)
             sizes.append(len(fpng.from_ndarray(result.cleaned)) / len(encode_png(result.cleaned)))
         for name, values in _interleaved(candidates, reps).items():
@@ -109,6 +110,17 @@ def _interleaved(calls: dict[str, Callable[[], object]], reps: int) -> dict[str,
             call()
             out[name].append(time.perf_counter() - started)
     return out
+
+
+def _cv2_decode(data: bytes) -> np.ndarray:
+    rgb = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
+    if rgb is None:
+        raise ValueError("OpenCV cannot decode a corpus image")
+    return rgb
+
+
+def _each(encoder: Callable[[np.ndarray], bytes], images: Sequence[np.ndarray]) -> list[bytes]:
+    return [encoder(np.ascontiguousarray(image)) for image in images]
 
 
 def _cv2_level(rgb: np.ndarray) -> bytes:

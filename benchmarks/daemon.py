@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -192,6 +193,8 @@ def _latency(daemon: DaemonRun, payloads: Sequence[tuple[str, bytes]], *, rate: 
         observer.join()
     latencies = sorted(seen[name] - closed[name] for name in closed)
     count = hist_after[1] - hist_before[1]
+    # The workers' own time per image (sidecar timings: decode to encode), under the same load as the latency.
+    worked = [_sidecar_ms(daemon.queue, Path(name).stem) for name in closed]
     return {
         "images": len(payloads),
         "rate_per_second": rate,
@@ -200,7 +203,13 @@ def _latency(daemon: DaemonRun, payloads: Sequence[tuple[str, bytes]], *, rate: 
         "max_ms": round(1000 * latencies[-1], 1),
         # The daemon's own view (from the event it took to the publication), for comparison.
         "daemon_mean_ms": round(1000 * (hist_after[0] - hist_before[0]) / count, 1) if count else None,
+        "worker_p50_ms": round(percentile(worked, 50), 1),
     }
+
+
+def _sidecar_ms(queue: Path, stem: str) -> float:
+    sidecar = json.loads((queue / "matrix" / f"{stem}.json").read_text(encoding="utf-8"))
+    return float(sum(sidecar["timings_ms"].values()))
 
 
 class _PublishClock(FileSystemEventHandler):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -96,7 +97,12 @@ def run(
 def _worker() -> Iterator[ProcessPoolExecutor]:
     """One process set up exactly as the daemon's workers are (spawned; one OpenCV thread; malloc tuning)."""
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=pool._init_worker) as executor:
+    with ProcessPoolExecutor(
+        max_workers=1,
+        mp_context=context,
+        initializer=pool._init_worker,  # what WorkerPool gives its executor (private to service/pool.py for now)
+        initargs=(os.getpid(),),
+    ) as executor:
         yield executor
 
 

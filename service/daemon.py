@@ -67,6 +67,7 @@ class Daemon:
         self.ready = False
         self.last_scan_done = clock()
         self.watch_missing = False
+        self.rescan_requested = False
         self.resources = contextlib.ExitStack()
 
     # -- initialize -----------------------------------------------------------
@@ -223,6 +224,9 @@ class Daemon:
         if self.scan is None:
             self.scan = self.selection.scan()
             self.scan_source = source
+        else:
+            # Events may have been dropped behind the running scan's position: scan again after it.
+            self.rescan_requested = True
 
     def _feed_scan(self) -> None:
         """Move scanned files into the engine while it has room: backpressure, not memory."""
@@ -234,6 +238,9 @@ class Daemon:
             if path is None:
                 self.scan = None
                 self.last_scan_done = self.clock()
+                if self.rescan_requested:
+                    self.rescan_requested = False
+                    self._start_scan("scan")
                 return
             key = self.selection.relpath(path)
             if key is not None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from loguru import logger
 
-from service.errors import PublishError
+from service.errors import PublishError, SinkwatchError
 from service.ledger import Ledger
 from service.metrics import Metrics
 from service.naming import safe_stem
@@ -182,7 +182,13 @@ class Engine:
         """Dispatch what fits, collect what finished; returns outcomes handled."""
         while self.pending and len(self.in_flight) < 2 * self.pool.workers:
             _key, candidate = self.pending.popitem(last=False)
-            self._dispatch(candidate)
+            try:
+                self._dispatch(candidate)
+            except SinkwatchError:
+                # The ledger could not record the start (its disk is full): keep the work for later.
+                self.pending[candidate.key] = candidate
+                self.pending.move_to_end(candidate.key, last=False)
+                raise
         handled = self._collect(timeout)
         self.metrics.queue_depth.set(len(self.pending))
         self.metrics.in_flight.set(len(self.in_flight))
@@ -228,9 +234,11 @@ class Engine:
 
     def _collect(self, timeout: float) -> int:
         if not self.in_flight:
+            time.sleep(timeout)  # idle: this wait is what keeps the loop from spinning a core
             return 0
         done, _ = wait(list(self.in_flight), timeout=timeout, return_when=FIRST_COMPLETED)
         broken = False
+        failure: SinkwatchError | None = None
         for future in done:
             candidate, job = self.in_flight.pop(future)
             try:
@@ -239,12 +247,19 @@ class Engine:
                 broken = True
                 self._worker_died(candidate, job)
                 continue
-            self._handle(candidate, job, outcome)
+            try:
+                self._handle(candidate, job, outcome)
+            except SinkwatchError as exc:
+                # The outcome could not be recorded (ledger disk full): do the source again later.
+                self.pending[candidate.key] = candidate
+                failure = exc
         if broken:
             for future, (candidate, job) in list(self.in_flight.items()):
                 del self.in_flight[future]
                 self._worker_died(candidate, job)
             self.pool.replace()
+        if failure is not None:
+            raise failure
         return len(done)
 
     def drain(self) -> None:

@@ -39,23 +39,13 @@ DURING = 10  # dropped while the disk is full
 LEAVE = 300_000  # bytes left free: room for some files of a set, not all, so sets fail half-way
 # Once space is back, the retry backoff (0.2 s doubling) must bring everything out well within this; the
 # reconciliation scan is set far beyond it, so that it cannot be what finds a lost image.
-CATCH_UP = 25.0
+CATCH_UP = 20.0
 RESCAN = "300"
 
 
 @pytest.mark.parametrize(
     "state_on",
-    [
-        "disk",
-        pytest.param(
-            "tmpfs",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="bug: service/engine.py pump/_collect drop the candidate or the outcome whose ledger write "
-                "failed (disk full); it is found again only by the next reconciliation scan (60 s by default)",
-            ),
-        ),
-    ],
+    ["disk", "tmpfs"],
 )
 def test_full_queue_disk_retries_publishes_nothing_partial_and_catches_up(
     tmp_path: Path,

@@ -43,7 +43,7 @@ pytestmark = pytest.mark.slow
 SEED = 1701
 SOURCES = 60
 ACTIONS = (
-    *("edit", "edit", "break", "break", "delete", "restore"),
+    *("edit", "edit", "edit", "break", "break", "delete", "restore"),
     *("break default", "restore default", "duplicate", "unduplicate", "extra", "no extra", "sighup"),
 )
 
@@ -76,6 +76,7 @@ class RuleFolder:
         self.files = {p.name: p.read_bytes() for p in folder.glob("*.toml")}
         self.valid: dict[str, RuleSet] = {}
         self.broken = 0
+        self.ok = True
         self.judge()
 
     def put(self, name: str, data: bytes) -> None:
@@ -96,7 +97,9 @@ class RuleFolder:
             rules = load_rules(self.folder)
         except RuleError:
             self.broken += 1
+            self.ok = False
             return
+        self.ok = True
         self.valid.setdefault(rules.fingerprint, rules)
 
 
@@ -122,18 +125,23 @@ def test_rule_chaos_while_images_flow(
     version, actions, hangups = 0, Counter[str](), 0
     try:
         while writer.is_alive():
-            action = rng.choice(ACTIONS)
+            # A broken folder is mended half the time, so that valid edits get their turn to be loaded.
+            action = "repair" if not rules.ok and rng.random() < 0.5 else rng.choice(ACTIONS)
             if action == "edit":
                 version += 1
                 rules.put("chaos.toml", chaos_rule(version))
             elif action == "break":
                 kind = rng.choice(sorted(BROKEN))
                 rules.put("chaos.toml", BROKEN[kind])
-                actions[f"break {kind}"] += 1
+                action = f"break ({kind})"
             elif action == "delete":
                 rules.delete("chaos.toml")
             elif action == "restore":
                 rules.put("chaos.toml", chaos_rule(version))
+            elif action == "repair":
+                rules.put("chaos.toml", chaos_rule(version))
+                rules.put("default.toml", good_default)
+                rules.delete("dup.toml")
             elif action == "break default":
                 rules.put("default.toml", good_default.replace(b"width = 128", b"width = 130"))
             elif action == "restore default":

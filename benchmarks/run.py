@@ -100,7 +100,7 @@ def _worker() -> Iterator[ProcessPoolExecutor]:
     with ProcessPoolExecutor(
         max_workers=1,
         mp_context=context,
-        initializer=pool._init_worker,  # what WorkerPool gives its executor (private to service/pool.py for now)
+        initializer=pool.init_worker,  # exactly what WorkerPool gives its executor
         initargs=(os.getpid(),),
     ) as executor:
         yield executor

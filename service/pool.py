@@ -28,7 +28,7 @@ _HEAP_KEEP = 256 << 20
 _MMAP_ABOVE = 64 << 20
 
 
-def _init_worker(parent: int) -> None:
+def init_worker(parent: int) -> None:
     # Not Linux/glibc: no prctl or mallopt; orphans then end when their pipe to the parent closes.
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
@@ -58,7 +58,7 @@ class WorkerPool:
 
     def _new_executor(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
-            max_workers=self.workers, mp_context=self._context, initializer=_init_worker, initargs=(os.getpid(),)
+            max_workers=self.workers, mp_context=self._context, initializer=init_worker, initargs=(os.getpid(),)
         )
 
     def submit(self, job: Job) -> Future[Outcome]:

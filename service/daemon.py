@@ -273,14 +273,15 @@ class Daemon:
     def request_reload(self) -> None:
         self.reload_requested = True
 
-    def _rules_signature(self) -> tuple[tuple[str, int, int], ...]:
+    def _rules_signature(self) -> tuple[tuple[str, int, int, int], ...]:
         if self.rules_dir is None:
             return ()
         try:
             files = sorted(self.rules_dir.glob("*.toml"))
-            return tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+            # The inode too: an atomic replace of the same size within one mtime tick is still a change.
+            return tuple((p.name, p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size) for p in files)
         except OSError:
-            return (("<unreadable>", 0, 0),)
+            return (("<unreadable>", 0, 0, 0),)
 
     def _maybe_reload_rules(self) -> None:
         signature = self._rules_signature()

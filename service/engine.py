@@ -339,13 +339,14 @@ class Engine:
         delay = self.limits.retry_base * 2.0 ** min(attempts - 1, 32)  # a full disk may retry for weeks
         if is_publish:
             delay = min(delay, MAX_PUBLISH_RETRY_DELAY)
-            self.metrics.publish_errors.labels(reason=str(error.get("publish_reason", "other"))).inc()
         self.ledger.retry(
             job.key,
             reason=str(error.get("reason")),
             message=str(error.get("message")),
             next_attempt=self.clock() + delay,
         )
+        if is_publish:  # counted once the retry is recorded, like processed{outcome="retried"}
+            self.metrics.publish_errors.labels(reason=str(error.get("publish_reason", "other"))).inc()
         self._count(outcome.rule, "retried")
         logger.bind(source=job.key, reason=error.get("reason")).warning(
             "retrying {} in {:.0f}s (attempt {}): {}", job.key, delay, attempts, error.get("message")

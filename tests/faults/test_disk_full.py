@@ -43,10 +43,7 @@ CATCH_UP = 20.0
 RESCAN = "300"
 
 
-@pytest.mark.parametrize(
-    "state_on",
-    ["disk", "tmpfs"],
-)
+@pytest.mark.parametrize("state_on", ["disk", "tmpfs"])
 def test_full_queue_disk_retries_publishes_nothing_partial_and_catches_up(
     tmp_path: Path,
     images: Images,

@@ -1,15 +1,20 @@
 """`sinkwatch process PATH...`: the daemon's pipeline, once, over files and folders.
 
 Same outputs, ledger and reject records as the daemon; a progress line on a
-terminal; exit code 1 when anything was rejected or left unfinished.
+terminal; exit code 1 when anything was rejected or left unfinished. A file
+the daemon would pick up from its watch folder gets the daemon's own ledger
+key (its path relative to that folder), so that `process` over the watch
+folder followed by `run` on the same state never makes a frame twice.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from loguru import logger
@@ -38,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     configure_logging(log_format=settings.log_format, level=settings.log_level)
-    sources = list(expand(args.paths, settings))
+    keys = _Keys(settings)
+    sources = [keys.candidate(path, label) for path, label in expand(args.paths, settings)]
     if not sources:
         raise ConfigError("no image files found in the given paths")
     rules = load_rules(settings.rules)
@@ -55,7 +61,7 @@ def main(args: argparse.Namespace) -> int:
             limits=Limits(
                 settings.max_bytes, settings.max_pixels, settings.max_attempts, settings.retry_base, settings.queue_size
             ),
-            resolve=Path,
+            resolve=keys.resolve,
             forced_rule=forced,
             force=args.force,
         )
@@ -63,8 +69,8 @@ def main(args: argparse.Namespace) -> int:
             _run(engine, sources, settings.max_attempts)
         finally:
             pool.close()
-        keys = {_key(path) for path, _label in sources}
-        unfinished = [entry.relpath for entry in ledger.entries("retry") if entry.relpath in keys]
+        ours = {candidate.key for candidate in sources}
+        unfinished = [entry.relpath for entry in ledger.entries("retry") if entry.relpath in ours]
     counts = engine.counts
     print(
         f"sinkwatch process: {counts['published']} published, {counts['skipped']} unchanged, "
@@ -99,11 +105,26 @@ def _choose_rule(choice: str, rules: RuleSet) -> Rule:
         raise RuleError(f"no rule named {choice!r}; known: {', '.join(rules.names)}", file=choice) from None
 
 
-def _key(path: Path) -> str:
-    return str(path.resolve())
+class _Keys:
+    """Ledger keys as the daemon makes them for files in its watch folder, absolute paths otherwise."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.watch = settings.watch
+        self.daemon = Selection(
+            settings.watch, include=settings.include, ignore=settings.ignore, recursive=settings.recursive
+        )
+
+    def candidate(self, path: Path, label: str) -> Candidate:
+        relpath = self.daemon.relpath(path)
+        if relpath is not None:
+            return Candidate(relpath, path, "batch", 0.0)  # named and matched by its key, as the daemon does
+        return Candidate(str(path.resolve()), path, "batch", 0.0, label=label)
+
+    def resolve(self, key: str) -> Path:
+        return Path(key) if os.path.isabs(key) else self.watch / key
 
 
-def _run(engine: Engine, sources: list[tuple[Path, str]], max_attempts: int) -> None:
+def _run(engine: Engine, sources: list[Candidate], max_attempts: int) -> None:
     total = len(sources)
     feed = iter(sources)
     exhausted = False
@@ -114,8 +135,7 @@ def _run(engine: Engine, sources: list[tuple[Path, str]], max_attempts: int) -> 
             if item is None:
                 exhausted = True
                 break
-            path, label = item
-            engine.offer(Candidate(_key(path), path, "batch", time.time(), label=label))
+            engine.offer(replace(item, seen_at=time.time()))
         engine.requeue_due()
         engine.pump(timeout=0.1)
         if show:

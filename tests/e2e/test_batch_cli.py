@@ -99,6 +99,29 @@ def test_process_makes_the_daemons_frames_and_exits_1_when_a_file_is_rejected(tm
     check_watch_unchanged(watch, before)
 
 
+@pytest.mark.parametrize("first", ["process", "run"])
+def test_process_and_run_on_one_state_never_make_a_frame_twice(tmp_path: Path, first: str) -> None:
+    watch, queue = tmp_path / "watch", tmp_path / "queue"
+    (watch / "sub").mkdir(parents=True)
+    names = ["one.png", "sub/two.png"]
+    for index, name in enumerate(names):
+        write_photo(watch / name, small_photo(index, height=120, width=180))
+    folders = ("--watch", str(watch), "--queue", str(queue), "--recursive")
+    commands = {"process": ("process", str(watch), *folders), "run": ("run", "--once", *folders)}
+    second = "run" if first == "process" else "process"
+
+    done = run_sinkwatch(*commands[first], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    made = {frame.name: frame.read_bytes() for frame in frames(queue)}
+    assert sorted(made) == ["one.png", "sub__two.png"], sorted(made)
+    again = run_sinkwatch(*commands[second], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-4000:]
+
+    assert logged(records(again.stderr), "published") == [], f"`{second}` made again what `{first}` had made"
+    assert {frame.name: frame.read_bytes() for frame in frames(queue)} == made
+    check_outputs_complete(queue)
+
+
 @pytest.mark.parametrize("where", ["the watch folder itself", "a folder inside it"])
 def test_a_queue_inside_the_watch_folder_is_refused(tmp_path: Path, where: str) -> None:
     watch = tmp_path / "watch"

@@ -51,6 +51,8 @@ _TIFF_TYPE_SIZES = (
 _BMP_HEADER_SIZES = (12, 40, 52, 56, 64, 108, 124)
 _PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
 _APNG_CHUNKS = (b"acTL", b"fcTL", b"fdAT")
+_CRITICAL = (b"IHDR", b"PLTE", b"IDAT", b"IEND")
+_LIBPNG_MAX_SIDE = 1_000_000  # libpng's default user limit: OpenCV refuses longer sides
 
 
 @dataclass
@@ -64,6 +66,8 @@ class Header:
     grey_key: int | None = None  # PNG tRNS colour key of a grey image, as OpenCV returns it
     text: dict[str, str] = field(default_factory=dict)
     stream: bytes | None = None  # what to decode instead of the file (an APNG's default image)
+    # A plain 8-bit RGB PNG (what generators write): (start, end) of its IHDR, IDAT and IEND chunks.
+    rgb8_chunks: tuple[tuple[int, int], ...] = ()
 
 
 def inspect(data: bytes, path: str | Path) -> Header:
@@ -123,7 +127,25 @@ def _inspect_png(data: bytes, path: str | Path) -> Header:
     if any(kind in _APNG_CHUNKS for kind, *_ in chunks):
         # Frame 0 of an APNG is its IDAT image (what Pillow shows first): decode that as a plain PNG.
         header.stream = data[:8] + b"".join(view[s:e] for k, s, e in chunks if k not in _APNG_CHUNKS)
+    elif b"tRNS" not in body and _plain_rgb8(ihdr, chunks):
+        header.rgb8_chunks = tuple((s, e) for k, s, e in chunks if k in (b"IHDR", b"IDAT", b"IEND"))
     return header
+
+
+def _plain_rgb8(ihdr: bytes, chunks: list[tuple[bytes, int, int]]) -> bool:
+    """Is this the PNG a generator writes, one libspng may decode instead of libpng?
+
+    8-bit RGB, standard methods, not interlaced, sides libpng accepts, no unknown
+    critical chunk, the IDATs in one run: whatever libpng would refuse or treat
+    differently stays with it. libspng gets IHDR, IDAT and IEND only; PLTE is left
+    out too, in an RGB image it is only a suggested palette.
+    """
+    width, height = int.from_bytes(ihdr[0:4], "big"), int.from_bytes(ihdr[4:8], "big")
+    if ihdr[8:13] != b"\x08\x02\x00\x00\x00" or max(width, height) > _LIBPNG_MAX_SIDE:
+        return False
+    idat = [i for i, (kind, *_) in enumerate(chunks) if kind == b"IDAT"]
+    unknown_critical = any(not kind[0] & 0x20 and kind not in _CRITICAL for kind, *_ in chunks)
+    return idat[-1] - idat[0] + 1 == len(idat) and not unknown_critical
 
 
 def _png_text(view: memoryview, chunks: list[tuple[bytes, int, int]]) -> dict[str, str]:

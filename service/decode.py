@@ -6,6 +6,15 @@ being written is a retry and a decompression bomb allocates nothing. OpenCV
 decodes PNG (every bit depth and colour type), grey/YCbCr JPEG and still WebP,
 the fast path; Pillow decodes CMYK JPEG, animated WebP, GIF, BMP and TIFF.
 Every decoder failure maps to an error of :mod:`service.errors`.
+
+With the `fast` extra installed, plain 8-bit RGB PNGs (what generators write)
+go to libspng (`pyspng`) instead: `decode_bytes` of a 1024x1024 ComfyUI PNG
+took 22-30 ms against 30-43 ms with OpenCV (one thread, measured), to the same
+pixels. libspng gets only the IHDR, IDAT and IEND chunks, after their CRCs are
+checked here (pyspng ignores them); anything it fails on goes to OpenCV, which
+decides. pyspng does not check the zlib checksum either, which cannot be
+checked without inflating again: a stream with valid CRCs and a wrong checksum,
+which only a faulty encoder writes, decodes here where libpng may refuse it.
 """
 
 from __future__ import annotations
@@ -15,10 +24,12 @@ import io
 import os
 import stat
 import warnings
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import cv2
 import numpy as np
@@ -28,8 +39,25 @@ from service import containers
 from service.containers import TEXT_TOTAL_LIMIT, TEXT_VALUE_LIMIT
 from service.errors import CorruptImage, ImageTooLarge, IncompleteImage, InputError, UnsupportedImage
 
+_spng: ModuleType | None
+try:
+    import pyspng as _spng
+except ImportError:  # the `fast` extra is optional
+    _spng = None
+
 # The text caps belong to the container walk; they are re-exported as part of what DecodedImage.text promises.
-__all__ = ["MAX_SIDE", "TEXT_TOTAL_LIMIT", "TEXT_VALUE_LIMIT", "DecodedImage", "decode_bytes", "decode_file"]
+__all__ = [
+    "MAX_SIDE",
+    "PNG_DECODER",
+    "TEXT_TOTAL_LIMIT",
+    "TEXT_VALUE_LIMIT",
+    "DecodedImage",
+    "decode_bytes",
+    "decode_file",
+]
+
+PNG_DECODER = "pyspng" if _spng is not None else "opencv"
+"""The decoder of plain 8-bit RGB PNGs, read at every call: "pyspng" when installed; assign "opencv" to compare."""
 
 MAX_SIDE = 1 << 20  # OpenCV's own limit per side; nothing longer is a video start frame
 _REDUCED = (
@@ -137,7 +165,9 @@ def _pixels(
     """RGB uint8 pixels as stored (not yet upright), the stored (w, h) and the EXIF orientation."""
     if header.size is not None and header.cv2_flags:
         _check_size(header.size, path=path, max_pixels=max_pixels)
-        pixels = _cv2_decode(header.stream or data, header.cv2_flags)
+        pixels = _spng_decode(data, header.rgb8_chunks) if header.rgb8_chunks else None
+        if pixels is None:
+            pixels = _cv2_decode(header.stream or data, header.cv2_flags)
         if header.grey_key is not None:
             alpha = np.where(pixels == header.grey_key, 0, np.iinfo(pixels.dtype).max).astype(pixels.dtype)
             pixels = np.dstack([pixels, pixels, pixels, alpha])
@@ -155,6 +185,25 @@ def _pixels(
                 flags |= _reduction(im.size, target, swapped=orientation >= 5)
             return _cv2_decode(data, flags), im.size, orientation
         return _from_pillow(im, bg, path), im.size, orientation
+
+
+def _spng_decode(data: bytes, chunks: tuple[tuple[int, int], ...]) -> np.ndarray | None:
+    """libspng's RGB pixels of a plain 8-bit RGB PNG, from these chunks only; None: OpenCV decides.
+
+    Only the critical chunks: libspng would inflate zTXt and iCCP itself, and our
+    container walk has read the text already.
+    """
+    if _spng is None or PNG_DECODER != "pyspng":
+        return None
+    view = memoryview(data)
+    for start, end in chunks:
+        if zlib.crc32(view[start + 4 : end - 4]) != int.from_bytes(view[end - 4 : end], "big"):
+            return None  # pyspng ignores CRCs; libpng refuses a damaged IDAT, so the file is left to it
+    try:
+        pixels: np.ndarray = _spng.load(b"".join([view[:8], *(view[start:end] for start, end in chunks)]), "RGB")
+    except Exception:  # whatever libspng complains of, libpng gets the last word
+        return None
+    return pixels
 
 
 def _cv2_decode(data: bytes, flags: int) -> np.ndarray:

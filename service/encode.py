@@ -1,10 +1,14 @@
 """RGB pixels -> PNG bytes, with text chunks, the fast way.
 
-OpenCV encodes with its default parameters: passing an explicit compression
-level switches zlib strategy and costs about 1.75x the time (measured). Text
-goes in as tEXt (Latin-1) or iTXt (UTF-8) chunks spliced in right after IHDR,
-which is cheap and leaves the pixels exactly as OpenCV wrote them; Pillow
-(ComfyUI's reader) decodes the result to the same pixels and reads the text.
+With the `fast` extra installed, RGB images go to fpng: an 832x480 frame took
+2.1-2.8 ms against OpenCV's 20-27 ms (one thread, measured), for a file about
+10% larger, lossless, and read by Pillow (ComfyUI's reader) to the same
+pixels. Grey images, and any image fpng fails on, go to OpenCV with its
+default parameters: passing an explicit compression level switches zlib
+strategy and costs about 1.75x the time (measured). Text goes in as tEXt
+(Latin-1) or iTXt (UTF-8) chunks spliced in right after IHDR, which is cheap
+and leaves the pixels exactly as the encoder wrote them; Pillow decodes the
+result to the same pixels and reads the text.
 """
 
 from __future__ import annotations
@@ -12,10 +16,21 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Mapping
+from types import ModuleType
 
 import cv2
 import numpy as np
 
+_fpng: ModuleType | None
+try:
+    import fpng as _fpng
+except ImportError:  # the `fast` extra is optional
+    _fpng = None
+
+PNG_ENCODER = "fpng" if _fpng is not None else "opencv"
+"""The encoder of RGB images, read at every call: "fpng" when installed; assign "opencv" to compare."""
+
+_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _IHDR_END = 8 + 4 + 4 + 13 + 4  # signature, then IHDR's length, type, data and CRC
 
 
@@ -35,14 +50,32 @@ def encode_png(rgb: np.ndarray, *, text: Mapping[str, str] | None = None) -> byt
     if not (rgb.ndim == 2 or (rgb.ndim == 3 and rgb.shape[2] == 3)) or rgb.size == 0:
         raise ValueError(f"rgb must have shape (H, W, 3) or (H, W) and no zero side, got {rgb.shape}")
     chunks = b"".join(_text_chunk(key, value) for key, value in (text or {}).items())
-    pixels = np.ascontiguousarray(rgb)  # OpenCV refuses negative strides (flipped views)
-    if pixels.ndim == 3:
-        pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)
-    ok, encoded = cv2.imencode(".png", pixels)
-    if not ok:
-        raise ValueError(f"OpenCV could not encode an image of shape {rgb.shape}")
-    png = encoded.tobytes()
+    pixels = np.ascontiguousarray(rgb)  # neither encoder takes negative strides (flipped views)
+    png = _fpng_encode(pixels) if pixels.ndim == 3 else None  # fpng writes no grey
+    if png is None:
+        png = _cv2_encode(pixels)
     return png[:_IHDR_END] + chunks + png[_IHDR_END:] if chunks else png
+
+
+def _fpng_encode(rgb: np.ndarray) -> bytes | None:
+    """fpng's PNG of a contiguous RGB image, or None: then OpenCV encodes it."""
+    if _fpng is None or PNG_ENCODER != "fpng":
+        return None
+    try:
+        png = _fpng.from_ndarray(rgb)
+    except Exception:  # whatever fpng raises, OpenCV can still write the frame
+        return None
+    # fpng 0.1.0 returns empty bytes when it fails; text goes in after an IHDR of exactly this image.
+    height, width = rgb.shape[:2]
+    ihdr = struct.pack(">I4sIIBBBBB", 13, b"IHDR", width, height, 8, 2, 0, 0, 0)
+    return png if isinstance(png, bytes) and png.startswith(_SIGNATURE + ihdr) else None
+
+
+def _cv2_encode(pixels: np.ndarray) -> bytes:
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR) if pixels.ndim == 3 else pixels)
+    if not ok:
+        raise ValueError(f"OpenCV could not encode an image of shape {pixels.shape}")
+    return encoded.tobytes()
 
 
 def _text_chunk(key: str, value: str) -> bytes:

@@ -1,17 +1,25 @@
-"""service.encode: lossless, Pillow-readable PNGs with text, byte for byte deterministic."""
+"""service.encode: lossless, Pillow-readable PNGs with text, byte for byte deterministic.
+
+Each property holds for both encoders: fpng (the `fast` extra) and OpenCV.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import struct
+import sys
 import zlib
+from collections.abc import Iterator
+from types import ModuleType
 
 import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
+from service import encode
 from service.decode import decode_bytes
 from service.encode import encode_png
 from tests.conftest import PHOTO_NAMES, load_photo
@@ -21,6 +29,31 @@ COMFY_TEXT = {
     "workflow": json.dumps({"nodes": [{"id": n, "type": "CLIPTextEncode"} for n in range(50)]}),
     "caption": "猫 in the rain ☔",
 }
+
+
+@pytest.fixture(params=["fpng", "opencv"])
+def encoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Each encoder in turn, as PNG_ENCODER selects it; fpng only where the `fast` extra is installed."""
+    if request.param == "fpng":
+        pytest.importorskip("fpng", reason="the `fast` extra is not installed")
+    monkeypatch.setattr(encode, "PNG_ENCODER", request.param)
+    yield request.param
+
+
+def opencv_png(rgb: np.ndarray) -> bytes:
+    """OpenCV's default encoding, what sinkwatch wrote before fpng and still writes without it."""
+    ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if rgb.ndim == 3 else rgb)
+    assert ok
+    return png.tobytes()
+
+
+def reference_png(rgb: np.ndarray, encoder: str) -> bytes:
+    """What `encoder` itself writes for `rgb`, without text."""
+    if encoder == "fpng":
+        import fpng
+
+        return bytes(fpng.from_ndarray(rgb))
+    return opencv_png(rgb)
 
 
 def chunks(png: bytes) -> list[tuple[bytes, bytes]]:
@@ -39,7 +72,7 @@ def chunks(png: bytes) -> list[tuple[bytes, bytes]]:
 
 
 @pytest.mark.parametrize("name", PHOTO_NAMES)
-def test_pillow_opencv_and_our_decoder_read_back_the_exact_pixels(name: str) -> None:
+def test_pillow_opencv_and_our_decoder_read_back_the_exact_pixels(name: str, encoder: str) -> None:
     rgb = load_photo(name)
     png = encode_png(rgb, text=COMFY_TEXT)
     with Image.open(io.BytesIO(png)) as im:
@@ -50,7 +83,7 @@ def test_pillow_opencv_and_our_decoder_read_back_the_exact_pixels(name: str) -> 
     assert np.array_equal(decoded.rgb, rgb) and decoded.text == COMFY_TEXT
 
 
-def test_text_goes_in_latin1_as_text_and_the_rest_as_itxt_right_after_ihdr() -> None:
+def test_text_goes_in_latin1_as_text_and_the_rest_as_itxt_right_after_ihdr(encoder: str) -> None:
     png = encode_png(load_photo("chelsea"), text=COMFY_TEXT)
     found = chunks(png)
     assert [kind for kind, _ in found[:4]] == [b"IHDR", b"tEXt", b"tEXt", b"iTXt"]
@@ -60,15 +93,15 @@ def test_text_goes_in_latin1_as_text_and_the_rest_as_itxt_right_after_ihdr() -> 
         assert im.text == COMFY_TEXT
 
 
-def test_without_text_the_bytes_are_opencvs_default_encoding() -> None:
+def test_without_text_the_bytes_are_the_encoders_own(encoder: str) -> None:
     rgb = load_photo("coffee")
-    _, reference = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    assert encode_png(rgb) == reference.tobytes() == encode_png(rgb, text={})
+    reference = reference_png(rgb, encoder)
+    assert encode_png(rgb) == reference == encode_png(rgb, text={})
     text_chunk = struct.pack(">I", 3) + b"tEXt" + b"k\0v" + struct.pack(">I", zlib.crc32(b"tEXtk\0v"))
-    assert encode_png(rgb, text={"k": "v"}) == reference.tobytes()[:33] + text_chunk + reference.tobytes()[33:]
+    assert encode_png(rgb, text={"k": "v"}) == reference[:33] + text_chunk + reference[33:]
 
 
-def test_same_input_same_bytes() -> None:
+def test_same_input_same_bytes(encoder: str) -> None:
     rgb = load_photo("rocket")
     first = encode_png(rgb, text=COMFY_TEXT)
     assert encode_png(rgb.copy(), text=dict(COMFY_TEXT)) == first
@@ -77,7 +110,7 @@ def test_same_input_same_bytes() -> None:
     assert encode_png(changed, text=COMFY_TEXT) != first
 
 
-def test_grey_and_strided_inputs() -> None:
+def test_grey_and_strided_inputs(encoder: str) -> None:
     rgb = load_photo("astronaut")
     grey = np.ascontiguousarray(rgb[..., 1])
     with Image.open(io.BytesIO(encode_png(grey))) as im:
@@ -108,3 +141,82 @@ def test_bad_images_are_refused(rgb: object, error: type[Exception]) -> None:
 def test_bad_text_is_refused(text: dict[str, object]) -> None:
     with pytest.raises(ValueError, match="text"):
         encode_png(np.zeros((2, 2, 3), np.uint8), text=text)  # type: ignore[arg-type]
+
+
+# --- which encoder, and falling back to OpenCV --------------------------------------------------
+
+
+def test_fpng_is_used_for_rgb_when_installed_and_grey_stays_with_opencv() -> None:
+    fpng = pytest.importorskip("fpng", reason="the `fast` extra is not installed")
+    assert encode.PNG_ENCODER == "fpng"
+    rgb = load_photo("chelsea")
+    assert encode_png(rgb) == fpng.from_ndarray(rgb) != opencv_png(rgb)
+    grey = np.ascontiguousarray(rgb[..., 0])
+    assert encode_png(grey) == opencv_png(grey)
+
+
+def fresh_encode_module(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """service/encode.py imported anew, as a process without the `fast` extra imports it."""
+    monkeypatch.setitem(sys.modules, "fpng", None)  # `import fpng` now raises ImportError
+    spec = importlib.util.spec_from_file_location("encode_without_fpng", encode.__file__)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_without_fpng_installed_the_bytes_are_opencvs_default_encoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    without = fresh_encode_module(monkeypatch)
+    assert without.PNG_ENCODER == "opencv"
+    rgb = load_photo("rocket")
+    assert without.encode_png(rgb) == opencv_png(rgb)
+    monkeypatch.setattr(without, "PNG_ENCODER", "fpng")  # asked for, but not installed: still OpenCV
+    png = without.encode_png(rgb, text=COMFY_TEXT)
+    assert png[:33] == opencv_png(rgb)[:33] and png.endswith(opencv_png(rgb)[33:])
+    with Image.open(io.BytesIO(png)) as im:
+        assert im.text == COMFY_TEXT and np.array_equal(np.asarray(im), rgb)
+
+
+class BrokenFpng:
+    """Stands in for fpng: raises, or returns what fpng 0.1.0 returns on failure, or a wrong header."""
+
+    def __init__(self, result: bytes | Exception) -> None:
+        self.result = result
+        self.calls = 0
+
+    def from_ndarray(self, rgb: np.ndarray) -> bytes:
+        self.calls += 1
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        RuntimeError("fpng_encode_image_to_memory() failed!"),
+        AttributeError("Must have 3 dimensions"),
+        b"",  # fpng 0.1.0 builds its RuntimeError but never raises it: failure is empty bytes
+        b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 14) + b"IHDR" + bytes(14),  # IHDR not where text goes
+        opencv_png(np.zeros((3, 2, 3), np.uint8)),  # a valid PNG of another image
+    ],
+    ids=["runtime-error", "attribute-error", "empty", "odd-ihdr", "wrong-size"],
+)
+def test_when_fpng_fails_opencv_writes_the_frame(monkeypatch: pytest.MonkeyPatch, result: bytes | Exception) -> None:
+    broken = BrokenFpng(result)
+    monkeypatch.setattr(encode, "_fpng", broken)
+    monkeypatch.setattr(encode, "PNG_ENCODER", "fpng")
+    rgb = load_photo("astronaut")
+    reference = opencv_png(rgb)
+    assert encode_png(rgb) == reference
+    text_chunk = struct.pack(">I", 3) + b"tEXt" + b"k\0v" + struct.pack(">I", zlib.crc32(b"tEXtk\0v"))
+    assert encode_png(rgb, text={"k": "v"}) == reference[:33] + text_chunk + reference[33:]
+    assert broken.calls == 2
+
+
+def test_opencv_can_be_chosen_while_fpng_is_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = BrokenFpng(RuntimeError("must not be called"))
+    monkeypatch.setattr(encode, "_fpng", broken)
+    monkeypatch.setattr(encode, "PNG_ENCODER", "opencv")
+    rgb = load_photo("china")
+    assert encode_png(rgb) == opencv_png(rgb) and broken.calls == 0

@@ -1,12 +1,14 @@
 """Codec alternatives measured on the corpus: what the floor would be with other choices.
 
-- PNG decode: OpenCV alone, sinkwatch's `decode_file` (OpenCV plus the
-  container walk, the guards and the SHA-256), and libspng (`pyspng`), whose
-  pixels must equal OpenCV's;
+- PNG decode: OpenCV alone, sinkwatch's `decode_bytes` (the container walk,
+  the guards and the SHA-256 around the decoder in use, and around OpenCV as
+  a plain install has it), and libspng (`pyspng`) alone, whose pixels must
+  equal OpenCV's;
 - PNG encode of the published frame and heatmap: sinkwatch's `encode_png`
-  (OpenCV's default parameters), OpenCV with an explicit compression level,
-  and `fpng`, whose files Pillow (ComfyUI's reader) must decode to the same
-  pixels;
+  (the encoder in use, and OpenCV's default parameters as a plain install
+  has it), OpenCV with an explicit compression level, and `fpng` alone, whose
+  files Pillow (ComfyUI's reader) must decode to the same pixels, and whose
+  size is compared with OpenCV's default;
 - JPEG: decode + resize of a source at least twice the frame, with and
   without the reduced-scale decode (`reduce_to`, as the runner asks for it),
   and the same at generator size (where it cannot apply).
@@ -28,6 +30,7 @@ from PIL import Image
 
 from benchmarks.corpus import Source, at_size, encode, load_photo
 from benchmarks.machine import median_ms
+from benchmarks.single import opencv_codecs
 from core import pipeline
 from core.resize import ResizeParams, resize
 from service.decode import decode_bytes
@@ -56,7 +59,11 @@ def measure(sources: Sequence[Source], *, rule: Rule, folder: Path, reps: int) -
         candidates: dict[str, Callable[[], object]] = {
             "decode opencv": partial(_cv2_decode, data),
             "decode sinkwatch": partial(decode_bytes, data, path=source.path, max_pixels=MAX_PIXELS),
+            "decode sinkwatch, OpenCV codecs": partial(
+                _plain, decode_bytes, data, path=source.path, max_pixels=MAX_PIXELS
+            ),
             "encode sinkwatch": partial(_each, encode_png, outputs),
+            "encode sinkwatch, OpenCV codecs": partial(_plain, _each, encode_png, outputs),
             "encode opencv level 4": partial(_each, _cv2_level, outputs),
         }
         if spng is not None:
@@ -65,7 +72,7 @@ def measure(sources: Sequence[Source], *, rule: Rule, folder: Path, reps: int) -
         if fpng is not None:
             candidates["encode fpng"] = partial(_each, fpng.from_ndarray, outputs)
             same_fpng.extend(_pillow_pixels(fpng.from_ndarray(a)) == a.tobytes() for a in outputs)
-            sizes.append(len(fpng.from_ndarray(result.cleaned)) / len(encode_png(result.cleaned)))
+            sizes.append(len(fpng.from_ndarray(result.cleaned)) / len(_plain(encode_png, result.cleaned)))
         for name, values in _interleaved(candidates, reps).items():
             times.setdefault(name, []).extend(values)
     checks = {
@@ -110,6 +117,12 @@ def _interleaved(calls: dict[str, Callable[[], object]], reps: int) -> dict[str,
             call()
             out[name].append(time.perf_counter() - started)
     return out
+
+
+def _plain(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`call` as a plain install (OpenCV for every PNG) runs it."""
+    with opencv_codecs():
+        return call(*args, **kwargs)
 
 
 def _cv2_decode(data: bytes) -> np.ndarray:

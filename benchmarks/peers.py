@@ -28,7 +28,7 @@ from PIL import Image, ImageChops, ImageFilter, ImageOps
 
 from benchmarks.corpus import Source
 from benchmarks.machine import imagemagick_version
-from benchmarks.single import job_seconds
+from benchmarks.single import fast_codecs, job_seconds
 from core.resize import ResizeParams, target_size
 from service.rules import Rule
 
@@ -86,8 +86,9 @@ def measure(
     folder: Path,
     reps: int,
 ) -> dict[str, dict[str, Any]]:
-    """Per source: median seconds of sinkwatch (one `process_job`) and of each peer, run in turn so
-    that the load of a shared machine falls on all alike; and what each peer wrote (checked)."""
+    """Per source: median seconds of sinkwatch (one `process_job`; with the `fast` extra installed, also
+    as a plain install with OpenCV codecs: "sinkwatch_opencv") and of each peer, run in turn so that the
+    load of a shared machine falls on all alike; and what each peer wrote (checked)."""
     folder.mkdir(parents=True, exist_ok=True)
     params = rule.to_params().resize
     convert = shutil.which("convert") if imagemagick_version() else None
@@ -95,9 +96,13 @@ def measure(
     results: dict[str, dict[str, Any]] = {}
     for source in sources:
         size = output_size(source, params)
-        times: dict[str, list[float]] = {name: [] for name in ("sinkwatch", *peers)}
+        ours = ("sinkwatch", "sinkwatch_opencv") if fast_codecs() else ("sinkwatch",)
+        times: dict[str, list[float]] = {name: [] for name in (*ours, *peers)}
         for rep in range(reps):
-            times["sinkwatch"].append(job_seconds(source, rule=rule, queue=folder / "queue", tag=f"peer{rep}"))
+            for name in ours:
+                opencv = name == "sinkwatch_opencv"
+                tag = f"peer{rep}{'-cv' if opencv else ''}"
+                times[name].append(job_seconds(source, rule=rule, queue=folder / "queue", tag=tag, opencv=opencv))
             for peer in peers:
                 frame, heatmap = _outputs(folder, source, peer)
                 started = time.perf_counter()

@@ -117,10 +117,16 @@ def _in_worker(
     step: Callable[[str], None],
 ) -> None:
     pngs = [s for s in sources if s.format == "PNG"]
+    report["png_codecs"] = worker.submit(single.codec_names).result()
     if "single" in sections:
         step(f"single image, one thread: {len(sources)} images x {config.reps}")
         samples = worker.submit(single.measure, sources, rule=rule, queue=root / "single", reps=config.reps)
         report["single"] = single.summarise(samples.result())
+        if worker.submit(single.fast_codecs).result():
+            step(f"single image, one thread, OpenCV codecs: {len(sources)} images x {config.reps}")
+            queue = root / "single-opencv"
+            samples = worker.submit(single.measure, sources, rule=rule, queue=queue, reps=config.reps, opencv=True)
+            report["single_opencv"] = single.summarise(samples.result())
     if "peers" in sections:
         chosen = [s for s in pngs if s.photo in config.peer_photos and s.size in config.sizes[:2]]
         step(f"peers: {len(chosen)} images")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from benchmarks.corpus import Source
 from benchmarks.machine import median_ms
 from core import pipeline
 from core.resize import resize
+from service import decode, encode
 from service.decode import decode_file
 from service.encode import encode_png
 from service.rules import Rule
@@ -87,14 +88,39 @@ class Sample:
         return sum(v for k, v in self.runner.items() if k not in ("decode", "encode", "publish"))
 
 
-def measure(sources: Sequence[Source], *, rule: Rule, queue: Path, reps: int) -> list[Sample]:
-    """`reps` rounds over `sources`, each job followed by its floor on the same source."""
+def measure(sources: Sequence[Source], *, rule: Rule, queue: Path, reps: int, opencv: bool = False) -> list[Sample]:
+    """`reps` rounds over `sources`, each job followed by its floor on the same source.
+
+    ``opencv``: every PNG through OpenCV, as without the `fast` extra.
+    """
     cv2.setNumThreads(1)  # as the workers do (service/pool.py)
-    outputs = {s.path: _outputs(s, rule) for s in sources}
-    _sample(sources[0], rule, queue, "warmup", outputs[sources[0].path])
-    return [
-        _sample(source, rule, queue, f"r{rep}", outputs[source.path]) for rep in range(reps) for source in sources
-    ]
+    with opencv_codecs() if opencv else nullcontext():
+        outputs = {s.path: _outputs(s, rule) for s in sources}
+        _sample(sources[0], rule, queue, "warmup", outputs[sources[0].path])
+        return [
+            _sample(source, rule, queue, f"r{rep}", outputs[source.path]) for rep in range(reps) for source in sources
+        ]
+
+
+def fast_codecs() -> bool:
+    """Whether the `fast` extra's codecs are installed and in use."""
+    return "opencv" not in (encode.PNG_ENCODER, decode.PNG_DECODER)
+
+
+def codec_names() -> dict[str, str]:
+    """The PNG encoder and decoder in use."""
+    return {"encode": encode.PNG_ENCODER, "decode": decode.PNG_DECODER}
+
+
+@contextmanager
+def opencv_codecs() -> Iterator[None]:
+    """OpenCV for every PNG while the block runs, as a plain install (without the `fast` extra) does."""
+    saved = encode.PNG_ENCODER, decode.PNG_DECODER
+    encode.PNG_ENCODER, decode.PNG_DECODER = "opencv", "opencv"
+    try:
+        yield
+    finally:
+        encode.PNG_ENCODER, decode.PNG_DECODER = saved
 
 
 def summarise(samples: Sequence[Sample]) -> dict[str, dict[str, Any]]:
@@ -140,11 +166,12 @@ def _outputs(source: Source, rule: Rule) -> tuple[np.ndarray, np.ndarray]:
     return result.cleaned, result.heatmap
 
 
-def job_seconds(source: Source, *, rule: Rule, queue: Path, tag: str) -> float:
-    """Wall time of one `process_job` on `source` (the peers' yardstick)."""
-    started = time.perf_counter()
-    outcome = process_job(_job(source, rule, queue, tag))
-    elapsed = time.perf_counter() - started
+def job_seconds(source: Source, *, rule: Rule, queue: Path, tag: str, opencv: bool = False) -> float:
+    """Wall time of one `process_job` on `source` (the peers' yardstick); ``opencv`` as in `measure`."""
+    with opencv_codecs() if opencv else nullcontext():
+        started = time.perf_counter()
+        outcome = process_job(_job(source, rule, queue, tag))
+        elapsed = time.perf_counter() - started
     if outcome.status != "published":
         raise RuntimeError(f"{source.path.name} was not published: {outcome.status} {outcome.error}")
     return elapsed

@@ -78,6 +78,20 @@ def test_single_image_section_reports_every_stage_and_its_floor(run_once: tuple[
         assert summary["between_over_codec"] >= summary["resize_to_heatmap_over_codec"] >= 0
 
 
+def test_the_fast_codecs_are_measured_beside_a_plain_install(run_once: tuple[dict[str, Any], str]) -> None:
+    results, printed = run_once
+    assert results["png_codecs"] == {"encode": "fpng", "decode": "pyspng"}, "the test extra installs `fast` too"
+    fast, plain = results["single"], results["single_opencv"]
+    assert set(plain) == set(fast)
+    for group in fast:
+        assert positive(plain[group]["stages_ms"]["encode"]) and positive(plain[group]["floor_ms"])
+        assert plain[group]["pipeline_over_floor"] == round(plain[group]["pipeline_ms"] / plain[group]["floor_ms"], 3)
+    assert all(positive(row["sinkwatch_opencv"]) for row in results["peers"].values())
+    codecs = results["codecs"]["png_ms"]
+    assert positive(codecs["encode sinkwatch, OpenCV codecs"]) and positive(codecs["decode sinkwatch, OpenCV codecs"])
+    assert "fast codecs (fpng + pyspng)" in printed and "OpenCV codecs" in printed
+
+
 def test_peers_do_the_same_job_at_the_published_size(run_once: tuple[dict[str, Any], str]) -> None:
     results, _printed = run_once
     rows = results["peers"]
@@ -126,10 +140,11 @@ def test_the_table_names_the_machine_and_every_target(run_once: tuple[dict[str, 
     assert results["machine"]["cores"] >= 1 and results["machine"]["cpu"]
     assert f"{results['machine']['cores']} cores" in printed
     names = [t["target"] for t in results["targets"]]
-    assert len(names) == 2 * 2 + 2 + 1 + 2 + 2  # 2 sizes x 2 ratios, 2 peers, scaling, 2 latency, RSS + fds
+    # Per codec set (the `fast` extra's and OpenCV's): 2 sizes x 2 ratios, 2 peers; then scaling, 2 latency, RSS + fds.
+    assert len(names) == 2 * (2 * 2 + 2) + 1 + 2 + 2
     for target in results["targets"]:
         assert target["met"] in (True, False) and target["target"] in printed
     for heading in ("Single image", "Floor", "Peers", "Codec", "Daemon", "Latency", "Backlog", "Steps", "Targets"):
         assert heading in printed
     steps = results["step_seconds"]
-    assert len(steps) == 7 and all(lap["seconds"] >= 0 and lap["machine_busy_cores"] >= 0 for lap in steps.values())
+    assert len(steps) == 8 and all(lap["seconds"] >= 0 and lap["machine_busy_cores"] >= 0 for lap in steps.values())

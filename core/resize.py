@@ -5,6 +5,15 @@ under-blurs, so every later stage works at the output size. Downscaling uses
 an area filter (no aliasing of fine patterns, which would create new sinks),
 upscaling Lanczos.
 
+OpenCV's area filter is fast only at integer ratios: 1024x591 -> 832x480 took
+8.2 ms, 832x1216 -> 480x832 10.8 ms (one thread, measured). So a downscale
+first *upsamples* bilinearly to the smallest integer multiple of the target
+that is at least the source size, then area-reduces by that integer: 4.3 and
+4.2 ms. Upsampling adds no aliasing; the result is within 0.3 grey levels
+(mean) of the direct area filter on photos, a little softer in the pass band,
+and lets less through in the alias band (sinusoids just below the source's
+Nyquist frequency keep 33-36% of their amplitude instead of 44-46% at 0.81x).
+
 Target size
 -----------
 ``width x height`` is the landscape (or, with ``orientation="fixed"``, the
@@ -133,10 +142,20 @@ def _scale(image: np.ndarray, width: int, height: int) -> np.ndarray:
     if (w, h) == (width, height):
         return np.array(image, order="C", copy=True)
     shrink_x, shrink_y = width <= w, height <= h
+    if shrink_x and shrink_y:
+        return _shrink(image, width, height)
     if shrink_x == shrink_y:
-        flag = cv2.INTER_AREA if shrink_x else cv2.INTER_LANCZOS4
-        return np.ascontiguousarray(cv2.resize(image, (width, height), interpolation=flag))
+        return np.ascontiguousarray(cv2.resize(image, (width, height), interpolation=cv2.INTER_LANCZOS4))
     # One axis shrinks, the other grows (only `stretch` gets here): each axis gets its own filter.
     first = cv2.resize(image, (width, h), interpolation=cv2.INTER_AREA if shrink_x else cv2.INTER_LANCZOS4)
     flag = cv2.INTER_AREA if shrink_y else cv2.INTER_LANCZOS4
     return np.ascontiguousarray(cv2.resize(first, (width, height), interpolation=flag))
+
+
+def _shrink(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Area-filtered downscale at an integer ratio (see the module docstring)."""
+    h, w = image.shape[:2]
+    wide, high = width * math.ceil(w / width), height * math.ceil(h / height)
+    if (wide, high) != (w, h):
+        image = cv2.resize(image, (wide, high), interpolation=cv2.INTER_LINEAR)
+    return np.ascontiguousarray(cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA))

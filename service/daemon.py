@@ -98,6 +98,7 @@ class Daemon:
             metrics=self.metrics,
             limits=Limits(s.max_bytes, s.max_pixels, s.max_attempts, s.retry_base, s.queue_size),
             resolve=lambda key: self.folders.watch / key,
+            wakeup=lambda: self.events.arrived(),
         )
         self.uploads: Uploads | None = None
         if s.comfyui_url:
@@ -197,6 +198,7 @@ class Daemon:
         return False
 
     def _take_events(self) -> None:
+        self.events.rearm()
         wall = time.time()
         for _ in range(4096):
             try:

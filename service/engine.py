@@ -72,6 +72,7 @@ class Engine:
         forced_rule: Rule | None = None,
         force: bool = False,
         clock: Callable[[], float] = time.time,
+        wakeup: Callable[[], Future[None]] | None = None,
     ) -> None:
         self.queue = queue
         self.rules = rules
@@ -83,6 +84,8 @@ class Engine:
         self.forced_rule = forced_rule
         self.force = force
         self.clock = clock
+        # A future that completes when there is new work to offer (the daemon's watch events): waits end early.
+        self.wakeup = wakeup
         self.publisher = Publisher(queue)
         self.pending: OrderedDict[str, Candidate] = OrderedDict()
         self.in_flight: dict[Future[Outcome], tuple[Candidate, Job]] = {}
@@ -233,10 +236,16 @@ class Engine:
         self.in_flight[self.pool.submit(job)] = (candidate, job)
 
     def _collect(self, timeout: float) -> int:
+        signal = [self.wakeup()] if self.wakeup is not None else []
         if not self.in_flight:
-            time.sleep(timeout)  # idle: this wait is what keeps the loop from spinning a core
+            # Idle: this wait is what keeps the loop from spinning a core.
+            if signal:
+                wait(signal, timeout=timeout)
+            else:
+                time.sleep(timeout)
             return 0
-        done, _ = wait(list(self.in_flight), timeout=timeout, return_when=FIRST_COMPLETED)
+        done, _ = wait([*self.in_flight, *signal], timeout=timeout, return_when=FIRST_COMPLETED)
+        done = {future for future in done if future in self.in_flight}
         broken = False
         failure: SinkwatchError | None = None
         for future in done:

@@ -13,6 +13,8 @@ import errno
 import os
 import queue
 import stat
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 from loguru import logger
@@ -30,15 +32,37 @@ FILE_EVENTS = frozenset({"closed", "created", "modified", "moved"})
 
 
 class EventQueue(queue.Queue[Event]):
-    """A bounded event queue that remembers it dropped something."""
+    """A bounded event queue that remembers it dropped something and wakes the loop waiting on it.
+
+    `arrived()` is a future that completes at the first event (or drop) after
+    the last `rearm()`: the daemon's waits include it, so a file closed while
+    the loop sleeps is dispatched at once instead of at the end of the tick
+    (25 ms of latency on average with a 50 ms tick).
+    """
 
     def __init__(self, maxsize: int) -> None:
         super().__init__(maxsize)
         self.overflowed = False
+        self._signal_lock = threading.Lock()
+        self._arrived: Future[None] = Future()
 
     def take_overflow(self) -> bool:
         overflowed, self.overflowed = self.overflowed, False
         return overflowed
+
+    def arrived(self) -> Future[None]:
+        return self._arrived
+
+    def rearm(self) -> None:
+        """Call before draining the queue: an event put after it completes the new future."""
+        with self._signal_lock:
+            if self._arrived.done():
+                self._arrived = Future()
+
+    def wake(self) -> None:
+        with self._signal_lock:
+            if not self._arrived.done():
+                self._arrived.set_result(None)
 
 
 class EnqueueHandler(FileSystemEventHandler):
@@ -66,6 +90,7 @@ class EnqueueHandler(FileSystemEventHandler):
         except queue.Full:
             # Backpressure: drop the event and let the reconciliation scan find the file.
             self.events.overflowed = True
+        self.events.wake()
 
 
 class FolderWatcher:

@@ -13,7 +13,9 @@ hand). The routes and bodies follow ComfyUI's ``server.py``:
 
 Failures split in two: :class:`ComfyUnavailable` (refused, timed out, 5xx,
 not a ComfyUI answer: transient, try again later) and :class:`ComfyRejected`
-(a 4xx: the request itself is wrong, sending it again will not help).
+(a 4xx: the request itself is wrong, sending it again will not help). They
+live in :mod:`service.comfyui_errors` and are re-exported here (``__all__``)
+for callers.
 
 Why uploads use ``overwrite=True`` into their own subfolder (default
 ``sinkwatch``): the caller passes the published frame name, which the
@@ -43,79 +45,23 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any, TypeVar
+from typing import Any
 
-from service.errors import ConfigError, SinkwatchError
+from service.comfyui_errors import ComfyPending, ComfyRejected, ComfyUnavailable, rejection
+from service.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_SUBFOLDER",
+    "ComfyClient",
+    "ComfyPending",
+    "ComfyRejected",
+    "ComfyUnavailable",
+    "QueuedPrompt",
+    "UploadResult",
+    "status_of",
+]
 
 DEFAULT_SUBFOLDER = "sinkwatch"
-
-T = TypeVar("T")
-
-
-class ComfyUnavailable(SinkwatchError):
-    """ComfyUI cannot be reached or failed on its side: try again later."""
-
-    reason = "comfyui_down"
-    transient = True
-
-    def __init__(self, message: str, *, url: str, status: int | None = None) -> None:
-        super().__init__(message, stage="comfyui")
-        self.url = url
-        self.status = status
-
-    def as_record(self) -> dict[str, object]:
-        return {**super().as_record(), "url": self.url, "status": self.status}
-
-
-class ComfyRejected(SinkwatchError):
-    """ComfyUI refused the request (4xx), with its ``error`` and ``node_errors`` as fields."""
-
-    reason = "comfyui_rejected"
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        url: str,
-        status: int,
-        error_type: str | None = None,
-        details: str | None = None,
-        node_errors: Mapping[str, Any] | None = None,
-    ) -> None:
-        super().__init__(message, stage="comfyui")
-        self.url = url
-        self.status = status
-        self.error_type = error_type
-        self.details = details
-        self.node_errors: dict[str, Any] = dict(node_errors or {})
-
-    def node_messages(self) -> list[str]:
-        """One line per node error, e.g. ``node 10 (LoadImage): image - Invalid image file: x.png``."""
-        lines = []
-        for node_id, entry in sorted(self.node_errors.items()):
-            entry = entry if isinstance(entry, Mapping) else {}
-            for error in entry.get("errors") or ():
-                if isinstance(error, Mapping):
-                    text = error.get("details") or error.get("message") or error.get("type")
-                    lines.append(f"node {node_id} ({entry.get('class_type', '?')}): {text}")
-        return lines
-
-    def as_record(self) -> dict[str, object]:
-        return {
-            **super().as_record(),
-            "url": self.url,
-            "status": self.status,
-            "error_type": self.error_type,
-            "details": self.details,
-            "node_errors": self.node_messages(),
-        }
-
-
-class ComfyPending(SinkwatchError):
-    """A queued prompt had not finished when the wait ran out (still queued or running)."""
-
-    reason = "comfyui_pending"
-    transient = True
 
 
 @dataclass(frozen=True)
@@ -248,7 +194,7 @@ class ComfyClient:
                 raise ComfyUnavailable(
                     f"ComfyUI answered {error.code} to {method} {route}", url=url, status=error.code
                 ) from error
-            raise _rejected(method, route, url, error.code, payload) from error
+            raise rejection(method, route, url, error.code, payload) from error
         except (OSError, http.client.HTTPException) as error:
             why = error.reason if isinstance(error, urllib.error.URLError) else error
             raise ComfyUnavailable(f"ComfyUI at {self.base_url} unreachable: {why}", url=url) from error
@@ -269,45 +215,6 @@ def status_of(entry: Mapping[str, Any]) -> str:
     if isinstance(status, Mapping) and isinstance(status.get("status_str"), str):
         return str(status["status_str"])
     return "success"
-
-
-def backoff(attempt: int, *, base: float, cap: float) -> float:
-    """Delay after the ``attempt``-th failure: ``base * 2**(attempt-1)``, at most ``cap``."""
-    return min(cap, base * 2.0 ** min(attempt - 1, 64))  # the cap applies long before 2**64 overflows
-
-
-def retrying(
-    fn: Callable[[], T],
-    *,
-    attempts: int = 5,
-    base: float = 1.0,
-    cap: float = 60.0,
-    sleep: Callable[[float], object] = time.sleep,
-    on_retry: Callable[[int, float, SinkwatchError], None] | None = None,
-) -> T:
-    """Call ``fn`` until it succeeds, retrying transient sinkwatch errors with capped exponential backoff.
-
-    Permanent errors (``transient`` False, e.g. :class:`ComfyRejected`) and the
-    last attempt's error propagate unchanged. No jitter: one client per daemon,
-    and tests see an exact sequence. ``sleep`` may return True to stop early
-    (pass ``stop_event.wait``), which re-raises the last transient error so the
-    caller keeps the work pending.
-    """
-    if attempts < 1:
-        raise ValueError(f"attempts must be at least 1, got {attempts}")
-    attempt = 1
-    while True:
-        try:
-            return fn()
-        except SinkwatchError as error:
-            if not error.transient or attempt >= attempts:
-                raise
-            delay = backoff(attempt, base=base, cap=cap)
-            if on_retry is not None:
-                on_retry(attempt, delay, error)
-            if sleep(delay) is True:
-                raise
-            attempt += 1
 
 
 def _checked_subfolder(subfolder: str) -> str:
@@ -340,34 +247,3 @@ def _read_quietly(error: urllib.error.HTTPError) -> bytes:
         return b""
     finally:
         error.close()
-
-
-def _rejected(method: str, route: str, url: str, status: int, payload: bytes) -> ComfyRejected:
-    try:
-        answer = json.loads(payload) if payload else None
-    except ValueError:
-        answer = None
-    error_type = details = None
-    comfy_message = ""
-    node_errors: Mapping[str, Any] = {}
-    if isinstance(answer, Mapping):
-        error = answer.get("error")
-        if isinstance(error, Mapping):
-            error_type = error.get("type")
-            comfy_message = str(error.get("message") or "")
-            details = error.get("details")
-        elif isinstance(error, str):
-            comfy_message = error
-        if isinstance(answer.get("node_errors"), Mapping):
-            node_errors = answer["node_errors"]
-    elif payload:
-        details = payload[:500].decode("utf-8", "replace")
-    message = f"ComfyUI rejected {method} {route} ({status})" + (f": {comfy_message}" if comfy_message else "")
-    return ComfyRejected(
-        message,
-        url=url,
-        status=status,
-        error_type=str(error_type) if error_type is not None else None,
-        details=str(details) if details else None,
-        node_errors=node_errors,
-    )

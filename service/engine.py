@@ -8,8 +8,6 @@ metrics and log lines. It is driven from a single thread by `pump()`.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import stat
 import time
@@ -19,10 +17,10 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from loguru import logger
 
+from service import recovery
 from service.errors import PublishError, SinkwatchError
 from service.ledger import Ledger
 from service.metrics import Metrics
@@ -138,46 +136,13 @@ class Engine:
             self.offer(Candidate(entry.relpath, self.resolve(entry.relpath), "retry", self.clock()))
 
     def recover(self) -> int:
-        """After a crash: settle the rows a dead run left in "processing"; returns how many.
-
-        A frame published just before the crash only needs its ledger row: its
-        sidecar names the source's current content and the frame's own hash.
-        Anything else is queued again.
-        """
-        recovered = 0
-        for entry in self.ledger.entries("processing"):
-            path = self.resolve(entry.relpath)
-            try:
-                st = os.stat(path)
-            except OSError:
-                self.ledger.forget(entry.relpath)
-                continue
-            sidecar = self._own_sidecar(entry.output_name, entry.relpath) if entry.output_name else None
-            if sidecar is not None and _complete(sidecar, path, self.publisher.frame_path(str(entry.output_name))):
-                self.ledger.published(
-                    entry.relpath,
-                    size=st.st_size,
-                    mtime_ns=st.st_mtime_ns,
-                    sha256=sidecar["source"]["sha256"],
-                    rule=sidecar["rule"]["name"],
-                    fingerprint=sidecar["rule"]["fingerprint"],
-                )
-                recovered += 1
-            else:
-                self.offer(Candidate(entry.relpath, path, "retry", self.clock()))
-        return recovered
-
-    def _own_sidecar(self, name: str, key: str) -> dict[str, Any] | None:
-        """The sidecar of output `name` if it exists and was written for source `key`."""
-        sidecar = _read_json(self.publisher.sidecar_path(name))
-        try:
-            return sidecar if sidecar is not None and sidecar["source"]["key"] == key else None
-        except (KeyError, TypeError):
-            return None
-
-    def _taken(self, name: str, key: str) -> bool:
-        """A frame of that name exists and is not ours: the user's own file, or another source's."""
-        return self.publisher.frame_path(name).exists() and self._own_sidecar(name, key) is None
+        """After a crash: settle the rows a dead run left in "processing"; returns how many (see `service.recovery`)."""
+        return recovery.recover(
+            self.ledger,
+            self.publisher,
+            resolve=self.resolve,
+            requeue=lambda key, path: self.offer(Candidate(key, path, "retry", self.clock())),
+        )
 
     # -- dispatch -------------------------------------------------------------
 
@@ -212,7 +177,9 @@ class Engine:
         entry = self.ledger.get(candidate.key)
         rule = self.forced_rule or self.rules.select(candidate.name_source)
         name = self.ledger.name_for(
-            candidate.key, safe_stem(candidate.name_source), exists=lambda n: self._taken(n, candidate.key)
+            candidate.key,
+            safe_stem(candidate.name_source),
+            exists=lambda n: recovery.taken(self.publisher, n, candidate.key),
         )
         known = entry.sha256 if entry and entry.state == "published" and not self.force else None
         self.ledger.start(
@@ -407,30 +374,3 @@ class Engine:
     def _count(self, rule: str, outcome: str) -> None:
         self.counts[outcome] += 1
         self.metrics.processed.labels(rule=rule, outcome=outcome).inc()
-
-
-def _complete(sidecar: dict[str, Any], source: Path, frame: Path) -> bool:
-    """The sidecar describes this source's current content and the frame on disk is the one it names."""
-    try:
-        return bool(
-            sidecar["source"]["sha256"] == sha256_file(source)
-            and sidecar["output"]["frame_sha256"] == sha256_file(frame)
-        )
-    except (KeyError, TypeError, OSError):
-        return False
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

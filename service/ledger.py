@@ -7,15 +7,9 @@ an output name is on disk before any file carries it, so a power cut can
 never make a rerun pick a second name for an image already published. A
 commit costs one WAL fsync, small beside the six fsyncs of a publication.
 
-Source keys are stored as UTF-8 bytes (BLOB) so that file names that are not
-valid UTF-8 (lone surrogates after Python's decoding) round-trip exactly.
-
-The ``uploads`` table (schema 2) holds the frames owed to a remote ComfyUI,
-keyed by output name. A row is written *before* the upload is attempted, so an
-upload pending while ComfyUI is down survives a restart. Each (re)publication
-of a name bumps its ``generation``; an upload result only settles the row of
-the generation it was started for, so the answer for an older frame never marks
-a newer one as sent.
+This module holds the connection and the ``sources`` and ``names`` tables;
+the schema and its migrations are in `service.ledger_schema`, the ``uploads``
+table in `service.ledger_uploads` (a base class of `Ledger`).
 """
 
 from __future__ import annotations
@@ -33,61 +27,17 @@ from types import TracebackType
 from typing import Any
 
 from service.errors import ConfigError, PublishError
+from service.ledger_schema import MIGRATIONS, SCHEMA_VERSION, db_key, db_relpath, db_text, migrate
+from service.ledger_uploads import UPLOAD_STATES, Upload, UploadLedger
 from service.naming import disambiguated
+
+# Callers import the whole ledger API from here, including what ledger_schema and ledger_uploads define.
+__all__ = ["FINAL_STATES", "MIGRATIONS", "SCHEMA_VERSION", "STATES", "UPLOAD_STATES", "Entry", "Ledger", "Upload"]
 
 STATES = ("processing", "published", "rejected", "retry")
 FINAL_STATES = ("published", "rejected")
-UPLOAD_STATES = ("pending", "done", "failed")
 
-SCHEMA_VERSION = 2
-# Statements that bring a ledger from version N-1 to N; a new version appends an entry.
-MIGRATIONS: dict[int, tuple[str, ...]] = {
-    1: (
-        """CREATE TABLE sources (
-            relpath BLOB PRIMARY KEY,
-            state TEXT NOT NULL CHECK (state IN ('processing', 'published', 'rejected', 'retry')),
-            size INTEGER,
-            mtime_ns INTEGER,
-            sha256 TEXT,
-            rule TEXT,
-            fingerprint TEXT,
-            attempts INTEGER NOT NULL CHECK (attempts >= 0),
-            next_attempt REAL,
-            reason TEXT,
-            message TEXT,
-            updated REAL NOT NULL
-        )""",
-        "CREATE INDEX sources_by_state ON sources (state, next_attempt)",
-        """CREATE TABLE names (
-            relpath BLOB PRIMARY KEY,
-            name TEXT NOT NULL,
-            folded TEXT NOT NULL UNIQUE
-        )""",
-    ),
-    2: (
-        """CREATE TABLE uploads (
-            name TEXT PRIMARY KEY,
-            relpath BLOB NOT NULL,
-            width INTEGER NOT NULL CHECK (width > 0),
-            height INTEGER NOT NULL CHECK (height > 0),
-            state TEXT NOT NULL CHECK (state IN ('pending', 'done', 'failed')),
-            generation INTEGER NOT NULL CHECK (generation >= 1),
-            reference TEXT,
-            prompt_id TEXT,
-            reason TEXT,
-            message TEXT,
-            queued REAL NOT NULL,
-            updated REAL NOT NULL
-        )""",
-        "CREATE INDEX uploads_by_state ON uploads (state, queued)",
-    ),
-}
-
-_SELECT_UPLOAD = """
-    SELECT name, relpath, width, height, state, generation, reference, prompt_id, reason, message, queued, updated
-    FROM uploads
-"""
-
+# The columns in the order of Entry's fields.
 _SELECT_ENTRY = """
     SELECT s.relpath, s.size, s.mtime_ns, s.sha256, s.rule, s.fingerprint, s.state, n.name,
            s.attempts, s.next_attempt, s.reason, s.message, s.updated
@@ -112,25 +62,7 @@ class Entry:
     updated: float
 
 
-@dataclass(frozen=True)
-class Upload:
-    """A frame owed to (or already sent to) a remote ComfyUI."""
-
-    name: str  # output name (stem) of the published frame
-    relpath: str  # the source it was made from
-    width: int
-    height: int
-    state: str  # "pending" | "done" | "failed"
-    generation: int
-    reference: str | None  # what LoadImage takes: "subfolder/name.png"
-    prompt_id: str | None
-    reason: str | None
-    message: str | None
-    queued: float
-    updated: float
-
-
-class Ledger:
+class Ledger(UploadLedger):
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self.clock = clock
@@ -142,7 +74,8 @@ class Ledger:
         try:
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = FULL")
-            self._migrate()
+            with self._transaction() as db:
+                migrate(db, path=path)
         except (sqlite3.Error, PublishError) as exc:
             self._db.close()
             detail = exc.message if isinstance(exc, PublishError) else str(exc)
@@ -167,7 +100,7 @@ class Ledger:
 
     def get(self, relpath: str) -> Entry | None:
         with self._transaction(write=False) as db:
-            row = db.execute(_SELECT_ENTRY + " WHERE s.relpath = ?", (_key(relpath),)).fetchone()
+            row = db.execute(_SELECT_ENTRY + " WHERE s.relpath = ?", (db_key(relpath),)).fetchone()
         return _entry(row) if row else None
 
     def seen(self, relpath: str, *, size: int, mtime_ns: int) -> Entry | None:
@@ -201,7 +134,7 @@ class Ledger:
         """The output name of `relpath`: the one it already has, else the first free of
         `stem`, ``stem-<hash>``, ``stem-<hash>-2``, ... (free: no other source owns it,
         compared case-insensitively, and ``exists(name)`` is False)."""
-        key = _key(relpath)
+        key = db_key(relpath)
         with self._transaction() as db:
             row = db.execute("SELECT name FROM names WHERE relpath = ?", (key,)).fetchone()
             if row:
@@ -236,7 +169,7 @@ class Ledger:
                    state = 'processing', size = excluded.size, mtime_ns = excluded.mtime_ns,
                    sha256 = excluded.sha256, rule = excluded.rule, fingerprint = excluded.fingerprint,
                    next_attempt = NULL, updated = excluded.updated""",
-            (_key(relpath), size, mtime_ns, _text(sha256), _text(rule), _text(fingerprint), self.clock()),
+            (db_key(relpath), size, mtime_ns, db_text(sha256), db_text(rule), db_text(fingerprint), self.clock()),
         )
 
     def published(self, relpath: str, *, size: int, mtime_ns: int, sha256: str, rule: str, fingerprint: str) -> None:
@@ -247,7 +180,7 @@ class Ledger:
                    state = 'published', size = excluded.size, mtime_ns = excluded.mtime_ns,
                    sha256 = excluded.sha256, rule = excluded.rule, fingerprint = excluded.fingerprint,
                    next_attempt = NULL, reason = NULL, message = NULL, updated = excluded.updated""",
-            (_key(relpath), size, mtime_ns, _text(sha256), _text(rule), _text(fingerprint), self.clock()),
+            (db_key(relpath), size, mtime_ns, db_text(sha256), db_text(rule), db_text(fingerprint), self.clock()),
         )
 
     def rejected(
@@ -269,7 +202,7 @@ class Ledger:
                    mtime_ns = COALESCE(excluded.mtime_ns, mtime_ns), sha256 = COALESCE(excluded.sha256, sha256),
                    reason = excluded.reason, message = excluded.message, next_attempt = NULL,
                    updated = excluded.updated""",
-            (_key(relpath), size, mtime_ns, _text(sha256), _text(reason), _text(message), self.clock()),
+            (db_key(relpath), size, mtime_ns, db_text(sha256), db_text(reason), db_text(message), self.clock()),
         )
 
     def retry(self, relpath: str, *, reason: str, message: str, next_attempt: float) -> None:
@@ -280,90 +213,12 @@ class Ledger:
                ON CONFLICT (relpath) DO UPDATE SET
                    state = 'retry', reason = excluded.reason, message = excluded.message,
                    next_attempt = excluded.next_attempt, updated = excluded.updated""",
-            (_key(relpath), _text(reason), _text(message), next_attempt, self.clock()),
+            (db_key(relpath), db_text(reason), db_text(message), next_attempt, self.clock()),
         )
 
     def forget(self, relpath: str) -> None:
         """Drop the source's entry (it vanished); its output name stays reserved for it."""
-        self._write("DELETE FROM sources WHERE relpath = ?", (_key(relpath),))
-
-    # -- uploads to a remote ComfyUI ------------------------------------------
-
-    def upload_pending(self, name: str, *, relpath: str, width: int, height: int) -> int:
-        """Owe ComfyUI the frame `name` (again, if it was republished); returns the new generation."""
-        now = self.clock()
-        with self._transaction() as db:
-            row = db.execute(
-                """INSERT INTO uploads (name, relpath, width, height, state, generation, queued, updated)
-                   VALUES (?, ?, ?, ?, 'pending', 1, ?, ?)
-                   ON CONFLICT (name) DO UPDATE SET
-                       relpath = excluded.relpath, width = excluded.width, height = excluded.height,
-                       state = 'pending', generation = generation + 1, reference = NULL, prompt_id = NULL,
-                       reason = NULL, message = NULL, queued = excluded.queued, updated = excluded.updated
-                   RETURNING generation""",
-                (_text(name), _key(relpath), width, height, now, now),
-            ).fetchone()
-        return int(row[0])
-
-    def upload_done(self, name: str, *, generation: int, reference: str, prompt_id: str | None = None) -> bool:
-        """The frame of that generation reached ComfyUI (and its workflow was queued); False if superseded."""
-        return self._settle_upload(
-            name, generation, "done", reference=reference, prompt_id=prompt_id, reason=None, message=None
-        )
-
-    def upload_failed(
-        self, name: str, *, generation: int, reason: str, message: str, reference: str | None = None
-    ) -> bool:
-        """Sending it again cannot help (rejected, frame gone); False if superseded."""
-        return self._settle_upload(
-            name, generation, "failed", reference=reference, prompt_id=None, reason=reason, message=message
-        )
-
-    def get_upload(self, name: str) -> Upload | None:
-        with self._transaction(write=False) as db:
-            row = db.execute(_SELECT_UPLOAD + " WHERE name = ?", (_text(name),)).fetchone()
-        return _upload(row) if row else None
-
-    def uploads(self, state: str | None = None) -> list[Upload]:
-        """Uploads in the order they were owed (the oldest first), optionally of one state."""
-        if state is not None and state not in UPLOAD_STATES:
-            raise ValueError(f"state must be one of {UPLOAD_STATES}, got {state!r}")
-        where, params = (" WHERE state = ?", (state,)) if state else ("", ())
-        with self._transaction(write=False) as db:
-            return [_upload(row) for row in db.execute(_SELECT_UPLOAD + where + " ORDER BY queued, name", params)]
-
-    def upload_counts(self) -> dict[str, int]:
-        with self._transaction(write=False) as db:
-            rows = db.execute("SELECT state, COUNT(*) FROM uploads GROUP BY state").fetchall()
-        return {state: 0 for state in UPLOAD_STATES} | dict(rows)
-
-    def _settle_upload(
-        self,
-        name: str,
-        generation: int,
-        state: str,
-        *,
-        reference: str | None,
-        prompt_id: str | None,
-        reason: str | None,
-        message: str | None,
-    ) -> bool:
-        with self._transaction() as db:
-            cursor = db.execute(
-                """UPDATE uploads SET state = ?, reference = ?, prompt_id = ?, reason = ?, message = ?, updated = ?
-                   WHERE name = ? AND generation = ? AND state = 'pending'""",
-                (
-                    state,
-                    _text(reference),
-                    _text(prompt_id),
-                    _text(reason),
-                    _text(message),
-                    self.clock(),
-                    _text(name),
-                    generation,
-                ),
-            )
-            return cursor.rowcount == 1
+        self._write("DELETE FROM sources WHERE relpath = ?", (db_key(relpath),))
 
     # -- plumbing -------------------------------------------------------------
 
@@ -392,28 +247,6 @@ class Ledger:
                     raise  # integrity and programming errors are bugs, not conditions
                 raise ConfigError(f"the ledger is damaged: {exc}", path=self.path) from exc
 
-    def _migrate(self) -> None:
-        with self._transaction() as db:
-            version = int(db.execute("PRAGMA user_version").fetchone()[0])
-            if version > SCHEMA_VERSION:
-                raise ConfigError(
-                    f"the ledger has schema version {version}, newer than this sinkwatch ({SCHEMA_VERSION})",
-                    path=self.path,
-                )
-            for target in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[target]:
-                    db.execute(statement)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-
-def _key(relpath: str) -> bytes:
-    return relpath.encode("utf-8", "surrogatepass")
-
-
-def _text(value: str | None) -> str | None:
-    """Text SQLite can store: lone surrogates (from undecodable file names) escaped."""
-    return None if value is None else value.encode("utf-8", "backslashreplace").decode("utf-8")
-
 
 def _fold(name: str) -> str:
     """Names equal on a case-insensitive file system (Windows, macOS) fold to the same text."""
@@ -422,9 +255,4 @@ def _fold(name: str) -> str:
 
 def _entry(row: tuple[Any, ...]) -> Entry:
     relpath, *rest = row
-    return Entry(bytes(relpath).decode("utf-8", "surrogatepass"), *rest)
-
-
-def _upload(row: tuple[Any, ...]) -> Upload:
-    name, relpath, *rest = row
-    return Upload(name, bytes(relpath).decode("utf-8", "surrogatepass"), *rest)
+    return Entry(db_relpath(relpath), *rest)

@@ -1,19 +1,20 @@
 """Rule files: TOML, validated by frozen pydantic models, mapped onto core's parameters.
 
-A rule is data. Each section (``resize``, ``analysis``, ``mask``, ``blur``,
-``highlights``, ``output``) is one model whose fields mirror one core
-dataclass; every field has a default, so a rule file states only what it
-changes. Types are strict (``width = "832"`` or ``blots = "yes"`` is an
-error, not a guess) and unknown keys are refused. Any problem raises
+A rule is data. :class:`Rule` assembles the sections of a rule file (one
+model per core dataclass, in :mod:`service.rule_sections`) and maps them onto
+core's parameters. Types are strict (``width = "832"`` or ``blots = "yes"`` is
+an error, not a guess) and unknown keys are refused. Any problem raises
 :class:`~service.errors.RuleError` naming the file, the field and what was
-expected.
+expected (the wording lives in :mod:`service.rule_errors`).
 
-``match`` globs are matched against the path relative to the watch folder,
-``/``-separated and case-insensitive: ``*`` and ``?`` stay inside one folder,
-``**`` (a whole segment) spans any number of folders, ``[abc]`` / ``[!abc]``
-are character classes. A glob without ``/`` matches the file name in any
-folder. Selection takes the highest ``priority`` among the rules with a
+``match`` globs (grammar in :mod:`service.rule_globs`) are matched against the
+path relative to the watch folder; a glob without ``/`` matches the file name
+in any folder. Selection takes the highest ``priority`` among the rules with a
 matching glob (ties: by name), and the rule named ``default`` otherwise.
+
+Callers import everything about rules from here: the section models and
+:func:`compile_glob` are re-exported (``__all__``) so that the split into
+modules stays an implementation detail.
 """
 
 from __future__ import annotations
@@ -22,15 +23,14 @@ import hashlib
 import json
 import re
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import lru_cache
 from importlib import resources
 from importlib.abc import Traversable
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Literal
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator
 
 from core.blur import BlurParams
 from core.frequency import AnalysisParams
@@ -40,98 +40,42 @@ from core.mask import MaskParams
 from core.pipeline import PipelineParams
 from core.resize import ResizeParams
 from service.errors import RuleError
+from service.rule_errors import FieldError, rule_error
+from service.rule_globs import compile_glob
+from service.rule_sections import (
+    AnalysisSection,
+    BlurSection,
+    HighlightsSection,
+    MaskSection,
+    OutputSection,
+    ResizeSection,
+    StrictModel,
+)
+
+__all__ = [
+    "DEFAULT_RULE",
+    "AnalysisSection",
+    "BlurSection",
+    "HighlightsSection",
+    "MaskSection",
+    "OutputSection",
+    "ResizeSection",
+    "Rule",
+    "RuleSet",
+    "compile_glob",
+    "load_rule_file",
+    "load_rules",
+    "parse_rule",
+    "rule_files",
+]
 
 DEFAULT_RULE = "default"
 # Bumped when the meaning of a field changes, so that old fingerprints stop matching.
 _FINGERPRINT_SALT = "sinkwatch-rule-1"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
-Channel = Annotated[int, Field(ge=0, le=255)]
-RGB = Annotated[tuple[Channel, Channel, Channel], Field(strict=False)]
 
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class ResizeSection(_Section):
-    width: int = Field(832, ge=16, le=8192)
-    height: int = Field(480, ge=16, le=8192)
-    mode: Literal["cover", "contain", "stretch"] = "cover"
-    orientation: Literal["auto", "fixed"] = "auto"
-    square: bool = False
-    multiple: Literal[16, 32] = 16
-    pad: RGB = (0, 0, 0)
-
-    @model_validator(mode="after")
-    def _aligned(self) -> ResizeSection:
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            if value % self.multiple:
-                raise _FieldError(name, f"must be a multiple of {self.multiple} (resize.multiple), got {value}")
-        return self
-
-
-class AnalysisSection(_Section):
-    sigma: float = Field(1.2, ge=0.3, le=10.0)
-    window: int = Field(9, ge=1, le=255)
-    scale: float = Field(24.0, gt=0.0, le=255.0)
-    texture: bool = True
-    texture_window: int = Field(21, ge=3, le=255)
-    fill_low: float = Field(0.42, ge=0.0, le=1.0)
-    fill_high: float = Field(0.60, ge=0.0, le=1.0)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> AnalysisSection:
-        if self.fill_low >= self.fill_high:
-            raise _FieldError("fill_low", f"must be below fill_high ({self.fill_high}), got {self.fill_low}")
-        return self
-
-
-class MaskSection(_Section):
-    mode: Literal["absolute", "percentile"] = "absolute"
-    threshold: float = Field(0.18, ge=0.0, le=1.0)
-    percentile: float = Field(90.0, ge=0.0, le=100.0)
-    speckle: int = Field(2, ge=0, le=64)
-    min_area: int = Field(256, ge=0)
-    dilate: int = Field(4, ge=0, le=128)
-    feather: float = Field(3.0, ge=0.0, le=128.0)
-    max_coverage: float = Field(0.2, ge=0.0, le=1.0)
-    blots: bool = True
-    blot_size: int = Field(48, ge=4, le=1024)
-    blot_keep: float = Field(0.6, gt=0.0, le=1.0)
-    blot_min_area: int = Field(20000, ge=0)
-
-
-class BlurSection(_Section):
-    mode: Literal["gaussian", "target"] = "target"
-    sigma: float = Field(1.2, ge=0.3, le=10.0)
-    strength: float = Field(1.0, ge=0.0, le=1.0)
-    target: float = Field(0.08, ge=0.0, le=1.0)
-
-
-class HighlightsSection(_Section):
-    enabled: bool = True
-    level: int = Field(235, ge=0, le=255)
-    max_area: int = Field(120, ge=1)
-    contrast: int = Field(50, ge=0, le=255)
-    radius: int = Field(5, ge=1, le=64)
-    strength: float = Field(0.6, ge=0.0, le=1.0)
-
-
-class OutputSection(_Section):
-    format: Literal["png"] = "png"
-    heatmap: Literal["glow", "colormap"] = "glow"
-    colormap: Literal["inferno", "magma", "viridis", "turbo"] = "inferno"
-    gamma: float = Field(0.8, ge=0.1, le=4.0)
-    halo: float = Field(0.35, ge=0.0, le=2.0)
-    outline: bool = True
-    outline_color: RGB = (0, 255, 96)
-    keep_generator_metadata: bool = False
-    background: RGB = (0, 0, 0)
-
-
-class Rule(_Section):
+class Rule(StrictModel):
     """One rule file. Frozen, hashable by content, picklable (it travels to worker processes)."""
 
     name: str = DEFAULT_RULE
@@ -159,7 +103,7 @@ class Rule(_Section):
             try:
                 compile_glob(glob)
             except ValueError as exc:
-                raise _FieldError(f"[{index}]", str(exc)) from None
+                raise FieldError(f"[{index}]", str(exc)) from None
         return value
 
     @property
@@ -263,7 +207,7 @@ def parse_rule(text: str, *, file: str) -> Rule:
     try:
         return Rule.model_validate(data)
     except ValidationError as exc:
-        raise _rule_error(exc, file) from None
+        raise rule_error(exc, file, model=Rule) from None
 
 
 def load_rules(directory: Path | None = None) -> RuleSet:
@@ -283,65 +227,6 @@ def rule_files(directory: Path | None = None) -> list[tuple[str, str]]:
     if not directory.is_dir():
         raise RuleError("rules folder does not exist or is not a folder", file=directory)
     return list(_toml_files(directory))
-
-
-@lru_cache(maxsize=1024)
-def compile_glob(glob: str) -> re.Pattern[str]:
-    """The regular expression of a ``match`` glob (see the module docstring); ValueError if malformed."""
-    if not glob:
-        raise ValueError("a glob must not be empty")
-    if "\\" in glob:
-        raise ValueError(f"use '/' between folders, not '\\\\': {glob!r}")
-    if glob.startswith("/"):
-        raise ValueError(f"globs are relative to the watch folder, not absolute: {glob!r}")
-    segments = glob.split("/")
-    if any(segment in ("", ".", "..") for segment in segments):
-        raise ValueError(f"empty, '.' or '..' folder in glob {glob!r}")
-    parts: list[str] = []
-    for index, segment in enumerate(segments):
-        last = index == len(segments) - 1
-        if segment == "**":
-            parts.append(".*" if last else "(?:[^/]+/)*")
-            continue
-        if "**" in segment:
-            raise ValueError(f"'**' must be a whole folder name (as in 'a/**/b'): {glob!r}")
-        parts.append(_segment_regex(segment, glob) + ("" if last else "/"))
-    return re.compile("".join(parts), re.IGNORECASE)
-
-
-def _segment_regex(segment: str, glob: str) -> str:
-    out: list[str] = []
-    i = 0
-    while i < len(segment):
-        char = segment[i]
-        if char == "*":
-            out.append("[^/]*")
-        elif char == "?":
-            out.append("[^/]")
-        elif char == "[":
-            end = segment.find("]", i + 2 if segment[i + 1 : i + 2] in ("!", "]") else i + 1)
-            if end < 0:
-                raise ValueError(f"unclosed '[' in glob {glob!r}")
-            body = segment[i + 1 : end]
-            negate = body.startswith("!")
-            body = body[1:] if negate else body
-            if not body:
-                raise ValueError(f"empty character class in glob {glob!r}")
-            out.append("[" + ("^" if negate else "") + body.replace("\\", "\\\\").replace("^", "\\^") + "]")
-            i = end
-        elif char == "]":
-            raise ValueError(f"unmatched ']' in glob {glob!r}")
-        else:
-            out.append(re.escape(char))
-        i += 1
-    return "".join(out)
-
-
-class _FieldError(ValueError):
-    """A validator's complaint about a field other than the one it runs on."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
 
 
 def _toml_files(folder: Traversable | Path) -> Iterable[tuple[str, str]]:
@@ -367,55 +252,3 @@ def _rule_set(files: Iterable[tuple[str, str]], *, source: str) -> RuleSet:
     if not rules:
         raise RuleError("no rule files (*.toml) in the rules folder", file=source)
     return RuleSet(rules=tuple(rules), source=source)
-
-
-def _rule_error(exc: ValidationError, file: str) -> RuleError:
-    """One RuleError for all problems of a file; ``field`` is the first one's dotted path."""
-    (field, text), *others = [_describe(error) for error in exc.errors()]
-    message = "; ".join([text, *(f"{other}: {more}" for other, more in others)])
-    return RuleError(message, file=file, field=field)
-
-
-_WORDING = (
-    ("Input should be", "expected"),
-    ("a valid tuple", "an array"),
-    ("a valid integer", "an integer"),
-    ("a valid number", "a number"),
-    ("a valid boolean", "true or false"),
-    ("a valid string", "a string"),
-    ("less than or equal to", "at most"),
-    ("greater than or equal to", "at least"),
-)
-
-
-def _describe(error: Mapping[str, Any]) -> tuple[str, str]:
-    loc = [str(part) if isinstance(part, str) else f"[{part}]" for part in error["loc"]]
-    field = ".".join(loc).replace(".[", "[")
-    kind = error["type"]
-    if kind == "value_error":
-        cause = error.get("ctx", {}).get("error")
-        if isinstance(cause, _FieldError):
-            inner, _, text = str(cause).partition(": ")
-            if inner.startswith("["):
-                return field + inner, text
-            return (f"{field}.{inner}" if field else inner), text
-        return field, str(cause)
-    if kind == "extra_forbidden":
-        allowed = _allowed_keys(error["loc"][:-1])
-        return field, f"unknown key; expected one of: {', '.join(allowed)}"
-    message = str(error["msg"])
-    for before, after in _WORDING:
-        message = message.replace(before, after)
-    given = error.get("input")
-    shown = "a table" if isinstance(given, dict) else f"{type(given).__name__} {given!r}"
-    return field, f"{message}, got {shown}"
-
-
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    model: type[BaseModel] = Rule
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
-            return []
-        model = field.annotation
-    return list(model.model_fields)

@@ -35,11 +35,12 @@ from typing import Any, Literal, TypeVar
 
 from loguru import logger
 
-from service.comfyui import ComfyClient, ComfyRejected, ComfyUnavailable, backoff
+from service.comfyui import ComfyClient, ComfyRejected, ComfyUnavailable
 from service.errors import PublishError, SinkwatchError
 from service.ledger import Ledger
 from service.metrics import Metrics
 from service.publish import Publisher
+from service.retry import backoff
 from service.workflow import prepare
 
 # First retry after 1 s, doubling up to 30 s: a ComfyUI that comes back is noticed within half a minute.

@@ -17,10 +17,9 @@ from service.comfyui import (
     ComfyRejected,
     ComfyUnavailable,
     UploadResult,
-    backoff,
-    retrying,
 )
 from service.errors import ConfigError
+from service.retry import backoff
 from service.workflow import load_workflow, prepare
 from tests.conftest import photo_file
 from tests.fake_comfyui import FakeComfyUI
@@ -295,67 +294,6 @@ def test_a_non_comfyui_answer_is_unavailable_not_a_crash(comfy: FakeComfyUI, cli
 
 def test_backoff_doubles_up_to_the_cap() -> None:
     assert [backoff(n, base=0.5, cap=4.0) for n in range(1, 7)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
-
-
-def test_retrying_sleeps_the_backoff_sequence_then_gives_up() -> None:
-    clock = FakeClock()
-    calls = []
-
-    def down() -> None:
-        calls.append(clock.now)
-        raise ComfyUnavailable("refused", url="http://x")
-
-    with pytest.raises(ComfyUnavailable):
-        retrying(down, attempts=6, base=0.5, cap=4.0, sleep=clock.sleep)
-    assert clock.sleeps == [0.5, 1.0, 2.0, 4.0, 4.0]
-    assert len(calls) == 6
-
-
-def test_retrying_returns_once_comfyui_is_back(comfy: FakeComfyUI, client: ComfyClient, photo_png: bytes) -> None:
-    comfy.fail_next(503, count=2)
-    clock = FakeClock()
-    retried: list[tuple[int, float, str]] = []
-    result = retrying(
-        lambda: client.upload_image(photo_png, name="frame.png"),
-        attempts=5,
-        base=1.0,
-        cap=30.0,
-        sleep=clock.sleep,
-        on_retry=lambda attempt, delay, error: retried.append((attempt, delay, error.reason)),
-    )
-    assert result.name == "frame.png"
-    assert clock.sleeps == [1.0, 2.0]
-    assert retried == [(1, 1.0, "comfyui_down"), (2, 2.0, "comfyui_down")]
-
-
-def test_retrying_does_not_retry_a_rejection(client: ComfyClient) -> None:
-    clock = FakeClock()
-    calls = []
-
-    def rejected() -> None:
-        calls.append(1)
-        client.upload_image(b"x", name="frame.png", subfolder="../x")
-
-    with pytest.raises(ComfyRejected):
-        retrying(rejected, attempts=5, base=1.0, sleep=clock.sleep)
-    assert (len(calls), clock.sleeps) == (1, [])
-
-
-def test_retrying_stops_when_sleep_says_stop() -> None:
-    calls = []
-
-    def down() -> None:
-        calls.append(1)
-        raise ComfyUnavailable("refused", url="http://x")
-
-    with pytest.raises(ComfyUnavailable):
-        retrying(down, attempts=10, base=1.0, sleep=lambda _delay: True)
-    assert len(calls) == 1
-
-
-def test_retrying_needs_one_attempt() -> None:
-    with pytest.raises(ValueError, match="attempts"):
-        retrying(lambda: None, attempts=0)
 
 
 # --- end to end ---------------------------------------------------------------------------------

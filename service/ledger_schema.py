@@ -1,0 +1,87 @@
+"""The ledger's SQLite schema, how a ledger file reaches it, and how values are stored in it.
+
+A ledger file carries its schema version in ``PRAGMA user_version``. Opening
+it applies the missing migrations, and a file from a newer sinkwatch is
+refused rather than guessed at.
+
+Source keys are stored as UTF-8 bytes (BLOB) so that file names that are not
+valid UTF-8 (lone surrogates after Python's decoding) round-trip exactly.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from service.errors import ConfigError
+
+SCHEMA_VERSION = 2
+# Statements that bring a ledger from version N-1 to N; a new version appends an entry.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE sources (
+            relpath BLOB PRIMARY KEY,
+            state TEXT NOT NULL CHECK (state IN ('processing', 'published', 'rejected', 'retry')),
+            size INTEGER,
+            mtime_ns INTEGER,
+            sha256 TEXT,
+            rule TEXT,
+            fingerprint TEXT,
+            attempts INTEGER NOT NULL CHECK (attempts >= 0),
+            next_attempt REAL,
+            reason TEXT,
+            message TEXT,
+            updated REAL NOT NULL
+        )""",
+        "CREATE INDEX sources_by_state ON sources (state, next_attempt)",
+        """CREATE TABLE names (
+            relpath BLOB PRIMARY KEY,
+            name TEXT NOT NULL,
+            folded TEXT NOT NULL UNIQUE
+        )""",
+    ),
+    2: (
+        """CREATE TABLE uploads (
+            name TEXT PRIMARY KEY,
+            relpath BLOB NOT NULL,
+            width INTEGER NOT NULL CHECK (width > 0),
+            height INTEGER NOT NULL CHECK (height > 0),
+            state TEXT NOT NULL CHECK (state IN ('pending', 'done', 'failed')),
+            generation INTEGER NOT NULL CHECK (generation >= 1),
+            reference TEXT,
+            prompt_id TEXT,
+            reason TEXT,
+            message TEXT,
+            queued REAL NOT NULL,
+            updated REAL NOT NULL
+        )""",
+        "CREATE INDEX uploads_by_state ON uploads (state, queued)",
+    ),
+}
+
+
+def migrate(db: sqlite3.Connection, *, path: Path) -> None:
+    """Bring the ledger at `path` to SCHEMA_VERSION, within the caller's transaction."""
+    version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    if version > SCHEMA_VERSION:
+        raise ConfigError(
+            f"the ledger has schema version {version}, newer than this sinkwatch ({SCHEMA_VERSION})",
+            path=path,
+        )
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        for statement in MIGRATIONS[target]:
+            db.execute(statement)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def db_key(relpath: str) -> bytes:
+    return relpath.encode("utf-8", "surrogatepass")
+
+
+def db_relpath(key: bytes) -> str:
+    return bytes(key).decode("utf-8", "surrogatepass")
+
+
+def db_text(value: str | None) -> str | None:
+    """Text SQLite can store: lone surrogates (from undecodable file names) escaped."""
+    return None if value is None else value.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -1,0 +1,134 @@
+"""The ledger's ``uploads`` table: the frames owed to a remote ComfyUI.
+
+The table (schema 2) is keyed by output name. A row is written *before* the
+upload is attempted, so an upload pending while ComfyUI is down survives a
+restart. Each (re)publication of a name bumps its ``generation``; an upload
+result only settles the row of the generation it was started for, so the answer
+for an older frame never marks a newer one as sent.
+
+`UploadLedger` is a base class of `service.ledger.Ledger`, which owns the
+connection and supplies the transaction helper and the clock.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+from service.ledger_schema import db_key, db_relpath, db_text
+
+UPLOAD_STATES = ("pending", "done", "failed")
+
+# The columns in the order of Upload's fields.
+_SELECT_UPLOAD = """
+    SELECT name, relpath, width, height, state, generation, reference, prompt_id, reason, message, queued, updated
+    FROM uploads
+"""
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A frame owed to (or already sent to) a remote ComfyUI."""
+
+    name: str  # output name (stem) of the published frame
+    relpath: str  # the source it was made from
+    width: int
+    height: int
+    state: str  # "pending" | "done" | "failed"
+    generation: int
+    reference: str | None  # what LoadImage takes: "subfolder/name.png"
+    prompt_id: str | None
+    reason: str | None
+    message: str | None
+    queued: float
+    updated: float
+
+
+class UploadLedger:
+    # Provided by Ledger.
+    clock: Callable[[], float]
+    _transaction: Callable[..., AbstractContextManager[sqlite3.Connection]]
+
+    def upload_pending(self, name: str, *, relpath: str, width: int, height: int) -> int:
+        """Owe ComfyUI the frame `name` (again, if it was republished); returns the new generation."""
+        now = self.clock()
+        with self._transaction() as db:
+            row = db.execute(
+                """INSERT INTO uploads (name, relpath, width, height, state, generation, queued, updated)
+                   VALUES (?, ?, ?, ?, 'pending', 1, ?, ?)
+                   ON CONFLICT (name) DO UPDATE SET
+                       relpath = excluded.relpath, width = excluded.width, height = excluded.height,
+                       state = 'pending', generation = generation + 1, reference = NULL, prompt_id = NULL,
+                       reason = NULL, message = NULL, queued = excluded.queued, updated = excluded.updated
+                   RETURNING generation""",
+                (db_text(name), db_key(relpath), width, height, now, now),
+            ).fetchone()
+        return int(row[0])
+
+    def upload_done(self, name: str, *, generation: int, reference: str, prompt_id: str | None = None) -> bool:
+        """The frame of that generation reached ComfyUI (and its workflow was queued); False if superseded."""
+        return self._settle_upload(
+            name, generation, "done", reference=reference, prompt_id=prompt_id, reason=None, message=None
+        )
+
+    def upload_failed(
+        self, name: str, *, generation: int, reason: str, message: str, reference: str | None = None
+    ) -> bool:
+        """Sending it again cannot help (rejected, frame gone); False if superseded."""
+        return self._settle_upload(
+            name, generation, "failed", reference=reference, prompt_id=None, reason=reason, message=message
+        )
+
+    def get_upload(self, name: str) -> Upload | None:
+        with self._transaction(write=False) as db:
+            row = db.execute(_SELECT_UPLOAD + " WHERE name = ?", (db_text(name),)).fetchone()
+        return _upload(row) if row else None
+
+    def uploads(self, state: str | None = None) -> list[Upload]:
+        """Uploads in the order they were owed (the oldest first), optionally of one state."""
+        if state is not None and state not in UPLOAD_STATES:
+            raise ValueError(f"state must be one of {UPLOAD_STATES}, got {state!r}")
+        where, params = (" WHERE state = ?", (state,)) if state else ("", ())
+        with self._transaction(write=False) as db:
+            return [_upload(row) for row in db.execute(_SELECT_UPLOAD + where + " ORDER BY queued, name", params)]
+
+    def upload_counts(self) -> dict[str, int]:
+        with self._transaction(write=False) as db:
+            rows = db.execute("SELECT state, COUNT(*) FROM uploads GROUP BY state").fetchall()
+        return {state: 0 for state in UPLOAD_STATES} | dict(rows)
+
+    def _settle_upload(
+        self,
+        name: str,
+        generation: int,
+        state: str,
+        *,
+        reference: str | None,
+        prompt_id: str | None,
+        reason: str | None,
+        message: str | None,
+    ) -> bool:
+        with self._transaction() as db:
+            cursor = db.execute(
+                """UPDATE uploads SET state = ?, reference = ?, prompt_id = ?, reason = ?, message = ?, updated = ?
+                   WHERE name = ? AND generation = ? AND state = 'pending'""",
+                (
+                    state,
+                    db_text(reference),
+                    db_text(prompt_id),
+                    db_text(reason),
+                    db_text(message),
+                    self.clock(),
+                    db_text(name),
+                    generation,
+                ),
+            )
+            return cursor.rowcount == 1
+
+
+def _upload(row: tuple[Any, ...]) -> Upload:
+    name, relpath, *rest = row
+    return Upload(name, db_relpath(relpath), *rest)

@@ -1,0 +1,95 @@
+"""Crash recovery, and the sidecar checks it shares with output naming.
+
+A run killed mid-image leaves its ledger row in "processing". The sidecar a
+publication writes next to its frame tells what is on disk: whose frame it is
+(the source key) and which content it was made from (the source and frame
+hashes). That is enough to settle a row whose frame was already published, and
+to keep a frame of the same name that is not ours (the user's own file,
+another source's) from ever being taken over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from service.ledger import Ledger
+from service.publish import Publisher
+
+
+def recover(
+    ledger: Ledger, publisher: Publisher, *, resolve: Callable[[str], Path], requeue: Callable[[str, Path], object]
+) -> int:
+    """After a crash: settle the rows a dead run left in "processing"; returns how many.
+
+    A frame published just before the crash only needs its ledger row: its
+    sidecar names the source's current content and the frame's own hash.
+    Anything else is handed to `requeue` (key, path) to be processed again.
+    """
+    recovered = 0
+    for entry in ledger.entries("processing"):
+        path = resolve(entry.relpath)
+        try:
+            st = os.stat(path)
+        except OSError:
+            ledger.forget(entry.relpath)
+            continue
+        sidecar = _own_sidecar(publisher, entry.output_name, entry.relpath) if entry.output_name else None
+        if sidecar is not None and _complete(sidecar, path, publisher.frame_path(str(entry.output_name))):
+            ledger.published(
+                entry.relpath,
+                size=st.st_size,
+                mtime_ns=st.st_mtime_ns,
+                sha256=sidecar["source"]["sha256"],
+                rule=sidecar["rule"]["name"],
+                fingerprint=sidecar["rule"]["fingerprint"],
+            )
+            recovered += 1
+        else:
+            requeue(entry.relpath, path)
+    return recovered
+
+
+def _own_sidecar(publisher: Publisher, name: str, key: str) -> dict[str, Any] | None:
+    """The sidecar of output `name` if it exists and was written for source `key`."""
+    sidecar = _read_json(publisher.sidecar_path(name))
+    try:
+        return sidecar if sidecar is not None and sidecar["source"]["key"] == key else None
+    except (KeyError, TypeError):
+        return None
+
+
+def taken(publisher: Publisher, name: str, key: str) -> bool:
+    """A frame of that name exists and is not ours: the user's own file, or another source's."""
+    return publisher.frame_path(name).exists() and _own_sidecar(publisher, name, key) is None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _complete(sidecar: dict[str, Any], source: Path, frame: Path) -> bool:
+    """The sidecar describes this source's current content and the frame on disk is the one it names."""
+    try:
+        return bool(
+            sidecar["source"]["sha256"] == sha256_file(source)
+            and sidecar["output"]["frame_sha256"] == sha256_file(frame)
+        )
+    except (KeyError, TypeError, OSError):
+        return False
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None

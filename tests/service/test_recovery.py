@@ -1,0 +1,78 @@
+"""Crash recovery on real outputs: a frame published just before the crash is settled from its sidecar,
+anything else is done again, a vanished source is forgotten."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.ledger import Ledger
+from service.publish import Publisher
+from service.recovery import recover
+from service.rules import load_rules
+from service.runner import Job, process_job
+from tests.conftest import load_photo
+
+Crashed = tuple[Ledger, Publisher, Path]
+
+
+@pytest.fixture
+def crashed(tmp_path: Path, write_png: Callable[[str, np.ndarray], Path]) -> Iterator[Crashed]:
+    """A source published by a worker whose daemon died before it recorded the outcome."""
+    source = write_png("watch/cat.png", load_photo("chelsea"))
+    queue = tmp_path / "queue"
+    rule = load_rules(None).get("default")
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    name = ledger.name_for("cat.png", "cat", exists=lambda _name: False)
+    st = source.stat()
+    ledger.start(
+        "cat.png", size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=None, rule=rule.name, fingerprint=rule.fingerprint
+    )
+    job = Job(source=source, key="cat.png", name=name, rule=rule, queue=queue, max_bytes=1 << 30, max_pixels=1 << 30)
+    assert process_job(job).status == "published"
+    assert ledger.get("cat.png").state == "processing"  # type: ignore[union-attr]
+    with ledger:
+        yield ledger, Publisher(queue), source
+
+
+def _recover(crashed: Crashed) -> tuple[int, list[str]]:
+    ledger, publisher, source = crashed
+    requeued: list[str] = []
+    settled = recover(
+        ledger, publisher, resolve=lambda key: source.parent / key, requeue=lambda key, _path: requeued.append(key)
+    )
+    return settled, requeued
+
+
+def test_a_frame_published_before_the_crash_is_settled_not_made_again(crashed: Crashed) -> None:
+    assert _recover(crashed) == (1, [])
+    entry = crashed[0].get("cat.png")
+    assert entry is not None and entry.state == "published" and entry.output_name == "cat"
+    assert entry.rule == "default" and entry.sha256 is not None
+
+
+def test_a_damaged_frame_is_made_again(crashed: Crashed) -> None:
+    frame = crashed[1].frame_path("cat")
+    frame.write_bytes(frame.read_bytes()[:-100])
+    assert _recover(crashed) == (0, ["cat.png"])
+
+
+def test_a_source_changed_since_its_frame_is_made_again(crashed: Crashed) -> None:
+    source = crashed[2]
+    source.write_bytes(source.read_bytes() + b"\0")
+    assert _recover(crashed) == (0, ["cat.png"])
+
+
+def test_a_sidecar_of_another_source_is_not_taken_for_ours(crashed: Crashed) -> None:
+    sidecar = crashed[1].sidecar_path("cat")
+    sidecar.write_text(sidecar.read_text(encoding="utf-8").replace('"cat.png"', '"dog.png"'), encoding="utf-8")
+    assert _recover(crashed) == (0, ["cat.png"])
+
+
+def test_a_vanished_source_is_forgotten(crashed: Crashed) -> None:
+    crashed[2].unlink()
+    assert _recover(crashed) == (0, [])
+    assert crashed[0].get("cat.png") is None

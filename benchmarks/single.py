@@ -104,7 +104,7 @@ def measure(sources: Sequence[Source], *, rule: Rule, queue: Path, reps: int, op
 
 def fast_codecs() -> bool:
     """Whether the `fast` extra's codecs are installed and in use."""
-    return "opencv" not in (encode.PNG_ENCODER, decode.PNG_DECODER)
+    return "opencv" not in codec_names().values()
 
 
 def codec_names() -> dict[str, str]:

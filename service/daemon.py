@@ -90,6 +90,7 @@ class Daemon:
         self.selection = Selection(self.folders.watch, include=s.include, ignore=s.ignore, recursive=s.recursive)
         self.pool = WorkerPool(s.workers)
         self.resources.callback(self.pool.close)
+        self.events = EventQueue(maxsize=max(1024, 4 * s.queue_size))
         self.engine = Engine(
             queue=self.folders.queue,
             rules=self.rules,
@@ -98,7 +99,7 @@ class Daemon:
             metrics=self.metrics,
             limits=Limits(s.max_bytes, s.max_pixels, s.max_attempts, s.retry_base, s.queue_size),
             resolve=lambda key: self.folders.watch / key,
-            wakeup=lambda: self.events.arrived(),
+            wakeup=self.events.arrived,
         )
         self.uploads: Uploads | None = None
         if s.comfyui_url:
@@ -116,7 +117,6 @@ class Daemon:
         if removed:
             logger.warning("removed {} temp files left by an interrupted run", removed)
         self.tracker = StabilityTracker(settle=s.settle_seconds, clock=self.clock)
-        self.events = EventQueue(maxsize=max(1024, 4 * s.queue_size))
         self.watcher = FolderWatcher(
             self.folders.watch, self.events, recursive=s.recursive, polling=s.polling, poll_interval=s.poll_interval
         )

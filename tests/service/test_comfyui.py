@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +39,6 @@ class FakeClock:
     def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
         self.now += seconds
-
-
-@pytest.fixture
-def comfy() -> Iterator[FakeComfyUI]:
-    with FakeComfyUI() as fake:
-        yield fake
-    assert fake.errors == [], "the fake server hit an internal error"
 
 
 @pytest.fixture

@@ -49,13 +49,6 @@ def png_of(photo: str) -> bytes:
 
 
 @pytest.fixture
-def comfy() -> Iterator[FakeComfyUI]:
-    with FakeComfyUI() as fake:
-        yield fake
-    assert fake.errors == [], "the fake server hit an internal error"
-
-
-@pytest.fixture
 def ledger(tmp_path: Path) -> Iterator[Ledger]:
     (tmp_path / "state").mkdir()
     with Ledger(tmp_path / "state" / "ledger.sqlite3") as opened:

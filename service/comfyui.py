@@ -13,9 +13,9 @@ hand). The routes and bodies follow ComfyUI's ``server.py``:
 
 Failures split in two: :class:`ComfyUnavailable` (refused, timed out, 5xx,
 not a ComfyUI answer: transient, try again later) and :class:`ComfyRejected`
-(a 4xx: the request itself is wrong, sending it again will not help). They
-live in :mod:`service.comfyui_errors` and are re-exported here (``__all__``)
-for callers.
+(a 4xx: the request itself is wrong, sending it again will not help; it
+carries ComfyUI's ``error`` and ``node_errors`` as fields). Both live in
+:mod:`service.errors`.
 
 Why uploads use ``overwrite=True`` into their own subfolder (default
 ``sinkwatch``): the caller passes the published frame name, which the
@@ -47,19 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
-from service.comfyui_errors import ComfyPending, ComfyRejected, ComfyUnavailable, rejection
-from service.errors import ConfigError
-
-__all__ = [
-    "DEFAULT_SUBFOLDER",
-    "ComfyClient",
-    "ComfyPending",
-    "ComfyRejected",
-    "ComfyUnavailable",
-    "QueuedPrompt",
-    "UploadResult",
-    "status_of",
-]
+from service.errors import ComfyPending, ComfyRejected, ComfyUnavailable, ConfigError
 
 DEFAULT_SUBFOLDER = "sinkwatch"
 
@@ -194,7 +182,7 @@ class ComfyClient:
                 raise ComfyUnavailable(
                     f"ComfyUI answered {error.code} to {method} {route}", url=url, status=error.code
                 ) from error
-            raise rejection(method, route, url, error.code, payload) from error
+            raise _rejection(method, route, url, error.code, payload) from error
         except (OSError, http.client.HTTPException) as error:
             why = error.reason if isinstance(error, urllib.error.URLError) else error
             raise ComfyUnavailable(f"ComfyUI at {self.base_url} unreachable: {why}", url=url) from error
@@ -215,6 +203,42 @@ def status_of(entry: Mapping[str, Any]) -> str:
     if isinstance(status, Mapping) and isinstance(status.get("status_str"), str):
         return str(status["status_str"])
     return "success"
+
+
+def _rejection(method: str, route: str, url: str, status: int, payload: bytes) -> ComfyRejected:
+    """The :class:`ComfyRejected` for a 4xx answer.
+
+    ComfyUI's ``error`` and ``node_errors`` become its fields; a body that is not
+    JSON (a bare 400, a proxy page) is kept as ``details``.
+    """
+    try:
+        answer = json.loads(payload) if payload else None
+    except ValueError:
+        answer = None
+    error_type = details = None
+    comfy_message = ""
+    node_errors: Mapping[str, Any] = {}
+    if isinstance(answer, Mapping):
+        error = answer.get("error")
+        if isinstance(error, Mapping):
+            error_type = error.get("type")
+            comfy_message = str(error.get("message") or "")
+            details = error.get("details")
+        elif isinstance(error, str):
+            comfy_message = error
+        if isinstance(answer.get("node_errors"), Mapping):
+            node_errors = answer["node_errors"]
+    elif payload:
+        details = payload[:500].decode("utf-8", "replace")
+    message = f"ComfyUI rejected {method} {route} ({status})" + (f": {comfy_message}" if comfy_message else "")
+    return ComfyRejected(
+        message,
+        url=url,
+        status=status,
+        error_type=str(error_type) if error_type is not None else None,
+        details=str(details) if details else None,
+        node_errors=node_errors,
+    )
 
 
 def _checked_subfolder(subfolder: str) -> str:

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import queue
 import signal
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from types import FrameType
 
 from loguru import logger
@@ -21,8 +19,9 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from service import __version__, notify
 from service.comfyui import ComfyClient
-from service.engine import Candidate, Engine, Limits
-from service.errors import ConfigError, RuleError, SinkwatchError
+from service.discovery import Discovery
+from service.engine import Engine, Limits
+from service.errors import ConfigError, SinkwatchError
 from service.folders import Folders, prepare_folders
 from service.http import serve
 from service.ledger import Ledger
@@ -30,7 +29,8 @@ from service.lock import InstanceLock
 from service.logs import configure_logging
 from service.metrics import Metrics
 from service.pool import WorkerPool
-from service.rules import RuleSet, load_rules
+from service.reload import RuleReloader, record_rules
+from service.rules import RuleSet
 from service.selection import Selection
 from service.settings import Settings, add_flags, settings_from_args
 from service.stability import StabilityTracker
@@ -39,7 +39,6 @@ from service.watcher import EventQueue, FolderWatcher
 from service.workflow import load_workflow
 
 LOOP_TICK = 0.05
-RULES_CHECK_INTERVAL = 1.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,11 +62,10 @@ class Daemon:
         self.clock = clock
         self.registry = CollectorRegistry()
         self.stopping = False
-        self.reload_requested = False
+        # Here, not in initialize: SIGHUP may arrive while the daemon starts.
+        self.reloader = RuleReloader(settings.rules)
         self.ready = False
-        self.last_scan_done = clock()
         self.watch_missing = False
-        self.rescan_requested = False
         self.resources = contextlib.ExitStack()
 
     # -- initialize -----------------------------------------------------------
@@ -78,12 +76,9 @@ class Daemon:
         self.lock = InstanceLock(self.folders.state)
         self.lock.acquire()
         self.resources.callback(self.lock.release)
-        self.rules_dir = s.rules
-        self.rules: RuleSet = load_rules(self.rules_dir)
-        self.rules_signature = self._rules_signature()
+        self.rules: RuleSet = self.reloader.load()
         self.metrics = Metrics(self.registry, rules=self.rules.names)
-        self.metrics.rules_loaded.set(len(self.rules.names))
-        self.metrics.set_build_info(__version__, self.rules.fingerprint)
+        record_rules(self.metrics, self.rules)
         self.metrics.workers.set(s.workers)
         self.ledger = Ledger(self.folders.state / "ledger.sqlite3")
         self.resources.callback(self.ledger.close)
@@ -116,7 +111,13 @@ class Daemon:
         removed = self.engine.publisher.clean_temp()
         if removed:
             logger.warning("removed {} temp files left by an interrupted run", removed)
-        self.tracker = StabilityTracker(settle=s.settle_seconds, clock=self.clock)
+        self.discovery = Discovery(
+            selection=self.selection,
+            events=self.events,
+            tracker=StabilityTracker(settle=s.settle_seconds, clock=self.clock),
+            engine=self.engine,
+            clock=self.clock,
+        )
         self.watcher = FolderWatcher(
             self.folders.watch, self.events, recursive=s.recursive, polling=s.polling, poll_interval=s.poll_interval
         )
@@ -133,9 +134,8 @@ class Daemon:
         recovered = self.engine.recover()
         if recovered:
             logger.info("recovered {} images published just before an interrupted run ended", recovered)
-        self.scan: Iterator[Path] | None = self.selection.scan()
-        self.scan_source = "startup"
-        self._feed_scan()
+        self.discovery.start_scan("startup")
+        self.discovery.feed_scan()
         self.ready = True
         self._announce(once)
 
@@ -158,7 +158,7 @@ class Daemon:
     # -- loop -----------------------------------------------------------------
 
     def loop(self, *, once: bool = False) -> None:
-        self.next_retry_check = self.next_rules_check = self.next_ping = self.clock()
+        self.next_retry_check = self.next_ping = self.clock()
         self.ping_every = notify.watchdog_interval()
         while not self.stopping:
             try:
@@ -175,17 +175,18 @@ class Daemon:
         """One turn of the loop; True when a `--once` run has nothing left to do."""
         now = self.clock()
         if not once:
-            self._take_events()
+            self.discovery.take_events()
             self._check_watcher()
         if now >= self.next_retry_check:
             self.engine.requeue_due()
             self.next_retry_check = now + 0.5
-        if now >= self.next_rules_check or self.reload_requested:
-            self._maybe_reload_rules()
-            self.next_rules_check = now + RULES_CHECK_INTERVAL
-        self._feed_scan()
-        if not once and (now - self.last_scan_done >= self.settings.rescan_interval or self.events.take_overflow()):
-            self._start_scan("scan")
+        rules = self.reloader.poll(now, metrics=self.metrics)
+        if rules is not None:
+            self.rules = self.engine.rules = rules
+        self.discovery.feed_scan()
+        rescan_due = now - self.discovery.last_scan_done >= self.settings.rescan_interval
+        if not once and (rescan_due or self.events.take_overflow()):
+            self.discovery.start_scan("scan")
         self.engine.pump(timeout=LOOP_TICK)
         if self.uploads is not None:
             self.uploads.pump()
@@ -194,59 +195,9 @@ class Daemon:
                 notify.notify("WATCHDOG=1")
             self.next_ping = now + self.ping_every / 2
         if once:
-            return self.scan is None and self.engine.idle() and not self.engine.retrying(self.settings.max_attempts)
+            engine = self.engine
+            return not self.discovery.scanning and engine.idle() and not engine.retrying(self.settings.max_attempts)
         return False
-
-    def _take_events(self) -> None:
-        self.events.rearm()
-        wall = time.time()
-        for _ in range(4096):
-            try:
-                kind, path = self.events.get_nowait()
-            except queue.Empty:
-                break
-            if kind == "rescan":
-                self._start_scan("scan")
-                continue
-            key = self.selection.relpath(path)
-            if key is None:
-                continue
-            if kind == "closed":
-                self.tracker.forget(path)
-                if not self.engine.offer(Candidate(key, path, "event", wall)):
-                    self.events.overflowed = True
-            else:
-                self.tracker.observe(path)
-        for path in self.tracker.ready():
-            key = self.selection.relpath(path)
-            if key is not None and not self.engine.offer(Candidate(key, path, "event", wall)):
-                self.events.overflowed = True
-
-    def _start_scan(self, source: str) -> None:
-        if self.scan is None:
-            self.scan = self.selection.scan()
-            self.scan_source = source
-        else:
-            # Events may have been dropped behind the running scan's position: scan again after it.
-            self.rescan_requested = True
-
-    def _feed_scan(self) -> None:
-        """Move scanned files into the engine while it has room: backpressure, not memory."""
-        if self.scan is None:
-            return
-        wall = time.time()
-        while self.engine.has_room():
-            path = next(self.scan, None)
-            if path is None:
-                self.scan = None
-                self.last_scan_done = self.clock()
-                if self.rescan_requested:
-                    self.rescan_requested = False
-                    self._start_scan("scan")
-                return
-            key = self.selection.relpath(path)
-            if key is not None:
-                self.engine.offer(Candidate(key, path, self.scan_source, wall))
 
     def _check_watcher(self) -> None:
         if self.watcher.alive():
@@ -268,50 +219,16 @@ class Daemon:
         self.metrics.watcher_restarts.inc()
         self.metrics.watcher_up.set(1)
         logger.warning("the folder watcher had stopped; restarted it and rescanning")
-        self._start_scan("scan")
-
-    # -- rules ----------------------------------------------------------------
-
-    def request_reload(self) -> None:
-        self.reload_requested = True
-
-    def _rules_signature(self) -> tuple[tuple[str, int, int, int], ...]:
-        if self.rules_dir is None:
-            return ()
-        try:
-            files = sorted(self.rules_dir.glob("*.toml"))
-            # The inode too: an atomic replace of the same size within one mtime tick is still a change.
-            return tuple((p.name, p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size) for p in files)
-        except OSError:
-            return (("<unreadable>", 0, 0, 0),)
-
-    def _maybe_reload_rules(self) -> None:
-        signature = self._rules_signature()
-        if not self.reload_requested and signature == self.rules_signature:
-            return
-        self.reload_requested = False
-        self.rules_signature = signature
-        try:
-            rules = load_rules(self.rules_dir)
-        except RuleError as exc:
-            self.metrics.rule_reload_failures.inc()
-            logger.bind(file=exc.file, field=exc.field).error("rules not reloaded, keeping the last good ones: {}", exc)
-            return
-        self.rules = self.engine.rules = rules
-        for name in rules.names:
-            self.metrics.add_rule(name)
-        self.metrics.rules_loaded.set(len(rules.names))
-        self.metrics.set_build_info(__version__, rules.fingerprint)
-        logger.info("rules reloaded: {} (fingerprint {})", ", ".join(rules.names), rules.fingerprint)
+        self.discovery.start_scan("scan")
 
     # -- health ---------------------------------------------------------------
 
     def health(self) -> tuple[bool, dict[str, object]]:
-        scan_age = self.clock() - self.last_scan_done
+        scan_age = self.clock() - self.discovery.last_scan_done
         checks = {
             "watcher": self.watcher.alive(),
             "workers": self.pool.alive(),
-            "scan_recent": self.scan is not None or scan_age < 3 * self.settings.rescan_interval,
+            "scan_recent": self.discovery.scanning or scan_age < 3 * self.settings.rescan_interval,
         }
         details: dict[str, object] = {**checks, "last_scan_age_seconds": round(scan_age, 1)}
         return all(checks.values()), details
@@ -333,7 +250,7 @@ class Daemon:
     def run(self, *, once: bool = False) -> int:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
-        signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
+        signal.signal(signal.SIGHUP, lambda *_: self.reloader.request())
         try:
             self.initialize(once=once)
         except BaseException:

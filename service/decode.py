@@ -36,8 +36,8 @@ import numpy as np
 from PIL import Image
 
 from service import containers
-from service.containers import TEXT_TOTAL_LIMIT, TEXT_VALUE_LIMIT
 from service.errors import CorruptImage, ImageTooLarge, IncompleteImage, InputError, UnsupportedImage
+from service.png_chunks import TEXT_TOTAL_LIMIT, TEXT_VALUE_LIMIT
 
 _spng: ModuleType | None
 try:

@@ -2,8 +2,9 @@
 
 It owns the pending set (deduplicated, bounded), the ledger checks that make
 processing idempotent, dispatch to the worker pool with a bounded number in
-flight, and the one place where outcomes become ledger rows, reject records,
-metrics and log lines. It is driven from a single thread by `pump()`.
+flight, and hands every finished job to `service.outcomes`, the one place where
+outcomes become ledger rows, reject records, metrics and log lines. It is
+driven from a single thread by `pump()`.
 """
 
 from __future__ import annotations
@@ -17,21 +18,18 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-
-from loguru import logger
+from typing import Any
 
 from service import recovery
-from service.errors import PublishError, SinkwatchError
+from service.errors import SinkwatchError
 from service.ledger import Ledger
 from service.metrics import Metrics
 from service.naming import safe_stem
+from service.outcomes import OnPublished, Outcomes
 from service.pool import WorkerPool
 from service.publish import Publisher
 from service.rules import Rule, RuleSet
 from service.runner import Job, Outcome
-
-# Disk full or read-only queue: keep trying, slower and slower, but never reject an image for it.
-MAX_PUBLISH_RETRY_DELAY = 300.0
 
 
 @dataclass(frozen=True)
@@ -85,11 +83,30 @@ class Engine:
         # A future that completes when there is new work to offer (the daemon's watch events): waits end early.
         self.wakeup = wakeup
         self.publisher = Publisher(queue)
+        self.outcomes = Outcomes(
+            ledger=ledger,
+            publisher=self.publisher,
+            metrics=metrics,
+            max_attempts=limits.max_attempts,
+            retry_base=limits.retry_base,
+            clock=clock,
+        )
         self.pending: OrderedDict[str, Candidate] = OrderedDict()
         self.in_flight: dict[Future[Outcome], tuple[Candidate, Job]] = {}
-        # Called with (name, key, width, height) after each publish, e.g. to upload to a remote ComfyUI.
-        self.on_published: Callable[[str, str, int, int], None] | None = None
-        self.counts = {"published": 0, "rejected": 0, "retried": 0, "skipped": 0}
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Outcomes handled so far: published, rejected, retried, skipped."""
+        return self.outcomes.counts
+
+    @property
+    def on_published(self) -> OnPublished | None:
+        """Called after each publish (see `service.outcomes.OnPublished`)."""
+        return self.outcomes.on_published
+
+    @on_published.setter
+    def on_published(self, callback: OnPublished | None) -> None:
+        self.outcomes.on_published = callback
 
     # -- finding work ---------------------------------------------------------
 
@@ -203,7 +220,7 @@ class Engine:
         self.in_flight[self.pool.submit(job)] = (candidate, job)
 
     def _collect(self, timeout: float) -> int:
-        signal = [self.wakeup()] if self.wakeup is not None else []
+        signal: list[Future[Any]] = [self.wakeup()] if self.wakeup is not None else []
         if not self.in_flight:
             # Idle: this wait is what keeps the loop from spinning a core.
             if signal:
@@ -223,8 +240,10 @@ class Engine:
                 broken = True
                 self._worker_died(candidate, job)
                 continue
+            # Publish latency counts watch events only: a scanned or retried source may have sat complete for long.
+            seen_at = candidate.seen_at if candidate.source == "event" else None
             try:
-                self._handle(candidate, job, outcome)
+                self.outcomes.handle(job, outcome, seen_at=seen_at)
             except SinkwatchError as exc:
                 # The outcome could not be recorded (ledger disk full): do the source again later.
                 self.pending[candidate.key] = candidate
@@ -244,133 +263,6 @@ class Engine:
             self._collect(timeout=0.5)
         self.metrics.in_flight.set(0)
 
-    # -- outcomes -------------------------------------------------------------
-
-    def _handle(self, candidate: Candidate, job: Job, outcome: Outcome) -> None:
-        if outcome.status == "published":
-            self._published(candidate, job, outcome)
-        elif outcome.status == "skipped":
-            self._skipped(candidate, job, outcome)
-        elif outcome.status == "retry":
-            self._retry_or_reject(candidate, job, outcome)
-        else:
-            self._reject(job, outcome.error or {}, outcome)
-
-    def _published(self, candidate: Candidate, job: Job, outcome: Outcome) -> None:
-        self.ledger.published(
-            job.key,
-            size=outcome.size,
-            mtime_ns=outcome.mtime_ns,
-            sha256=outcome.sha256,
-            rule=outcome.rule,
-            fingerprint=outcome.fingerprint,
-        )
-        self._count(outcome.rule, "published")
-        m = self.metrics
-        for stage, seconds in outcome.timings.items():
-            m.stage_seconds.labels(stage=stage).observe(seconds)
-        m.energy_before.observe(outcome.scores["energy_mean_before"])
-        m.energy_after.observe(outcome.scores["energy_mean_after"])
-        m.mask_coverage.observe(outcome.scores["mask_coverage"])
-        m.last_publish.set(outcome.finished_at)
-        if candidate.source == "event":
-            m.latency_seconds.observe(max(0.0, outcome.finished_at - candidate.seen_at))
-        if self.on_published is not None:
-            self.on_published(job.name, job.key, int(outcome.scores["width"]), int(outcome.scores["height"]))
-        logger.bind(source=job.key, rule=outcome.rule, frame=outcome.outputs.get("frame")).info(
-            "published {} -> {} (rule {}, coverage {:.1%}, {:.0f} ms)",
-            job.key,
-            outcome.outputs.get("frame"),
-            outcome.rule,
-            outcome.scores["mask_coverage"],
-            1000 * sum(outcome.timings.values()),
-        )
-
-    def _skipped(self, candidate: Candidate, job: Job, outcome: Outcome) -> None:
-        entry = self.ledger.get(job.key)
-        if outcome.sha256 is None or entry is None:
-            self.ledger.forget(job.key)  # vanished before it could be read
-            return
-        # Same content under a new mtime (a touch, a copy): refresh the cheap check, keep the outputs.
-        self.ledger.published(
-            job.key,
-            size=outcome.size,
-            mtime_ns=outcome.mtime_ns,
-            sha256=outcome.sha256,
-            rule=entry.rule,
-            fingerprint=entry.fingerprint,
-        )
-        self._count(outcome.rule, "skipped")
-        logger.bind(source=job.key).debug("unchanged content, skipped {}", job.key)
-
-    def _retry_or_reject(self, candidate: Candidate, job: Job, outcome: Outcome) -> None:
-        error = dict(outcome.error or {})
-        entry = self.ledger.get(job.key)
-        attempts = entry.attempts if entry else 1
-        is_publish = error.get("reason") == "publish"
-        if not is_publish and attempts >= self.limits.max_attempts:
-            error["message"] = f"{error.get('message')} (gave up after {attempts} attempts)"
-            self._reject(job, error, outcome)
-            return
-        delay = self.limits.retry_base * 2.0 ** min(attempts - 1, 32)  # a full disk may retry for weeks
-        if is_publish:
-            delay = min(delay, MAX_PUBLISH_RETRY_DELAY)
-        self.ledger.retry(
-            job.key,
-            reason=str(error.get("reason")),
-            message=str(error.get("message")),
-            next_attempt=self.clock() + delay,
-        )
-        if is_publish:  # counted once the retry is recorded, like processed{outcome="retried"}
-            self.metrics.publish_errors.labels(reason=str(error.get("publish_reason", "other"))).inc()
-        self._count(outcome.rule, "retried")
-        logger.bind(source=job.key, reason=error.get("reason")).warning(
-            "retrying {} in {:.0f}s (attempt {}): {}", job.key, delay, attempts, error.get("message")
-        )
-
-    def _reject(self, job: Job, error: dict[str, object], outcome: Outcome) -> None:
-        reason = str(error.get("reason", "corrupt"))
-        record = {**error, "key": job.key, "source": str(job.source), "rule": job.rule.name}
-        try:
-            self.publisher.reject(job.name, record)
-        except PublishError as exc:
-            self.metrics.record_publish_error(exc)
-            logger.bind(source=job.key, reason="publish").warning(
-                "cannot write the reject record of {}, retrying: {}", job.key, exc.message
-            )
-            # Without its reject record the rejection would be invisible: try again later.
-            self.ledger.retry(
-                job.key, reason="publish", message=exc.message, next_attempt=self.clock() + self.limits.retry_base
-            )
-            self._count(job.rule.name, "retried")
-            return
-        self.ledger.rejected(
-            job.key,
-            reason=reason,
-            message=str(error.get("message")),
-            size=outcome.size,
-            mtime_ns=outcome.mtime_ns,
-            sha256=outcome.sha256,
-        )
-        self._count(job.rule.name, "rejected")
-        self.metrics.rejected.labels(reason=reason).inc()
-        logger.bind(source=job.key, reason=reason).error("rejected {} ({}): {}", job.key, reason, error.get("message"))
-
     def _worker_died(self, candidate: Candidate, job: Job) -> None:
-        entry = self.ledger.get(job.key)
-        attempts = entry.attempts if entry else 1
-        if attempts >= self.limits.max_attempts:
-            error: dict[str, object] = {
-                "error": "WorkerCrashed",
-                "reason": "crashed",
-                "transient": False,
-                "message": f"a worker process died on this image {attempts} times",
-            }
-            self._reject(job, error, Outcome(job.key, job.name, job.rule.name, job.rule.fingerprint, "rejected"))
-            return
-        logger.bind(source=job.key).warning("a worker died while processing {}; trying again", job.key)
-        self.pending[job.key] = candidate
-
-    def _count(self, rule: str, outcome: str) -> None:
-        self.counts[outcome] += 1
-        self.metrics.processed.labels(rule=rule, outcome=outcome).inc()
+        if self.outcomes.worker_died(job):
+            self.pending[job.key] = candidate

@@ -9,7 +9,9 @@ value); ``transient`` says whether trying again later can help. Only a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 # Every reason a source can be rejected for; metrics pre-initialise these.
 REJECT_REASONS = (
@@ -124,3 +126,71 @@ class PublishError(SinkwatchError):
     def __init__(self, message: str, **fields: object) -> None:
         fields.setdefault("stage", "publish")
         super().__init__(message, **fields)  # type: ignore[arg-type]
+
+
+# The remote ComfyUI (service.comfyui): unavailable is transient, rejected (a 4xx) is final since the same
+# request would be refused again, pending is neither (accepted, not finished yet).
+class ComfyUnavailable(SinkwatchError):
+    """ComfyUI cannot be reached or failed on its side: try again later."""
+
+    reason = "comfyui_down"
+    transient = True
+
+    def __init__(self, message: str, *, url: str, status: int | None = None) -> None:
+        super().__init__(message, stage="comfyui")
+        self.url = url
+        self.status = status
+
+    def as_record(self) -> dict[str, object]:
+        return {**super().as_record(), "url": self.url, "status": self.status}
+
+
+class ComfyRejected(SinkwatchError):
+    """ComfyUI refused the request (4xx), with its ``error`` and ``node_errors`` as fields."""
+
+    reason = "comfyui_rejected"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str,
+        status: int,
+        error_type: str | None = None,
+        details: str | None = None,
+        node_errors: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message, stage="comfyui")
+        self.url = url
+        self.status = status
+        self.error_type = error_type
+        self.details = details
+        self.node_errors: dict[str, Any] = dict(node_errors or {})
+
+    def node_messages(self) -> list[str]:
+        """One line per node error, e.g. ``node 10 (LoadImage): image - Invalid image file: x.png``."""
+        lines = []
+        for node_id, entry in sorted(self.node_errors.items()):
+            entry = entry if isinstance(entry, Mapping) else {}
+            for error in entry.get("errors") or ():
+                if isinstance(error, Mapping):
+                    text = error.get("details") or error.get("message") or error.get("type")
+                    lines.append(f"node {node_id} ({entry.get('class_type', '?')}): {text}")
+        return lines
+
+    def as_record(self) -> dict[str, object]:
+        return {
+            **super().as_record(),
+            "url": self.url,
+            "status": self.status,
+            "error_type": self.error_type,
+            "details": self.details,
+            "node_errors": self.node_messages(),
+        }
+
+
+class ComfyPending(SinkwatchError):
+    """A queued prompt had not finished when the wait ran out (still queued or running)."""
+
+    reason = "comfyui_pending"
+    transient = True

@@ -35,12 +35,12 @@ from typing import Any, Literal, TypeVar
 
 from loguru import logger
 
-from service.comfyui import ComfyClient, ComfyRejected, ComfyUnavailable
-from service.errors import PublishError, SinkwatchError
+from service.comfyui import ComfyClient
+from service.errors import ComfyRejected, ComfyUnavailable, PublishError, SinkwatchError
 from service.ledger import Ledger
 from service.metrics import Metrics
 from service.publish import Publisher
-from service.retry import backoff
+from service.retry import keep_trying
 from service.workflow import prepare
 
 # First retry after 1 s, doubling up to 30 s: a ComfyUI that comes back is noticed within half a minute.
@@ -316,19 +316,12 @@ class Uploads:
         self._results.put(replace(uploaded, kind="queued", prompt_id=queued.prompt_id, node_errors=queued.node_errors))
 
     def _retrying(self, task: Task, kind: Kind, call: Callable[[], T]) -> T:
-        """Call until ComfyUI answers; report each failure and wait the backoff, or raise once stopping.
-
-        Not ``comfyui.retrying``: that takes a finite number of attempts, and
-        nothing may be dropped while ComfyUI is down, however long that lasts
-        (the exponent is clamped because ``2.0 ** 1024`` overflows).
-        """
-        failures = 0
-        while True:
-            try:
-                return call()
-            except ComfyUnavailable as error:
-                failures += 1
-                delay = backoff(min(failures, 64), base=self.retry_base, cap=self.retry_cap)
-                self._results.put(Result(task, kind, error=error, delay=delay))
-                if self._stop.wait(delay):
-                    raise
+        """Call until ComfyUI answers, reporting each failure as a `kind` result; raises once stopping."""
+        return keep_trying(
+            call,
+            transient=ComfyUnavailable,
+            base=self.retry_base,
+            cap=self.retry_cap,
+            stop=self._stop,
+            failed=lambda error, delay: self._results.put(Result(task, kind, error=error, delay=delay)),
+        )

@@ -24,21 +24,10 @@ from service.publish import MATRIX_DIR
 from service.rules import load_rules
 from tests.conftest import wait_for
 from tests.e2e.conftest import DaemonProcess, frames, snapshot
-from tests.faults.conftest import (
-    Images,
-    Writer,
-    alive,
-    assert_same_outputs,
-    check_published_set,
-    children,
-    log_records,
-    metric,
-    poll,
-    published_records,
-    reference_run,
-    sha256,
-    temp_files,
-)
+from tests.faults.images import Images
+from tests.faults.outputs import assert_same_outputs, check_published_set, reference_run, sha256, temp_files
+from tests.faults.readings import alive, children, log_records, metric, poll, published_records
+from tests.faults.writers import Writer
 
 pytestmark = pytest.mark.slow
 

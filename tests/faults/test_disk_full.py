@@ -17,20 +17,10 @@ import pytest
 from service.ledger import Ledger
 from tests.conftest import wait_for
 from tests.e2e.conftest import DaemonProcess, frames
-from tests.faults.conftest import (
-    Images,
-    Tmpfs,
-    check_published_set,
-    fill,
-    health,
-    log_records,
-    metric,
-    poll,
-    rejects,
-    sha256,
-    sidecars,
-    temp_files,
-)
+from tests.faults.images import Images
+from tests.faults.outputs import check_published_set, rejects, sha256, sidecars, temp_files
+from tests.faults.readings import health, log_records, metric, poll
+from tests.faults.tmpfs import Tmpfs, fill
 
 pytestmark = pytest.mark.slow
 

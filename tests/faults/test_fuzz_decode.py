@@ -37,16 +37,9 @@ from service.rules import load_rules
 from service.runner import Outcome
 from tests.conftest import load_photo, wait_for
 from tests.e2e.conftest import REPO, DaemonProcess
-from tests.faults.conftest import (
-    MAX_PIXELS,
-    check_published_set,
-    copy_presets,
-    health,
-    reference_run,
-    rejects,
-    sidecars,
-    temp_files,
-)
+from tests.faults.outputs import MAX_PIXELS, check_published_set, reference_run, rejects, sidecars, temp_files
+from tests.faults.presets import copy_presets
+from tests.faults.readings import health
 
 DOCUMENTED = (IncompleteImage, CorruptImage, UnsupportedImage, ImageTooLarge)
 FUZZ_MAX_PIXELS = 4_000_000  # small, so a mutated header that passes the guard still cannot cost much

@@ -24,8 +24,8 @@ from service.naming import DEFAULT_MAX_LENGTH
 from service.rules import load_rules
 from tests.conftest import wait_for
 from tests.e2e.conftest import REPO, DaemonProcess, snapshot
-from tests.faults.conftest import (
-    Images,
+from tests.faults.images import Images
+from tests.faults.outputs import (
     assert_same_outputs,
     check_published_set,
     reference_run,

@@ -24,25 +24,20 @@ from service.ledger import Ledger
 from service.rules import load_rules
 from tests.conftest import wait_for
 from tests.e2e.conftest import DaemonProcess, frames
-from tests.faults.conftest import (
-    Images,
-    Tmpfs,
-    Writer,
+from tests.faults.images import Images
+from tests.faults.outputs import (
     assert_same_outputs,
     check_published_set,
-    copy_presets,
-    health,
-    log_records,
-    metric,
-    published_records,
     reference_run,
     rejects,
     sha256,
     sidecars,
     temp_files,
-    write_atomically,
-    write_in_chunks,
 )
+from tests.faults.presets import copy_presets
+from tests.faults.readings import health, log_records, metric, published_records
+from tests.faults.tmpfs import Tmpfs
+from tests.faults.writers import Writer, write_atomically, write_in_chunks
 
 SEED = 44
 

@@ -26,17 +26,11 @@ from service.errors import RuleError
 from service.rules import RuleSet, load_rules
 from tests.conftest import wait_for
 from tests.e2e.conftest import DaemonProcess
-from tests.faults.conftest import (
-    Images,
-    Writer,
-    check_published_set,
-    copy_presets,
-    health,
-    log_records,
-    metric,
-    rejects,
-    sidecars,
-)
+from tests.faults.images import Images
+from tests.faults.outputs import check_published_set, rejects, sidecars
+from tests.faults.presets import copy_presets
+from tests.faults.readings import health, log_records, metric
+from tests.faults.writers import Writer
 
 pytestmark = pytest.mark.slow
 

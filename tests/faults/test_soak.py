@@ -25,20 +25,11 @@ import pytest
 from service.ledger import Ledger
 from tests.conftest import wait_for
 from tests.e2e.conftest import DaemonProcess, frames
-from tests.faults.conftest import (
-    Images,
-    Tmpfs,
-    children,
-    copy_presets,
-    cpu_seconds,
-    encode,
-    metric,
-    poll,
-    proc_status,
-    published_records,
-    rejects,
-    temp_files,
-)
+from tests.faults.images import Images, encode
+from tests.faults.outputs import rejects, temp_files
+from tests.faults.presets import copy_presets
+from tests.faults.readings import children, cpu_seconds, metric, poll, proc_status, published_records
+from tests.faults.tmpfs import Tmpfs
 
 IMAGES = 10_000
 BATCH = 250  # written at once; the writer stays at most BACKLOG ahead of the daemon

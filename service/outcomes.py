@@ -1,0 +1,178 @@
+"""Where a finished job becomes its ledger row, reject record, metrics and log line.
+
+The engine dispatches and collects; everything it learns about a source ends
+here, in one place, so the ledger, the counts and the metrics can never tell
+different stories. The pending set stays the engine's: `worker_died` only says
+whether the source should go back into it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+from loguru import logger
+
+from service.errors import PublishError
+from service.ledger import Ledger
+from service.metrics import Metrics
+from service.publish import Publisher
+from service.runner import Job, Outcome
+
+# Disk full or read-only queue: keep trying, slower and slower, but never reject an image for it.
+MAX_PUBLISH_RETRY_DELAY = 300.0
+
+# Called with (name, key, width, height) after each publish, e.g. to upload to a remote ComfyUI.
+OnPublished = Callable[[str, str, int, int], None]
+
+
+class Outcomes:
+    def __init__(
+        self,
+        *,
+        ledger: Ledger,
+        publisher: Publisher,
+        metrics: Metrics,
+        max_attempts: int,
+        retry_base: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.ledger = ledger
+        self.publisher = publisher
+        self.metrics = metrics
+        self.max_attempts = max_attempts
+        self.retry_base = retry_base
+        self.clock = clock
+        self.on_published: OnPublished | None = None
+        self.counts = {"published": 0, "rejected": 0, "retried": 0, "skipped": 0}
+
+    def handle(self, job: Job, outcome: Outcome, *, seen_at: float | None) -> None:
+        """Record what a worker reported; `seen_at` (wall clock) starts the publish latency, None: not measured."""
+        if outcome.status == "published":
+            self._published(job, outcome, seen_at)
+        elif outcome.status == "skipped":
+            self._skipped(job, outcome)
+        elif outcome.status == "retry":
+            self._retry_or_reject(job, outcome)
+        else:
+            self._reject(job, outcome.error or {}, outcome)
+
+    def worker_died(self, job: Job) -> bool:
+        """A worker process died on `job`: reject it once that happened too often; True to try it again."""
+        entry = self.ledger.get(job.key)
+        attempts = entry.attempts if entry else 1
+        if attempts >= self.max_attempts:
+            error: dict[str, object] = {
+                "error": "WorkerCrashed",
+                "reason": "crashed",
+                "transient": False,
+                "message": f"a worker process died on this image {attempts} times",
+            }
+            self._reject(job, error, Outcome(job.key, job.name, job.rule.name, job.rule.fingerprint, "rejected"))
+            return False
+        logger.bind(source=job.key).warning("a worker died while processing {}; trying again", job.key)
+        return True
+
+    def _published(self, job: Job, outcome: Outcome, seen_at: float | None) -> None:
+        self.ledger.published(
+            job.key,
+            size=outcome.size,
+            mtime_ns=outcome.mtime_ns,
+            sha256=outcome.sha256,
+            rule=outcome.rule,
+            fingerprint=outcome.fingerprint,
+        )
+        self._count(outcome.rule, "published")
+        m = self.metrics
+        for stage, seconds in outcome.timings.items():
+            m.stage_seconds.labels(stage=stage).observe(seconds)
+        m.energy_before.observe(outcome.scores["energy_mean_before"])
+        m.energy_after.observe(outcome.scores["energy_mean_after"])
+        m.mask_coverage.observe(outcome.scores["mask_coverage"])
+        m.last_publish.set(outcome.finished_at)
+        if seen_at is not None:
+            m.latency_seconds.observe(max(0.0, outcome.finished_at - seen_at))
+        if self.on_published is not None:
+            self.on_published(job.name, job.key, int(outcome.scores["width"]), int(outcome.scores["height"]))
+        logger.bind(source=job.key, rule=outcome.rule, frame=outcome.outputs.get("frame")).info(
+            "published {} -> {} (rule {}, coverage {:.1%}, {:.0f} ms)",
+            job.key,
+            outcome.outputs.get("frame"),
+            outcome.rule,
+            outcome.scores["mask_coverage"],
+            1000 * sum(outcome.timings.values()),
+        )
+
+    def _skipped(self, job: Job, outcome: Outcome) -> None:
+        entry = self.ledger.get(job.key)
+        if outcome.sha256 is None or entry is None:
+            self.ledger.forget(job.key)  # vanished before it could be read
+            return
+        # Same content under a new mtime (a touch, a copy): refresh the cheap check, keep the outputs.
+        self.ledger.published(
+            job.key,
+            size=outcome.size,
+            mtime_ns=outcome.mtime_ns,
+            sha256=outcome.sha256,
+            rule=entry.rule,
+            fingerprint=entry.fingerprint,
+        )
+        self._count(outcome.rule, "skipped")
+        logger.bind(source=job.key).debug("unchanged content, skipped {}", job.key)
+
+    def _retry_or_reject(self, job: Job, outcome: Outcome) -> None:
+        error = dict(outcome.error or {})
+        entry = self.ledger.get(job.key)
+        attempts = entry.attempts if entry else 1
+        is_publish = error.get("reason") == "publish"
+        if not is_publish and attempts >= self.max_attempts:
+            error["message"] = f"{error.get('message')} (gave up after {attempts} attempts)"
+            self._reject(job, error, outcome)
+            return
+        delay = self.retry_base * 2.0 ** min(attempts - 1, 32)  # a full disk may retry for weeks
+        if is_publish:
+            delay = min(delay, MAX_PUBLISH_RETRY_DELAY)
+        self.ledger.retry(
+            job.key,
+            reason=str(error.get("reason")),
+            message=str(error.get("message")),
+            next_attempt=self.clock() + delay,
+        )
+        if is_publish:  # counted once the retry is recorded, like processed{outcome="retried"}
+            self.metrics.publish_errors.labels(reason=str(error.get("publish_reason", "other"))).inc()
+        self._count(outcome.rule, "retried")
+        logger.bind(source=job.key, reason=error.get("reason")).warning(
+            "retrying {} in {:.0f}s (attempt {}): {}", job.key, delay, attempts, error.get("message")
+        )
+
+    def _reject(self, job: Job, error: Mapping[str, object], outcome: Outcome) -> None:
+        reason = str(error.get("reason", "corrupt"))
+        record = {**error, "key": job.key, "source": str(job.source), "rule": job.rule.name}
+        try:
+            self.publisher.reject(job.name, record)
+        except PublishError as exc:
+            self.metrics.record_publish_error(exc)
+            logger.bind(source=job.key, reason="publish").warning(
+                "cannot write the reject record of {}, retrying: {}", job.key, exc.message
+            )
+            # Without its reject record the rejection would be invisible: try again later.
+            self.ledger.retry(
+                job.key, reason="publish", message=exc.message, next_attempt=self.clock() + self.retry_base
+            )
+            self._count(job.rule.name, "retried")
+            return
+        self.ledger.rejected(
+            job.key,
+            reason=reason,
+            message=str(error.get("message")),
+            size=outcome.size,
+            mtime_ns=outcome.mtime_ns,
+            sha256=outcome.sha256,
+        )
+        self._count(job.rule.name, "rejected")
+        self.metrics.rejected.labels(reason=reason).inc()
+        logger.bind(source=job.key, reason=reason).error("rejected {} ({}): {}", job.key, reason, error.get("message"))
+
+    def _count(self, rule: str, outcome: str) -> None:
+        self.counts[outcome] += 1
+        self.metrics.processed.labels(rule=rule, outcome=outcome).inc()

@@ -40,7 +40,8 @@ CORE_CALLS = (
     "tame_highlights",
     "selective_blur",
     "render_heatmap",
-    "energy_map",
+    "changed_box",
+    "energy_map_after",
     "compute_scores",
 )
 # Columns of the report, in pipeline order; "analysis" without the mask, "mask_blur" with it.

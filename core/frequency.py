@@ -10,6 +10,10 @@ The high-pass is taken at full resolution (the detail lives there); window
 statistics are computed on a 2x area-reduced grid (:data:`WORK_SCALE`) and the
 map is interpolated back. A window of 9 px has no detail left to lose at
 half resolution, and this makes the whole analysis about four times cheaper.
+
+A change of the image moves its map only within :func:`map_reach` pixels, so
+the map of an edited frame (:func:`energy_map_after`) is recomputed only
+around the edit.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ from core.texture import fill_fraction, texture_weight
 WORK_SCALE = 2
 # High-pass values below this (grey levels) are float rounding, not detail.
 NOISE_FLOOR = 1e-3
+# OpenCV's SIMD loops compute the last pixels of a row that do not fill a vector in scalar code,
+# rounded differently. A crop whose columns start on a multiple of this and end on one (or at the
+# frame's edge) computes every pixel in the same lane as the whole frame does, up to 32 floats wide.
+_LANES = 32
 
 
 @dataclass(frozen=True)
@@ -99,7 +107,8 @@ def highpass(luma: np.ndarray, *, sigma: float) -> np.ndarray:
     if luma.dtype != np.float32 or luma.ndim != 2:
         raise ValueError(f"luma must be float32 (H, W), got {luma.dtype} {luma.shape}")
     size = _kernel(sigma)
-    out = cv2.absdiff(luma, cv2.GaussianBlur(luma, (size, size), sigma, borderType=cv2.BORDER_REFLECT))
+    out: np.ndarray = cv2.GaussianBlur(luma, (size, size), sigma, borderType=cv2.BORDER_REFLECT)
+    cv2.absdiff(luma, out, dst=out)
     cv2.threshold(out, NOISE_FLOOR, 0.0, cv2.THRESH_TOZERO, dst=out)
     return out
 
@@ -125,7 +134,62 @@ def raw_energy(image: np.ndarray, *, params: AnalysisParams) -> np.ndarray:
 
 def energy_map(image: np.ndarray, *, params: AnalysisParams) -> np.ndarray:
     """Only the Matrix Vision map (float32 (H, W), 0..1) of an RGB ``uint8`` image."""
-    return expand(np.minimum(raw_energy(image, params=params), np.float32(1.0)), image.shape)
+    clipped = raw_energy(image, params=params)
+    cv2.threshold(clipped, 1.0, 1.0, cv2.THRESH_TRUNC, dst=clipped)  # min(raw, 1) in place
+    return expand(clipped, image.shape)
+
+
+def energy_map_after(
+    image: np.ndarray, *, before: np.ndarray, changed: tuple[int, int, int, int], params: AnalysisParams
+) -> np.ndarray:
+    """``energy_map(image)`` of an edited image, recomputed only near the edit.
+
+    ``before`` is the map of the original image, and ``image`` equals that
+    original outside the box ``changed`` (``(y0, y1, x0, x1)``, empty if
+    nothing changed). The result equals ``energy_map(image)`` bit for bit
+    while the box filter's sums are exact (see :func:`map_reach`).
+    """
+    h, w = image.shape[:2]
+    if before.shape != (h, w):
+        raise ValueError(f"before must have shape {(h, w)}, got {before.shape}")
+    y0, y1, x0, x1 = changed
+    if y0 >= y1 or x0 >= x1:
+        return before.copy()
+    if h % WORK_SCALE or w % WORK_SCALE:
+        # Odd sizes reduce to the work grid with fractional weights that a crop would not reproduce.
+        return energy_map(image, params=params)
+    reach = map_reach(params)
+    # Pixels whose map may change, and the pixels those depend on (rows on the work grid, columns in lanes).
+    out_rows, out_cols = _grow(y0, y1, reach, h), _grow(x0, x1, reach, w)
+    rows = _grow(*out_rows, reach, h, align=WORK_SCALE)
+    cols = _grow(*out_cols, reach, w, align=_LANES)
+    if (rows, cols) == ((0, h), (0, w)):
+        return energy_map(image, params=params)
+    local = energy_map(image[rows[0] : rows[1], cols[0] : cols[1]], params=params)
+    out = before.copy()
+    out[out_rows[0] : out_rows[1], out_cols[0] : out_cols[1]] = local[
+        out_rows[0] - rows[0] : out_rows[1] - rows[0], out_cols[0] - cols[0] : out_cols[1] - cols[0]
+    ]
+    return out
+
+
+def map_reach(params: AnalysisParams) -> int:
+    """How far, in pixels along each axis, a change of the image can move its Matrix Vision map.
+
+    A map pixel ``Y`` interpolates work rows ``j = (Y - 1) // 2`` and ``j + 1``
+    (bilinear 2x, half-pixel centres); each is a box mean over work rows
+    ``+- b`` (``b`` half the work window), each of those the mean of image
+    rows ``2j`` and ``2j + 1`` of the high-pass, which sees luma within the
+    Gaussian's radius ``r``. So ``Y`` depends on rows ``Y - 2 - 2b - r`` to
+    ``Y + 2 + 2b + r`` only; mirrored borders stay inside that range. Each
+    of these steps computes a pixel from its window alone. The box filter
+    keeps running sums, but in double precision: its inputs are float32 values
+    within 20 binary orders of each other (:data:`NOISE_FLOOR` / 4 to 255,
+    scaled), so sums of up to 2^9 of them are exact, i.e. work windows up to
+    21 (``window`` up to about 40 px). So a crop reproduces the whole frame's
+    map bit for bit; beyond such windows, to float rounding.
+    """
+    return _kernel(params.sigma) // 2 + WORK_SCALE * (_work_window(params.window) // 2 + 1)
 
 
 def work_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -147,6 +211,13 @@ def expand(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """A work-grid map interpolated back to the (H, W) of an (H, W, ...) image."""
     out = cv2.resize(values, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
     return out.reshape(shape[:2])
+
+
+def _grow(start: int, stop: int, by: int, size: int, *, align: int = 1) -> tuple[int, int]:
+    """``start..stop`` grown by ``by`` within ``0..size``, the ends on multiples of ``align`` (or at ``size``)."""
+    start = max(0, start - by) // align * align
+    stop = min(size, -(-(stop + by) // align) * align)
+    return start, stop
 
 
 def _work_window(window: int) -> int:

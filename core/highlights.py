@@ -20,8 +20,10 @@ import numpy as np
 
 # BT.601 luma weights, as cv2.COLOR_RGB2GRAY uses.
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
-# The eight neighbours of a pixel: a spot's rim touches the spot through one of them.
-_NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+# A pixel and its eight neighbours (row and column offsets; the pixel itself is number 4):
+# a spot's rim touches the spot through one of the neighbours.
+_ROWS = np.array([-1, -1, -1, 0, 0, 0, 1, 1, 1])
+_COLS = np.array([-1, 0, 1, -1, 0, 1, -1, 0, 1])
 
 
 @dataclass(frozen=True)
@@ -71,12 +73,15 @@ def tame_highlights(image: np.ndarray, *, params: HighlightParams) -> tuple[np.n
     spots = np.zeros(image.shape[:2], np.float32)
     if not params.enabled:
         return out, spots
-    white = cv2.inRange(image, (params.level,) * 3, (255, 255, 255))
+    white = _near_white(image, params.level)
     if cv2.countNonZero(white) == 0:  # most frames: nothing near-white at all
         return out, spots
+    y0, y1, x0, x1 = _label_box(white)
     count, labels, stats, _centroids = cv2.connectedComponentsWithStatsWithAlgorithm(
-        white, 8, cv2.CV_32S, cv2.CCL_GRANA
+        white[y0:y1, x0:x1], 8, cv2.CV_32S, cv2.CCL_GRANA
     )
+    stats[:, cv2.CC_STAT_LEFT] += x0  # boxes in frame coordinates from here on
+    stats[:, cv2.CC_STAT_TOP] += y0
     small = stats[:, cv2.CC_STAT_AREA] <= params.max_area
     small[0] = False
     if not small.any():
@@ -87,13 +92,8 @@ def tame_highlights(image: np.ndarray, *, params: HighlightParams) -> tuple[np.n
     if not keep.any():
         return out, spots
     # Only the pixels of each kept spot's box (grown by the rim) are visited, never the whole frame.
-    h, w = image.shape[:2]
-    ys, xs, spot = _box_pixels(stats, np.flatnonzero(keep), (h, w))
-    core = labels[ys, xs] == spot
-    rim = np.zeros_like(core)
-    for dy, dx in _NEIGHBOURS:
-        rim |= labels[np.clip(ys + dy, 0, h - 1), np.clip(xs + dx, 0, w - 1)] == spot
-    weight = np.where(core, np.float32(1.0), np.where(rim, np.float32(0.5), np.float32(0.0)))
+    ys, xs, spot = _box_pixels(stats, np.flatnonzero(keep), image.shape[:2])
+    weight = _spot_weight(labels, ys - y0, xs - x0, spot)
     chosen = weight > 0
     ys, xs, spot, weight = ys[chosen], xs[chosen], spot[chosen], weight[chosen]
     pixels = image[ys, xs].astype(np.float32)
@@ -101,6 +101,31 @@ def tame_highlights(image: np.ndarray, *, params: HighlightParams) -> tuple[np.n
     out[ys, xs] = (moved + np.float32(0.5)).astype(np.uint8)
     spots[ys, xs] = weight
     return out, spots
+
+
+def _near_white(image: np.ndarray, level: int) -> np.ndarray:
+    """255 where all three channels are at least ``level``, else 0 (``cv2.inRange``, at about half the cost)."""
+    passed = cv2.threshold(image, level - 1, 255, cv2.THRESH_BINARY)[1]
+    # Each channel is now 0 or 255: the grey of a pixel is 255 only if all three are (weights sum to 1).
+    grey = cv2.cvtColor(passed, cv2.COLOR_RGB2GRAY)
+    white: np.ndarray = cv2.threshold(grey, 254, 255, cv2.THRESH_BINARY)[1]
+    return white
+
+
+def _label_box(white: np.ndarray) -> tuple[int, int, int, int]:
+    """Where to label the spots, ``(y0, y1, x0, x1)``: the box of the near-white pixels grown by two
+    (room for a rim's neighbours) and clipped to the frame.
+
+    Labelling costs what it scans. The box starts on even coordinates, so that the labeller's 2x2
+    blocks, and with them the numbers of the spots (the higher one wins a rim pixel two spots
+    share), are the whole frame's; its sides are even where the frame allows (odd ones take a path
+    about twice as slow).
+    """
+    x, y, width, height = cv2.boundingRect(white)
+    h, w = white.shape
+    y0, x0 = max(y - 2, 0) // 2 * 2, max(x - 2, 0) // 2 * 2
+    y1, x1 = min(y + height + 2, h), min(x + width + 2, w)
+    return y0, min(y1 + (y1 - y0) % 2, h), x0, min(x1 + (x1 - x0) % 2, w)
 
 
 def _box_pixels(
@@ -121,6 +146,18 @@ def _box_pixels(
     return ys, xs, ids[owner]
 
 
+def _spot_weight(labels: np.ndarray, ys: np.ndarray, xs: np.ndarray, spot: np.ndarray) -> np.ndarray:
+    """1 where pixel ``(ys, xs)`` of ``labels`` belongs to component ``spot``, 0.5 where a neighbour does, else 0."""
+    h, w = labels.shape
+    # One gather of all 3x3 neighbourhoods (clipped at the edge), not one per neighbour.
+    rows = np.clip(ys[:, None] + _ROWS, 0, h - 1)
+    cols = np.clip(xs[:, None] + _COLS, 0, w - 1)
+    inside = labels[rows, cols] == spot[:, None]
+    # Halves: one for touching the spot, one more for being part of it.
+    weight: np.ndarray = (inside[:, 4].astype(np.float32) + inside.any(axis=1)) * np.float32(0.5)
+    return weight
+
+
 def _surroundings(image: np.ndarray, boxes: np.ndarray, radius: int) -> np.ndarray:
     """Median colour (float32 (n, 3)) of eight points around each box (stats rows), ``radius`` outside it."""
     h, w = image.shape[:2]
@@ -133,6 +170,7 @@ def _surroundings(image: np.ndarray, boxes: np.ndarray, radius: int) -> np.ndarr
     # The 3x3 grid of points minus its centre (the spot itself).
     px = np.clip(xs[[0, 1, 2, 0, 2, 0, 1, 2]], 0, w - 1)
     py = np.clip(ys[[0, 0, 0, 1, 1, 2, 2, 2]], 0, h - 1)
-    samples = image[py, px].astype(np.float32)  # (8, n, 3)
-    colours: np.ndarray = np.median(samples, axis=0).astype(np.float32)
+    # The median of eight: the mean of the middle two (exact, and cheaper than np.median).
+    ranked = np.sort(image[py, px], axis=0).astype(np.float32)  # (8, n, 3)
+    colours: np.ndarray = (ranked[3] + ranked[4]) * np.float32(0.5)
     return colours

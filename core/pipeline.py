@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from core.blur import BlurParams, selective_blur
-from core.frequency import AnalysisParams, analyze, energy_map
+from core.frequency import AnalysisParams, analyze, energy_map_after
 from core.heatmap import HeatmapParams, render_heatmap
 from core.highlights import HighlightParams, tame_highlights
 from core.mask import MaskParams, build_mask
 from core.resize import ResizeParams, resize
-from core.scores import Scores, compute_scores
+from core.scores import Scores, changed_box, compute_scores
 
 # Grey gap between the panels of a preview.
 _GAP = 8
@@ -80,9 +80,17 @@ def run(image: np.ndarray, params: PipelineParams, *, clock: Callable[[], float]
     lap("blur")
     heatmap = render_heatmap(analysis.energy, params=params.heatmap, mask=mask)
     lap("heatmap")
-    energy_after = energy_map(cleaned, params=params.analysis)
+    # The blur and the highlights touch a part of the frame: the map after and the SSIM need only that part.
+    changed = changed_box(resized, cleaned)
+    energy_after = energy_map_after(cleaned, before=analysis.energy, changed=changed, params=params.analysis)
     scores = compute_scores(
-        resized, cleaned, energy_before=analysis.energy, energy_after=energy_after, mask=mask, highlights=spots
+        resized,
+        cleaned,
+        energy_before=analysis.energy,
+        energy_after=energy_after,
+        mask=mask,
+        highlights=spots,
+        changed=changed,
     )
     lap("scores")
     return PipelineResult(

@@ -9,7 +9,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from core.frequency import AnalysisParams, analyze, energy_map, highpass, luminance, raw_energy, work_shape
+from core.frequency import (
+    AnalysisParams,
+    analyze,
+    energy_map,
+    energy_map_after,
+    highpass,
+    luminance,
+    map_reach,
+    raw_energy,
+    work_shape,
+)
 
 PARAMS = AnalysisParams()
 
@@ -96,6 +106,59 @@ def test_maps_have_the_promised_shapes_types_and_range(image: np.ndarray) -> Non
     for values in (analysis.energy, analysis.sinks, analysis.fill):
         assert values.dtype == np.float32 and values.min() >= 0.0 and values.max() <= 1.0
     assert analysis.raw.min() >= 0.0
+
+
+@pytest.mark.parametrize("at", [(200, 300), (201, 301), (0, 0), (479, 831)])
+def test_an_edit_moves_the_map_exactly_as_far_as_the_reach(photos: dict[str, np.ndarray], at: tuple[int, int]) -> None:
+    original = cv2.resize(photos["astronaut"], (832, 480), interpolation=cv2.INTER_AREA)
+    edited = original.copy()
+    edited[at] = 255 - edited[at]
+    moved = np.argwhere(energy_map(edited, params=PARAMS) != energy_map(original, params=PARAMS))
+    reach = np.abs(moved - np.array(at)).max(axis=0)
+    assert reach.max() == map_reach(PARAMS)
+
+
+def blurred_inside(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    y0, y1, x0, x1 = box
+    edited = image.copy()
+    edited[y0:y1, x0:x1] = cv2.GaussianBlur(image, (5, 5), 1.5)[y0:y1, x0:x1]
+    return edited
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    name=st.sampled_from(["astronaut", "chelsea", "coffee", "rocket"]),
+    # Even sizes of the rules (832 % 32 == 0, 720 % 32 == 16), one with 840 % 32 == 8, and an odd one.
+    size=st.sampled_from([(832, 480), (720, 1280), (840, 480), (833, 481)]),
+    corner=st.tuples(st.floats(0, 1), st.floats(0, 1)),
+    extent=st.tuples(st.integers(1, 400), st.integers(1, 400)),
+)
+def test_the_map_after_an_edit_is_the_map_of_the_whole_frame(
+    photos: dict[str, np.ndarray],
+    name: str,
+    size: tuple[int, int],
+    corner: tuple[float, float],
+    extent: tuple[int, int],
+) -> None:
+    original = cv2.resize(photos[name], size, interpolation=cv2.INTER_AREA)
+    h, w = original.shape[:2]
+    y0, x0 = int(corner[0] * (h - 1)), int(corner[1] * (w - 1))
+    box = (y0, min(h, y0 + extent[0]), x0, min(w, x0 + extent[1]))
+    edited = blurred_inside(original, box)
+    after = energy_map_after(edited, before=energy_map(original, params=PARAMS), changed=box, params=PARAMS)
+    np.testing.assert_array_equal(after, energy_map(edited, params=PARAMS))
+
+
+def test_the_map_after_no_edit_is_a_copy_of_the_map_before(photo: np.ndarray) -> None:
+    before = energy_map(photo, params=PARAMS)
+    after = energy_map_after(photo, before=before, changed=(0, 0, 0, 0), params=PARAMS)
+    np.testing.assert_array_equal(after, before)
+    assert after is not before
+
+
+def test_the_map_after_needs_the_map_before_of_the_frame() -> None:
+    with pytest.raises(ValueError, match="before"):
+        energy_map_after(flat(0), before=np.zeros((48, 83), np.float32), changed=(0, 1, 0, 1), params=PARAMS)
 
 
 def test_input_is_not_modified(photo: np.ndarray) -> None:

@@ -117,6 +117,14 @@ def test_every_real_photo_meets_the_acceptance_scores(results: dict[str, Pipelin
         ), name
 
 
+def test_the_map_after_is_the_map_of_the_cleaned_frame(results: dict[str, PipelineResult]) -> None:
+    # The pipeline recomputes the map only around the changes; it must not show.
+    for name, result in results.items():
+        expected = energy_map(result.cleaned, params=DEFAULT.analysis)
+        assert result.energy_after.tobytes() == expected.tobytes(), name
+        assert result.scores.ssim == ssim(result.resized, result.cleaned), name
+
+
 def test_selective_blur_beats_a_global_blur_at_equal_sink_reduction(results: dict[str, PipelineResult]) -> None:
     for name, result in results.items():
         wanted = result.scores.sink_energy_reduction

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from skimage.metrics import structural_similarity
 
-from core.scores import Scores, compute_scores, percentile, ssim
+from core.scores import Scores, changed_box, compute_scores, percentile, ssim
 
 REQUIRED = {
     "width", "height", "mask_coverage", "energy_mean_before", "energy_mean_after", "energy_p95_before",
@@ -61,6 +61,25 @@ def test_local_changes_match_scikit_image_anywhere(top: int, left: int, height: 
     other = image.copy()
     other[top : top + height, left : left + width] = value
     assert ssim(image, other) == pytest.approx(reference(image, other), abs=1e-6)
+
+
+@pytest.mark.parametrize("channel", [0, 1, 2])
+def test_the_changed_box_holds_exactly_the_changed_pixels(channel: int) -> None:
+    image = noisy(7)
+    other = image.copy()
+    other[30, 40, channel] ^= 1
+    other[70:75, 100, channel] ^= 1
+    assert changed_box(image, other) == (30, 75, 40, 101)
+    assert changed_box(image, image.copy()) == (0, 0, 0, 0)
+
+
+def test_a_known_changed_box_gives_the_same_ssim(photos: dict[str, np.ndarray]) -> None:
+    image = cv2.resize(photos["coffee"], (832, 480), interpolation=cv2.INTER_AREA)
+    other = image.copy()
+    other[100:200, 300:500] = cv2.GaussianBlur(image, (5, 5), 1.2)[100:200, 300:500]
+    box = changed_box(image, other)
+    assert ssim(image, other, changed=box) == ssim(image, other) < 1.0
+    assert ssim(image, other, changed=box) == pytest.approx(reference(image, other), abs=1e-6)
 
 
 def test_percentile_is_close_to_numpy() -> None:

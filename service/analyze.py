@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -69,17 +70,18 @@ def main(args: argparse.Namespace) -> int:
     params = rule.to_params()
     result = pipeline.run(decoded.rgb, params)
     scores = result.scores.as_dict()
-    outputs = {
+    # Each picture is made only if its file was asked for.
+    outputs: dict[str, tuple[Path | None, Callable[[], np.ndarray]]] = {
         "heatmap": (args.heatmap, lambda: result.heatmap),
         "mask": (args.mask, lambda: np.rint(result.mask * 255.0).astype(np.uint8)),
         "cleaned": (args.cleaned, lambda: result.cleaned),
         "preview": (args.preview, lambda: pipeline.preview(result, params=params.heatmap)),
     }
     written: dict[str, str] = {}
-    for kind, (path, picture) in outputs.items():
-        if path is not None:
-            path.write_bytes(encode_png(picture()))
-            written[kind] = str(path)
+    for kind, (target, picture) in outputs.items():
+        if target is not None:
+            target.write_bytes(encode_png(picture()))
+            written[kind] = str(target)
     if args.json:
         report = {
             "file": str(args.file),

@@ -41,9 +41,11 @@ from service.png_chunks import TEXT_TOTAL_LIMIT, TEXT_VALUE_LIMIT
 
 _spng: ModuleType | None
 try:
-    import pyspng as _spng
+    import pyspng
 except ImportError:  # the `fast` extra is optional
     _spng = None
+else:
+    _spng = pyspng
 
 # The text caps belong to the container walk; they are re-exported as part of what DecodedImage.text promises.
 __all__ = [

@@ -23,9 +23,11 @@ import numpy as np
 
 _fpng: ModuleType | None
 try:
-    import fpng as _fpng
+    import fpng
 except ImportError:  # the `fast` extra is optional
     _fpng = None
+else:
+    _fpng = fpng
 
 PNG_ENCODER = "fpng" if _fpng is not None else "opencv"
 """The encoder of RGB images, read at every call: "fpng" when installed; assign "opencv" to compare."""

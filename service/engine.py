@@ -199,13 +199,17 @@ class Engine:
             exists=lambda n: recovery.taken(self.publisher, n, candidate.key),
         )
         known = entry.sha256 if entry and entry.state == "published" and not self.force else None
+        made_by = (rule.name, rule.fingerprint)
+        if known is not None and entry is not None and entry.rule and entry.fingerprint:
+            # Unchanged content keeps its outputs (a skip): the ledger goes on naming the rule that made them.
+            made_by = (entry.rule, entry.fingerprint)
         self.ledger.start(
             candidate.key,
             size=st.st_size,
             mtime_ns=st.st_mtime_ns,
             sha256=known,
-            rule=rule.name,
-            fingerprint=rule.fingerprint,
+            rule=made_by[0],
+            fingerprint=made_by[1],
         )
         job = Job(
             source=candidate.path,

@@ -74,13 +74,9 @@ class Outcomes:
         return True
 
     def _published(self, job: Job, outcome: Outcome, seen_at: float | None) -> None:
+        size, mtime_ns, sha256 = _source_stat(outcome)
         self.ledger.published(
-            job.key,
-            size=outcome.size,
-            mtime_ns=outcome.mtime_ns,
-            sha256=outcome.sha256,
-            rule=outcome.rule,
-            fingerprint=outcome.fingerprint,
+            job.key, size=size, mtime_ns=mtime_ns, sha256=sha256, rule=outcome.rule, fingerprint=outcome.fingerprint
         )
         self._count(outcome.rule, "published")
         m = self.metrics
@@ -108,14 +104,16 @@ class Outcomes:
         if outcome.sha256 is None or entry is None:
             self.ledger.forget(job.key)  # vanished before it could be read
             return
+        size, mtime_ns, sha256 = _source_stat(outcome)
+        if entry.rule is None or entry.fingerprint is None:
+            # The engine's Ledger.start recorded both before it dispatched the job.
+            raise ValueError(
+                f"the ledger entry of {job.key!r} has no rule or fingerprint "
+                f"(rule={entry.rule!r}, fingerprint={entry.fingerprint!r}) though its processing started"
+            )
         # Same content under a new mtime (a touch, a copy): refresh the cheap check, keep the outputs.
         self.ledger.published(
-            job.key,
-            size=outcome.size,
-            mtime_ns=outcome.mtime_ns,
-            sha256=outcome.sha256,
-            rule=entry.rule,
-            fingerprint=entry.fingerprint,
+            job.key, size=size, mtime_ns=mtime_ns, sha256=sha256, rule=entry.rule, fingerprint=entry.fingerprint
         )
         self._count(outcome.rule, "skipped")
         logger.bind(source=job.key).debug("unchanged content, skipped {}", job.key)
@@ -176,3 +174,13 @@ class Outcomes:
     def _count(self, rule: str, outcome: str) -> None:
         self.counts[outcome] += 1
         self.metrics.processed.labels(rule=rule, outcome=outcome).inc()
+
+
+def _source_stat(outcome: Outcome) -> tuple[int, int, str]:
+    """Size, mtime and hash of the source a worker read: the runner puts all three in every outcome that has a hash."""
+    if outcome.size is None or outcome.mtime_ns is None or outcome.sha256 is None:
+        raise ValueError(
+            f"a {outcome.status} outcome must carry the source's size, mtime_ns and sha256; the one of "
+            f"{outcome.key!r} has size={outcome.size}, mtime_ns={outcome.mtime_ns}, sha256={outcome.sha256}"
+        )
+    return outcome.size, outcome.mtime_ns, outcome.sha256

@@ -32,8 +32,9 @@ class RuleReloader:
 
     def load(self) -> RuleSet:
         """The first load; its RuleError is a configuration error."""
+        signature = self._read_signature()  # before reading: an edit made meanwhile is then a change
         rules = load_rules(self.directory)
-        self.signature = self._read_signature()
+        self.signature = signature
         return rules
 
     def request(self) -> None:

@@ -230,7 +230,10 @@ def rule_files(directory: Path | None = None) -> list[tuple[str, str]]:
 
 
 def _toml_files(folder: Traversable | Path) -> Iterable[tuple[str, str]]:
-    entries = sorted((entry for entry in folder.iterdir() if entry.name.endswith(".toml")), key=lambda e: e.name)
+    try:
+        entries = sorted((entry for entry in folder.iterdir() if entry.name.endswith(".toml")), key=lambda e: e.name)
+    except OSError as exc:
+        raise RuleError(f"cannot list the rules folder: {exc.strerror or exc}", file=str(folder)) from exc
     for entry in entries:
         label = str(entry) if isinstance(entry, Path) else f"rules/{entry.name}"
         try:

@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from core import pipeline
 from service import __version__
@@ -43,6 +43,22 @@ class Job:
     max_bytes: int
     max_pixels: int
     known_sha256: str | None = None
+
+
+class _Identity(TypedDict):
+    """The fields every Outcome of a job shares, spread into each one."""
+
+    key: str
+    name: str
+    rule: str
+    fingerprint: str
+
+
+class _SourceStat(TypedDict):
+    """Size and mtime of the source as it was first stat'ed, spread into the outcomes that read it."""
+
+    size: int
+    mtime_ns: int
 
 
 @dataclass(frozen=True)
@@ -72,7 +88,7 @@ class Outcome:
 
 def process_job(job: Job) -> Outcome:
     """Clean one source into the queue; report what happened, never raise."""
-    base = {"key": job.key, "name": job.name, "rule": job.rule.name, "fingerprint": job.rule.fingerprint}
+    base = _Identity(key=job.key, name=job.name, rule=job.rule.name, fingerprint=job.rule.fingerprint)
     timings: dict[str, float] = {}
     try:
         before = os.stat(job.source)
@@ -81,7 +97,7 @@ def process_job(job: Job) -> Outcome:
     except OSError as exc:
         error = IncompleteImage(f"cannot stat source: {exc.strerror}", path=job.source, rule=job.rule.name)
         return Outcome(**base, status="retry", error=error.as_record())
-    stat_fields = {"size": before.st_size, "mtime_ns": before.st_mtime_ns}
+    stat_fields = _SourceStat(size=before.st_size, mtime_ns=before.st_mtime_ns)
     try:
         params = job.rule.to_params()
         # A square that covers either orientation lets a large JPEG decode at reduced scale safely.

@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# The fault suite's helper modules assert too: pytest explains their failures only if it rewrites them.
+pytest.register_assert_rewrite("tests.faults", "tests.fake_comfyui")
+
 PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "china", "flower")
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from watchdog.events import FileSystemEvent
 
+from service.ledger import Ledger
 from service.settings import Settings
 from service.watcher import EnqueueHandler
 from tests.conftest import load_photo, photo_file, wait_for
@@ -412,6 +413,29 @@ def test_a_source_overwritten_with_new_content_is_processed_again_and_a_resaved_
     assert snapshot(queue)["resaved.png"] == resaved, "the re-saved source's frame was written again"
     check_outputs_complete(queue)
     check_watch_unchanged(watch, before, added=(SENTINEL,))
+
+
+def test_a_resaved_source_skipped_after_a_rule_change_keeps_the_rule_that_made_its_outputs_in_the_ledger(
+    folders: tuple[Path, Path], tmp_path: Path
+) -> None:
+    watch, queue = folders
+    rules = copy_rules(tmp_path / "rules", **TINY)
+    settings = Settings(watch=watch, queue=queue, rules=rules, metrics_port=0, workers=1, settle_seconds=0.3)
+    with InProcessDaemon(settings) as running:
+        write_photo(watch / "kept.png", small_photo(0))
+        wait_published(queue, 1)
+        made_by = sidecars(queue)["kept"]["rule"]["fingerprint"]
+        # A changed rule applies to new images only: re-saving the same bytes keeps the outputs.
+        default = rules / "default.toml"
+        default.write_text(default.read_text(encoding="utf-8").replace("sigma = 1.2", "sigma = 1.3", 1))
+        wait_for(lambda: running.daemon.rules.get("default").fingerprint != made_by)
+        (watch / "kept.png").write_bytes((watch / "kept.png").read_bytes())
+        wait_for(lambda: running.sample("sinkwatch_images_processed_total", rule="default", outcome="skipped") == 1)
+    with Ledger(settings.resolved_state_dir / "ledger.sqlite3") as ledger:
+        entry = ledger.get("kept.png")
+    assert entry is not None and entry.state == "published"
+    assert (entry.rule, entry.fingerprint) == ("default", made_by)
+    assert sidecars(queue)["kept"]["rule"]["fingerprint"] == made_by
 
 
 # -- failures ---------------------------------------------------------------------------------

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,6 @@ from PIL import Image
 
 from service.comfyui import ComfyClient, UploadResult
 from service.errors import ComfyPending, ComfyRejected, ComfyUnavailable, ConfigError
-from service.retry import backoff, keep_trying
 from service.workflow import load_workflow, prepare
 from tests.conftest import photo_file
 from tests.fake_comfyui import FakeComfyUI
@@ -275,82 +272,6 @@ def test_a_non_comfyui_answer_is_unavailable_not_a_crash(comfy: FakeComfyUI, cli
     comfy.fail_next(200)  # the fake then answers with a body that is not ComfyUI's
     with pytest.raises(ComfyUnavailable, match="not a ComfyUI answer"):
         client.upload_image(b"x", name="frame.png")
-
-
-# --- retry --------------------------------------------------------------------------------------
-
-
-def test_backoff_doubles_up_to_the_cap() -> None:
-    assert [backoff(n, base=0.5, cap=4.0) for n in range(1, 7)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
-
-
-def _flaky(failures: list[BaseException]) -> Callable[[], str]:
-    """A call that raises each of `failures` in turn, then answers."""
-    pending = list(failures)
-
-    def call() -> str:
-        if pending:
-            raise pending.pop(0)
-        return "answer"
-
-    return call
-
-
-class NeverStopped(threading.Event):
-    """A stop event that is never set and records the waits instead of sleeping them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.waits: list[float | None] = []
-
-    def wait(self, timeout: float | None = None) -> bool:
-        self.waits.append(timeout)
-        return False
-
-
-def test_keep_trying_reports_each_transient_failure_and_waits_its_backoff_until_the_call_answers() -> None:
-    failures = [ComfyUnavailable(f"down {n}", url="http://x") for n in range(4)]
-    reported: list[tuple[BaseException, float]] = []
-    stop = NeverStopped()
-    answer = keep_trying(
-        _flaky(failures),
-        transient=ComfyUnavailable,
-        base=1.0,
-        cap=3.0,
-        stop=stop,
-        failed=lambda error, delay: reported.append((error, delay)),
-    )
-    assert answer == "answer"
-    assert reported == list(zip(failures, [1.0, 2.0, 3.0, 3.0], strict=True))
-    assert stop.waits == [1.0, 2.0, 3.0, 3.0]
-
-
-def test_keep_trying_raises_the_last_failure_once_stopped_and_passes_other_errors_through() -> None:
-    stop = threading.Event()
-    stop.set()
-    down = ComfyUnavailable("down", url="http://x")
-    reported: list[BaseException] = []
-    with pytest.raises(ComfyUnavailable) as caught:
-        keep_trying(
-            _flaky([down]),
-            transient=ComfyUnavailable,
-            base=3600.0,
-            cap=3600.0,
-            stop=stop,
-            failed=lambda error, _delay: reported.append(error),
-        )
-    assert caught.value is down and reported == [down]
-    refused = ComfyRejected("refused", url="http://x", status=400)
-    with pytest.raises(ComfyRejected):
-        keep_trying(
-            _flaky([refused]),
-            transient=ComfyUnavailable,
-            base=0.0,
-            cap=0.0,
-            stop=threading.Event(),
-            failed=lambda error, _delay: reported.append(error),
-        )
-    assert reported == [down], "a failure that is not transient is not retried"
 
 
 # --- end to end ---------------------------------------------------------------------------------

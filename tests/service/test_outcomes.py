@@ -1,0 +1,296 @@
+"""service.outcomes: what each finished job leaves behind, in the ledger, the queue, the counts and the metrics.
+
+Each source goes the way the engine sends it: an attempt started in a real SQLite ledger, the
+real runner (in this process) on a real image, its outcome handed to Outcomes. Retry times come
+from an injected clock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from service.ledger import Entry, Ledger
+from service.metrics import OUTCOMES, Metrics
+from service.outcomes import MAX_PUBLISH_RETRY_DELAY, Outcomes
+from service.publish import Publisher
+from service.rules import load_rules
+from service.runner import Job, Outcome, process_job
+from tests.conftest import photo_file
+
+NOW = 1_000_000.0
+MAX_ATTEMPTS = 3
+RETRY_BASE = 10.0
+
+
+class Bench:
+    """Outcomes on a real ledger, queue folder and metrics, and the engine's part done by hand."""
+
+    def __init__(self, tmp_path: Path, ledger: Ledger) -> None:
+        self.watch = tmp_path / "watch"
+        self.watch.mkdir()
+        self.queue = tmp_path / "queue"
+        self.ledger = ledger
+        self.rule = load_rules(None).get("default")
+        self.metrics = Metrics(CollectorRegistry())
+        self.outcomes = Outcomes(
+            ledger=ledger,
+            publisher=Publisher(self.queue),
+            metrics=self.metrics,
+            max_attempts=MAX_ATTEMPTS,
+            retry_base=RETRY_BASE,
+            clock=lambda: NOW,
+        )
+
+    def photo(self, name: str, *, cut: int = 0) -> Path:
+        """A real PNG in the watch folder; `cut` bytes short of its end when asked (still being written)."""
+        data = photo_file("chelsea").read_bytes()
+        path = self.watch / name
+        path.write_bytes(data[: len(data) - cut])
+        return path
+
+    def start(self, source: Path, *, queue: Path | None = None) -> Job:
+        """What the engine does before a worker gets the source: its name, one more attempt, the job."""
+        key = source.name
+        entry = self.ledger.get(key)
+        known = entry.sha256 if entry is not None and entry.state == "published" else None
+        st = source.stat()
+        self.ledger.start(
+            key,
+            size=st.st_size,
+            mtime_ns=st.st_mtime_ns,
+            sha256=known,
+            rule=self.rule.name,
+            fingerprint=self.rule.fingerprint,
+        )
+        name = self.ledger.name_for(key, source.stem, exists=lambda _name: False)
+        return Job(
+            source=source,
+            key=key,
+            name=name,
+            rule=self.rule,
+            queue=queue or self.queue,
+            max_bytes=1 << 30,
+            max_pixels=1 << 30,
+            known_sha256=known,
+        )
+
+    def run(self, source: Path, *, queue: Path | None = None) -> Outcome:
+        """One attempt at `source`, recorded by Outcomes (publish latency not measured)."""
+        job = self.start(source, queue=queue)
+        outcome = process_job(job)
+        self.outcomes.handle(job, outcome, seen_at=None)
+        return outcome
+
+    def entry(self, key: str) -> Entry:
+        entry = self.ledger.get(key)
+        assert entry is not None, f"no ledger row for {key}"
+        return entry
+
+    def reject_record(self, name: str) -> dict[str, Any]:
+        record: dict[str, Any] = json.loads(Publisher(self.queue).reject_path(name).read_text(encoding="utf-8"))
+        return record
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        return self.metrics.registry.get_sample_value(name, labels)
+
+    def counted(self) -> dict[str, int]:
+        """The outcome counts, checked against the processed counter: both must tell the same story."""
+        for outcome in OUTCOMES:
+            processed = self.sample("sinkwatch_images_processed_total", rule=self.rule.name, outcome=outcome)
+            assert processed == self.outcomes.counts[outcome], outcome
+        return {outcome: count for outcome, count in self.outcomes.counts.items() if count}
+
+
+@pytest.fixture
+def bench(tmp_path: Path) -> Iterator[Bench]:
+    with Ledger(tmp_path / "ledger.sqlite3") as ledger:
+        yield Bench(tmp_path, ledger)
+
+
+# --- published and skipped ----------------------------------------------------------------------
+
+
+def test_a_published_source_is_recorded_counted_measured_and_announced(bench: Bench) -> None:
+    source = bench.photo("cat.png")
+    announced: list[tuple[str, str, int, int]] = []
+    bench.outcomes.on_published = lambda *args: announced.append(args)
+    job = bench.start(source)
+    outcome = process_job(job)
+    assert outcome.status == "published"
+    bench.outcomes.handle(job, outcome, seen_at=outcome.finished_at - 2.5)
+
+    entry = bench.entry("cat.png")
+    st = source.stat()
+    assert (entry.state, entry.size, entry.mtime_ns, entry.sha256) == (
+        "published",
+        st.st_size,
+        st.st_mtime_ns,
+        outcome.sha256,
+    )
+    assert (entry.rule, entry.fingerprint, entry.output_name) == ("default", bench.rule.fingerprint, "cat")
+    assert bench.counted() == {"published": 1}
+    assert announced == [("cat", "cat.png", 832, 480)]
+    assert {"decode", "encode", "publish"} <= set(outcome.timings)
+    for stage in outcome.timings:
+        assert bench.sample("sinkwatch_stage_duration_seconds_count", stage=stage) == 1, stage
+    for histogram in ("energy_before_ratio", "energy_after_ratio", "mask_coverage_ratio"):
+        assert bench.sample(f"sinkwatch_{histogram}_count") == 1, histogram
+    assert bench.sample("sinkwatch_mask_coverage_ratio_sum") == pytest.approx(outcome.scores["mask_coverage"])
+    assert bench.sample("sinkwatch_last_publish_timestamp_seconds") == outcome.finished_at
+    assert bench.sample("sinkwatch_publish_latency_seconds_count") == 1
+    assert bench.sample("sinkwatch_publish_latency_seconds_sum") == pytest.approx(2.5)
+
+
+@pytest.mark.parametrize(("seen", "observed"), [(None, 0), ("after", 1)])
+def test_latency_is_measured_only_from_a_known_time_and_never_below_zero(
+    bench: Bench, seen: str | None, observed: int
+) -> None:
+    job = bench.start(bench.photo("cat.png"))
+    outcome = process_job(job)
+    bench.outcomes.handle(job, outcome, seen_at=None if seen is None else outcome.finished_at + 60.0)
+    assert bench.sample("sinkwatch_publish_latency_seconds_count") == observed
+    assert bench.sample("sinkwatch_publish_latency_seconds_sum") == 0.0
+
+
+def test_the_same_content_under_a_new_mtime_is_skipped_and_keeps_its_outputs(bench: Bench) -> None:
+    source = bench.photo("cat.png")
+    published = bench.run(source)
+    frame = Publisher(bench.queue).frame_path("cat")
+    before = frame.stat().st_mtime_ns
+    st = source.stat()
+    os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a touch, or a copy over it
+
+    announced: list[object] = []
+    bench.outcomes.on_published = lambda *args: announced.append(args)
+    assert bench.run(source).status == "skipped"
+    entry = bench.entry("cat.png")
+    assert (entry.state, entry.sha256, entry.mtime_ns) == ("published", published.sha256, st.st_mtime_ns + 10**9)
+    assert frame.stat().st_mtime_ns == before, "the frame was written again"
+    assert bench.counted() == {"published": 1, "skipped": 1}
+    assert announced == []
+
+
+def test_a_source_gone_before_it_was_read_is_forgotten_but_keeps_its_name(bench: Bench) -> None:
+    source = bench.photo("cat.png")
+    job = bench.start(source)
+    source.unlink()
+    outcome = process_job(job)
+    bench.outcomes.handle(job, outcome, seen_at=None)
+    assert (outcome.status, outcome.sha256) == ("skipped", None)
+    assert bench.ledger.get("cat.png") is None
+    assert bench.counted() == {}
+    assert bench.ledger.name_for("cat.png", "other", exists=lambda _name: False) == job.name
+
+
+# --- retried and rejected -----------------------------------------------------------------------
+
+
+def test_a_transient_failure_is_retried_with_doubling_delays_then_rejected(bench: Bench) -> None:
+    source = bench.photo("cat.png", cut=5000)
+    for attempt in range(1, MAX_ATTEMPTS):
+        assert bench.run(source).status == "retry"
+        entry = bench.entry("cat.png")
+        assert (entry.state, entry.reason, entry.attempts) == ("retry", "incomplete", attempt)
+        assert entry.next_attempt == NOW + RETRY_BASE * 2 ** (attempt - 1)
+    assert not bench.queue.exists(), "a retried source left a reject record"
+
+    bench.run(source)
+    entry = bench.entry("cat.png")
+    assert (entry.state, entry.reason, entry.next_attempt) == ("rejected", "incomplete", None)
+    assert entry.message is not None and entry.message.endswith(f"(gave up after {MAX_ATTEMPTS} attempts)")
+    record = bench.reject_record("cat")
+    assert (record["error"], record["reason"], record["message"]) == ("IncompleteImage", "incomplete", entry.message)
+    assert (record["key"], record["source"], record["rule"]) == ("cat.png", str(source), "default")
+    assert bench.counted() == {"retried": MAX_ATTEMPTS - 1, "rejected": 1}
+    assert bench.sample("sinkwatch_rejections_total", reason="incomplete") == 1
+
+
+def test_a_permanent_failure_is_rejected_at_once(bench: Bench) -> None:
+    source = bench.watch / "notes.png"
+    source.write_text("not an image", encoding="utf-8")
+    assert bench.run(source).status == "rejected"
+    entry = bench.entry("notes.png")
+    st = source.stat()
+    assert (entry.state, entry.reason, entry.attempts) == ("rejected", "not_image", 1)
+    assert (entry.size, entry.mtime_ns) == (st.st_size, st.st_mtime_ns)
+    record = bench.reject_record("notes")
+    assert (record["reason"], record["key"], record["source"], record["rule"]) == (
+        "not_image",
+        "notes.png",
+        str(source),
+        "default",
+    )
+    assert bench.counted() == {"rejected": 1}
+    assert bench.sample("sinkwatch_rejections_total", reason="not_image") == 1
+
+
+def test_a_failed_publish_is_retried_past_max_attempts_with_a_capped_delay(bench: Bench, tmp_path: Path) -> None:
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the queue folder should be", encoding="utf-8")
+    source = bench.photo("cat.png")
+    delays: list[float] = []
+    for _attempt in range(MAX_ATTEMPTS + 3):
+        assert bench.run(source, queue=blocked).status == "retry"
+        entry = bench.entry("cat.png")
+        assert (entry.state, entry.reason) == ("retry", "publish")
+        assert entry.next_attempt is not None
+        delays.append(entry.next_attempt - NOW)
+    assert delays == [10.0, 20.0, 40.0, 80.0, 160.0, MAX_PUBLISH_RETRY_DELAY]
+    assert bench.counted() == {"retried": MAX_ATTEMPTS + 3}
+    assert bench.sample("sinkwatch_publish_errors_total", reason="other") == MAX_ATTEMPTS + 3
+    assert not bench.queue.exists()
+
+
+def test_a_reject_record_that_cannot_be_written_is_retried_not_lost(bench: Bench) -> None:
+    source = bench.watch / "notes.png"
+    source.write_text("not an image", encoding="utf-8")
+    bench.queue.write_text("a file where the queue folder should be", encoding="utf-8")
+    assert bench.run(source).status == "rejected"
+    entry = bench.entry("notes.png")
+    assert (entry.state, entry.reason, entry.next_attempt) == ("retry", "publish", NOW + RETRY_BASE)
+    assert bench.counted() == {"retried": 1}
+    assert bench.sample("sinkwatch_publish_errors_total", reason="other") == 1
+    assert bench.sample("sinkwatch_rejections_total", reason="not_image") == 0
+
+    bench.queue.unlink()  # the queue is back: the retry writes the record
+    bench.run(source)
+    assert bench.entry("notes.png").state == "rejected"
+    assert bench.reject_record("notes")["reason"] == "not_image"
+    assert bench.counted() == {"retried": 1, "rejected": 1}
+
+
+# --- worker died --------------------------------------------------------------------------------
+
+
+def test_a_worker_dying_is_tried_again_then_rejected_as_crashed(bench: Bench) -> None:
+    source = bench.photo("cat.png")
+    for attempt in range(1, MAX_ATTEMPTS):
+        assert bench.outcomes.worker_died(bench.start(source)) is True, attempt
+        assert bench.entry("cat.png").state == "processing"
+    assert bench.counted() == {} and not bench.queue.exists()
+
+    assert bench.outcomes.worker_died(bench.start(source)) is False
+    entry = bench.entry("cat.png")
+    st = source.stat()
+    assert (entry.state, entry.reason, entry.attempts) == ("rejected", "crashed", MAX_ATTEMPTS)
+    assert (entry.size, entry.mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert entry.message == f"a worker process died on this image {MAX_ATTEMPTS} times"
+    record = bench.reject_record("cat")
+    assert (record["error"], record["reason"], record["transient"]) == ("WorkerCrashed", "crashed", False)
+    assert (record["key"], record["source"], record["rule"]) == ("cat.png", str(source), "default")
+    assert bench.counted() == {"rejected": 1}
+    assert bench.sample("sinkwatch_rejections_total", reason="crashed") == 1
+
+
+def test_a_worker_dying_on_a_source_the_ledger_lost_counts_as_a_first_attempt(bench: Bench) -> None:
+    job = bench.start(bench.photo("cat.png"))
+    bench.ledger.forget("cat.png")
+    assert bench.outcomes.worker_died(job) is True
+    assert bench.ledger.get("cat.png") is None and bench.counted() == {}

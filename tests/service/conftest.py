@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Protocol
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from service.engine import Engine, Limits
+from service.ledger import Ledger
+from service.metrics import Metrics
+from service.pool import WorkerPool
+from service.rules import load_rules
 from tests.fake_comfyui import FakeComfyUI
 
 
@@ -15,3 +24,38 @@ def comfy() -> Iterator[FakeComfyUI]:
     with FakeComfyUI() as fake:
         yield fake
     assert fake.errors == [], "the fake server hit an internal error"
+
+
+class IdleEngine(Protocol):
+    def __call__(
+        self, *, resolve: Callable[[str], Path], queue_size: int = 8, wakeup: Callable[[], Future[None]] | None = None
+    ) -> Engine: ...
+
+
+@pytest.fixture
+def idle_engine(tmp_path: Path) -> Iterator[IdleEngine]:
+    """Makes an Engine on a real ledger and the shipped rules, for what happens before a job runs:
+    its pool starts no process until something is submitted."""
+    pool = WorkerPool(1)
+    rules = load_rules(None)
+    with Ledger(tmp_path / "ledger.sqlite3") as ledger:
+
+        def make(
+            *, resolve: Callable[[str], Path], queue_size: int = 8, wakeup: Callable[[], Future[None]] | None = None
+        ) -> Engine:
+            limits = Limits(
+                max_bytes=1 << 30, max_pixels=1 << 30, max_attempts=3, retry_base=1.0, queue_size=queue_size
+            )
+            return Engine(
+                queue=tmp_path / "queue",
+                rules=rules,
+                ledger=ledger,
+                pool=pool,
+                metrics=Metrics(CollectorRegistry(), rules=rules.names),
+                limits=limits,
+                resolve=resolve,
+                wakeup=wakeup,
+            )
+
+        yield make
+    pool.close()

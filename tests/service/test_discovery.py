@@ -7,22 +7,17 @@ process: nothing is dispatched here); the engine's pending queue is what the tes
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from service.discovery import EVENTS_PER_TURN, Discovery
-from service.engine import Engine, Limits
-from service.ledger import Ledger
-from service.metrics import Metrics
-from service.pool import WorkerPool
-from service.rules import load_rules
+from service.engine import Engine
 from service.selection import Selection
 from service.stability import StabilityTracker
 from service.watcher import EventQueue
 from tests.conftest import photo_file
+from tests.service.conftest import IdleEngine
 
 QUEUE_SIZE = 3
 SETTLE = 1.0
@@ -57,27 +52,10 @@ class Found:
 
 
 @pytest.fixture
-def found(tmp_path: Path) -> Iterator[Found]:
+def found(tmp_path: Path, idle_engine: IdleEngine) -> Found:
     watch = tmp_path / "watch"
     watch.mkdir()
-    pool = WorkerPool(1)  # starts no process until something is submitted
-    rules = load_rules(None)
-    with Ledger(tmp_path / "ledger.sqlite3") as ledger:
-        yield Found(
-            watch,
-            Engine(
-                queue=tmp_path / "queue",
-                rules=rules,
-                ledger=ledger,
-                pool=pool,
-                metrics=Metrics(CollectorRegistry(), rules=rules.names),
-                limits=Limits(
-                    max_bytes=1 << 30, max_pixels=1 << 30, max_attempts=3, retry_base=1.0, queue_size=QUEUE_SIZE
-                ),
-                resolve=lambda key: watch / key,
-            ),
-        )
-    pool.close()
+    return Found(watch, idle_engine(resolve=lambda key: watch / key, queue_size=QUEUE_SIZE))
 
 
 def drop(found: Found, *names: str) -> list[Path]:

@@ -4,21 +4,16 @@ the rest of the tick. (The waits below are 60 s long; the tests only check that 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
 from watchdog.events import FileClosedEvent, FileModifiedEvent
 
-from service.engine import Candidate, Engine, Limits
-from service.ledger import Ledger
-from service.metrics import Metrics
-from service.pool import WorkerPool
-from service.rules import load_rules
+from service.engine import Candidate, Engine
 from service.runner import Job
 from service.watcher import EnqueueHandler, EventQueue
+from tests.service.conftest import IdleEngine
 
 LONG_WAIT = 60.0
 
@@ -40,25 +35,9 @@ def test_the_first_event_after_a_rearm_completes_the_signal_and_a_rearm_makes_a_
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Iterator[tuple[Engine, EventQueue]]:
+def engine(tmp_path: Path, idle_engine: IdleEngine) -> tuple[Engine, EventQueue]:
     events = EventQueue(maxsize=8)
-    pool = WorkerPool(1)  # starts no process until something is submitted
-    rules = load_rules(None)
-    with Ledger(tmp_path / "ledger.sqlite3") as ledger:
-        yield (
-            Engine(
-                queue=tmp_path / "queue",
-                rules=rules,
-                ledger=ledger,
-                pool=pool,
-                metrics=Metrics(CollectorRegistry(), rules=rules.names),
-                limits=Limits(1 << 20, 1 << 20, 3, 1.0, 8),
-                resolve=lambda key: tmp_path / key,
-                wakeup=events.arrived,
-            ),
-            events,
-        )
-    pool.close()
+    return idle_engine(resolve=lambda key: tmp_path / key, wakeup=events.arrived), events
 
 
 def _collect_in_thread(engine: Engine) -> threading.Thread:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import signal
 import time
 from collections.abc import Callable
@@ -39,6 +40,8 @@ from service.watcher import EventQueue, FolderWatcher
 from service.workflow import load_workflow
 
 LOOP_TICK = 0.05
+# A watcher that cannot be restarted (inotify limits) is tried again this often, not on every turn.
+WATCHER_RETRY = 5.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +69,11 @@ class Daemon:
         self.reloader = RuleReloader(settings.rules)
         self.ready = False
         self.watch_missing = False
+        self.watcher_error: str | None = None
+        self.next_watcher_restart = -math.inf
+        self.next_state_check = -math.inf
+        self.ledger_paused = False
+        self.stop_signal: int | None = None
         self.resources = contextlib.ExitStack()
 
     # -- initialize -----------------------------------------------------------
@@ -161,6 +169,8 @@ class Daemon:
         self.next_retry_check = self.next_ping = self.clock()
         self.ping_every = notify.watchdog_interval()
         while not self.stopping:
+            # The loop turning is what the watchdog asks about; /healthz reports what is degraded.
+            self._ping_watchdog()
             try:
                 if self.tick(once=once):
                     return
@@ -168,8 +178,16 @@ class Daemon:
                 if not exc.transient:
                     raise
                 # The ledger's disk is full or read-only: the sources are untouched, so wait and carry on.
-                logger.bind(reason=exc.reason, stage=exc.stage).error("cannot record progress, pausing 1s: {}", exc)
+                if not self.ledger_paused:
+                    logger.bind(reason=exc.reason, stage=exc.stage).error(
+                        "cannot record progress, pausing until it can: {}", exc
+                    )
+                    self.ledger_paused = True
                 time.sleep(1.0)
+                continue
+            if self.ledger_paused:
+                logger.info("the ledger records progress again")
+                self.ledger_paused = False
 
     def tick(self, *, once: bool = False) -> bool:
         """One turn of the loop; True when a `--once` run has nothing left to do."""
@@ -177,6 +195,7 @@ class Daemon:
         if not once:
             self.discovery.take_events()
             self._check_watcher()
+        self._check_state(now)
         if now >= self.next_retry_check:
             self.engine.requeue_due()
             self.next_retry_check = now + 0.5
@@ -190,14 +209,28 @@ class Daemon:
         self.engine.pump(timeout=LOOP_TICK)
         if self.uploads is not None:
             self.uploads.pump()
-        if self.ping_every and now >= self.next_ping:
-            if self.health()[0]:
-                notify.notify("WATCHDOG=1")
-            self.next_ping = now + self.ping_every / 2
         if once:
             engine = self.engine
             return not self.discovery.scanning and engine.idle() and not engine.retrying(self.settings.max_attempts)
         return False
+
+    def _ping_watchdog(self) -> None:
+        now = self.clock()
+        if self.ping_every and now >= self.next_ping:
+            notify.notify("WATCHDOG=1")
+            self.next_ping = now + self.ping_every / 2
+
+    def _check_state(self, now: float) -> None:
+        """The state folder (by default inside the queue) deleted under a running daemon: put lock and ledger back."""
+        if now < self.next_state_check:
+            return
+        self.next_state_check = now + 1.0
+        if not (self.lock.lost() or self.ledger.moved()):
+            return
+        logger.error("the state folder {} was deleted; writing the lock and the ledger back", self.folders.state)
+        self.lock.reacquire()  # ConfigError if another sinkwatch took the folder meanwhile: stop
+        if self.ledger.moved():
+            self.ledger.rewrite()
 
     def _check_watcher(self) -> None:
         if self.watcher.alive():
@@ -211,11 +244,18 @@ class Daemon:
                 logger.error("the watch folder {} disappeared; waiting for it to come back", self.folders.watch)
                 self.watch_missing = True
             return
+        now = self.clock()
+        if now < self.next_watcher_restart:
+            return
         try:
             self.watcher.restart()
         except ConfigError as exc:
-            logger.error("cannot restart the watcher: {}", exc)
+            self.next_watcher_restart = now + WATCHER_RETRY
+            if str(exc) != self.watcher_error:
+                self.watcher_error = str(exc)
+                logger.error("cannot restart the watcher (trying again every {:.0f}s): {}", WATCHER_RETRY, exc)
             return
+        self.watcher_error = None
         self.metrics.watcher_restarts.inc()
         self.metrics.watcher_up.set(1)
         logger.warning("the folder watcher had stopped; restarted it and rescanning")
@@ -246,6 +286,7 @@ class Daemon:
 
     def stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
         self.stopping = True
+        self.stop_signal = signum
 
     def run(self, *, once: bool = False) -> int:
         signal.signal(signal.SIGTERM, self.stop)
@@ -258,9 +299,12 @@ class Daemon:
             raise
         try:
             self.loop(once=once)
+            interrupted = once and self.stopping
             unfinished = once and bool(self.ledger.entries("retry"))
         finally:
             self.shutdown()
+        if interrupted:  # the backlog is not done: say so, as a shell does for a signal
+            return 128 + (self.stop_signal or signal.SIGTERM)
         if once and (self.engine.counts["rejected"] or unfinished):
             return 1
         return 0

@@ -18,6 +18,8 @@ from service.stability import StabilityTracker
 from service.watcher import EventQueue
 
 EVENTS_PER_TURN = 4096  # so that an event storm cannot starve the rest of the loop
+# Files a scan looks at per loop turn: a folder of processed files is walked over many turns, not in one.
+SCAN_FILES_PER_TURN = 256
 
 
 class Discovery:
@@ -82,7 +84,9 @@ class Discovery:
         if self.scan is None:
             return
         wall = time.time()
-        while self.engine.has_room():
+        for _ in range(SCAN_FILES_PER_TURN):
+            if not self.engine.has_room():
+                return
             path = next(self.scan, None)
             if path is None:
                 self.scan = None

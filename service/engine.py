@@ -93,6 +93,10 @@ class Engine:
         )
         self.pending: OrderedDict[str, Candidate] = OrderedDict()
         self.in_flight: dict[Future[Outcome], tuple[Candidate, Job]] = {}
+        # In flight when a worker died, culprit or bystander: each runs alone until it finishes, so a crash names it.
+        self.suspects: set[str] = set()
+        # Offered again while running: the file may have changed after the worker read it.
+        self.recheck: dict[str, Candidate] = {}
 
     @property
     def counts(self) -> dict[str, int]:
@@ -112,7 +116,10 @@ class Engine:
 
     def offer(self, candidate: Candidate) -> bool:
         """Queue a candidate unless it is already queued, running or done; False when full."""
-        if candidate.key in self.pending or self._running(candidate.key):
+        if candidate.key in self.pending:
+            return True
+        if self._running(candidate.key):
+            self.recheck[candidate.key] = candidate
             return True
         if not self.force and self._already_done(candidate):
             return True
@@ -150,7 +157,11 @@ class Engine:
         for entry in self.ledger.due(self.clock()):
             if not self.has_room():
                 return
-            self.offer(Candidate(entry.relpath, self.resolve(entry.relpath), "retry", self.clock()))
+            path = self.resolve(entry.relpath)
+            if not os.path.lexists(path):
+                self.ledger.forget(entry.relpath)  # deleted while it waited: nothing is left to retry
+                continue
+            self.offer(Candidate(entry.relpath, path, "retry", self.clock()))
 
     def recover(self) -> int:
         """After a crash: settle the rows a dead run left in "processing"; returns how many (see `service.recovery`)."""
@@ -165,19 +176,34 @@ class Engine:
 
     def pump(self, *, timeout: float = 0.05) -> int:
         """Dispatch what fits, collect what finished; returns outcomes handled."""
+        if not self.in_flight and not self.pool.alive():
+            # A worker died with nothing in flight (the OOM killer, say): no future reports it.
+            self.pool.replace()
         while self.pending and len(self.in_flight) < 2 * self.pool.workers:
+            if self.in_flight and (next(iter(self.pending)) in self.suspects or self._suspect_running()):
+                break  # a suspect runs alone
             _key, candidate = self.pending.popitem(last=False)
             try:
                 self._dispatch(candidate)
+            except BrokenProcessPool:
+                # A worker died since the last collect: the futures in flight report it and replace the pool.
+                self._put_back(candidate)
+                break
             except SinkwatchError:
                 # The ledger could not record the start (its disk is full): keep the work for later.
-                self.pending[candidate.key] = candidate
-                self.pending.move_to_end(candidate.key, last=False)
+                self._put_back(candidate)
                 raise
         handled = self._collect(timeout)
         self.metrics.queue_depth.set(len(self.pending))
         self.metrics.in_flight.set(len(self.in_flight))
         return handled
+
+    def _put_back(self, candidate: Candidate) -> None:
+        self.pending[candidate.key] = candidate
+        self.pending.move_to_end(candidate.key, last=False)
+
+    def _suspect_running(self) -> bool:
+        return any(job.key in self.suspects for _candidate, job in self.in_flight.values())
 
     def idle(self) -> bool:
         return not self.pending and not self.in_flight
@@ -234,16 +260,16 @@ class Engine:
             return 0
         done, _ = wait([*self.in_flight, *signal], timeout=timeout, return_when=FIRST_COMPLETED)
         done = {future for future in done if future in self.in_flight}
-        broken = False
+        crashed: list[tuple[Candidate, Job]] = []
         failure: SinkwatchError | None = None
         for future in done:
             candidate, job = self.in_flight.pop(future)
             try:
                 outcome = future.result()
             except BrokenProcessPool:
-                broken = True
-                self._worker_died(candidate, job)
+                crashed.append((candidate, job))
                 continue
+            self.suspects.discard(job.key)
             # Publish latency counts watch events only: a scanned or retried source may have sat complete for long.
             seen_at = candidate.seen_at if candidate.source == "event" else None
             try:
@@ -252,10 +278,13 @@ class Engine:
                 # The outcome could not be recorded (ledger disk full): do the source again later.
                 self.pending[candidate.key] = candidate
                 failure = exc
-        if broken:
-            for future, (candidate, job) in list(self.in_flight.items()):
-                del self.in_flight[future]
-                self._worker_died(candidate, job)
+            again = self.recheck.pop(job.key, None)
+            if again is not None and not self._already_done(again):
+                self.pending.setdefault(job.key, again)  # past the bound by at most the jobs in flight
+        if crashed:
+            crashed += [self.in_flight.pop(future) for future in list(self.in_flight)]
+            for candidate, job in crashed:
+                self._worker_died(candidate, job, alone=len(crashed) == 1)
             self.pool.replace()
         if failure is not None:
             raise failure
@@ -267,6 +296,10 @@ class Engine:
             self._collect(timeout=0.5)
         self.metrics.in_flight.set(0)
 
-    def _worker_died(self, candidate: Candidate, job: Job) -> None:
-        if self.outcomes.worker_died(job):
+    def _worker_died(self, candidate: Candidate, job: Job, *, alone: bool) -> None:
+        self.recheck.pop(job.key, None)  # tried again anyway, or rejected
+        if self.outcomes.worker_died(job, alone=alone):
+            self.suspects.add(job.key)
             self.pending[job.key] = candidate
+        else:
+            self.suspects.discard(job.key)

@@ -29,6 +29,9 @@ def prepare_folders(watch: Path, queue: Path, state: Path | None) -> Folders:
         )
     if watch.is_relative_to(queue):
         raise ConfigError(f"the watch folder {watch} is inside the queue folder {queue}: keep them apart")
+    if state is not None and state.expanduser().resolve().is_relative_to(watch):
+        # The source folder is never written to, and the ledger would watch itself.
+        raise ConfigError(f"the state folder {state} is the watch folder or inside it: keep them apart")
     if not watch.exists():
         _make(watch, "watch")
         logger.info("created the watch folder {}", watch)

@@ -15,6 +15,7 @@ table in `service.ledger_uploads` (a base class of `Ledger`).
 from __future__ import annotations
 
 import itertools
+import os
 import sqlite3
 import threading
 import time
@@ -68,14 +69,13 @@ class Ledger(UploadLedger):
         self.clock = clock
         self._lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
+            self._db = _connect(path)
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open the ledger: {exc}", path=path) from exc
         try:
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = FULL")
             with self._transaction() as db:
                 migrate(db, path=path)
+            self._identity = _identity(path)
         except (sqlite3.Error, PublishError) as exc:
             self._db.close()
             detail = exc.message if isinstance(exc, PublishError) else str(exc)
@@ -83,6 +83,30 @@ class Ledger(UploadLedger):
         except BaseException:
             self._db.close()
             raise
+
+    def moved(self) -> bool:
+        """Whether the ledger file was deleted or replaced under the open connection (its folder removed)."""
+        return _identity(self.path) != self._identity
+
+    def rewrite(self) -> None:
+        """Write what the open connection holds back to `path` and go on with that file.
+
+        A PublishError (transient: the daemon pauses and tries again) leaves the open connection in use.
+        """
+        with self._lock:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                target = _connect(self.path)
+                try:
+                    self._db.backup(target)
+                except BaseException:
+                    target.close()
+                    raise
+            except (OSError, sqlite3.Error) as exc:
+                raise PublishError(f"cannot write the ledger back: {exc}", path=self.path) from exc
+            self._db.close()
+            self._db = target
+            self._identity = _identity(self.path)
 
     def close(self) -> None:
         with self._lock:
@@ -246,6 +270,25 @@ class Ledger(UploadLedger):
                 if type(exc) is not sqlite3.DatabaseError:
                     raise  # integrity and programming errors are bugs, not conditions
                 raise ConfigError(f"the ledger is damaged: {exc}", path=self.path) from exc
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = FULL")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _fold(name: str) -> str:

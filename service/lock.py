@@ -53,6 +53,26 @@ class InstanceLock:
             os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
 
+    def lost(self) -> bool:
+        """Whether the lock file we hold was deleted or replaced (its folder removed): it guards nothing now."""
+        if self._fd is None:
+            return False
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return True
+        held = os.fstat(self._fd)
+        return (st.st_dev, st.st_ino) != (held.st_dev, held.st_ino)
+
+    def reacquire(self) -> None:
+        """Take the lock again on a new lock file at the same path; ConfigError when another process has it."""
+        self.release()
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the state folder again: {exc.strerror}", path=self.state_dir) from exc
+        self.acquire()
+
     def release(self) -> None:
         if self._fd is None:
             return

@@ -57,20 +57,29 @@ class Outcomes:
         else:
             self._reject(job, outcome.error or {}, outcome)
 
-    def worker_died(self, job: Job) -> bool:
-        """A worker process died on `job`: reject it once that happened too often; True to try it again."""
+    def worker_died(self, job: Job, *, alone: bool) -> bool:
+        """A worker process died while `job` ran; True to try it again.
+
+        A dead worker fails every job in flight, so only a job that ran `alone` is known to have
+        killed it; that one is rejected once it happened too often. The others are tried again.
+        """
         entry = self.ledger.get(job.key)
         attempts = entry.attempts if entry else 1
-        if attempts >= self.max_attempts:
+        if alone and attempts >= self.max_attempts:
             error: dict[str, object] = {
                 "error": "WorkerCrashed",
                 "reason": "crashed",
                 "transient": False,
-                "message": f"a worker process died on this image {attempts} times",
+                "message": f"a worker process died on this image (attempt {attempts} of {self.max_attempts})",
             }
             self._reject(job, error, Outcome(job.key, job.name, job.rule.name, job.rule.fingerprint, "rejected"))
             return False
-        logger.bind(source=job.key).warning("a worker died while processing {}; trying again", job.key)
+        if alone:
+            logger.bind(source=job.key).warning("a worker died while processing {}; trying again", job.key)
+        else:
+            logger.bind(source=job.key).warning(
+                "a worker died while {} was in flight with others; trying it again on its own", job.key
+            )
         return True
 
     def _published(self, job: Job, outcome: Outcome, seen_at: float | None) -> None:

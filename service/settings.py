@@ -19,6 +19,7 @@ from pydantic_settings import (
     InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from service.comfyui import DEFAULT_SUBFOLDER, ComfyClient
@@ -132,6 +133,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid TOML: {exc}", path=path) from exc
     section = values.get("sinkwatch", values)
+    if not isinstance(section, dict):
+        raise ConfigError("'sinkwatch' must be a table of settings ([sinkwatch])", path=path)
     return {key.replace("-", "_"): value for key, value in section.items()}
 
 
@@ -154,6 +157,9 @@ def load_settings(*, config_file: Path | None = None, flags: Mapping[str, Any] |
 
     try:
         return FileSettings(**dict(flags or {}))
+    except SettingsError as exc:
+        # A list from SINKWATCH_* that is not JSON fails in pydantic-settings, before any validation.
+        raise ConfigError(f"{exc}: lists are JSON, e.g. SINKWATCH_INCLUDE='[\"*.png\"]'") from exc
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(part) for part in first["loc"])

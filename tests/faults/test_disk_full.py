@@ -81,8 +81,9 @@ def test_full_queue_disk_retries_publishes_nothing_partial_and_catches_up(
         no_space = metric(daemon, "sinkwatch_publish_errors_total", reason="no_space")
         retried = metric(daemon, "sinkwatch_images_processed_total", rule="default", outcome="retried")
         paused = sum("cannot record progress" in str(r["message"]) for r in log_records(daemon.log))
-        # With the ledger on the full disk too, it may be the ledger that stops first: then the daemon pauses.
-        noticed = (no_space >= 3 and retried >= 3) or paused >= 3
+        # With the ledger on the full disk too, it may be the ledger that stops first: then the daemon pauses
+        # (logged once per outage).
+        noticed = (no_space >= 3 and retried >= 3) or paused >= 1
         return noticed and (state_on == "disk" or paused >= 1)
 
     wait_for(failing_and_counted, timeout=60)
@@ -102,6 +103,7 @@ def test_full_queue_disk_retries_publishes_nothing_partial_and_catches_up(
     records = log_records(daemon.log)
     retry_lines = sum(str(r["message"]).startswith("retrying ") for r in records)
     paused = sum("cannot record progress" in str(r["message"]) for r in records)
+    resumed = sum(r["message"] == "the ledger records progress again" for r in records)
     counts(
         state_on=state_on,
         sources=len(sources),
@@ -116,7 +118,8 @@ def test_full_queue_disk_retries_publishes_nothing_partial_and_catches_up(
     if state_on == "disk":
         assert no_space >= 3 and retried >= 3 and retry_lines >= 3, "the full disk was not counted and logged"
     else:
-        assert paused >= 1 and no_space + paused >= 3, "the full ledger disk was not logged"
+        assert paused >= 1, "the full ledger disk was not logged"
+        assert resumed == paused, f"{paused} pauses logged, {resumed} recoveries"
     assert caught, f"not all published within {CATCH_UP:.0f}s of freeing space: {sorted(sidecars(queue))}"
 
     by_key = check_published_set(queue)

@@ -272,16 +272,16 @@ def test_a_reject_record_that_cannot_be_written_is_retried_not_lost(bench: Bench
 def test_a_worker_dying_is_tried_again_then_rejected_as_crashed(bench: Bench) -> None:
     source = bench.photo("cat.png")
     for attempt in range(1, MAX_ATTEMPTS):
-        assert bench.outcomes.worker_died(bench.start(source)) is True, attempt
+        assert bench.outcomes.worker_died(bench.start(source), alone=True) is True, attempt
         assert bench.entry("cat.png").state == "processing"
     assert bench.counted() == {} and not bench.queue.exists()
 
-    assert bench.outcomes.worker_died(bench.start(source)) is False
+    assert bench.outcomes.worker_died(bench.start(source), alone=True) is False
     entry = bench.entry("cat.png")
     st = source.stat()
     assert (entry.state, entry.reason, entry.attempts) == ("rejected", "crashed", MAX_ATTEMPTS)
     assert (entry.size, entry.mtime_ns) == (st.st_size, st.st_mtime_ns)
-    assert entry.message == f"a worker process died on this image {MAX_ATTEMPTS} times"
+    assert entry.message == f"a worker process died on this image (attempt {MAX_ATTEMPTS} of {MAX_ATTEMPTS})"
     record = bench.reject_record("cat")
     assert (record["error"], record["reason"], record["transient"]) == ("WorkerCrashed", "crashed", False)
     assert (record["key"], record["source"], record["rule"]) == ("cat.png", str(source), "default")
@@ -292,5 +292,15 @@ def test_a_worker_dying_is_tried_again_then_rejected_as_crashed(bench: Bench) ->
 def test_a_worker_dying_on_a_source_the_ledger_lost_counts_as_a_first_attempt(bench: Bench) -> None:
     job = bench.start(bench.photo("cat.png"))
     bench.ledger.forget("cat.png")
-    assert bench.outcomes.worker_died(job) is True
+    assert bench.outcomes.worker_died(job, alone=True) is True
     assert bench.ledger.get("cat.png") is None and bench.counted() == {}
+
+
+def test_a_bystander_of_a_worker_death_is_never_rejected_for_it(bench: Bench) -> None:
+    """Not alone in flight, a job may only have shared the dead worker's pool: no amount of that rejects it."""
+    source = bench.photo("cat.png")
+    for attempt in range(1, 2 * MAX_ATTEMPTS):
+        assert bench.outcomes.worker_died(bench.start(source), alone=False) is True, attempt
+    entry = bench.entry("cat.png")
+    assert (entry.state, entry.attempts) == ("processing", 2 * MAX_ATTEMPTS - 1)
+    assert bench.counted() == {} and not bench.queue.exists()

@@ -205,33 +205,15 @@ def test_a_source_rewritten_while_its_old_content_is_processed_gets_its_new_cont
         # The generator writes the file again (new content, same name) while the old one is in the pipeline.
         new = write_photo(watch / "victim.png", load_photo("coffee")[:120, :180]).read_bytes()
         assert len(new) != len(old)
-        old_sha, new_sha = hashlib.sha256(old).hexdigest(), hashlib.sha256(new).hexdigest()
+        new_sha = hashlib.sha256(new).hexdigest()
 
-        wait_for(lambda: sidecar_sha(queue, "victim") is not None, timeout=60)
-        if sidecar_sha(queue, "victim") == old_sha:
-            # The old content went out (the worker had read it before the rewrite): the new one must follow.
-            wait_for(
-                lambda: sidecar_sha(queue, "victim") == new_sha or (running.daemon.engine.idle() and _quiet(running)),
-                timeout=60,
-            )
-        assert sidecar_sha(queue, "victim") == new_sha, (
-            "the source was rewritten while its old content was processed; the old frame stays published "
-            "and the ledger calls the new content done"
-        )
+        # Only the rewrite's own watch events can bring the new content out (no rescan within the test);
+        # the old content may go out first. How long inotify takes to report under load is not ours to
+        # judge, so the test waits for the new frame rather than for a moment that looks quiet.
+        wait_for(lambda: sidecar_sha(queue, "victim") == new_sha, timeout=60)
         # The worker writes the sidecar before the daemon records the outcome in the ledger.
         wait_for(lambda: (e := ledger.get("victim.png")) is not None and (e.state, e.sha256) == ("published", new_sha))
     check_outputs_complete(queue)
-
-
-def _quiet(running: InProcessDaemon) -> bool:
-    """Nothing left that could still find the rewritten file: no event waiting, no file settling, no retry."""
-    daemon = running.daemon
-    return (
-        daemon.events.empty()
-        and daemon.discovery.tracker.pending() == 0
-        and not daemon.ledger.entries("retry")
-        and not daemon.ledger.entries("processing")
-    )
 
 
 # -- a retried source vanishes ---------------------------------------------------------------------

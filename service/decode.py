@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import cv2
 import numpy as np
@@ -37,15 +36,10 @@ from PIL import Image
 
 from service import containers
 from service.errors import CorruptImage, ImageTooLarge, IncompleteImage, InputError, UnsupportedImage
+from service.extras import optional_module
 from service.png_chunks import TEXT_TOTAL_LIMIT, TEXT_VALUE_LIMIT
 
-_spng: ModuleType | None
-try:
-    import pyspng
-except ImportError:  # the `fast` extra is optional
-    _spng = None
-else:
-    _spng = pyspng
+_spng = optional_module("pyspng")
 
 # The text caps belong to the container walk; they are re-exported as part of what DecodedImage.text promises.
 __all__ = [

@@ -16,18 +16,13 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Mapping
-from types import ModuleType
 
 import cv2
 import numpy as np
 
-_fpng: ModuleType | None
-try:
-    import fpng
-except ImportError:  # the `fast` extra is optional
-    _fpng = None
-else:
-    _fpng = fpng
+from service.extras import optional_module
+
+_fpng = optional_module("fpng")
 
 PNG_ENCODER = "fpng" if _fpng is not None else "opencv"
 """The encoder of RGB images, read at every call: "fpng" when installed; assign "opencv" to compare."""

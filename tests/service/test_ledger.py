@@ -422,3 +422,27 @@ def test_kill_9_at_random_points_leaves_a_consistent_ledger(db_path: Path) -> No
                 assert entry.sha256 == SHA and entry.output_name is not None
         step = confirmed + 1
     assert len(set(names.values())) == len(names) == 24, "every source got its own name"
+
+
+# -- the state folder deleted under an open ledger ------------------------------------------------
+
+
+def test_a_ledger_whose_folder_was_deleted_is_written_back_and_a_failed_write_back_keeps_the_open_one(
+    ledger: Ledger, db_path: Path
+) -> None:
+    publish(ledger, "kept.png")
+    assert not ledger.moved()
+    subprocess.run(["rm", "-rf", str(db_path.parent)], check=True)
+    assert ledger.moved()
+
+    db_path.parent.write_text("a file where the state folder was")  # the folder cannot come back yet
+    with pytest.raises(PublishError, match="cannot write the ledger back"):
+        ledger.rewrite()
+    assert ledger.moved() and ledger.get("kept.png") is not None, "a failed write-back must keep the open ledger"
+
+    db_path.parent.unlink()
+    ledger.rewrite()
+    assert not ledger.moved()
+    publish(ledger, "after.png")
+    with Ledger(db_path) as reopened:
+        assert {e.relpath for e in reopened.entries("published")} == {"kept.png", "after.png"}

@@ -109,3 +109,26 @@ def test_a_holder_killed_with_sigkill_leaves_no_stale_lock(tmp_path: Path, holde
 def test_an_unusable_state_folder_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot open the lock file"):
         InstanceLock(tmp_path / "absent").acquire()
+
+
+def test_a_lock_whose_folder_was_deleted_is_lost_and_taken_again(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    lock = InstanceLock(state)
+    lock.acquire()
+    try:
+        assert not lock.lost()
+        subprocess.run(["rm", "-rf", str(state)], check=True)
+        assert lock.lost()
+
+        state.write_text("a file where the state folder was")
+        with pytest.raises(ConfigError, match="cannot create the state folder again"):
+            lock.reacquire()
+        state.unlink()
+
+        lock.reacquire()
+        assert not lock.lost()
+        code, out = try_once(state)
+        assert code == 3 and out.startswith("refused"), out
+    finally:
+        lock.release()

@@ -133,7 +133,7 @@ class Daemon:
         if not once:
             if s.metrics_port:
                 self.server = serve(
-                    s.metrics_host, s.metrics_port, registry=self.registry, health=self.health, ready=lambda: self.ready
+                    s.metrics_host, s.metrics_port, registry=self.registry, health=self.health, ready=self.serving
                 )
                 self.resources.callback(self.server.close)
             self.watcher.start()
@@ -272,6 +272,10 @@ class Daemon:
         }
         details: dict[str, object] = {**checks, "last_scan_age_seconds": round(scan_age, 1)}
         return all(checks.values()), details
+
+    def serving(self) -> bool:
+        """/readyz: taking new images (the startup scan is queued, no stop has begun)."""
+        return self.ready and not self.stopping
 
     # -- shutdown -------------------------------------------------------------
 

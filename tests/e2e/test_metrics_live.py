@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from service.engine import Engine
 from service.selection import Selection
 from service.settings import Settings
 from service.watcher import FolderWatcher
@@ -187,6 +188,30 @@ def test_readyz_is_503_until_the_startup_scan_is_queued_and_200_from_then_on(
         assert running.sample("sinkwatch_images_discovered_total", source="startup") == backlog
         wait_published(queue, backlog)
         assert http_get(readyz) == (200, json.dumps({"ready": True}))
+
+
+def test_readyz_is_503_from_the_moment_the_daemon_begins_to_stop(
+    folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    watch, queue = folders
+    draining, may_drain = threading.Event(), threading.Event()
+    drain = Engine.drain
+
+    def held_drain(self: Engine) -> None:
+        # The shutdown waits here, its listener still up, until the test has asked /readyz.
+        draining.set()
+        assert may_drain.wait(timeout=60)
+        drain(self)
+
+    monkeypatch.setattr(Engine, "drain", held_drain)
+    port = free_port()
+    readyz = f"http://127.0.0.1:{port}/readyz"
+    settings = Settings(watch=watch, queue=queue, metrics_port=port, workers=1, settle_seconds=0.3)
+    with InProcessDaemon(settings) as running, set_on_exit(may_drain):
+        wait_for(lambda: http_get(readyz)[0] == 200, timeout=30)
+        running.daemon.stop()
+        wait_for(draining.is_set, timeout=60)
+        assert http_get(readyz) == (503, json.dumps({"ready": False}))
 
 
 def test_healthz_turns_503_when_the_observer_stops_and_200_after_it_is_restarted(

@@ -36,6 +36,7 @@ from service.selection import Selection
 from service.settings import Settings, add_flags, settings_from_args
 from service.stability import StabilityTracker
 from service.uploader import Uploads
+from service.watch_limit import WatchLimit
 from service.watcher import EventQueue, FolderWatcher
 from service.workflow import load_workflow
 
@@ -129,6 +130,8 @@ class Daemon:
         self.watcher = FolderWatcher(
             self.folders.watch, self.events, recursive=s.recursive, polling=s.polling, poll_interval=s.poll_interval
         )
+        self.watch_limit = WatchLimit(self.watcher, rescan_interval=s.rescan_interval)
+        self.scan_checked = self.discovery.last_scan_done
         self.server = None
         if not once:
             if s.metrics_port:
@@ -203,6 +206,10 @@ class Daemon:
         if rules is not None:
             self.rules = self.engine.rules = rules
         self.discovery.feed_scan()
+        if not once and self.discovery.last_scan_done != self.scan_checked:
+            self.scan_checked = self.discovery.last_scan_done
+            if self.watch_limit.check():
+                self.discovery.start_scan("scan")  # events in the unwatched subfolders were never seen
         rescan_due = now - self.discovery.last_scan_done >= self.settings.rescan_interval
         if not once and (rescan_due or self.events.take_overflow()):
             self.discovery.start_scan("scan")
@@ -270,7 +277,11 @@ class Daemon:
             "workers": self.pool.alive(),
             "scan_recent": self.discovery.scanning or scan_age < 3 * self.settings.rescan_interval,
         }
-        details: dict[str, object] = {**checks, "last_scan_age_seconds": round(scan_age, 1)}
+        details: dict[str, object] = {
+            **checks,
+            "last_scan_age_seconds": round(scan_age, 1),
+            "watch_limit_reached": self.watch_limit.reached,
+        }
         return all(checks.values()), details
 
     def serving(self) -> bool:

@@ -24,7 +24,9 @@ from pathlib import Path
 import pytest
 from loguru import logger
 from watchdog.observers.inotify import InotifyEmitter
+from watchdog.observers.inotify_c import InotifyFD
 
+from service import watch_limit
 from service.ledger import Ledger
 from service.ledger_schema import db_key
 from service.selection import Selection
@@ -143,6 +145,67 @@ def test_a_watcher_that_cannot_be_restarted_is_logged_once_not_on_every_loop_tur
     finally:
         logger.remove(sink)
     assert not flooded, "5 identical error lines within 3 s: one per loop turn (20 a second) for the whole outage"
+
+
+def inotify_watches() -> int:
+    """The inotify watches this process holds (one line per watch in /proc/self/fdinfo)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fdinfo"):
+        try:
+            text = Path("/proc/self/fdinfo", fd).read_text()
+        except OSError:
+            continue  # closed meanwhile
+        count += sum(line.startswith("inotify wd:") for line in text.splitlines())
+    return count
+
+
+def test_a_full_inotify_watch_table_in_recursive_mode_is_said_once_and_every_subfolder_is_watched_again_later(
+    folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # fs.inotify.max_user_watches reached: watchdog skips every subfolder it cannot watch without a
+    # word, and never watches it later. Simulated: ENOSPC for subfolder watches and for the daemon's
+    # probe (exhausting the real table would hit every process of the machine).
+    watch, queue = folders
+    warnings: list[str] = []
+    sink = logger.add(lambda message: warnings.append(message.record["message"]), level="WARNING")
+    create_watch = InotifyFD._get_or_create_watch
+    full = True
+
+    def table(self: InotifyFD, path: bytes, mask: int) -> object:
+        if full and path != os.fsencode(watch):
+            raise OSError(errno.ENOSPC, "inotify watch limit reached")
+        return create_watch(self, path, mask)
+
+    monkeypatch.setattr(InotifyFD, "_get_or_create_watch", table)
+    monkeypatch.setattr(watch_limit, "inotify_full", lambda folder: full)
+    settings = Settings(
+        watch=watch, queue=queue, metrics_port=0, workers=1, settle_seconds=0.3, recursive=True, rescan_interval=1.0
+    )
+    try:
+        with InProcessDaemon(settings) as running:
+            for index in range(3):
+                (watch / f"sub{index}").mkdir()
+                write_photo(watch / f"sub{index}" / "a.png", small_photo(index))
+            # Unwatched, yet published: the reconciliation scan finds them.
+            wait_for(lambda: len(frames(queue)) == 3, timeout=60)
+            said = [m for m in warnings if "inotify watch limit is reached" in m]
+            assert len(said) == 1, warnings
+            assert inotify_watches() == 1, "only the watch folder itself is watched while the table is full"
+            assert running.daemon.health()[1]["watch_limit_reached"] is True
+
+            full = False  # the user raised the limit
+            wait_for(lambda: inotify_watches() == 4, timeout=30)
+            assert running.daemon.health()[1]["watch_limit_reached"] is False
+            write_photo(watch / "sub1" / "b.png", small_photo(5))
+            wait_for(lambda: len(frames(queue)) == 4, timeout=60)
+    finally:
+        logger.remove(sink)
+    assert sum("inotify watch limit is reached" in m for m in warnings) == 1, "said once, not at every scan"
+
+
+def test_the_watch_table_probe_finds_room_on_this_machine(tmp_path: Path) -> None:
+    assert watch_limit.inotify_full(tmp_path) is False
+    assert watch_limit.inotify_full(tmp_path / "missing") is False, "a vanished folder is no full table"
 
 
 # -- the systemd watchdog -----------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import TextIO
 
@@ -23,3 +24,17 @@ def configure_logging(*, log_format: str = "auto", level: str = "INFO", stream: 
         logger.add(stream, level=level, serialize=True, backtrace=False, diagnose=False)
     else:
         logger.add(stream, level=level, format=TEXT_FORMAT, colorize=stream.isatty(), backtrace=False, diagnose=False)
+    # Libraries log through `logging` (watchdog's emitter, for one): their warnings would reach stderr
+    # as bare text, breaking a stream of JSON lines. They go through loguru, in the same format.
+    root = logging.getLogger()
+    if not any(isinstance(handler, _ToLoguru) for handler in root.handlers):
+        root.addHandler(_ToLoguru())
+
+
+class _ToLoguru(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.bind(library=record.name).opt(exception=record.exc_info).log(level, record.getMessage())

@@ -1,0 +1,43 @@
+"""Log lines: a library's `logging` warning comes out in the daemon's format (one JSON line), not as bare text."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+from collections.abc import Iterator
+
+import pytest
+from loguru import logger
+
+from service.logs import configure_logging
+
+
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    handlers = list(logging.getLogger().handlers)
+    yield
+    logging.getLogger().handlers[:] = handlers
+    logger.remove()
+    logger.add(sys.stderr)  # loguru's default sink, as the other tests found it
+
+
+def test_a_library_warning_is_one_json_line_with_its_logger_name(restored_logging: None) -> None:
+    stream = io.StringIO()
+    configure_logging(log_format="json", stream=stream)
+    configure_logging(log_format="json", stream=stream)  # configured twice: still one line per record
+    logging.getLogger("watchdog.observers.inotify").warning("queue_events() called when the thread is %s", "inactive")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1, lines
+    record = json.loads(lines[0])["record"]
+    assert record["message"] == "queue_events() called when the thread is inactive"
+    assert record["level"]["name"] == "WARNING"
+    assert record["extra"]["library"] == "watchdog.observers.inotify"
+
+
+def test_library_debug_lines_stay_below_the_root_loggers_level(restored_logging: None) -> None:
+    stream = io.StringIO()
+    configure_logging(log_format="json", level="DEBUG", stream=stream)
+    logging.getLogger("watchdog").debug("in-event")
+    assert stream.getvalue() == ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -70,6 +71,14 @@ def main(args: argparse.Namespace) -> int:
     params = rule.to_params()
     result = pipeline.run(decoded.rgb, params)
     scores = result.scores.as_dict()
+    # A score that is not a number would print as NaN, which is not JSON and not a measurement.
+    broken = sorted(key for key, value in scores.items() if not math.isfinite(value))
+    if broken:
+        print(
+            f"sinkwatch analyze: {args.file}: rule {rule.name!r} gave scores that are not numbers: {', '.join(broken)}",
+            file=sys.stderr,
+        )
+        return 1
     # Each picture is made only if its file was asked for.
     outputs: dict[str, tuple[Path | None, Callable[[], np.ndarray]]] = {
         "heatmap": (args.heatmap, lambda: result.heatmap),
@@ -80,7 +89,11 @@ def main(args: argparse.Namespace) -> int:
     written: dict[str, str] = {}
     for kind, (target, picture) in outputs.items():
         if target is not None:
-            target.write_bytes(encode_png(picture()))
+            try:
+                target.write_bytes(encode_png(picture()))
+            except OSError as exc:
+                print(f"sinkwatch analyze: {target}: cannot write: {exc.strerror or exc}", file=sys.stderr)
+                return 1
             written[kind] = str(target)
     if args.json:
         report = {
@@ -93,7 +106,7 @@ def main(args: argparse.Namespace) -> int:
             "timings_ms": {stage: round(seconds * 1000, 3) for stage, seconds in result.timings.items()},
             "written": written,
         }
-        print(json.dumps(report, sort_keys=True))
+        print(json.dumps(report, sort_keys=True, allow_nan=False))
         return 0
     width, height = decoded.source_size
     print(f"{args.file}: {decoded.format} {width}x{height} -> {int(scores['width'])}x{int(scores['height'])}")

@@ -1,7 +1,9 @@
 """Rule hot-reload: edited rule files (checked every second) or SIGHUP load the rules again.
 
 Rules that fail to load are logged and counted, and the last good ones stay in
-force: only the first load at start-up may stop the daemon.
+force: only the first load at start-up may stop the daemon. That holds for any
+exception while loading, not only a :class:`RuleError`: a bug in rule loading
+met by an odd rule file must not take the running daemon down with it.
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ class RuleReloader:
         except RuleError as exc:
             metrics.rule_reload_failures.inc()
             logger.bind(file=exc.file, field=exc.field).error("rules not reloaded, keeping the last good ones: {}", exc)
+            return None
+        except Exception as exc:  # any other: see the module docstring; logged with its traceback
+            metrics.rule_reload_failures.inc()
+            where = logger.bind(file=str(self.directory) if self.directory else "presets", field=None)
+            where.opt(exception=exc).error(
+                "rules not reloaded (unexpected {}), keeping the last good ones: {}", type(exc).__name__, exc
+            )
             return None
         record_rules(metrics, rules)
         logger.info("rules reloaded: {} (fingerprint {})", ", ".join(rules.names), rules.fingerprint)

@@ -20,9 +20,13 @@ RGB = Annotated[tuple[Channel, Channel, Channel], Field(strict=False)]
 
 
 class StrictModel(BaseModel):
-    """Frozen, strictly typed, unknown keys refused: ``width = "832"`` is an error, not a guess."""
+    """Frozen, strictly typed, unknown keys refused: ``width = "832"`` is an error, not a guess.
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    TOML has ``inf`` and ``nan``; no rule field means either, and they would reach
+    the pipeline (and the scores) unchecked, so they are refused too.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class ResizeSection(StrictModel):
@@ -46,7 +50,8 @@ class ResizeSection(StrictModel):
 class AnalysisSection(StrictModel):
     sigma: float = Field(1.2, ge=0.3, le=10.0)
     window: int = Field(9, ge=1, le=255)
-    scale: float = Field(24.0, gt=0.0, le=255.0)
+    # Grey levels that map to 1.0: below one grey level the map is noise (and tiny values overflow to NaN).
+    scale: float = Field(24.0, ge=1.0, le=255.0)
     texture: bool = True
     texture_window: int = Field(21, ge=3, le=255)
     fill_low: float = Field(0.42, ge=0.0, le=1.0)

@@ -72,7 +72,9 @@ __all__ = [
 DEFAULT_RULE = "default"
 # Bumped when the meaning of a field changes, so that old fingerprints stop matching.
 _FINGERPRINT_SALT = "sinkwatch-rule-1"
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# UTF-8, with or without the byte-order mark some Windows editors write (TOML itself has no place for it).
+_ENCODING = "utf-8-sig"
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # fullmatch: "$" would let a final newline in
 
 
 class Rule(StrictModel):
@@ -92,7 +94,7 @@ class Rule(StrictModel):
     @field_validator("name")
     @classmethod
     def _slug(cls, value: str) -> str:
-        if not _NAME.match(value):
+        if not _NAME.fullmatch(value):
             raise ValueError(f"must be 1-64 of a-z 0-9 . _ - starting with a letter or digit, got {value!r}")
         return value
 
@@ -190,7 +192,7 @@ class RuleSet:
 def load_rule_file(path: str | Path) -> Rule:
     """Read and validate one rule file; any problem is a :class:`RuleError` naming file and field."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding=_ENCODING)
     except OSError as exc:
         raise RuleError(f"cannot read rule file: {exc.strerror or exc}", file=path) from exc
     except UnicodeDecodeError as exc:
@@ -237,7 +239,7 @@ def _toml_files(folder: Traversable | Path) -> Iterable[tuple[str, str]]:
     for entry in entries:
         label = str(entry) if isinstance(entry, Path) else f"rules/{entry.name}"
         try:
-            text = entry.read_text(encoding="utf-8")
+            text = entry.read_text(encoding=_ENCODING)
         except (OSError, UnicodeDecodeError) as exc:
             raise RuleError(f"cannot read rule file: {exc}", file=label) from exc
         yield label, text

@@ -27,10 +27,16 @@ from service.errors import ConfigError
 
 DEFAULT_METRICS_PORT = 18416
 DEFAULT_INCLUDE = ("*.png", "*.jpg", "*.jpeg", "*.webp", "*.bmp", "*.tif", "*.tiff")
+# Upper bound of every duration: longer is a typo, and a wait beyond what the platform's clock holds
+# (about 1e10 s, or inf) raises OverflowError inside the thread that waits, killing it.
+LONGEST_SECONDS = 86400.0
+# UTF-8, with or without the byte-order mark some Windows editors write.
+CONFIG_ENCODING = "utf-8-sig"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SINKWATCH_", extra="forbid", frozen=True)
+    # No setting means inf or nan (TOML, the environment and flags all spell them).
+    model_config = SettingsConfigDict(env_prefix="SINKWATCH_", extra="forbid", frozen=True, allow_inf_nan=False)
 
     watch: Path = Field(Path("watch"), description="Folder the image generator writes to (never modified).")
     queue: Path = Field(
@@ -42,7 +48,7 @@ class Settings(BaseSettings):
     polling: bool = Field(
         False, description="Poll the watch folder instead of inotify (network mounts, Docker Desktop)."
     )
-    poll_interval: float = Field(1.0, gt=0, description="Seconds between polls with --polling.")
+    poll_interval: float = Field(1.0, gt=0, le=LONGEST_SECONDS, description="Seconds between polls with --polling.")
     recursive: bool = Field(False, description="Also watch subfolders of the watch folder.")
     include: tuple[str, ...] = Field(DEFAULT_INCLUDE, description="Globs of file names to process (case-insensitive).")
     ignore: tuple[str, ...] = Field(
@@ -50,10 +56,16 @@ class Settings(BaseSettings):
         description="Extra globs to ignore (hidden files, *.tmp, *.part, .DS_Store, Thumbs.db and @eaDir always are).",
     )
     settle_seconds: float = Field(
-        1.0, ge=0, description="How long size and mtime must hold before a created/moved file counts as finished."
+        1.0,
+        ge=0,
+        le=LONGEST_SECONDS,
+        description="How long size and mtime must hold before a created/moved file counts as finished.",
     )
     rescan_interval: float = Field(
-        60.0, gt=0, description="Seconds between reconciliation scans (inotify drops events on overflow)."
+        60.0,
+        gt=0,
+        le=LONGEST_SECONDS,
+        description="Seconds between reconciliation scans (inotify drops events on overflow).",
     )
     queue_size: int = Field(256, ge=1, description="Bound of the work queue; beyond it events wait for the next scan.")
     max_attempts: int = Field(
@@ -64,7 +76,9 @@ class Settings(BaseSettings):
             "(a full or read-only queue is retried until it recovers)."
         ),
     )
-    retry_base: float = Field(2.0, gt=0, description="First retry delay in seconds; doubles each attempt.")
+    retry_base: float = Field(
+        2.0, gt=0, le=LONGEST_SECONDS, description="First retry delay in seconds; doubles each attempt."
+    )
     max_bytes: int = Field(256 * 1024 * 1024, ge=1, description="Largest source file accepted, in bytes.")
     max_pixels: int = Field(
         100_000_000, ge=1, description="Largest source image accepted, in pixels (decompression-bomb guard)."
@@ -90,7 +104,9 @@ class Settings(BaseSettings):
     comfyui_subfolder: str = Field(
         DEFAULT_SUBFOLDER, description="Subfolder of ComfyUI's input/ the frames are uploaded into (empty: top level)."
     )
-    comfyui_timeout: float = Field(10.0, gt=0, description="Seconds one request to ComfyUI may take.")
+    comfyui_timeout: float = Field(
+        10.0, gt=0, le=LONGEST_SECONDS, description="Seconds one request to ComfyUI may take."
+    )
 
     @field_validator("comfyui_url")
     @classmethod
@@ -126,10 +142,11 @@ class Settings(BaseSettings):
 
 def read_config_file(path: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as handle:
-            values = tomllib.load(handle)
+        values = tomllib.loads(path.read_text(encoding=CONFIG_ENCODING))
     except OSError as exc:
         raise ConfigError(f"cannot read config file: {exc.strerror}", path=path) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8 text: {exc.reason} at byte {exc.start}", path=path) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid TOML: {exc}", path=path) from exc
     section = values.get("sinkwatch", values)

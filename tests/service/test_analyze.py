@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core import pipeline
+from core.pipeline import PipelineParams, PipelineResult
 from service.cli import main
 from tests.conftest import photo_file
 
@@ -127,3 +131,59 @@ def test_rules_check_finds_set_problems(tmp_path: Path, capsys: pytest.CaptureFi
 def test_rules_check_a_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _err = run_cli(capsys, "rules", "check", str(tmp_path / "nowhere"))
     assert code == 1 and "FAIL" in out and "nowhere" in out
+
+
+@pytest.mark.parametrize("where", ["missing folder", "a folder", "a file in a file"])
+def test_an_output_that_cannot_be_written_is_one_line_and_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    (tmp_path / "plain").write_text("x")
+    target = {
+        "missing folder": tmp_path / "nowhere" / "x.png",
+        "a folder": tmp_path,
+        "a file in a file": tmp_path / "plain" / "x.png",
+    }[where]
+    heatmap = tmp_path / "heatmap.png"
+    code, out, err = run_cli(
+        capsys, "analyze", str(photo_file("coffee")), "--json", "--heatmap", str(heatmap), "--cleaned", str(target)
+    )
+    assert code == 1 and out == ""
+    [line] = err.splitlines()
+    assert line.startswith(f"sinkwatch analyze: {target}: cannot write: ")
+    assert heatmap.is_file(), "what could be written before was written"
+
+
+def test_scores_that_are_not_numbers_fail_clearly_instead_of_printing_nan(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_run = pipeline.run
+
+    def nan_ssim(image: np.ndarray, params: PipelineParams) -> PipelineResult:
+        result = real_run(image, params)
+        return dataclasses.replace(result, scores=dataclasses.replace(result.scores, ssim=math.nan))
+
+    monkeypatch.setattr(pipeline, "run", nan_ssim)
+    for extra in (["--json"], []):
+        code, out, err = run_cli(capsys, "analyze", str(photo_file("coffee")), *extra)
+        assert code == 1 and out == ""
+        assert "not numbers: ssim" in err and str(photo_file("coffee")) in err
+
+
+def test_rules_check_and_analyze_name_a_glob_with_a_reversed_range(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "default.toml").write_text('name = "default"\n')
+    (tmp_path / "portraits.toml").write_text('name = "portraits"\nmatch = ["portrait_[z-a]*.png"]\n')
+    code, out, _err = run_cli(capsys, "rules", "check", str(tmp_path))
+    assert code == 1
+    assert f"FAIL {tmp_path / 'portraits.toml'}: match[0]: reversed range 'z-a'" in out
+    code, out, err = run_cli(capsys, "analyze", str(photo_file("coffee")), "--rules", str(tmp_path))
+    assert code == 2 and out == "" and f"{tmp_path / 'portraits.toml'}: match[0]" in err
+
+
+def test_rules_check_reads_a_file_saved_with_a_byte_order_mark(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "default.toml").write_bytes(b'\xef\xbb\xbfname = "default"\n')
+    code, out, _err = run_cli(capsys, "rules", "check", str(tmp_path))
+    assert code == 0 and out.startswith("ok ")

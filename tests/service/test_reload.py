@@ -207,3 +207,41 @@ def test_an_edit_made_while_the_first_load_reads_is_not_lost(
     monkeypatch.undo()
     rules = reloader.poll(0.0, metrics=metrics)
     assert rules is not None and rules.get("default").description == "edited meanwhile"
+
+
+def test_a_glob_with_a_reversed_range_keeps_the_last_good_rules(
+    reloader: RuleReloader, folder: Path, metrics: Metrics, errors: list[dict[str, Any]]
+) -> None:
+    good = fingerprint_shown(metrics)
+    path = folder / "portraits.toml"
+    path.write_text('name = "portraits"\nmatch = ["portrait_[z-a]*.png"]\npriority = 10\n', encoding="utf-8")
+    assert reloader.poll(1.0, metrics=metrics) is None
+    assert failures(metrics) == 1 and fingerprint_shown(metrics) == good
+    assert [(r["extra"]["file"], r["extra"]["field"]) for r in errors] == [(str(path), "match[0]")]
+
+
+def test_any_exception_while_loading_keeps_the_last_good_rules_and_is_logged_with_its_traceback(
+    reloader: RuleReloader,
+    folder: Path,
+    metrics: Metrics,
+    errors: list[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def buggy(directory: Path | None) -> RuleSet:
+        raise ZeroDivisionError("a bug in rule loading")
+
+    good = fingerprint_shown(metrics)
+    monkeypatch.setattr(service.reload, "load_rules", buggy)
+    reloader.request()
+    assert reloader.poll(1.0, metrics=metrics) is None
+    assert failures(metrics) == 1 and fingerprint_shown(metrics) == good
+    [record] = errors
+    assert "ZeroDivisionError" in record["message"] and "a bug in rule loading" in record["message"]
+    assert record["exception"] is not None and record["exception"].type is ZeroDivisionError
+    assert record["extra"]["file"] == str(folder)
+
+    monkeypatch.undo()
+    (folder / "default.toml").write_text(DEFAULT + 'description = "fixed"\n', encoding="utf-8")
+    rules = reloader.poll(2.0, metrics=metrics)
+    assert rules is not None and rules.get("default").description == "fixed"
+    assert failures(metrics) == 1

@@ -278,3 +278,43 @@ def test_no_folder_or_no_rules(tmp_path: Path, setup: str) -> None:
         folder.mkdir()
     with pytest.raises(RuleError):
         load_rules(folder)
+
+
+def test_a_name_may_not_end_with_a_newline(tmp_path: Path) -> None:
+    error = error_of(tmp_path, 'name = "abc\\n"\n')
+    assert error.field == "name" and "'abc\\n'" in str(error)
+
+
+@pytest.mark.parametrize("folder", [False, True])
+def test_a_rule_file_saved_with_a_byte_order_mark_reads_like_any_other(tmp_path: Path, folder: bool) -> None:
+    text = 'name = "default"\nmatch = ["bom/**"]\n[resize]\nwidth = 640\n'
+    path = tmp_path / "default.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    rule = load_rules(tmp_path).get("default") if folder else load_rule_file(path)
+    assert rule == parse_rule(text, file="same text without the mark")
+
+
+FLOAT_FIELDS = [
+    (section, name)
+    for section, model in SECTIONS.items()
+    for name, field in model.model_fields.items()
+    if field.annotation is float
+]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize(("section", "name"), FLOAT_FIELDS)
+def test_no_float_field_takes_inf_or_nan(tmp_path: Path, section: str, name: str, value: str) -> None:
+    error = error_of(tmp_path, f"[{section}]\n{name} = {value}\n")
+    assert error.field == f"{section}.{name}" and "finite number" in str(error)
+
+
+def test_every_section_has_float_fields_to_check() -> None:
+    assert {section for section, _name in FLOAT_FIELDS} == set(SECTIONS) - {"resize"}  # resize has none
+
+
+@pytest.mark.parametrize("scale", ["1e-300", "0.5"])
+def test_the_analysis_scale_is_at_least_one_grey_level(tmp_path: Path, scale: str) -> None:
+    error = error_of(tmp_path, f"[analysis]\nscale = {scale}\n")
+    assert error.field == "analysis.scale" and "at least 1" in str(error)
+    assert parse_rule("[analysis]\nscale = 1.0\n", file="lowest").analysis.scale == 1.0

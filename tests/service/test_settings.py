@@ -185,3 +185,55 @@ def test_every_comfyui_setting_is_a_flag_with_its_environment_variable_in_the_he
         assert f"SINKWATCH_{name.upper()}" in text
     assert "default: sinkwatch" in text and "default: 10.0" in text
     assert "shipped presets / under the queue" not in text, "an unset default is explained by the description"
+
+
+# -- numbers that are not durations, and how the config file is read ------------------------------
+
+FLOAT_SETTINGS = [name for name, field in Settings.model_fields.items() if field.annotation is float]
+
+
+def test_the_float_settings_are_the_durations() -> None:
+    assert set(FLOAT_SETTINGS) == {
+        "poll_interval",
+        "settle_seconds",
+        "rescan_interval",
+        "retry_base",
+        "comfyui_timeout",
+    }
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("name", FLOAT_SETTINGS)
+def test_no_float_setting_takes_inf_or_nan_from_any_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"setting '{name}'"):
+        parse(f"--{name.replace('_', '-')}={value}")  # "=": argparse reads a bare -inf as a flag
+    with pytest.raises(ConfigError, match=f"setting '{name}'"):
+        load_settings(config_file=config(tmp_path, f"{name} = {value}\n"))
+    monkeypatch.setenv(f"SINKWATCH_{name.upper()}", value)
+    with pytest.raises(ConfigError, match=f"setting '{name}'"):
+        load_settings()
+
+
+@pytest.mark.parametrize("name", FLOAT_SETTINGS)
+def test_no_duration_is_longer_than_a_day(name: str) -> None:
+    # 1e10 s is finite, but waiting that long raises OverflowError in the waiting thread.
+    with pytest.raises(ConfigError, match=f"setting '{name}'.*86400"):
+        parse("--" + name.replace("_", "-"), "1e10")
+    assert getattr(parse("--" + name.replace("_", "-"), "86400"), name) == 86400.0
+
+
+def test_a_config_file_saved_with_a_byte_order_mark_reads_like_any_other(tmp_path: Path) -> None:
+    path = tmp_path / "sinkwatch.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + b"[sinkwatch]\nworkers = 3\npoll-interval = 2.5\n")
+    settings = load_settings(config_file=path)
+    assert (settings.workers, settings.poll_interval) == (3, 2.5)
+
+
+def test_a_config_file_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "sinkwatch.toml"
+    path.write_bytes(b'watch = "/srv/caf\xe9"\n')  # Latin-1
+    with pytest.raises(ConfigError, match="not UTF-8") as caught:
+        load_settings(config_file=path)
+    assert caught.value.path == str(path)

@@ -7,12 +7,14 @@ engine has room, so a huge backlog costs no memory.
 
 from __future__ import annotations
 
+import itertools
 import queue
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from service.engine import Candidate, Engine
+from service.errors import SinkwatchError
 from service.selection import Selection
 from service.stability import StabilityTracker
 from service.watcher import EventQueue
@@ -37,7 +39,9 @@ class Discovery:
         self.tracker = tracker
         self.engine = engine
         self.clock = clock
-        self.scan: Iterator[Path] | None = None
+        self.scan: Iterator[tuple[str, str]] | None = None
+        # Scanned (key, path) pairs the full engine had no room for yet, at most one turn's worth.
+        self.held: list[tuple[str, str]] = []
         self.scan_source = "startup"
         self.rescan_requested = False
         self.last_scan_done = clock()
@@ -73,28 +77,45 @@ class Discovery:
 
     def start_scan(self, source: str) -> None:
         if self.scan is None:
-            self.scan = self.selection.scan()
+            self.scan = self.selection.scan_keys()
             self.scan_source = source
         else:
             # Events may have been dropped behind the running scan's position: scan again after it.
             self.rescan_requested = True
 
     def feed_scan(self) -> None:
-        """Move scanned files into the engine while it has room: backpressure, not memory."""
-        if self.scan is None:
+        """Move scanned files into the engine while it has room: backpressure, not memory.
+
+        A turn asks the engine about all the files it looks at at once (one ledger query), and
+        builds a candidate only for a file that may be work: at every rescan most of a folder is
+        processed and unchanged. What finds no room is held and judged again at the next turn.
+        """
+        if self.scan is None or not self.engine.has_room():
             return
-        wall = time.time()
-        for _ in range(SCAN_FILES_PER_TURN):
-            if not self.engine.has_room():
-                return
-            path = next(self.scan, None)
-            if path is None:
-                self.scan = None
-                self.last_scan_done = self.clock()
-                if self.rescan_requested:
-                    self.rescan_requested = False
-                    self.start_scan("scan")
-                return
-            key = self.selection.relpath(path)
-            if key is not None:
-                self.engine.offer(Candidate(key, path, self.scan_source, wall))
+        self.held += itertools.islice(self.scan, SCAN_FILES_PER_TURN - len(self.held))
+        exhausted = len(self.held) < SCAN_FILES_PER_TURN
+        found, self.held = self.held, []
+        position = 0
+        try:
+            settled = self.engine.settled(found, source=self.scan_source)
+            wall = time.time()
+            for position, (key, path) in enumerate(found):
+                if not self.engine.has_room():
+                    self.held = found[position:]
+                    return
+                if key in settled:
+                    continue
+                # The listing may be old by now: judge the file as it is, as for an event.
+                source = Path(path)
+                checked = self.selection.relpath(source)
+                if checked is not None:
+                    self.engine.offer(Candidate(checked, source, self.scan_source, wall))
+        except SinkwatchError:
+            self.held = found[position:]  # the ledger cannot answer now (its disk): the daemon pauses, they wait
+            raise
+        if exhausted:
+            self.scan = None
+            self.last_scan_done = self.clock()
+            if self.rescan_requested:
+                self.rescan_requested = False
+                self.start_scan("scan")

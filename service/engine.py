@@ -10,17 +10,16 @@ driven from a single thread by `pump()`.
 from __future__ import annotations
 
 import os
-import stat
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service import recovery
+from service import recovery, unchanged
 from service.errors import SinkwatchError
 from service.ledger import Ledger
 from service.metrics import Metrics
@@ -136,22 +135,18 @@ class Engine:
     def _running(self, key: str) -> bool:
         return any(job.key == key for _candidate, job in self.in_flight.values())
 
+    def settled(self, found: Sequence[tuple[str, str]], *, source: str) -> set[str]:
+        """The keys among scanned (key, path) pairs that `offer` would leave alone now: queued, or
+        done and unchanged. One ledger query for all of them, where `offer` makes one per file."""
+        queued = {key for key, _path in found if key in self.pending}
+        if self.force:
+            return queued
+        running = {job.key for _candidate, job in self.in_flight.values()}
+        rest = [(key, path) for key, path in found if key not in queued and key not in running]
+        return queued | unchanged.done(self.ledger, rest, source=source)
+
     def _already_done(self, candidate: Candidate) -> bool:
-        try:
-            st = os.stat(candidate.path)
-        except OSError:
-            return True  # gone already: nothing to do, nothing lost
-        if not stat.S_ISREG(st.st_mode):
-            return True
-        entry = self.ledger.get(candidate.key)
-        if entry is None:
-            return False
-        same_file = (entry.size, entry.mtime_ns) == (st.st_size, st.st_mtime_ns)
-        if entry.state in ("published", "rejected"):
-            return same_file
-        if entry.state == "retry" and candidate.source != "retry":
-            return same_file  # unchanged: its scheduled retry will come
-        return False
+        return bool(unchanged.done(self.ledger, [(candidate.key, candidate.path)], source=candidate.source))
 
     def requeue_due(self) -> None:
         for entry in self.ledger.due(self.clock()):

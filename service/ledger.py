@@ -9,7 +9,8 @@ commit costs one WAL fsync, small beside the six fsyncs of a publication.
 
 This module holds the connection and the ``sources`` and ``names`` tables;
 the schema and its migrations are in `service.ledger_schema`, the ``uploads``
-table in `service.ledger_uploads` (a base class of `Ledger`).
+table in `service.ledger_uploads` and the scans' bulk lookup of ``sources`` in
+`service.ledger_stamps` (base classes of `Ledger`).
 """
 
 from __future__ import annotations
@@ -29,11 +30,22 @@ from typing import Any
 
 from service.errors import ConfigError, PublishError
 from service.ledger_schema import MIGRATIONS, SCHEMA_VERSION, db_key, db_relpath, db_text, migrate
+from service.ledger_stamps import Stamp, StampLedger
 from service.ledger_uploads import UPLOAD_STATES, Upload, UploadLedger
 from service.naming import disambiguated
 
 # Callers import the whole ledger API from here, including what ledger_schema and ledger_uploads define.
-__all__ = ["FINAL_STATES", "MIGRATIONS", "SCHEMA_VERSION", "STATES", "UPLOAD_STATES", "Entry", "Ledger", "Upload"]
+__all__ = [
+    "FINAL_STATES",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "STATES",
+    "UPLOAD_STATES",
+    "Entry",
+    "Ledger",
+    "Stamp",
+    "Upload",
+]
 
 STATES = ("processing", "published", "rejected", "retry")
 FINAL_STATES = ("published", "rejected")
@@ -63,7 +75,7 @@ class Entry:
     updated: float
 
 
-class Ledger(UploadLedger):
+class Ledger(UploadLedger, StampLedger):
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self.clock = clock

@@ -8,7 +8,9 @@ ignored by the other. Keys are POSIX paths relative to the watch folder.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
+import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,10 +56,14 @@ class Selection:
         Lazy (the daemon feeds it to a bounded queue), never follows symlinked
         folders, and skips folders that vanish or cannot be read.
         """
-        root = os.path.abspath(self.root)
-        yield from self._scan_folder(Path(root), (), root)
+        return (Path(path) for _key, path in self.scan_keys())
 
-    def _scan_folder(self, folder: Path, prefix: tuple[str, ...], root: str) -> Iterator[Path]:
+    def scan_keys(self) -> Iterator[tuple[str, str]]:
+        """`scan` as (key, path) pairs of strings: the key without a `relpath` per file, no Path objects."""
+        root = os.path.abspath(self.root)
+        yield from self._scan_folder(root, (), root)
+
+    def _scan_folder(self, folder: str, prefix: tuple[str, ...], root: str) -> Iterator[tuple[str, str]]:
         try:
             with os.scandir(folder) as listing:
                 entries = sorted(listing, key=lambda entry: entry.name)
@@ -75,11 +81,11 @@ class Selection:
                 continue
             if is_folder:
                 if self.recursive and not self._folder_excluded(parts):
-                    yield from self._scan_folder(folder / entry.name, parts, root)
+                    yield from self._scan_folder(entry.path, parts, root)
             elif (is_file or is_link) and self._file_selected(parts):
-                path = folder / entry.name
-                if is_file or _acceptable_file(str(path), root):
-                    yield path
+                path = entry.path
+                if is_file or _acceptable_file(path, root):
+                    yield "/".join(parts), path
 
     def _folder_excluded(self, parts: tuple[str, ...]) -> bool:
         name = parts[-1]
@@ -133,5 +139,10 @@ def _parts_under(path: str, root: str) -> tuple[str, ...] | None:
 
 
 def _matches(text: str, globs: tuple[str, ...]) -> bool:
-    folded = text.lower()
-    return any(fnmatch.fnmatchcase(folded, glob.lower()) for glob in globs)
+    return bool(globs) and _pattern(globs).match(text.lower()) is not None
+
+
+@functools.lru_cache(maxsize=32)
+def _pattern(globs: tuple[str, ...]) -> re.Pattern[str]:
+    """One regex for any of `globs` (lower-cased): a scan tests every file name against each glob set."""
+    return re.compile("|".join(f"(?:{fnmatch.translate(glob.lower())})" for glob in globs))

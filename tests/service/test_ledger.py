@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from service.errors import ConfigError, PublishError
-from service.ledger import SCHEMA_VERSION, STATES, Ledger
+from service.ledger import SCHEMA_VERSION, STATES, Ledger, Stamp
+from service.ledger_stamps import KEYS_PER_QUERY
 from service.naming import disambiguated, safe_stem
 
 REPO = Path(__file__).resolve().parents[2]
@@ -184,6 +185,34 @@ def test_seen_matches_only_final_states_with_the_same_size_and_mtime(ledger: Led
     assert ledger.seen("unknown.png", size=10, mtime_ns=20) is None
     ledger.rejected("b.png", reason="bomb", message="x", size=1, mtime_ns=2)
     assert ledger.seen("b.png", size=1, mtime_ns=2) is not None
+
+
+def test_stamps_give_state_size_and_mtime_of_the_known_sources_only(ledger: Ledger) -> None:
+    publish(ledger, "p.png", size=1, mtime_ns=2)
+    ledger.rejected("r.png", reason="bomb", message="x", size=3, mtime_ns=4)
+    start(ledger, "s.png", size=5, mtime_ns=6)
+    ledger.retry("t.png", reason="incomplete", message="", next_attempt=5.0)
+    stamps = ledger.stamps(["p.png", "r.png", "s.png", "t.png", "unknown.png", "P.PNG"])
+    assert stamps == {
+        "p.png": Stamp("published", 1, 2),
+        "r.png": Stamp("rejected", 3, 4),
+        "s.png": Stamp("processing", 5, 6),
+        "t.png": Stamp("retry", None, None),
+    }
+    assert ledger.stamps([]) == {}
+
+
+def test_stamps_agree_with_get_for_more_keys_than_one_query_takes(ledger: Ledger) -> None:
+    keys = [f"{n:04d}.png" for n in range(KEYS_PER_QUERY * 2 + 3)]
+    for n, key in enumerate(keys[::2]):
+        publish(ledger, key, size=n, mtime_ns=n * 10)
+    odd = "caf\udce9/\udcff.png"  # an undecodable name, as os.scandir gives it
+    start(ledger, odd)
+    stamps = ledger.stamps([*keys, odd])
+    assert set(stamps) == {*keys[::2], odd}
+    for key, stamp in stamps.items():
+        entry = ledger.get(key)
+        assert entry is not None and stamp == (entry.state, entry.size, entry.mtime_ns), key
 
 
 def test_due_lists_retries_whose_time_has_come_oldest_first(ledger: Ledger) -> None:

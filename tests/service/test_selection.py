@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -40,11 +41,14 @@ def selection(watch: Path, **kwargs: object) -> Selection:
 
 
 def scanned(sel: Selection) -> list[str]:
+    """The keys a scan finds, checked against relpath and against the daemon's `scan_keys`."""
     keys = []
-    for path in sel.scan():
+    paths = list(sel.scan())
+    for path in paths:
         key = sel.relpath(path)
         assert key is not None, f"scan yielded {path}, which relpath rejects"
         keys.append(key)
+    assert list(sel.scan_keys()) == [(key, str(path)) for key, path in zip(keys, paths, strict=True)]
     return keys
 
 
@@ -73,6 +77,21 @@ def test_litter_and_non_matching_names_are_not_selected(watch: Path, image: Imag
     path = image(name)
     assert selection(watch).relpath(path) is None
     assert scanned(selection(watch)) == []
+
+
+GLOBS = ("*.png", "[!x]?_*_*.JPG", "a[b-d]e.webp", "sub/*.tif", "[[]x].bmp")
+NAMES = ["a.png", "A.PnG", "yb_1_2.jpg", "xb_1_2.jpg", "b_1_2.jpg", "ace.WEBP", "afe.webp", "[x].bmp", "x.bmp"]
+
+
+@pytest.mark.parametrize("name", [*NAMES, "sub/q.TIF", "sub/deep/q.tif"])
+def test_a_glob_set_selects_what_fnmatch_matches_in_any_case(watch: Path, image: ImageFile, name: str) -> None:
+    path = image(name)
+    sel = Selection(watch, include=GLOBS, recursive=True)
+    expected = any(fnmatch.fnmatchcase(text.lower(), glob.lower()) for glob in GLOBS for text in (path.name, name))
+    assert (sel.relpath(path) == name) is expected
+    assert (scanned(sel) == [name]) is expected
+    ignoring = Selection(watch, include=("*",), ignore=GLOBS, recursive=True)
+    assert (ignoring.relpath(path) is None) is expected
 
 
 def test_user_ignore_globs_apply_to_names_folders_and_paths(watch: Path, image: ImageFile) -> None:

@@ -165,6 +165,7 @@ class Engine:
             self.publisher,
             resolve=self.resolve,
             requeue=lambda key, path: self.offer(Candidate(key, path, "retry", self.clock())),
+            published=self.on_published,
         )
 
     # -- dispatch -------------------------------------------------------------

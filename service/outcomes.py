@@ -84,6 +84,10 @@ class Outcomes:
 
     def _published(self, job: Job, outcome: Outcome, seen_at: float | None) -> None:
         size, mtime_ns, sha256 = _source_stat(outcome)
+        # The upload is owed first: a crash between the two leaves the row in "processing", and recovery,
+        # which settles it, owes the upload again; the other order could lose it for good.
+        if self.on_published is not None:
+            self.on_published(job.name, job.key, int(outcome.scores["width"]), int(outcome.scores["height"]))
         self.ledger.published(
             job.key, size=size, mtime_ns=mtime_ns, sha256=sha256, rule=outcome.rule, fingerprint=outcome.fingerprint
         )
@@ -97,8 +101,6 @@ class Outcomes:
         m.last_publish.set(outcome.finished_at)
         if seen_at is not None:
             m.latency_seconds.observe(max(0.0, outcome.finished_at - seen_at))
-        if self.on_published is not None:
-            self.on_published(job.name, job.key, int(outcome.scores["width"]), int(outcome.scores["height"]))
         logger.bind(source=job.key, rule=outcome.rule, frame=outcome.outputs.get("frame")).info(
             "published {} -> {} (rule {}, coverage {:.1%}, {:.0f} ms)",
             job.key,

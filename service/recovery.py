@@ -22,12 +22,19 @@ from service.publish import Publisher
 
 
 def recover(
-    ledger: Ledger, publisher: Publisher, *, resolve: Callable[[str], Path], requeue: Callable[[str, Path], object]
+    ledger: Ledger,
+    publisher: Publisher,
+    *,
+    resolve: Callable[[str], Path],
+    requeue: Callable[[str, Path], object],
+    published: Callable[[str, str, int, int], object] | None = None,
 ) -> int:
     """After a crash: settle the rows a dead run left in "processing"; returns how many.
 
     A frame published just before the crash only needs its ledger row: its
-    sidecar names the source's current content and the frame's own hash.
+    sidecar names the source's current content and the frame's own hash. What
+    a publication is owed besides (its upload to ComfyUI) goes to `published`
+    (output name, key, width, height), as for a publication of this run.
     Anything else is handed to `requeue` (key, path) to be processed again.
     """
     recovered = 0
@@ -48,6 +55,9 @@ def recover(
                 rule=sidecar["rule"]["name"],
                 fingerprint=sidecar["rule"]["fingerprint"],
             )
+            if published is not None:
+                width, height = sidecar["output"]["width"], sidecar["output"]["height"]
+                published(str(entry.output_name), entry.relpath, width, height)
             recovered += 1
         else:
             requeue(entry.relpath, path)
@@ -82,6 +92,7 @@ def _complete(sidecar: dict[str, Any], source: Path, frame: Path) -> bool:
         return bool(
             sidecar["source"]["sha256"] == sha256_file(source)
             and sidecar["output"]["frame_sha256"] == sha256_file(frame)
+            and all(type(sidecar["output"][side]) is int for side in ("width", "height"))
         )
     except (KeyError, TypeError, OSError):
         return False

@@ -148,6 +148,17 @@ def test_a_published_source_is_recorded_counted_measured_and_announced(bench: Be
     assert bench.sample("sinkwatch_publish_latency_seconds_sum") == pytest.approx(2.5)
 
 
+def test_the_upload_is_owed_before_the_ledger_calls_the_source_published(bench: Bench) -> None:
+    # A crash between the two then leaves the row in "processing": recovery settles it and owes the
+    # upload again. In the other order a crash between them loses the upload for good.
+    source = bench.photo("cat.png")
+    states: list[str] = []
+    bench.outcomes.on_published = lambda *_upload: states.append(bench.entry("cat.png").state)
+    bench.run(source)
+    assert states == ["processing"]
+    assert bench.entry("cat.png").state == "published"
+
+
 @pytest.mark.parametrize(("seen", "observed"), [(None, 0), ("after", 1)])
 def test_latency_is_measured_only_from_a_known_time_and_never_below_zero(
     bench: Bench, seen: str | None, observed: int

@@ -76,3 +76,25 @@ def test_a_vanished_source_is_forgotten(crashed: Crashed) -> None:
     crashed[2].unlink()
     assert _recover(crashed) == (0, [])
     assert crashed[0].get("cat.png") is None
+
+
+def test_a_settled_frame_is_owed_what_a_publication_is_owed_its_upload(crashed: Crashed) -> None:
+    # The daemon died after the worker published and before it recorded the outcome: the frame's
+    # upload to ComfyUI had not been recorded either, and nothing but recovery can owe it now.
+    ledger, publisher, source = crashed
+    owed: list[tuple[str, str, int, int]] = []
+    settled = recover(
+        ledger,
+        publisher,
+        resolve=lambda key: source.parent / key,
+        requeue=lambda key, _path: None,
+        published=lambda *upload: owed.append(upload),
+    )
+    assert settled == 1
+    assert owed == [("cat", "cat.png", 832, 480)]
+
+
+def test_a_sidecar_without_the_frame_size_is_made_again(crashed: Crashed) -> None:
+    sidecar = crashed[1].sidecar_path("cat")
+    sidecar.write_text(sidecar.read_text(encoding="utf-8").replace('"width": 832', '"width": "832"'), encoding="utf-8")
+    assert _recover(crashed) == (0, ["cat.png"])

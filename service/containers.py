@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Literal
 
 import cv2
-from PIL import Image
+from PIL import Image, TiffImagePlugin
 
-from service.errors import CorruptImage, IncompleteImage, UnsupportedImage
-from service.png_chunks import plain_rgb8, png_text, walk_chunks
+from service.errors import CorruptImage, ImageTooLarge, IncompleteImage, UnsupportedImage
+from service.orientation import exif_orientation, png_orientation
+from service.png_chunks import default_image, plain_rgb8, png_text, walk_chunks
 
 _RGB = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
 _MAGIC = (
@@ -48,8 +49,10 @@ _TIFF_TYPE_SIZES = (
     | dict.fromkeys((5, 10, 12, 16, 17, 18), 8)
 )
 _BMP_HEADER_SIZES = (12, 40, 52, 56, 64, 108, 124)
+# A tile side allowed beyond the image's: writers tile small images with their default tiles (256 or 512 in
+# libtiff, GDAL, tifffile), at most a few MB each.
+TIFF_TILE_SLACK = 1024
 _PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
-_APNG_CHUNKS = (b"acTL", b"fcTL", b"fdAT")
 
 
 @dataclass
@@ -63,7 +66,7 @@ class Header:
     grey_key: int | None = None  # PNG tRNS colour key of a grey image, as OpenCV returns it
     text: dict[str, str] = field(default_factory=dict)
     stream: bytes | None = None  # what to decode instead of the file (an APNG's default image)
-    # A plain 8-bit RGB PNG (what generators write): (start, end) of its IHDR, IDAT and IEND chunks.
+    # A plain 8-bit RGB PNG (what generators write): (start, end) of its IHDR, its run of IDATs, its IEND.
     rgb8_chunks: tuple[tuple[int, int], ...] = ()
 
 
@@ -89,39 +92,27 @@ def _not_image(data: bytes, path: str | Path) -> UnsupportedImage:
 
 
 def _inspect_png(data: bytes, path: str | Path) -> Header:
-    view, chunks = memoryview(data), walk_chunks(data, path)
-    body = {kind: data[start + 8 : stop - 4] for kind, start, stop in chunks if kind in (b"IHDR", b"tRNS", b"eXIf")}
-    ihdr = body[b"IHDR"]
+    found = walk_chunks(data, path)
+    ihdr, trns = found.ihdr, found.trns
     depth, colour = (ihdr[8], ihdr[9]) if len(ihdr) == 13 else (0, 0)
-    if depth not in _PNG_DEPTHS.get(colour, ()) or not any(kind == b"IDAT" for kind, *_ in chunks):
+    if depth not in _PNG_DEPTHS.get(colour, ()) or found.idat is None:
         raise CorruptImage(f"PNG header invalid (bit depth {depth}, colour type {colour}) or no IDAT", path=path)
     width, height = int.from_bytes(ihdr[0:4], "big"), int.from_bytes(ihdr[4:8], "big")
-    header = Header("PNG", size=(width, height), cv2_flags=_RGB, text=png_text(view, chunks))
-    if colour in (4, 6) or (b"tRNS" in body and colour in (2, 3)):
+    header = Header("PNG", size=(width, height), cv2_flags=_RGB, text=png_text(memoryview(data), found.text))
+    if colour in (4, 6) or (trns is not None and colour in (2, 3)):
         header.cv2_flags = cv2.IMREAD_UNCHANGED
-    elif b"tRNS" in body and colour == 0 and len(body[b"tRNS"]) >= 2:
+    elif trns is not None and colour == 0 and len(trns) >= 2:
         # OpenCV ignores a grey image's colour key: keep it grey and make the key transparent ourselves.
         header.cv2_flags = cv2.IMREAD_UNCHANGED
-        key = int.from_bytes(body[b"tRNS"][:2], "big")
+        key = int.from_bytes(trns[:2], "big")
         header.grey_key = key * (255 // ((1 << depth) - 1)) if depth < 8 else key  # OpenCV scales 1/2/4 bits to 8
-    if b"eXIf" in body:
-        header.orientation = _exif_orientation(body[b"eXIf"])
-    if any(kind in _APNG_CHUNKS for kind, *_ in chunks):
+    header.orientation = png_orientation(found.exif, header.text)
+    if found.apng:
         # Frame 0 of an APNG is its IDAT image (what Pillow shows first): decode that as a plain PNG.
-        header.stream = data[:8] + b"".join(view[s:e] for k, s, e in chunks if k not in _APNG_CHUNKS)
-    elif b"tRNS" not in body and plain_rgb8(ihdr, chunks):
-        header.rgb8_chunks = tuple((s, e) for k, s, e in chunks if k in (b"IHDR", b"IDAT", b"IEND"))
+        header.stream = default_image(data, found)
+    elif trns is None and plain_rgb8(found):
+        header.rgb8_chunks = ((8, found.ihdr_end), found.idat, found.iend)
     return header
-
-
-def _exif_orientation(raw: bytes) -> int:
-    """The orientation tag of a raw EXIF block (PNG eXIf, WebP EXIF), 1 if absent or unreadable."""
-    try:
-        exif = Image.Exif()
-        exif.load(raw)
-        return int(exif.get(0x0112, 1))
-    except Exception:  # a damaged EXIF block costs the orientation, not the image
-        return 1
 
 
 def _inspect_jpeg(data: bytes, path: str | Path) -> Header:
@@ -177,7 +168,7 @@ def _inspect_webp(data: bytes, path: str | Path) -> Header:
             bits = int.from_bytes(body[1:5], "little")
             size = ((bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1)
         elif kind == b"EXIF":
-            orientation = _exif_orientation(body)
+            orientation = exif_orientation(body)
         pos += 8 + length + (length & 1)
     if size is None:
         raise CorruptImage("WebP has no image chunk", path=path)
@@ -216,7 +207,8 @@ def _inspect_bmp(data: bytes, path: str | Path) -> Header:
 
 
 def _inspect_tiff(data: bytes, path: str | Path) -> Header:
-    """The first directory and every value it points to must be in the bytes we hold."""
+    """The first directory, every value it points to and the strips or tiles of the first page must be in
+    the bytes we hold."""
     order: Literal["little", "big"] = "little" if data[:2] == b"II" else "big"
     big = data[2:4] in (b"+\x00", b"\x00+")  # BigTIFF: 8-byte counts and offsets, 20-byte entries
     word, entry = (8, 20) if big else (4, 12)
@@ -231,23 +223,60 @@ def _inspect_tiff(data: bytes, path: str | Path) -> Header:
         size = _TIFF_TYPE_SIZES.get(kind, 0) * int.from_bytes(data[at + 4 : at + 4 + word], order)
         if size > word and int.from_bytes(data[at + 4 + word : at + 4 + 2 * word], order) + size > len(data):
             raise IncompleteImage("TIFF ends before the values of its first directory", path=path)
+    # Every strip or tile of the first page too: checked here, not on Pillow's open, so that a variant
+    # Pillow cannot open is incomplete as well while it is being written.
+    tags = tiff_directory(data)
+    for offsets_tag, counts_tag in ((273, 279), (324, 325)):
+        offsets, counts = _values(tags, offsets_tag), _values(tags, counts_tag)
+        if max((o + c for o, c in zip(offsets, counts, strict=False)), default=0) > len(data):
+            raise IncompleteImage("TIFF ends before its image data", path=path)
     return Header("TIFF")
 
 
-def check_tiff_extent(im: Image.Image, available: int, path: str | Path) -> None:
-    """Every strip or tile of the first page must lie inside the bytes we hold.
+def _values(tags: TiffImagePlugin.ImageFileDirectory_v2 | None, tag: int) -> tuple[int, ...]:
+    value = tags.get(tag, ()) if tags is not None else ()
+    return tuple(v for v in (value if isinstance(value, tuple) else (value,)) if isinstance(v, int))
 
-    Checked on Pillow's lazy open, which has parsed the directory that holds the offsets.
+
+def tiff_directory(data: bytes) -> TiffImagePlugin.ImageFileDirectory_v2 | None:
+    """The first directory of a TIFF as Pillow parses it; None if it does not parse."""
+    if data[2:4] == b"\x00+":  # a big-endian BigTIFF, which Pillow takes for a classic TIFF
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns of tags it skips; they are not log lines
+            tags = TiffImagePlugin.ImageFileDirectory_v2(data[:16] if data[2] == 43 else data[:8])
+            fp = io.BytesIO(data)
+            fp.seek(tags.next)
+            tags.load(fp)  # out-of-line values capped at the file's size in all, as in Pillow's open
+    except Exception:  # whatever Pillow's parser fails on, its open will fail on too, and say so
+        return None
+    return tags
+
+
+def check_tiff_tiles(im: Image.Image, path: str | Path, *, max_pixels: int) -> None:
+    """No tile of the first page may cost more than the image: checked before any pixel is decoded.
+
+    libtiff allocates a whole tile before decoding it, whatever the image size: a
+    150-byte 64x64 file claiming 24576x24576 deflate tiles made it allocate 1.8 GB.
+    A tile over `max_pixels`, or longer than the image (rounded up to 16) and than
+    TIFF_TILE_SLACK on a side, is refused as a bomb. Strips need no such check:
+    libtiff clamps RowsPerStrip to the image height (measured: a RowsPerStrip of
+    10**7 on a 64x64 image allocates nothing more).
     """
     tags = getattr(im, "tag_v2", {})
-    for offsets_tag, counts_tag in ((273, 279), (324, 325)):
-        offsets, counts = tags.get(offsets_tag), tags.get(counts_tag)
-        if offsets is None or counts is None:
-            continue
-        offsets = offsets if isinstance(offsets, tuple) else (offsets,)
-        counts = counts if isinstance(counts, tuple) else (counts,)
-        if max((o + c for o, c in zip(offsets, counts, strict=False)), default=0) > available:
-            raise IncompleteImage("TIFF ends before its image data", path=path)
+    tile_width, tile_length = tags.get(322), tags.get(323)
+    if not isinstance(tile_width, int) or not isinstance(tile_length, int):
+        return
+    width, height = im.size
+    longer = tile_width > max(-(-width // 16) * 16, TIFF_TILE_SLACK)
+    longer |= tile_length > max(-(-height // 16) * 16, TIFF_TILE_SLACK)
+    if longer or tile_width * tile_length > max_pixels:
+        raise ImageTooLarge(
+            f"TIFF tiles of {tile_width}x{tile_length} pixels for a {width}x{height} image, over the limit",
+            path=path,
+            reason="bomb",
+        )
 
 
 _INSPECT = {

@@ -4,8 +4,10 @@ Pixels are decoded only after :mod:`service.containers` has found the
 container complete and its header dimensions within the limit, so a file still
 being written is a retry and a decompression bomb allocates nothing. OpenCV
 decodes PNG (every bit depth and colour type), grey/YCbCr JPEG and still WebP,
-the fast path; Pillow decodes CMYK JPEG, animated WebP, GIF, BMP and TIFF.
-Every decoder failure maps to an error of :mod:`service.errors`.
+the fast path; Pillow decodes CMYK JPEG, animated WebP, GIF, BMP and TIFF
+(:mod:`service.pillow_decode`). Every decoder failure maps to an error of
+:mod:`service.errors`. Pixels are turned upright exactly once
+(:mod:`service.orientation`).
 
 With the `fast` extra installed, plain 8-bit RGB PNGs (what generators write)
 go to libspng (`pyspng`) instead: `decode_bytes` of a 1024x1024 ComfyUI PNG
@@ -20,24 +22,21 @@ which only a faulty encoder writes, decodes here where libpng may refuse it.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import stat
-import warnings
-import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
 
 from service import containers
 from service.errors import CorruptImage, ImageTooLarge, IncompleteImage, InputError, UnsupportedImage
 from service.extras import optional_module
-from service.png_chunks import TEXT_TOTAL_LIMIT, TEXT_VALUE_LIMIT
+from service.orientation import pillow_orientation, upright
+from service.pillow_decode import opened, pillow_pixels
+from service.png_chunks import TEXT_TOTAL_LIMIT, TEXT_VALUE_LIMIT, crcs_hold
 
 _spng = optional_module("pyspng")
 
@@ -61,16 +60,6 @@ _REDUCED = (
     (4, cv2.IMREAD_REDUCED_GRAYSCALE_4),
     (2, cv2.IMREAD_REDUCED_GRAYSCALE_2),
 )
-# EXIF orientation -> the transform that shows the image upright (as PIL.ImageOps.exif_transpose does).
-_UPRIGHT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
-    2: lambda a: cv2.flip(a, 1),
-    3: lambda a: cv2.rotate(a, cv2.ROTATE_180),
-    4: lambda a: cv2.flip(a, 0),
-    5: cv2.transpose,
-    6: lambda a: cv2.rotate(a, cv2.ROTATE_90_CLOCKWISE),
-    7: lambda a: cv2.flip(cv2.transpose(a), -1),
-    8: lambda a: cv2.rotate(a, cv2.ROTATE_90_COUNTERCLOCKWISE),
-}
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: == on arrays has no single truth value
@@ -134,9 +123,7 @@ def decode_bytes(
         raise
     except Exception as exc:  # the container is complete, so a decoder's complaint means damaged data
         raise CorruptImage(f"{header.format} data cannot be decoded: {exc}", path=path) from exc
-    if orientation in _UPRIGHT:
-        rgb = _UPRIGHT[orientation](rgb)
-        size = (size[1], size[0]) if orientation >= 5 else size
+    rgb, size = upright(rgb, orientation, size)
     return DecodedImage(
         rgb=np.ascontiguousarray(rgb),
         format=header.format,
@@ -170,17 +157,21 @@ def _pixels(
         return _finish(pixels, bg), header.size, header.orientation
     if header.size is not None:  # checked before Pillow's open, which may allocate (animated WebP)
         _check_size(header.size, path=path, max_pixels=max_pixels)
-    with _pillow(data, header.format, path) as im:
+    with opened(data, header.format, path) as im:
         _check_size(im.size, path=path, max_pixels=max_pixels)
         if header.format == "TIFF":
-            containers.check_tiff_extent(im, len(data), path)
-        orientation = _orientation(im)
-        if header.format == "JPEG" and im.mode in ("L", "RGB"):
+            containers.check_tiff_tiles(im, path, max_pixels=max_pixels)
+        if header.format != "JPEG":
+            # Size and orientation of the loaded image: Pillow turns a TIFF upright while loading it.
+            pixels = pillow_pixels(im, path)
+            return _finish(pixels, bg), im.size, pillow_orientation(im)
+        orientation = pillow_orientation(im)  # before decoding: a reduced decode must cover the upright target
+        if im.mode in ("L", "RGB"):
             flags = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
             if target is not None:
                 flags |= _reduction(im.size, target, swapped=orientation >= 5)
             return _cv2_decode(data, flags), im.size, orientation
-        return _from_pillow(im, bg, path), im.size, orientation
+        return _finish(pillow_pixels(im, path), bg), im.size, orientation
 
 
 def _spng_decode(data: bytes, chunks: tuple[tuple[int, int], ...]) -> np.ndarray | None:
@@ -192,9 +183,8 @@ def _spng_decode(data: bytes, chunks: tuple[tuple[int, int], ...]) -> np.ndarray
     if _spng is None or PNG_DECODER != "pyspng":
         return None
     view = memoryview(data)
-    for start, end in chunks:
-        if zlib.crc32(view[start + 4 : end - 4]) != int.from_bytes(view[end - 4 : end], "big"):
-            return None  # pyspng ignores CRCs; libpng refuses a damaged IDAT, so the file is left to it
+    if not all(crcs_hold(view, start, end) for start, end in chunks):
+        return None  # pyspng ignores CRCs; libpng refuses a damaged IDAT, so the file is left to it
     try:
         pixels: np.ndarray = _spng.load(b"".join([view[:8], *(view[start:end] for start, end in chunks)]), "RGB")
     except Exception:  # whatever libspng complains of, libpng gets the last word
@@ -219,32 +209,6 @@ def _reduction(size: tuple[int, int], target: tuple[int, int], *, swapped: bool)
         if -(-size[0] // scale) >= tw and -(-size[1] // scale) >= th:  # libjpeg rounds scaled sizes up
             return flag
     return 0
-
-
-@contextmanager
-def _pillow(data: bytes, fmt: str, path: str | Path) -> Iterator[Image.Image]:
-    """Pillow's lazy open (header only), limited to the format the container walk found."""
-    with warnings.catch_warnings():
-        # Pillow's bomb *warning* fires below our own limit; EXIF/TIFF quibbles are not log lines.
-        warnings.simplefilter("ignore")
-        try:
-            im = Image.open(io.BytesIO(data), formats=[fmt])
-        except Image.DecompressionBombError as exc:
-            raise ImageTooLarge(f"header dimensions over Pillow's hard limit: {exc}", path=path, reason="bomb") from exc
-        with im:
-            yield im
-
-
-def _from_pillow(im: Image.Image, bg: tuple[int, int, int], path: str | Path) -> np.ndarray:
-    """The first frame, whatever Pillow's mode, as RGB uint8 composited on `bg`."""
-    mode = im.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
-        return _finish(np.asarray(im).astype(np.uint16), bg)  # Pillow's I;16 -> L clips; we scale
-    if mode in ("LA", "La", "PA", "RGBA", "RGBa") or (mode in ("L", "P", "RGB") and "transparency" in im.info):
-        return _finish(np.asarray(im.convert("RGBA")), bg)
-    if mode in ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr"):
-        return np.asarray(im.convert("RGB"))
-    raise UnsupportedImage(f"{im.format} images in mode {mode} are not supported", path=path)
 
 
 def _finish(pixels: np.ndarray, bg: tuple[int, int, int]) -> np.ndarray:
@@ -276,13 +240,6 @@ def _composite(rgba: np.ndarray, bg: tuple[int, int, int]) -> np.ndarray:
     return cv2.merge(
         [cv2.convertScaleAbs(p * a + clear * np.uint16(b), alpha=1 / 255) for p, b in zip(colour, bg, strict=True)]
     )
-
-
-def _orientation(im: Image.Image) -> int:
-    try:
-        return int(im.getexif().get(0x0112, 1))
-    except Exception:  # a damaged EXIF block costs the orientation, not the image
-        return 1
 
 
 def _check_size(size: tuple[int, int], *, path: str | Path, max_pixels: int) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image, ImageFile, ImageOps, PngImagePlugin
+from PIL import Image, ImageFile, PngImagePlugin
 
 from service.decode import TEXT_TOTAL_LIMIT, TEXT_VALUE_LIMIT, DecodedImage, decode_bytes, decode_file
 from service.encode import encode_png
@@ -238,25 +238,6 @@ def test_multipage_tiff_gives_its_first_page() -> None:
     pages = [Image.fromarray(photo("flower")), Image.fromarray(photo("china"))]
     data = encoded(pages[0], "TIFF", save_all=True, append_images=pages[1:])
     assert np.array_equal(decode(data).rgb, photo("flower"))
-
-
-# --- EXIF orientation -----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
-@pytest.mark.parametrize("orientation", range(1, 9))
-def test_exif_orientation_is_applied(fmt: str, orientation: int) -> None:
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    kwargs: dict[str, object] = {"lossless": True} if fmt == "WEBP" else {"quality": 95} if fmt == "JPEG" else {}
-    data = encoded(Image.fromarray(photo("chelsea")), fmt, exif=exif.tobytes(), **kwargs)
-    with Image.open(io.BytesIO(data)) as im:
-        assert im.getexif().get(0x0112) == orientation
-        reference = np.asarray(ImageOps.exif_transpose(im).convert("RGB")).astype(int)
-    result = decode(data)
-    assert result.rgb.shape == reference.shape and result.rgb.flags.c_contiguous
-    assert result.source_size == (reference.shape[1], reference.shape[0])
-    assert np.abs(result.rgb.astype(int) - reference).mean() < 0.5
 
 
 # --- reduced JPEG decoding ------------------------------------------------------------------------

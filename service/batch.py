@@ -20,6 +20,7 @@ from pathlib import Path
 from loguru import logger
 from prometheus_client import CollectorRegistry
 
+from service.comfyui_uploads import finish, uploads_for
 from service.engine import Candidate, Engine, Limits
 from service.errors import ConfigError, RuleError
 from service.folders import prepare_queue
@@ -65,19 +66,26 @@ def main(args: argparse.Namespace) -> int:
             forced_rule=forced,
             force=args.force,
         )
+        uploads = uploads_for(settings, ledger=ledger, engine=engine, metrics=engine.metrics)
+        owed = 0
         try:
             _run(engine, sources, settings.max_attempts)
+            if uploads is not None:
+                owed = finish(uploads)
         finally:
+            if uploads is not None:
+                uploads.close()
             pool.close()
         ours = {candidate.key for candidate in sources}
         unfinished = [entry.relpath for entry in ledger.entries("retry") if entry.relpath in ours]
     counts = engine.counts
+    sent = f", {owed} uploads owed to ComfyUI" if uploads is not None else ""
     print(
         f"sinkwatch process: {counts['published']} published, {counts['skipped']} unchanged, "
-        f"{counts['rejected']} rejected, {len(unfinished)} unfinished -> {queue}",
+        f"{counts['rejected']} rejected, {len(unfinished)} unfinished{sent} -> {queue}",
         file=sys.stderr,
     )
-    return 1 if counts["rejected"] or unfinished else 0
+    return 1 if counts["rejected"] or unfinished or owed else 0
 
 
 def expand(paths: list[Path], settings: Settings) -> Iterator[tuple[Path, str]]:

@@ -1,7 +1,7 @@
 """A small ComfyUI HTTP client: upload a frame, queue a workflow, poll its history.
 
-Standard library only (``urllib.request``; the multipart body is built by
-hand). The routes and bodies follow ComfyUI's ``server.py``:
+Standard library only (``http.client``, see :mod:`service.comfyui_transport`;
+the multipart body is built by hand). The routes and bodies follow ComfyUI's ``server.py``:
 
 - ``POST /upload/image``: multipart ``image`` (the file), ``type`` (``input``),
   ``subfolder``, ``overwrite`` (``"true"``/``"1"``, anything else means no) ->
@@ -12,44 +12,56 @@ hand). The routes and bodies follow ComfyUI's ``server.py``:
   ``{prompt_id: {prompt, outputs, status: {status_str, completed, messages}}}``.
 
 Failures split in two: :class:`ComfyUnavailable` (refused, timed out, 5xx,
-not a ComfyUI answer: transient, try again later) and :class:`ComfyRejected`
-(a 4xx: the request itself is wrong, sending it again will not help; it
-carries ComfyUI's ``error`` and ``node_errors`` as fields). Both live in
-:mod:`service.errors`.
+a redirect, a 4xx other than 400/413, not a ComfyUI answer: transient, try
+again later) and :class:`ComfyRejected` (400, ComfyUI's own validation answer,
+or 413, a frame over its upload size limit: sending the same request again
+will not help; it carries ComfyUI's ``error`` and ``node_errors`` as fields).
+Both live in :mod:`service.errors`. A 404 or 401/403 comes from something in
+front of ComfyUI or from a wrong URL (ComfyUI's own routes answer neither to
+these requests), and a redirect (http -> https, a moved path) is not followed:
+a 301/302 would turn the ``POST`` into a ``GET``. Each is retried, with a
+message that names the status, the redirect target and ``--comfyui-url``, so
+nothing is dropped while the operator fixes the URL. The HTTP exchange itself,
+with its whole-request deadline and reply size cap, is in
+:mod:`service.comfyui_transport`.
 
-Why uploads use ``overwrite=True`` into their own subfolder (default
-``sinkwatch``): the caller passes the published frame name, which the
-publisher already keeps unique per source, and nothing but sinkwatch writes
-into that subfolder, so a name there belongs to exactly one source and never
-meets a file a user uploaded by hand. Overwriting makes an upload idempotent:
-a retry after a lost answer, or a re-upload of a reprocessed source, replaces
-that source's own file and keeps the name the ledger and sidecar recorded.
-Without it ComfyUI would store changed content as ``name (1).png`` and the
-recorded name would point at the stale frame. ComfyUI writes uploads in place
-(not atomically), so a prompt that loads a frame at the very moment it is
+When uploads overwrite: only inside a subfolder (default ``sinkwatch``). The
+caller passes the published frame name, which the publisher keeps unique per
+source, and nothing but this sinkwatch writes into its subfolder, so a name
+there belongs to exactly one source. Overwriting makes an upload idempotent: a
+retry after a lost answer, or a re-upload of a reprocessed source, replaces
+that source's own file and keeps the name the ledger and sidecar recorded
+(without it ComfyUI would store changed content as ``name (1).png``). At the
+top level of ``input/`` (subfolder ``""``, so that the frames show in
+LoadImage's list) the user's own uploads live too, so there sinkwatch uploads
+with ``overwrite=false``: ComfyUI keeps an existing file of the same name and
+stores the frame as ``name (1).png`` (the same content is answered with the
+existing name), and the caller records the name ComfyUI answered
+(:attr:`UploadResult.reference`). ComfyUI writes uploads in place (not
+atomically), so a prompt that loads a frame at the very moment it is
 re-uploaded could read a partial file; re-uploads are rare (a changed rule).
-LoadImage takes ``subfolder/name`` (:attr:`UploadResult.reference`); files in a
-subfolder are not in its dropdown, which keeps the user's list clean.
+LoadImage takes ``subfolder/name``; files in a subfolder are not in its
+dropdown, which keeps the user's list clean.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import mimetypes
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
+from service.comfyui_transport import MAX_REPLY, Reply, exchange
 from service.errors import ComfyPending, ComfyRejected, ComfyUnavailable, ConfigError
 
 DEFAULT_SUBFOLDER = "sinkwatch"
+# ComfyUI's own refusals: 400 (validation, with node_errors; a subfolder leaving input/) and 413 (upload too large).
+REJECTED_STATUSES = (400, 413)
 
 
 @dataclass(frozen=True)
@@ -95,21 +107,21 @@ class ComfyClient:
         self.timeout = timeout
         self.client_id = client_id or f"sinkwatch-{uuid.uuid4().hex}"
         self.subfolder = _checked_subfolder(subfolder)
-        # No proxy from the environment: ComfyUI lives on loopback or the LAN, where a
-        # corporate http_proxy would only swallow the requests.
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def upload_image(
-        self, data: bytes, *, name: str, subfolder: str | None = None, overwrite: bool = True
+        self, data: bytes, *, name: str, subfolder: str | None = None, overwrite: bool | None = None
     ) -> UploadResult:
-        """Store ``data`` as ``input/<subfolder>/<name>`` (subfolder: the client's unless given)."""
+        """Store ``data`` as ``input/<subfolder>/<name>`` (subfolder: the client's unless given).
+
+        ``overwrite`` defaults to "only inside a subfolder" (see the module docstring); ComfyUI may
+        then store the frame under another name, which the answer carries.
+        """
         if not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
             raise ValueError(f"name must be a plain file name, got {name!r}")
-        fields = {
-            "type": "input",
-            "subfolder": self.subfolder if subfolder is None else subfolder,
-            "overwrite": "true" if overwrite else "false",
-        }
+        folder = self.subfolder if subfolder is None else subfolder
+        if overwrite is None:
+            overwrite = bool(folder.strip("/"))
+        fields = {"type": "input", "subfolder": folder, "overwrite": "true" if overwrite else "false"}
         body, content_type = _multipart(fields, file_field="image", filename=name, data=data)
         answer = self._call("POST", "/upload/image", body=body, content_type=content_type)
         if not isinstance(answer, Mapping) or not isinstance(answer.get("name"), str):
@@ -169,27 +181,37 @@ class ComfyClient:
 
     def _call(self, method: str, route: str, *, body: bytes | None = None, content_type: str | None = None) -> Any:
         url = self.base_url + route
-        request = urllib.request.Request(url, data=body, method=method)
-        request.add_header("Accept", "application/json")
+        headers = {"Accept": "application/json"}
         if content_type is not None:
-            request.add_header("Content-Type", content_type)
+            headers["Content-Type"] = content_type
+        reply = exchange(method, url, body=body, headers=headers, timeout=self.timeout)
+        if reply.status in REJECTED_STATUSES:
+            raise _rejection(method, route, url, reply.status, reply.body)
+        if not 200 <= reply.status < 300:
+            raise self._unavailable(method, route, reply)
+        if reply.truncated:
+            message = f"not a ComfyUI answer from {route}: over {MAX_REPLY} bytes (check --comfyui-url)"
+            raise ComfyUnavailable(message, url=url, status=reply.status)
         try:
-            with self._opener.open(request, timeout=self.timeout) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as error:
-            payload = _read_quietly(error)
-            if error.code >= 500 or error.code in (408, 429):
-                raise ComfyUnavailable(
-                    f"ComfyUI answered {error.code} to {method} {route}", url=url, status=error.code
-                ) from error
-            raise _rejection(method, route, url, error.code, payload) from error
-        except (OSError, http.client.HTTPException) as error:
-            why = error.reason if isinstance(error, urllib.error.URLError) else error
-            raise ComfyUnavailable(f"ComfyUI at {self.base_url} unreachable: {why}", url=url) from error
-        try:
-            return json.loads(raw)
+            return json.loads(reply.body)
         except ValueError as error:
-            raise self._unexpected(route, raw[:80]) from error
+            raise self._unexpected(route, reply.body[:80]) from error
+
+    def _unavailable(self, method: str, route: str, reply: Reply) -> ComfyUnavailable:
+        url = self.base_url + route
+        status = f"{reply.status} {reply.reason}".strip()
+        answered = f"{self.base_url} answered {status} to {method} {route}"
+        if 300 <= reply.status < 400:
+            where = reply.headers.get("location", "nowhere")
+            message = f"{answered}, a redirect to {where}; redirects are not followed: check --comfyui-url"
+        elif reply.status >= 500 or reply.status in (408, 429):
+            message = f"ComfyUI answered {reply.status} to {method} {route}"
+        else:
+            message = (
+                f"{answered}, which ComfyUI itself does not answer (a wrong host or path prefix, "
+                "or a proxy that wants credentials?): check --comfyui-url"
+            )
+        return ComfyUnavailable(message, url=url, status=reply.status)
 
     def _unexpected(self, route: str, answer: object) -> ComfyUnavailable:
         # Not what ComfyUI answers: a wrong URL or a proxy page. Transient, so nothing
@@ -262,12 +284,3 @@ def _multipart(fields: Mapping[str, str], *, file_field: str, filename: str, dat
     head = f"--{boundary}\r\nContent-Disposition: {disposition}\r\nContent-Type: {media_type}\r\n\r\n"
     body = b"".join(parts) + head.encode() + data + f"\r\n--{boundary}--\r\n".encode()
     return body, f"multipart/form-data; boundary={boundary}"
-
-
-def _read_quietly(error: urllib.error.HTTPError) -> bytes:
-    try:
-        return error.read()
-    except (OSError, http.client.HTTPException):
-        return b""
-    finally:
-        error.close()

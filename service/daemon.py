@@ -19,7 +19,7 @@ from loguru import logger
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from service import __version__, notify
-from service.comfyui import ComfyClient
+from service.comfyui_uploads import owed, settled, uploads_for
 from service.discovery import Discovery
 from service.engine import Engine, Limits
 from service.errors import ConfigError, SinkwatchError
@@ -35,10 +35,8 @@ from service.rules import RuleSet
 from service.selection import Selection
 from service.settings import Settings, add_flags, settings_from_args
 from service.stability import StabilityTracker
-from service.uploader import Uploads
 from service.watch_limit import WatchLimit
 from service.watcher import EventQueue, FolderWatcher
-from service.workflow import load_workflow
 
 LOOP_TICK = 0.05
 # A watcher that cannot be restarted (inotify limits) is tried again this often, not on every turn.
@@ -105,18 +103,9 @@ class Daemon:
             resolve=lambda key: self.folders.watch / key,
             wakeup=self.events.arrived,
         )
-        self.uploads: Uploads | None = None
-        if s.comfyui_url:
-            self.uploads = Uploads(
-                client=ComfyClient(s.comfyui_url, timeout=s.comfyui_timeout, subfolder=s.comfyui_subfolder),
-                ledger=self.ledger,
-                publisher=self.engine.publisher,
-                metrics=self.metrics,
-                workflow=load_workflow(s.comfyui_workflow) if s.comfyui_workflow else None,
-            )
+        self.uploads = uploads_for(s, ledger=self.ledger, engine=self.engine, metrics=self.metrics)
+        if self.uploads is not None:
             self.resources.callback(self.uploads.close)
-            self.uploads.resume()
-            self.engine.on_published = self.uploads.enqueue
         removed = self.engine.publisher.clean_temp()
         if removed:
             logger.warning("removed {} temp files left by an interrupted run", removed)
@@ -218,7 +207,8 @@ class Daemon:
             self.uploads.pump()
         if once:
             engine = self.engine
-            return not self.discovery.scanning and engine.idle() and not engine.retrying(self.settings.max_attempts)
+            done = not self.discovery.scanning and engine.idle() and not engine.retrying(self.settings.max_attempts)
+            return done and settled(self.uploads)
         return False
 
     def _ping_watchdog(self) -> None:
@@ -315,7 +305,7 @@ class Daemon:
         try:
             self.loop(once=once)
             interrupted = once and self.stopping
-            unfinished = once and bool(self.ledger.entries("retry"))
+            unfinished = once and (bool(self.ledger.entries("retry")) or bool(self.uploads and owed(self.uploads)))
         finally:
             self.shutdown()
         if interrupted:  # the backlog is not done: say so, as a shell does for a signal

@@ -201,6 +201,10 @@ class Engine:
     def _suspect_running(self) -> bool:
         return any(job.key in self.suspects for _candidate, job in self.in_flight.values())
 
+    def publishing(self, name: str) -> bool:
+        """Whether a worker is making (and may be publishing) output `name` right now."""
+        return any(job.name == name for _candidate, job in self.in_flight.values())
+
     def idle(self) -> bool:
         return not self.pending and not self.in_flight
 

@@ -4,7 +4,13 @@ The table (schema 2) is keyed by output name. A row is written *before* the
 upload is attempted, so an upload pending while ComfyUI is down survives a
 restart. Each (re)publication of a name bumps its ``generation``; an upload
 result only settles the row of the generation it was started for, so the answer
-for an older frame never marks a newer one as sent.
+for an older frame never marks a newer one as sent. A name republished while
+its upload is still pending keeps its place in line (``queued`` is when it was
+first owed): a name republished every few seconds would otherwise go to the
+back each time and never be sent while a backlog drains.
+
+The uploader holds at most a bounded number of tasks in memory; the pending
+rows are the overflow, read a page at a time (:meth:`UploadLedger.pending_uploads`).
 
 `UploadLedger` is a base class of `service.ledger.Ledger`, which owns the
 connection and supplies the transaction helper and the clock.
@@ -62,7 +68,9 @@ class UploadLedger:
                    ON CONFLICT (name) DO UPDATE SET
                        relpath = excluded.relpath, width = excluded.width, height = excluded.height,
                        state = 'pending', generation = generation + 1, reference = NULL, prompt_id = NULL,
-                       reason = NULL, message = NULL, queued = excluded.queued, updated = excluded.updated
+                       reason = NULL, message = NULL,
+                       queued = CASE WHEN state = 'pending' THEN queued ELSE excluded.queued END,
+                       updated = excluded.updated
                    RETURNING generation""",
                 (db_text(name), db_key(relpath), width, height, now, now),
             ).fetchone()
@@ -94,6 +102,16 @@ class UploadLedger:
         where, params = (" WHERE state = ?", (state,)) if state else ("", ())
         with self._transaction(write=False) as db:
             return [_upload(row) for row in db.execute(_SELECT_UPLOAD + where + " ORDER BY queued, name", params)]
+
+    def pending_uploads(self, *, limit: int) -> list[Upload]:
+        """The first `limit` pending uploads in the order they were owed."""
+        with self._transaction(write=False) as db:
+            rows = db.execute(_SELECT_UPLOAD + " WHERE state = 'pending' ORDER BY queued, name LIMIT ?", (limit,))
+            return [_upload(row) for row in rows]
+
+    def pending_upload_count(self) -> int:
+        with self._transaction(write=False) as db:
+            return int(db.execute("SELECT COUNT(*) FROM uploads WHERE state = 'pending'").fetchone()[0])
 
     def upload_counts(self) -> dict[str, int]:
         with self._transaction(write=False) as db:

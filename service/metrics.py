@@ -39,7 +39,7 @@ OUTCOMES = ("published", "rejected", "retried", "skipped")
 STAGES = ("decode", "resize", "analysis", "blur", "heatmap", "scores", "encode", "publish")
 PUBLISH_ERROR_REASONS = ("no_space", "permission", "read_only", "other")
 UPLOAD_OUTCOMES = ("ok", "failed", "retried")
-PROMPT_OUTCOMES = ("queued", "rejected", "failed")
+PROMPT_OUTCOMES = ("queued", "rejected", "failed", "retried")
 
 # fmt: off
 # One stage costs tens of milliseconds (decode ~30 ms, resize ~6 ms, encode
@@ -163,6 +163,14 @@ class Metrics:
             ["outcome"],
             registry=reg,
         )
+        self.comfyui_pending_uploads = Gauge(
+            "sinkwatch_comfyui_pending_uploads",
+            "Uploads to a remote ComfyUI the ledger holds as pending (owed, not sent yet).",
+            registry=reg,
+        )
+        # sinkwatch_comfyui_up appears at the first answer or failure (set_comfyui_up): before that, and without a
+        # remote ComfyUI at all, nothing is known, and a 0 would page someone for a ComfyUI never talked to.
+        self.comfyui_up: Gauge | None = None
         self.build_info = Info("sinkwatch_build", "Version and fingerprint of the rules in force.", registry=reg)
 
         # The default registry already carries these collectors.
@@ -195,6 +203,16 @@ class Metrics:
     def set_build_info(self, version: str, rules_fingerprint: str) -> None:
         """Replace ``sinkwatch_build_info`` (one series at any time), e.g. on rule reload."""
         self.build_info.info({"version": version, "rules_fingerprint": rules_fingerprint})
+
+    def set_comfyui_up(self, up: bool) -> None:
+        """Whether the remote ComfyUI answered the last request; exports ``sinkwatch_comfyui_up`` from the first."""
+        if self.comfyui_up is None:
+            self.comfyui_up = Gauge(
+                "sinkwatch_comfyui_up",
+                "1 while the remote ComfyUI answers, 0 while it is down; absent before the first request.",
+                registry=self.registry,
+            )
+        self.comfyui_up.set(1 if up else 0)
 
     def record_publish_error(self, error: BaseException) -> None:
         """Count a failed write into the queue by a fixed reason taken from its errno."""

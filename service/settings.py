@@ -102,10 +102,14 @@ class Settings(BaseSettings):
         description="API-format workflow JSON to queue on that ComfyUI per uploaded frame (needs --comfyui-url).",
     )
     comfyui_subfolder: str = Field(
-        DEFAULT_SUBFOLDER, description="Subfolder of ComfyUI's input/ the frames are uploaded into (empty: top level)."
+        DEFAULT_SUBFOLDER,
+        description=(
+            "Subfolder of ComfyUI's input/ the frames are uploaded into (empty: top level, where nothing is "
+            "overwritten). Give each sinkwatch feeding one ComfyUI its own."
+        ),
     )
     comfyui_timeout: float = Field(
-        10.0, gt=0, le=LONGEST_SECONDS, description="Seconds one request to ComfyUI may take."
+        10.0, gt=0, le=LONGEST_SECONDS, description="Seconds one request to ComfyUI may take, all of it."
     )
 
     @field_validator("comfyui_url")

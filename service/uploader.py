@@ -3,80 +3,59 @@
 Two threads, one job each. The main thread (the daemon loop) owns the ledger,
 the sidecars, the metrics and the log: :meth:`Uploads.enqueue` records an
 upload as pending in the ledger *before* anything is sent, and
-:meth:`Uploads.pump` applies finished results. One background thread does
-only the HTTP work: it takes tasks in order, reads the frame from the queue
-folder, uploads it, queues the workflow, and puts what happened on a result
-queue. Local publishing never waits for it.
+:meth:`Uploads.pump` applies finished results. One background thread
+(:mod:`service.upload_sender`) does only the HTTP work. Local publishing never
+waits for it.
 
-While ComfyUI is down the task at the head is retried with capped exponential
-backoff and the others wait behind it (knocking on a closed door with each of
-them would only multiply the noise). A stop event cuts any wait short, so
-:meth:`Uploads.close` returns within one request timeout. Nothing is lost:
-whatever has not been applied when the daemon stops is still pending in the
-ledger and :meth:`Uploads.resume` sends it at the next start.
+The line between them (:mod:`service.upload_queue`) holds one task per output
+name, so a frame republished while its upload waits is sent once, as it is
+now. It holds at most ``max_tasks`` tasks; the ledger's pending rows are the
+overflow, and :meth:`Uploads.pump` tops the line up from them when it runs low
+(at start, :meth:`Uploads.resume` reads the first page only).
 
+Nothing is lost: whatever has not been applied when the daemon stops is still
+pending in the ledger and :meth:`Uploads.resume` sends it at the next start.
 So a frame may reach ComfyUI twice (a stop after ComfyUI stored it but before
-the ledger said so). That is harmless: uploads overwrite sinkwatch's own file
-in its own subfolder (see service/comfyui.py), and an identical prompt queued
-again is answered from ComfyUI's cache without running anything.
+the ledger said so). That is harmless: in sinkwatch's own subfolder an upload
+overwrites its own file, at the top level ComfyUI answers the same content
+with the existing name (see service/comfyui.py), and an identical prompt
+queued again is answered from ComfyUI's cache without running anything.
+
+The sidecar note is a read-modify-write of ``QUEUE/matrix/<name>.json`` on the
+main thread, while a worker process may be publishing a newer frame and
+sidecar of that name. The daemon passes ``busy(name)`` ("a worker is
+publishing this output name right now"); a result that would write the
+sidecar of a busy name waits, whole, for a later pump. Whole, because noting
+later and settling the ledger now would lose the note for good.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import queue
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal, TypeVar
+from typing import Any
 
 from loguru import logger
 
 from service.comfyui import ComfyClient
-from service.errors import ComfyRejected, ComfyUnavailable, PublishError, SinkwatchError
+from service.comfyui_status import ComfyStatus
+from service.errors import ComfyRejected, PublishError, SinkwatchError
 from service.ledger import Ledger
 from service.metrics import Metrics
 from service.publish import Publisher
-from service.retry import keep_trying
-from service.workflow import prepare
+from service.upload_note import note_upload
+from service.upload_queue import DEFAULT_LIMIT, Task, TaskQueue
+from service.upload_sender import Result, Sender, is_final
+
+__all__ = ["RETRY_BASE", "RETRY_CAP", "Result", "Task", "Uploads"]
 
 # First retry after 1 s, doubling up to 30 s: a ComfyUI that comes back is noticed within half a minute.
 RETRY_BASE = 1.0
 RETRY_CAP = 30.0
-
-T = TypeVar("T")
-
-Kind = Literal[
-    "upload_retry", "uploaded", "upload_failed", "prompt_retry", "queued", "prompt_rejected", "prompt_failed"
-]
-
-
-@dataclass(frozen=True)
-class Task:
-    """One frame to send: its output name (stem), source key, video size and ledger generation."""
-
-    name: str
-    key: str
-    width: int
-    height: int
-    generation: int
-
-
-@dataclass(frozen=True)
-class Result:
-    """What the HTTP thread reports back to the main thread."""
-
-    task: Task
-    kind: Kind
-    reference: str | None = None
-    frame_sha256: str | None = None
-    prompt_id: str | None = None
-    node_errors: Mapping[str, Any] = field(default_factory=dict)
-    error: BaseException | None = None
-    delay: float = 0.0
+# The pending-uploads gauge is recounted after a change, and at least this often (seconds).
+RECOUNT_EVERY = 5.0
 
 
 class Uploads:
@@ -91,6 +70,8 @@ class Uploads:
         clock: Callable[[], float] = time.monotonic,
         retry_base: float = RETRY_BASE,
         retry_cap: float = RETRY_CAP,
+        max_tasks: int = DEFAULT_LIMIT,
+        busy: Callable[[str], bool] | None = None,
     ) -> None:
         self.client = client
         self.ledger = ledger
@@ -98,33 +79,41 @@ class Uploads:
         self.metrics = metrics
         self.workflow = workflow
         self.clock = clock
-        self.retry_base = retry_base
-        self.retry_cap = retry_cap
-        self.down_since: float | None = None  # main thread's view: when ComfyUI stopped answering
-        self._tasks: queue.Queue[Task | None] = queue.Queue()
+        self.busy = busy
+        self.status = ComfyStatus(url=client.base_url, metrics=metrics, clock=clock)
+        self._tasks = TaskQueue(limit=max_tasks)
+        self._spilled = False  # the ledger may hold pending uploads that are not in the line
         self._results: queue.Queue[Result] = queue.Queue()
         self._unapplied: deque[Result] = deque()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sinkwatch-comfyui", daemon=True)
-        self._thread.start()
+        self._waiting: deque[Result] = deque()  # results held back while a worker publishes their name
+        self._recount_at: float | None = None  # None: recount the pending gauge at the next pump
+        self._sender = Sender(
+            client=client,
+            publisher=publisher,
+            workflow=workflow,
+            tasks=self._tasks,
+            results=self._results,
+            retry_base=retry_base,
+            retry_cap=retry_cap,
+        )
 
     @property
     def down(self) -> bool:
-        return self.down_since is not None
+        return self.status.down
 
     # -- main thread ----------------------------------------------------------
 
     def resume(self) -> int:
-        """At start: send again every upload the ledger still has pending; returns how many."""
-        pending = self.ledger.uploads("pending")
-        for upload in pending:
-            self._tasks.put(Task(upload.name, upload.relpath, upload.width, upload.height, upload.generation))
+        """At start: line up the uploads the ledger still has pending (a page now, the rest as it drains)."""
+        pending = self.ledger.pending_upload_count()
         if pending:
-            logger.info("resuming {} uploads to ComfyUI at {} left pending", len(pending), self.client.base_url)
-        return len(pending)
+            self._spilled = True
+            self._refill()
+            logger.info("resuming {} uploads to ComfyUI at {} left pending", pending, self.client.base_url)
+        return pending
 
     def enqueue(self, name: str, key: str, width: int, height: int) -> None:
-        """Owe ComfyUI the just-published frame `name` (ledger first), then hand it to the HTTP thread."""
+        """Owe ComfyUI the just-published frame `name` (ledger first), then line it up for the HTTP thread."""
         try:
             generation = self.ledger.upload_pending(name, relpath=key, width=width, height=height)
         except PublishError as exc:
@@ -133,47 +122,118 @@ class Uploads:
                 "cannot record the upload of {} ({}); it will not survive a restart", name, exc
             )
             generation = 0
-        self._tasks.put(Task(name, key, width, height, generation))
+        self._recount_at = None
+        if self._tasks.put(Task(name, key, width, height, generation)):
+            return
+        if generation:
+            self._spilled = True  # the ledger row is the task; a refill brings it back
+        else:
+            logger.bind(frame=name).error("{} uploads wait already; {} is not sent", self._tasks.limit, name)
 
     def pump(self) -> int:
         """Apply the results the HTTP thread has finished; returns how many.
 
         A result whose ledger write fails (disk full) stays first in line and
         is applied again by the next call, so the daemon may simply retry.
+        Then top the line up from the ledger and set the pending gauge.
         """
-        applied = 0
+        applied = self._apply_waiting()
         while True:
             if not self._unapplied:
                 try:
                     self._unapplied.append(self._results.get_nowait())
                 except queue.Empty:
-                    return applied
-            self._apply(self._unapplied[0])
+                    break
+            result = self._unapplied[0]
+            if self._must_wait(result):
+                self._waiting.append(result)
+            else:
+                self._apply(result)
+                applied += 1
             self._unapplied.popleft()
-            applied += 1
+        self._refill()
+        self._count_pending()
+        return applied
+
+    def idle(self) -> bool:
+        """Nothing to send or record: no task in line or in flight, no result to apply, no pending row in the ledger."""
+        if not self._tasks.empty() or not self._results.empty() or self._unapplied or self._waiting:
+            return False
+        return self.ledger.pending_upload_count() == 0
 
     def close(self) -> None:
         """Stop the HTTP thread (within one request timeout) and apply what it finished."""
-        self._stop.set()
-        self._tasks.put(None)
-        self._thread.join(timeout=self.client.timeout + 1.0)
-        if self._thread.is_alive():
+        if not self._sender.stop(timeout=self.client.timeout + 1.0):
             logger.warning("the ComfyUI upload thread is still in a request; leaving it behind")
         try:
             self.pump()
         except SinkwatchError as exc:
             logger.error("could not record the last ComfyUI results ({}); they will be sent again", exc)
 
+    def _refill(self) -> None:
+        """Top the line up from the ledger's pending rows once it is down to half."""
+        if not self._spilled or self._tasks.qsize() > self._tasks.limit // 2:
+            return
+        # Pending rows already in line or in flight come back too: ask for that many more than there is room.
+        wanted = self._tasks.limit - self._tasks.qsize() + self._tasks.known()
+        rows = self.ledger.pending_uploads(limit=wanted)
+        left = self._tasks.offer(Task(u.name, u.relpath, u.width, u.height, u.generation) for u in rows)
+        self._spilled = len(rows) == wanted or left > 0  # else every pending row has been seen and taken
+
+    def _count_pending(self) -> None:
+        now = self.clock()
+        if self._recount_at is not None and now < self._recount_at:
+            return
+        self.metrics.comfyui_pending_uploads.set(self.ledger.pending_upload_count())
+        self._recount_at = now + RECOUNT_EVERY
+
+    def _must_wait(self, result: Result) -> bool:
+        name = result.task.name
+        if any(held.task.name == name for held in self._waiting):
+            return True  # results of one name apply in order
+        return self.busy is not None and self._writes_sidecar(result) and self.busy(name)
+
+    def _writes_sidecar(self, result: Result) -> bool:
+        return result.kind in ("queued", "prompt_rejected") or (result.kind == "uploaded" and self.workflow is None)
+
+    def _apply_waiting(self) -> int:
+        """Apply the held-back results whose name no worker publishes any more, in order."""
+        applied, kept, busy_names = 0, deque[Result](), set[str]()
+        try:
+            while self._waiting:
+                result = self._waiting[0]
+                name = result.task.name
+                if name in busy_names or (self.busy is not None and self.busy(name)):
+                    busy_names.add(name)
+                    kept.append(self._waiting.popleft())
+                    continue
+                self._apply(result)
+                self._waiting.popleft()
+                applied += 1
+        finally:
+            kept.extend(self._waiting)
+            self._waiting = kept
+        return applied
+
     def _apply(self, result: Result) -> None:
+        self._apply_kind(result)
+        if is_final(result, workflow=self.workflow is not None):
+            self._tasks.release(result.task)
+            self._recount_at = None
+
+    def _apply_kind(self, result: Result) -> None:
         task, kind = result.task, result.kind
         if kind in ("upload_retry", "prompt_retry"):
-            if kind == "upload_retry":
-                self.metrics.comfyui_uploads.labels(outcome="retried").inc()
-            self._went_down(result)
+            counter = self.metrics.comfyui_uploads if kind == "upload_retry" else self.metrics.comfyui_prompts
+            counter.labels(outcome="retried").inc()
+            self.status.failed(result.error, name=task.name, delay=result.delay)
             return
         if kind in ("uploaded", "queued", "prompt_rejected") or isinstance(result.error, ComfyRejected):
-            self._came_back()  # ComfyUI answered (a missing frame or a bad template says nothing about it)
-        if kind == "uploaded":
+            # ComfyUI answered (a missing frame or a bad template says nothing about it).
+            self.status.answered(self.ledger.pending_upload_count)
+        if kind == "superseded":
+            logger.bind(frame=task.name).debug("dropped the upload of an older {}: republished meanwhile", task.name)
+        elif kind == "uploaded":
             if self.workflow is None:
                 self._settle(result, {"upload": result.reference, "prompt_id": None})
             self.metrics.comfyui_uploads.labels(outcome="ok").inc()
@@ -232,96 +292,5 @@ class Uploads:
         )
 
     def _note(self, result: Result, note: dict[str, object]) -> None:
-        """Add ``{"comfyui": note}`` to the frame's sidecar, if it still describes the frame that was sent."""
-        name = result.task.name
-        path = self.publisher.sidecar_path(name)
-        try:
-            sidecar = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            logger.bind(frame=name).warning("cannot read the sidecar of {} to note the upload: {}", name, exc)
-            return
-        output = sidecar.get("output") if isinstance(sidecar, dict) else None
-        if not isinstance(output, dict) or output.get("frame_sha256") != result.frame_sha256:
-            # Republished meanwhile: the newer frame's own upload will note itself.
-            logger.bind(frame=name).debug("sidecar of {} describes a newer frame; not noting the old upload", name)
-            return
-        sidecar["comfyui"] = note
-        try:
-            self.publisher.write_sidecar(name, sidecar)
-        except PublishError as exc:
-            self.metrics.record_publish_error(exc)
-            logger.bind(frame=name).warning("cannot note the upload in the sidecar of {}: {}", name, exc)
-
-    def _went_down(self, result: Result) -> None:
-        if self.down_since is None:
-            self.down_since = self.clock()
-            logger.bind(url=self.client.base_url, reason=getattr(result.error, "reason", None)).warning(
-                "ComfyUI is down ({}); uploads stay pending and are retried with backoff, frames keep publishing",
-                result.error,
-            )
-        else:
-            logger.debug("ComfyUI still down, retrying {} in {:.1f}s: {}", result.task.name, result.delay, result.error)
-
-    def _came_back(self) -> None:
-        if self.down_since is None:
-            return
-        seconds = self.clock() - self.down_since
-        self.down_since = None
-        logger.bind(url=self.client.base_url).info(
-            "ComfyUI is back after {:.0f}s; sending {} pending uploads", seconds, self.ledger.upload_counts()["pending"]
-        )
-
-    # -- HTTP thread ----------------------------------------------------------
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            task = self._tasks.get()
-            if task is None or self._stop.is_set():
-                return
-            try:
-                self._send(task)
-            except ComfyUnavailable:
-                return  # raised only when stopping cut a backoff short; the task stays pending
-            except Exception as exc:  # a bug must cost one upload, never the thread
-                self._results.put(Result(task, "upload_failed", error=exc))
-
-    def _send(self, task: Task) -> None:
-        frame = self.publisher.frame_path(task.name)
-
-        def upload() -> tuple[str, str]:
-            data = frame.read_bytes()  # read at each try: a republished frame is sent as it is now
-            stored = self.client.upload_image(data, name=frame.name, overwrite=True)
-            return stored.reference, hashlib.sha256(data).hexdigest()
-
-        try:
-            reference, sha256 = self._retrying(task, "upload_retry", upload)
-        except (OSError, ComfyRejected) as exc:
-            self._results.put(Result(task, "upload_failed", error=exc))
-            return
-        uploaded = Result(task, "uploaded", reference=reference, frame_sha256=sha256)
-        self._results.put(uploaded)
-        if self.workflow is None:
-            return
-        # Every later result names what was sent, from `uploaded`.
-        try:
-            prompt = prepare(self.workflow, image=reference, width=task.width, height=task.height)
-        except (SinkwatchError, ValueError) as exc:
-            self._results.put(replace(uploaded, kind="prompt_failed", error=exc))
-            return
-        try:
-            queued = self._retrying(task, "prompt_retry", lambda: self.client.submit(prompt))
-        except ComfyRejected as exc:
-            self._results.put(replace(uploaded, kind="prompt_rejected", error=exc))
-            return
-        self._results.put(replace(uploaded, kind="queued", prompt_id=queued.prompt_id, node_errors=queued.node_errors))
-
-    def _retrying(self, task: Task, kind: Kind, call: Callable[[], T]) -> T:
-        """Call until ComfyUI answers, reporting each failure as a `kind` result; raises once stopping."""
-        return keep_trying(
-            call,
-            transient=ComfyUnavailable,
-            base=self.retry_base,
-            cap=self.retry_cap,
-            stop=self._stop,
-            failed=lambda error, delay: self._results.put(Result(task, kind, error=error, delay=delay)),
-        )
+        # Only reached when no worker is publishing that name (see _must_wait).
+        note_upload(self.publisher, self.metrics, result.task.name, frame_sha256=result.frame_sha256, note=note)

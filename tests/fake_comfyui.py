@@ -19,8 +19,15 @@ It follows ComfyUI's ``server.py`` / ``execution.py`` where sinkwatch touches th
   re-run executes nothing, writes no file and reports the earlier outputs.
   (ComfyUI caches per node; whole-prompt caching is the part sinkwatch meets.)
 
-Known nodes: LoadImage, SaveImage, PreviewImage. Other class types are
-refused the way ComfyUI refuses a node it does not have (``missing_node_type``).
+Known nodes: LoadImage, SaveImage, PreviewImage, and WanImageToVideo (only
+checked to exist: it carries the video size a prompt was queued with). Other
+class types are refused the way ComfyUI refuses a node it does not have
+(``missing_node_type``).
+
+For the tests, beyond ComfyUI: ``fail_next`` (answer the next requests, or the
+next ones on one route, with a status), ``answer_next`` (a raw status,
+headers and body: a redirect, a proxy's page), ``stall``/``release`` (hold
+requests unanswered), and ``prompts`` (the prompts accepted, in order).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ NODES: dict[str, tuple[tuple[str, ...], bool]] = {
     "LoadImage": (("image",), False),
     "SaveImage": (("images", "filename_prefix"), True),
     "PreviewImage": (("images",), True),
+    "WanImageToVideo": (("width", "height", "length"), False),
 }
 
 
@@ -63,6 +71,7 @@ class FakeComfyUI:
             folder.mkdir()
         self.pending_polls = pending_polls
         self.requests: list[tuple[str, str]] = []
+        self.prompts: list[dict[str, Any]] = []  # the API-format prompts accepted, in order
         self.errors: list[str] = []
         self.executions = 0
         self._lock = threading.Lock()
@@ -70,7 +79,8 @@ class FakeComfyUI:
         self._pending: dict[str, dict[str, Any]] = {}
         self._history: dict[str, dict[str, Any]] = {}
         self._cache: dict[str, dict[str, Any]] = {}
-        self._failures: list[int] = []
+        self._failures: list[tuple[int, str | None]] = []
+        self._raw: list[tuple[int, dict[str, str], bytes]] = []
         self._stalling = False
         self._release = threading.Event()
         self._server = _Server(("127.0.0.1", 0), _Handler)
@@ -98,14 +108,29 @@ class FakeComfyUI:
         self._thread.join(timeout=10)
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def fail_next(self, status: int, *, count: int = 1) -> None:
-        """Answer the next ``count`` requests with ``status`` (e.g. 500, 503) instead of handling them."""
+    def fail_next(self, status: int, *, count: int = 1, path: str | None = None) -> None:
+        """Answer the next ``count`` requests (on ``path`` only, if given) with ``status`` instead of handling them."""
         with self._lock:
-            self._failures.extend([status] * count)
+            self._failures.extend([(status, path)] * count)
+
+    def answer_next(self, status: int, *, headers: dict[str, str] | None = None, body: bytes = b"") -> None:
+        """Answer the next request with exactly this status, headers and body (say a redirect, or a proxy's page)."""
+        with self._lock:
+            self._raw.append((status, dict(headers or {}), body))
+
+    def take_raw(self) -> tuple[int, dict[str, str], bytes] | None:
+        with self._lock:
+            return self._raw.pop(0) if self._raw else None
 
     def stall(self) -> None:
-        """Hold every following request unanswered until close (a hung server)."""
+        """Hold every following request unanswered until :meth:`release` or close (a hung server)."""
+        self._release.clear()
         self._stalling = True
+
+    def release(self) -> None:
+        """Answer the held requests and hold no more."""
+        self._stalling = False
+        self._release.set()
 
     def handle(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, object | None]:
         """One request -> (status, JSON payload or None for an empty body)."""
@@ -113,8 +138,10 @@ class FakeComfyUI:
         if self._stalling:
             self._release.wait(timeout=30)
         with self._lock:
-            if self._failures:
-                return self._failures.pop(0), {"error": "fake failure"}
+            failure = next((f for f in self._failures if f[1] in (None, path)), None)
+            if failure is not None:
+                self._failures.remove(failure)
+                return failure[0], {"error": "fake failure"}
             if method == "POST" and path == "/upload/image":
                 return self._upload(headers.get("Content-Type", ""), body)
             if method == "POST" and path == "/prompt":
@@ -168,6 +195,7 @@ class FakeComfyUI:
         prompt_id = str(uuid.uuid4())
         extra = {"client_id": request["client_id"]} if "client_id" in request else {}
         self._pending[prompt_id] = {"polls": 0, "record": [number, prompt_id, prompt, extra, outputs]}
+        self.prompts.append(prompt)
         return 200, {"prompt_id": prompt_id, "number": number, "node_errors": node_errors}
 
     def _validate(self, prompt: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any], list[str]]:
@@ -379,6 +407,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
+        raw = self.server.fake.take_raw()
+        if raw is not None:
+            self.server.fake.requests.append((self.command, self.path))
+            self._send(*raw)
+            return
         status, payload = self.server.fake.handle(self.command, self.path, self.headers, body)
         data = json.dumps(payload).encode() if payload is not None else b""
         self.send_response(status)
@@ -387,6 +420,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def _send(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: tests read ``FakeComfyUI.requests`` instead."""

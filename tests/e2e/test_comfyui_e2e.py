@@ -7,6 +7,8 @@ import contextlib
 import json
 import os
 import re
+import shutil
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.comfyui import ComfyClient
 from tests import fake_comfyui
 from tests.conftest import PHOTO_NAMES, wait_for
-from tests.e2e.conftest import DaemonProcess, frames, free_port, wait_published
+from tests.e2e.conftest import DaemonProcess, frames, free_port, run_sinkwatch, wait_published
 from tests.fake_comfyui import FakeComfyUI
 
 SMOKE = Path(__file__).resolve().parents[2] / "deploy" / "comfyui" / "loadimage-save-api.json"
@@ -52,6 +54,28 @@ def counter(daemon: DaemonProcess, name: str, outcome: str) -> float:
             if sample.name == name and sample.labels.get("outcome") == outcome:
                 return float(sample.value)
     raise AssertionError(f"{name}{{outcome={outcome!r}}} not exported")
+
+
+def gauge(daemon: DaemonProcess, name: str) -> float | None:
+    """The value of an unlabelled sample, None when it is not exported."""
+    status, text = daemon.get("/metrics")
+    assert status == 200
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and not sample.labels:
+                return float(sample.value)
+    return None
+
+
+def promtool_check(daemon: DaemonProcess) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool not found on PATH: install the 'prometheus' package (apt-get install prometheus)")
+    _status, text = daemon.get("/metrics")
+    checked = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert checked.returncode == 0, f"promtool check metrics:\n{checked.stdout}{checked.stderr}"
 
 
 @contextlib.contextmanager
@@ -245,3 +269,83 @@ def test_comfyui_stopping_mid_run_loses_nothing(
         wait_for(lambda: all(sidecar(queue, f).get("comfyui", {}).get("upload") for f in published))
         wait_for(lambda: counter(daemon, "sinkwatch_comfyui_uploads_total", "ok") == 4)
         assert daemon.stop() == 0
+
+
+def test_the_comfyui_gauges_show_it_down_with_uploads_pending_then_up_with_none(
+    start_daemon: Callable[..., DaemonProcess], folders: tuple[Path, Path], photos: dict[str, np.ndarray]
+) -> None:
+    watch, queue = folders
+    port = free_port()
+    daemon = start_daemon("--comfyui-url", f"http://127.0.0.1:{port}")
+    assert gauge(daemon, "sinkwatch_comfyui_up") is None, "not known before the first request"
+    assert gauge(daemon, "sinkwatch_comfyui_pending_uploads") == 0
+    for index in range(2):
+        drop(watch, index, photos)
+    published = wait_published(queue, 2)
+    wait_for(lambda: gauge(daemon, "sinkwatch_comfyui_up") == 0)
+    wait_for(lambda: gauge(daemon, "sinkwatch_comfyui_pending_uploads") == 2)
+    promtool_check(daemon)
+
+    with fake_comfyui_on(port) as comfy:
+        wait_for(lambda: gauge(daemon, "sinkwatch_comfyui_pending_uploads") == 0, timeout=90)
+        assert gauge(daemon, "sinkwatch_comfyui_up") == 1
+        assert sorted(p.name for p in (comfy.input_dir / "sinkwatch").iterdir()) == [f.name for f in published]
+        promtool_check(daemon)
+        assert daemon.stop() == 0
+
+
+# -- runs that end: `sinkwatch process` and `run --once` ----------------------------------
+
+
+@pytest.mark.parametrize("command", ["process", "once"])
+def test_a_run_that_ends_sends_its_frames_to_comfyui_before_it_exits(
+    command: str, folders: tuple[Path, Path], photos: dict[str, np.ndarray]
+) -> None:
+    watch, queue = folders
+    sources = [drop(watch, index, photos) for index in range(3)]
+    with FakeComfyUI() as comfy:
+        flags = (
+            "--queue",
+            str(queue),
+            "--comfyui-url",
+            comfy.url,
+            "--comfyui-workflow",
+            str(SMOKE),
+            "--metrics-port",
+            "0",
+        )
+        if command == "process":
+            done = run_sinkwatch("process", *map(str, sources), *flags, cwd=watch.parent)
+        else:
+            done = run_sinkwatch("run", "--once", "--watch", str(watch), *flags, cwd=watch.parent)
+        assert done.returncode == 0, done.stderr[-4000:]
+        published = sorted(frames(queue))
+        assert len(published) == 3
+        assert uploaded(comfy, queue, published), "every frame reached ComfyUI before the command returned"
+        check_prompts_ran_on_their_frames(comfy, queue, published)
+    if command == "process":
+        assert "0 uploads owed to ComfyUI" in done.stderr
+
+
+@pytest.mark.parametrize("command", ["process", "once"])
+def test_a_run_that_ends_while_comfyui_is_down_says_what_is_owed_exits_1_and_the_next_run_sends_it(
+    command: str, folders: tuple[Path, Path], photos: dict[str, np.ndarray]
+) -> None:
+    watch, queue = folders
+    sources = [drop(watch, index, photos) for index in range(2)]
+    port = free_port()
+    flags = ("--queue", str(queue), "--comfyui-url", f"http://127.0.0.1:{port}", "--metrics-port", "0")
+    if command == "process":
+        done = run_sinkwatch("process", *map(str, sources), *flags, cwd=watch.parent)
+    else:
+        done = run_sinkwatch("run", "--once", "--watch", str(watch), *flags, cwd=watch.parent)
+    assert done.returncode == 1, done.stderr[-4000:]
+    assert "2 uploads to ComfyUI" in done.stderr and "still owed" in done.stderr
+    published = sorted(frames(queue))
+    assert len(published) == 2, "the local frames are published whatever ComfyUI does"
+
+    with fake_comfyui_on(port) as comfy:
+        again = run_sinkwatch("run", "--once", "--watch", str(watch), *flags, cwd=watch.parent)
+        assert again.returncode == 0, again.stderr[-4000:]
+        stored = sorted(path.name for path in (comfy.input_dir / "sinkwatch").iterdir())
+    assert stored == [frame.name for frame in published]

@@ -165,15 +165,15 @@ def test_readyz_is_503_until_the_startup_scan_is_queued_and_200_from_then_on(
     for index in range(backlog):
         write_photo(watch / f"backlog_{index}.png", small_photo(index))
     scanning, may_scan = threading.Event(), threading.Event()
-    scan = Selection.scan
+    scan = Selection.scan_keys
 
-    def held_scan(self: Selection) -> Iterator[Path]:
+    def held_scan(self: Selection) -> Iterator[tuple[str, str]]:
         # The startup scan waits here until the test has asked /readyz.
         scanning.set()
         assert may_scan.wait(timeout=60)
         yield from scan(self)
 
-    monkeypatch.setattr(Selection, "scan", held_scan)
+    monkeypatch.setattr(Selection, "scan_keys", held_scan)
     port = free_port()
     readyz = f"http://127.0.0.1:{port}/readyz"
     settings = Settings(watch=watch, queue=queue, metrics_port=port, workers=1, settle_seconds=0.3)

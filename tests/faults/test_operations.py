@@ -361,9 +361,9 @@ def test_a_rescan_of_a_big_processed_folder_does_not_hold_back_a_new_image(
     holder: list[InProcessDaemon] = []
     seen: dict[str, float] = {}
     calls = 0
-    scan = Selection.scan
+    scan = Selection.scan_keys
 
-    def watched_scan(self: Selection) -> Iterator[Path]:
+    def watched_scan(self: Selection) -> Iterator[tuple[str, str]]:
         nonlocal calls
         calls += 1
         if calls != 2:  # the startup scan, and later rescans, unchanged
@@ -378,7 +378,7 @@ def test_a_rescan_of_a_big_processed_folder_does_not_hold_back_a_new_image(
         found = holder[0].sample("sinkwatch_images_discovered_total", source="event")
         seen["event_taken_before_the_scan_ended"] = found or 0.0
 
-    monkeypatch.setattr(Selection, "scan", watched_scan)
+    monkeypatch.setattr(Selection, "scan_keys", watched_scan)
     settings = Settings(watch=watch, queue=queue, metrics_port=0, workers=1, settle_seconds=0.3, rescan_interval=1.0)
     with InProcessDaemon(settings) as running:
         holder.append(running)

@@ -102,6 +102,17 @@ def test_without_overwrite_comfyui_renames_different_content_and_dedups_same(
     assert (folder / "frame (1).png").read_bytes() == b"other content"
 
 
+def test_at_the_top_level_an_upload_never_replaces_a_users_file(comfy: FakeComfyUI, photo_png: bytes) -> None:
+    users = comfy.input_dir / "frame.png"
+    users.write_bytes(b"the user's own picture")
+    client = ComfyClient(comfy.url, subfolder="")
+    stored = client.upload_image(photo_png, name="frame.png")
+    assert (stored.name, stored.reference) == ("frame (1).png", "frame (1).png")
+    assert users.read_bytes() == b"the user's own picture"
+    assert (comfy.input_dir / "frame (1).png").read_bytes() == photo_png
+    assert client.upload_image(photo_png, name="frame.png").name == "frame (1).png", "the same content is found again"
+
+
 def test_a_subfolder_leaving_input_is_refused_with_400(comfy: FakeComfyUI, client: ComfyClient) -> None:
     with pytest.raises(ComfyRejected) as caught:
         client.upload_image(b"data", name="frame.png", subfolder="../x")
@@ -256,7 +267,7 @@ def test_connection_refused_is_unavailable(call: str) -> None:
 def test_a_hung_server_times_out_as_unavailable(comfy: FakeComfyUI) -> None:
     comfy.stall()
     client = ComfyClient(comfy.url, timeout=0.2)
-    with pytest.raises(ComfyUnavailable, match="unreachable"):
+    with pytest.raises(ComfyUnavailable, match=r"did not answer POST /upload/image within 0\.2s"):
         client.upload_image(b"x", name="frame.png")
 
 
@@ -266,6 +277,43 @@ def test_server_errors_are_unavailable(comfy: FakeComfyUI, client: ComfyClient, 
     with pytest.raises(ComfyUnavailable) as caught:
         client.history("some-id")
     assert caught.value.status == status
+
+
+@pytest.mark.parametrize(
+    ("status", "reason"),
+    [(401, "Unauthorized"), (403, "Forbidden"), (404, "Not Found"), (405, "Method Not Allowed"), (409, "Conflict")],
+)
+def test_a_4xx_comfyui_does_not_give_is_unavailable_with_a_hint(
+    comfy: FakeComfyUI, client: ComfyClient, status: int, reason: str
+) -> None:
+    # What a wrong path prefix or another web server (404), or an auth proxy (401/403) answers.
+    comfy.answer_next(status, headers={"Content-Type": "text/html"}, body=b"<html>nope</html>")
+    with pytest.raises(ComfyUnavailable) as caught:
+        client.upload_image(b"x", name="frame.png")
+    error = caught.value
+    assert (error.status, error.transient, error.reason) == (status, True, "comfyui_down")
+    assert f"answered {status} {reason} to POST /upload/image" in str(error)
+    assert "check --comfyui-url" in str(error)
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_not_followed_and_is_unavailable_with_its_target(
+    comfy: FakeComfyUI, client: ComfyClient, status: int
+) -> None:
+    target = comfy.url + "/upload/image"  # a followed 301/302/303 would arrive there as a GET
+    comfy.answer_next(status, headers={"Location": target})
+    with pytest.raises(ComfyUnavailable) as caught:
+        client.upload_image(b"x", name="frame.png")
+    assert caught.value.status == status
+    assert f"a redirect to {target}" in str(caught.value) and "check --comfyui-url" in str(caught.value)
+    assert comfy.requests == [("POST", "/upload/image")], "nothing followed the redirect"
+
+
+def test_413_is_a_rejection_like_400(comfy: FakeComfyUI, client: ComfyClient) -> None:
+    comfy.fail_next(413)
+    with pytest.raises(ComfyRejected) as caught:
+        client.upload_image(b"x", name="frame.png")
+    assert (caught.value.status, caught.value.transient) == (413, False)
 
 
 def test_a_non_comfyui_answer_is_unavailable_not_a_crash(comfy: FakeComfyUI, client: ComfyClient) -> None:

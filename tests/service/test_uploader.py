@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 import socket
-import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,17 +16,25 @@ from loguru import logger
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from service.comfyui import ComfyClient
-from service.ledger import MIGRATIONS, SCHEMA_VERSION, Ledger
+from service.comfyui import DEFAULT_SUBFOLDER, ComfyClient
+from service.ledger import Ledger
 from service.metrics import Metrics
 from service.publish import Publisher
+from service.upload_queue import Task
+from service.upload_sender import Result
 from service.uploader import Uploads
 from service.workflow import load_workflow
-from tests.conftest import load_photo, wait_for
+from tests.conftest import PHOTO_NAMES, load_photo, wait_for
 from tests.fake_comfyui import FakeComfyUI
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "deploy" / "comfyui"
 SMOKE = TEMPLATES / "loadimage-save-api.json"
+# A video node that carries the size each prompt was queued with (the fake only checks that it exists).
+SIZED_WORKFLOW = {
+    "1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+    "2": {"class_type": "WanImageToVideo", "inputs": {"width": 832, "height": 480, "length": 81}},
+    "3": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "v"}},
+}
 # SaveImage without its filename_prefix: ComfyUI answers 400 with node_errors for node 2.
 BROKEN_WORKFLOW = {
     "1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
@@ -82,8 +89,9 @@ def make_uploads(ledger: Ledger, publisher: Publisher, metrics: Metrics) -> Iter
         kwargs.setdefault("retry_base", 0.001)
         kwargs.setdefault("retry_cap", 0.01)
         timeout = kwargs.pop("timeout", 5.0)
+        subfolder = kwargs.pop("subfolder", DEFAULT_SUBFOLDER)
         uploads = Uploads(
-            client=ComfyClient(url, timeout=timeout),
+            client=ComfyClient(url, timeout=timeout, subfolder=subfolder),
             ledger=kwargs.pop("ledger", ledger),
             publisher=publisher,
             metrics=metrics,
@@ -122,6 +130,15 @@ def pump_until(uploads: Uploads, condition: Callable[[], bool]) -> None:
         return condition()
 
     wait_for(check, timeout=30)
+
+
+def sizes(comfy: FakeComfyUI) -> list[tuple[str, int, int]]:
+    """(image, width, height) of every prompt ComfyUI accepted, in order."""
+    return [(p["1"]["inputs"]["image"], p["2"]["inputs"]["width"], p["2"]["inputs"]["height"]) for p in comfy.prompts]
+
+
+def uploads_sent(comfy: FakeComfyUI) -> int:
+    return comfy.requests.count(("POST", "/upload/image"))
 
 
 def value(metrics: Metrics, name: str, outcome: str) -> float:
@@ -382,56 +399,240 @@ def test_the_sidecar_is_noted_only_while_it_describes_the_frame_that_was_sent(
     assert "comfyui" not in sidecar(publisher, "a")
 
 
-# -- the ledger's uploads table --------------------------------------------------------
+# -- answers that are not ComfyUI's: retried, never dropped ---------------------------------
 
 
-def test_a_version_1_ledger_is_migrated_and_keeps_its_sources(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.sqlite3"
-    with sqlite3.connect(path) as raw:
-        for statement in MIGRATIONS[1]:
-            raw.execute(statement)
-        raw.execute(
-            "INSERT INTO sources (relpath, state, attempts, updated) VALUES (?, 'published', 1, 1.0)", (b"a.png",)
-        )
-        raw.execute("PRAGMA user_version = 1")
-    with Ledger(path) as ledger:
-        assert getattr(ledger.get("a.png"), "state", None) == "published"
-        assert ledger.uploads() == []
-        assert ledger.upload_pending("a", relpath="a.png", width=832, height=480) == 1
-    with sqlite3.connect(path) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+@pytest.mark.parametrize(
+    ("status", "headers"), [(404, {}), (401, {}), (403, {}), (308, {"Location": "https://comfy.example/upload/image"})]
+)
+def test_a_wrong_url_or_a_proxy_keeps_the_upload_pending_until_comfyui_answers(
+    comfy: FakeComfyUI,
+    make_uploads: Callable[..., Uploads],
+    ledger: Ledger,
+    publisher: Publisher,
+    metrics: Metrics,
+    logs: list[dict[str, Any]],
+    status: int,
+    headers: dict[str, str],
+) -> None:
+    uploads = make_uploads(comfy.url)
+    data = publish(publisher, "a", "astronaut")
+    for _ in range(3):  # until the operator fixes the URL (or the proxy)
+        comfy.answer_next(status, headers={"Content-Type": "text/html", **headers}, body=b"<html>no</html>")
+    uploads.enqueue("a", "a.png", 832, 480)
+    settle(uploads, ledger, ["a"])
+
+    assert getattr(ledger.get_upload("a"), "state", None) == "done"
+    assert (comfy.input_dir / "sinkwatch" / "a.png").read_bytes() == data
+    assert value(metrics, "sinkwatch_comfyui_uploads_total", "retried") == 3
+    assert value(metrics, "sinkwatch_comfyui_uploads_total", "failed") == 0
+    down = [m for m in messages(logs, "WARNING") if "ComfyUI is down" in m]
+    assert len(down) == 1 and f" {status} " in down[0] and "check --comfyui-url" in down[0]
 
 
-def test_upload_generations_settle_only_their_own_row(ledger: Ledger) -> None:
-    assert ledger.upload_pending("a", relpath="a.png", width=832, height=480) == 1
-    assert ledger.upload_pending("a", relpath="a.png", width=832, height=480) == 2
-    assert not ledger.upload_done("a", generation=1, reference="sinkwatch/a.png")
-    assert getattr(ledger.get_upload("a"), "state", None) == "pending"
-    assert ledger.upload_done("a", generation=2, reference="sinkwatch/a.png", prompt_id="p")
-    assert not ledger.upload_failed("a", generation=2, reason="x", message="settled already")
+# -- one task per name: a republished frame is sent once, as it is now ---------------------
+
+
+def test_a_frame_republished_while_its_upload_waits_is_sent_once_with_its_newest_size(
+    comfy: FakeComfyUI, make_uploads: Callable[..., Uploads], ledger: Ledger, publisher: Publisher
+) -> None:
+    uploads = make_uploads(comfy.url, workflow=SIZED_WORKFLOW)
+    publish(publisher, "x", "chelsea")
+    publish(publisher, "a", "rocket")
+    comfy.stall()
+    uploads.enqueue("x", "x.png", 832, 480)
+    wait_for(lambda: uploads_sent(comfy) == 1)  # the HTTP thread is held up with x
+    uploads.enqueue("a", "a.png", 832, 480)
+    newest = publish(publisher, "a", "motorcycle_left")  # the rule now says portrait
+    uploads.enqueue("a", "a.png", 480, 832)
+    comfy.release()
+    settle(uploads, ledger, ["x", "a"])
+
+    assert uploads_sent(comfy) == 2
+    assert sizes(comfy) == [("sinkwatch/x.png", 832, 480), ("sinkwatch/a.png", 480, 832)]
+    assert (comfy.input_dir / "sinkwatch" / "a.png").read_bytes() == newest
     upload = ledger.get_upload("a")
-    assert upload is not None and (upload.state, upload.prompt_id, upload.reason) == ("done", "p", None)
-    assert ledger.upload_pending("a", relpath="a.png", width=480, height=832) == 3
+    assert upload is not None and (upload.state, upload.generation) == ("done", 2)
+
+
+def test_a_frame_republished_between_two_attempts_drops_the_older_task(
+    comfy: FakeComfyUI, make_uploads: Callable[..., Uploads], ledger: Ledger, publisher: Publisher, metrics: Metrics
+) -> None:
+    uploads = make_uploads(comfy.url, workflow=SIZED_WORKFLOW)
+    publish(publisher, "a", "rocket")
+    comfy.stall()
+    uploads.enqueue("a", "a.png", 832, 480)
+    wait_for(lambda: uploads_sent(comfy) == 1)  # generation 1's first attempt is in ComfyUI's hands...
+    newest = publish(publisher, "a", "motorcycle_left")
+    uploads.enqueue("a", "a.png", 480, 832)
+    comfy.fail_next(503)  # ...and fails, so it would be tried again
+    comfy.release()
+    settle(uploads, ledger, ["a"])
+
+    assert uploads_sent(comfy) == 2, "the failed attempt and generation 2's"
+    assert sizes(comfy) == [("sinkwatch/a.png", 480, 832)]
+    assert (comfy.input_dir / "sinkwatch" / "a.png").read_bytes() == newest
+    assert value(metrics, "sinkwatch_comfyui_uploads_total", "ok") == 1
+    assert value(metrics, "sinkwatch_comfyui_prompts_total", "queued") == 1
+
+
+def test_only_max_tasks_wait_in_memory_and_the_ledger_holds_the_rest_until_comfyui_takes_them(
+    comfy: FakeComfyUI, make_uploads: Callable[..., Uploads], ledger: Ledger, publisher: Publisher
+) -> None:
+    uploads = make_uploads(comfy.url, max_tasks=3)
+    names = [f"f{index}" for index in range(9)]
+    for index, name in enumerate(names):
+        publish(publisher, name, PHOTO_NAMES[index % len(PHOTO_NAMES)])
+    comfy.stall()
+    for name in names:
+        uploads.enqueue(name, f"{name}.png", 832, 480)
+        uploads.enqueue("f0", "f0.png", 832, 480)  # a name republished again and again takes one place
+    wait_for(lambda: uploads_sent(comfy) == 1)
+    uploads.pump()
+    assert uploads._tasks.qsize() <= 3  # what waits in memory; the ledger has all of them
+    assert ledger.pending_upload_count() == 9
+    comfy.release()
+    settle(uploads, ledger, names)
+
+    assert uploads_sent(comfy) == 9 + 1, "each once, f0 once more: republished while it was being sent"
+    assert sorted(p.stem for p in (comfy.input_dir / "sinkwatch").iterdir()) == names
+    assert {u.state for u in ledger.uploads()} == {"done"}
+
+
+def test_resume_lines_up_a_page_and_sends_every_pending_upload_once(
+    comfy: FakeComfyUI, make_uploads: Callable[..., Uploads], ledger: Ledger, publisher: Publisher
+) -> None:
+    names = [f"f{index}" for index in range(7)]
+    for index, name in enumerate(names):
+        publish(publisher, name, PHOTO_NAMES[index])
+        ledger.upload_pending(name, relpath=f"{name}.png", width=832, height=480)  # left by an earlier run
+    uploads = make_uploads(comfy.url, max_tasks=2)
+    assert not uploads.idle()
+    assert uploads.resume() == 7
+    settle(uploads, ledger, names)
+
+    assert uploads_sent(comfy) == 7
+    assert {u.state for u in ledger.uploads()} == {"done"}
+    assert uploads.idle()
+
+
+# -- the top level of input/ is the user's too ----------------------------------------------
+
+
+def test_at_the_top_level_a_users_file_is_kept_and_the_name_comfyui_gave_is_used(
+    comfy: FakeComfyUI, make_uploads: Callable[..., Uploads], ledger: Ledger, publisher: Publisher
+) -> None:
+    users = comfy.input_dir / "a.png"
+    users.write_bytes(png_of("coffee"))  # uploaded by hand through Load Image, long ago
+    uploads = make_uploads(comfy.url, workflow=SIZED_WORKFLOW, subfolder="")
+    frame = publish(publisher, "a", "rocket")
+    uploads.enqueue("a", "a.png", 832, 480)
+    settle(uploads, ledger, ["a"])
+
+    assert users.read_bytes() == png_of("coffee")
+    assert (comfy.input_dir / "a (1).png").read_bytes() == frame
     upload = ledger.get_upload("a")
-    assert upload is not None and (upload.state, upload.prompt_id, upload.width) == ("pending", None, 480)
+    assert upload is not None and (upload.state, upload.reference) == ("done", "a (1).png")
+    assert sidecar(publisher, "a")["comfyui"]["upload"] == "a (1).png"
+    assert sizes(comfy) == [("a (1).png", 832, 480)]
 
 
-def test_uploads_list_in_the_order_they_were_owed_and_count_by_state(tmp_path: Path) -> None:
-    now = [100.0]
-    (tmp_path / "s").mkdir()
-    with Ledger(tmp_path / "s" / "l.sqlite3", clock=lambda: now[0]) as ledger:
-        for name in ("c", "a", "b"):
-            ledger.upload_pending(name, relpath=f"{name}.png", width=16, height=16)
-            now[0] += 1
-        ledger.upload_failed("a", generation=1, reason="comfyui_upload", message="gone")
-        assert [u.name for u in ledger.uploads("pending")] == ["c", "b"]
-        assert [u.name for u in ledger.uploads()] == ["c", "a", "b"]
-        assert ledger.upload_counts() == {"pending": 2, "done": 0, "failed": 1}
-        with pytest.raises(ValueError, match="state"):
-            ledger.uploads("lost")
+# -- metrics ------------------------------------------------------------------------------------
 
 
-def test_undecodable_source_names_round_trip_through_uploads(ledger: Ledger) -> None:
-    key = "sub/b\udcffad.png"
-    ledger.upload_pending("bad", relpath=key, width=16, height=16)
-    assert getattr(ledger.get_upload("bad"), "relpath", None) == key
+def test_prompt_retries_are_counted(
+    comfy: FakeComfyUI, make_uploads: Callable[..., Uploads], ledger: Ledger, publisher: Publisher, metrics: Metrics
+) -> None:
+    uploads = make_uploads(comfy.url, workflow=load_workflow(SMOKE))
+    publish(publisher, "a", "astronaut")
+    comfy.fail_next(503, count=2, path="/prompt")
+    uploads.enqueue("a", "a.png", 832, 480)
+    settle(uploads, ledger, ["a"])
+
+    assert value(metrics, "sinkwatch_comfyui_prompts_total", "retried") == 2
+    assert value(metrics, "sinkwatch_comfyui_prompts_total", "queued") == 1
+    assert value(metrics, "sinkwatch_comfyui_uploads_total", "retried") == 0
+
+
+def test_the_pending_gauge_follows_the_ledger_and_up_tells_whether_comfyui_answers(
+    comfy: FakeComfyUI, make_uploads: Callable[..., Uploads], ledger: Ledger, publisher: Publisher, metrics: Metrics
+) -> None:
+    def gauge(name: str) -> float | None:
+        return metrics.registry.get_sample_value(name)
+
+    down = make_uploads(closed_port_url(), retry_base=3600.0, retry_cap=3600.0)
+    down.pump()
+    assert gauge("sinkwatch_comfyui_up") is None, "nothing is known before the first request"
+    assert gauge("sinkwatch_comfyui_pending_uploads") == 0
+    for name, photo in [("a", "astronaut"), ("b", "coffee")]:
+        publish(publisher, name, photo)
+        down.enqueue(name, f"{name}.png", 832, 480)
+    pump_until(down, lambda: gauge("sinkwatch_comfyui_up") == 0 and gauge("sinkwatch_comfyui_pending_uploads") == 2)
+    down.close()
+
+    back = make_uploads(comfy.url)
+    back.resume()
+    settle(back, ledger, ["a", "b"])
+    assert gauge("sinkwatch_comfyui_up") == 1
+    assert gauge("sinkwatch_comfyui_pending_uploads") == 0
+
+
+# -- idle, and the sidecar of a frame a worker is publishing ---------------------------------
+
+
+def test_idle_only_with_nothing_lined_up_in_flight_unapplied_or_pending(
+    comfy: FakeComfyUI, make_uploads: Callable[..., Uploads], ledger: Ledger, publisher: Publisher
+) -> None:
+    uploads = make_uploads(comfy.url)
+    assert uploads.idle()
+    publish(publisher, "a", "astronaut")
+    comfy.stall()
+    uploads.enqueue("a", "a.png", 832, 480)
+    assert not uploads.idle(), "lined up"
+    wait_for(lambda: uploads_sent(comfy) == 1)
+    assert not uploads.idle(), "in flight"
+    comfy.release()
+    wait_for(lambda: (comfy.input_dir / "sinkwatch" / "a.png").is_file())
+    assert not uploads.idle(), "sent, its result not applied yet"
+    pump_until(uploads, uploads.idle)
+    assert getattr(ledger.get_upload("a"), "state", None) == "done"
+
+    publish(publisher, "b", "coffee")
+    ledger.upload_pending("b", relpath="b.png", width=832, height=480)  # pending in the ledger only
+    assert not uploads.idle()
+    uploads.resume()
+    pump_until(uploads, uploads.idle)
+    assert getattr(ledger.get_upload("b"), "state", None) == "done"
+
+
+def test_a_result_for_a_frame_a_worker_is_publishing_waits_and_the_others_do_not(
+    make_uploads: Callable[..., Uploads], ledger: Ledger, publisher: Publisher
+) -> None:
+    publishing = {"a", "c"}
+    uploads = make_uploads(closed_port_url(), busy=publishing.__contains__)
+    for name, photo in [("a", "rocket"), ("b", "chelsea"), ("c", "coffee")]:
+        data = publish(publisher, name, photo)
+        generation = ledger.upload_pending(name, relpath=f"{name}.png", width=832, height=480)
+        sent = Task(name, f"{name}.png", 832, 480, generation)
+        digest = hashlib.sha256(data).hexdigest()
+        uploads._results.put(Result(sent, "uploaded", reference=f"sinkwatch/{name}.png", frame_sha256=digest))
+    uploads.pump()
+    assert sidecar(publisher, "b")["comfyui"] == {"upload": "sinkwatch/b.png", "prompt_id": None}
+    for name in ("a", "c"):
+        assert "comfyui" not in sidecar(publisher, name), "not read, not written while a worker writes it"
+        assert getattr(ledger.get_upload(name), "state", None) == "pending"
+
+    newer = publish(publisher, "a", "motorcycle_left")  # the worker's frame and sidecar of a land
+    publishing.discard("a")
+    uploads.pump()
+    assert "comfyui" not in sidecar(publisher, "a"), "the newer frame's own upload will note it"
+    assert sidecar(publisher, "a")["output"]["frame_sha256"] == hashlib.sha256(newer).hexdigest()
+    assert getattr(ledger.get_upload("c"), "state", None) == "pending"
+
+    uploads.close()  # stopping while c's worker still publishes: c stays owed, for the next start
+    assert "comfyui" not in sidecar(publisher, "c")
+    assert getattr(ledger.get_upload("c"), "state", None) == "pending"
+    publishing.clear()  # c's worker failed: nothing newer came; the held note is written after all
+    uploads.pump()
+    assert sidecar(publisher, "c")["comfyui"] == {"upload": "sinkwatch/c.png", "prompt_id": None}
+    assert getattr(ledger.get_upload("c"), "state", None) == "done"

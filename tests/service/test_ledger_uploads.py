@@ -1,0 +1,105 @@
+"""The ledger's uploads table (service/ledger_uploads.py): generations, order, the pending overflow."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service.ledger import MIGRATIONS, SCHEMA_VERSION, Ledger
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[Ledger]:
+    (tmp_path / "state").mkdir()
+    with Ledger(tmp_path / "state" / "ledger.sqlite3") as opened:
+        yield opened
+
+
+@pytest.fixture
+def clocked(tmp_path: Path) -> Iterator[tuple[Ledger, list[float]]]:
+    """A ledger whose clock moves only when the test moves it."""
+    now = [100.0]
+    (tmp_path / "s").mkdir()
+    with Ledger(tmp_path / "s" / "l.sqlite3", clock=lambda: now[0]) as opened:
+        yield opened, now
+
+
+def test_a_version_1_ledger_is_migrated_and_keeps_its_sources(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    with sqlite3.connect(path) as raw:
+        for statement in MIGRATIONS[1]:
+            raw.execute(statement)
+        raw.execute(
+            "INSERT INTO sources (relpath, state, attempts, updated) VALUES (?, 'published', 1, 1.0)", (b"a.png",)
+        )
+        raw.execute("PRAGMA user_version = 1")
+    with Ledger(path) as ledger:
+        assert getattr(ledger.get("a.png"), "state", None) == "published"
+        assert ledger.uploads() == []
+        assert ledger.upload_pending("a", relpath="a.png", width=832, height=480) == 1
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+
+
+def test_upload_generations_settle_only_their_own_row(ledger: Ledger) -> None:
+    assert ledger.upload_pending("a", relpath="a.png", width=832, height=480) == 1
+    assert ledger.upload_pending("a", relpath="a.png", width=832, height=480) == 2
+    assert not ledger.upload_done("a", generation=1, reference="sinkwatch/a.png")
+    assert getattr(ledger.get_upload("a"), "state", None) == "pending"
+    assert ledger.upload_done("a", generation=2, reference="sinkwatch/a.png", prompt_id="p")
+    assert not ledger.upload_failed("a", generation=2, reason="x", message="settled already")
+    upload = ledger.get_upload("a")
+    assert upload is not None and (upload.state, upload.prompt_id, upload.reason) == ("done", "p", None)
+    assert ledger.upload_pending("a", relpath="a.png", width=480, height=832) == 3
+    upload = ledger.get_upload("a")
+    assert upload is not None and (upload.state, upload.prompt_id, upload.width) == ("pending", None, 480)
+
+
+def test_uploads_list_in_the_order_they_were_owed_and_count_by_state(tmp_path: Path) -> None:
+    now = [100.0]
+    (tmp_path / "s").mkdir()
+    with Ledger(tmp_path / "s" / "l.sqlite3", clock=lambda: now[0]) as ledger:
+        for name in ("c", "a", "b"):
+            ledger.upload_pending(name, relpath=f"{name}.png", width=16, height=16)
+            now[0] += 1
+        ledger.upload_failed("a", generation=1, reason="comfyui_upload", message="gone")
+        assert [u.name for u in ledger.uploads("pending")] == ["c", "b"]
+        assert [u.name for u in ledger.uploads()] == ["c", "a", "b"]
+        assert ledger.upload_counts() == {"pending": 2, "done": 0, "failed": 1}
+        with pytest.raises(ValueError, match="state"):
+            ledger.uploads("lost")
+
+
+def test_undecodable_source_names_round_trip_through_uploads(ledger: Ledger) -> None:
+    key = "sub/b\udcffad.png"
+    ledger.upload_pending("bad", relpath=key, width=16, height=16)
+    assert getattr(ledger.get_upload("bad"), "relpath", None) == key
+
+
+def test_a_name_republished_while_pending_keeps_its_place_in_line(clocked: tuple[Ledger, list[float]]) -> None:
+    ledger, now = clocked
+    for name in ("a", "b", "a", "c"):
+        ledger.upload_pending(name, relpath=f"{name}.png", width=16, height=16)
+        now[0] += 1
+    assert [(u.name, u.generation, u.queued) for u in ledger.uploads("pending")] == [
+        ("a", 2, 100.0),
+        ("b", 1, 101.0),
+        ("c", 1, 103.0),
+    ]
+    ledger.upload_done("a", generation=2, reference="sinkwatch/a.png")
+    ledger.upload_pending("a", relpath="a.png", width=16, height=16)  # owed again after it was sent: the back
+    assert [u.name for u in ledger.uploads("pending")] == ["b", "c", "a"]
+
+
+def test_pending_uploads_come_a_page_at_a_time_oldest_first(clocked: tuple[Ledger, list[float]]) -> None:
+    ledger, now = clocked
+    for name in ("e", "d", "c", "b", "a"):
+        ledger.upload_pending(name, relpath=f"{name}.png", width=16, height=16)
+        now[0] += 1
+    ledger.upload_failed("d", generation=1, reason="comfyui_upload", message="gone")
+    assert [u.name for u in ledger.pending_uploads(limit=2)] == ["e", "c"]
+    assert [u.name for u in ledger.pending_uploads(limit=10)] == ["e", "c", "b", "a"]
+    assert ledger.pending_upload_count() == 4

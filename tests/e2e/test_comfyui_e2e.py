@@ -297,6 +297,13 @@ def test_the_comfyui_gauges_show_it_down_with_uploads_pending_then_up_with_none(
 # -- runs that end: `sinkwatch process` and `run --once` ----------------------------------
 
 
+def end_run(command: str, watch: Path, sources: list[Path], flags: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
+    """`sinkwatch process SOURCES` or `sinkwatch run --once` on the watch folder, with `flags`."""
+    if command == "process":
+        return run_sinkwatch("process", *map(str, sources), *flags, cwd=watch.parent)
+    return run_sinkwatch("run", "--once", "--watch", str(watch), *flags, cwd=watch.parent)
+
+
 @pytest.mark.parametrize("command", ["process", "once"])
 def test_a_run_that_ends_sends_its_frames_to_comfyui_before_it_exits(
     command: str, folders: tuple[Path, Path], photos: dict[str, np.ndarray]
@@ -314,10 +321,7 @@ def test_a_run_that_ends_sends_its_frames_to_comfyui_before_it_exits(
             "--metrics-port",
             "0",
         )
-        if command == "process":
-            done = run_sinkwatch("process", *map(str, sources), *flags, cwd=watch.parent)
-        else:
-            done = run_sinkwatch("run", "--once", "--watch", str(watch), *flags, cwd=watch.parent)
+        done = end_run(command, watch, sources, flags)
         assert done.returncode == 0, done.stderr[-4000:]
         published = sorted(frames(queue))
         assert len(published) == 3
@@ -335,10 +339,7 @@ def test_a_run_that_ends_while_comfyui_is_down_says_what_is_owed_exits_1_and_the
     sources = [drop(watch, index, photos) for index in range(2)]
     port = free_port()
     flags = ("--queue", str(queue), "--comfyui-url", f"http://127.0.0.1:{port}", "--metrics-port", "0")
-    if command == "process":
-        done = run_sinkwatch("process", *map(str, sources), *flags, cwd=watch.parent)
-    else:
-        done = run_sinkwatch("run", "--once", "--watch", str(watch), *flags, cwd=watch.parent)
+    done = end_run(command, watch, sources, flags)
     assert done.returncode == 1, done.stderr[-4000:]
     assert "2 uploads to ComfyUI" in done.stderr and "still owed" in done.stderr
     published = sorted(frames(queue))

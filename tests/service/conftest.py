@@ -26,6 +26,22 @@ def comfy() -> Iterator[FakeComfyUI]:
     assert fake.errors == [], "the fake server hit an internal error"
 
 
+@pytest.fixture
+def watch(tmp_path: Path) -> Path:
+    """An empty watch folder."""
+    folder = tmp_path / "watch"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[Ledger]:
+    """An open ledger in a state folder of its own."""
+    (tmp_path / "state").mkdir()
+    with Ledger(tmp_path / "state" / "ledger.sqlite3") as opened:
+        yield opened
+
+
 class IdleEngine(Protocol):
     def __call__(
         self, *, resolve: Callable[[str], Path], queue_size: int = 8, wakeup: Callable[[], Future[None]] | None = None

@@ -17,13 +17,6 @@ CONTENT = b"the engine judges size and mtime, it never reads a file here"
 
 
 @pytest.fixture
-def watch(tmp_path: Path) -> Path:
-    folder = tmp_path / "watch"
-    folder.mkdir()
-    return folder
-
-
-@pytest.fixture
 def engine(watch: Path, idle_engine: IdleEngine) -> Engine:
     return idle_engine(resolve=lambda key: watch / key)
 

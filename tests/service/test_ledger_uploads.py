@@ -12,13 +12,6 @@ from service.ledger import MIGRATIONS, SCHEMA_VERSION, Ledger
 
 
 @pytest.fixture
-def ledger(tmp_path: Path) -> Iterator[Ledger]:
-    (tmp_path / "state").mkdir()
-    with Ledger(tmp_path / "state" / "ledger.sqlite3") as opened:
-        yield opened
-
-
-@pytest.fixture
 def clocked(tmp_path: Path) -> Iterator[tuple[Ledger, list[float]]]:
     """A ledger whose clock moves only when the test moves it."""
     now = [100.0]

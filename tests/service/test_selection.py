@@ -17,13 +17,6 @@ ImageFile = Callable[[str], Path]
 
 
 @pytest.fixture
-def watch(tmp_path: Path) -> Path:
-    folder = tmp_path / "watch"
-    folder.mkdir()
-    return folder
-
-
-@pytest.fixture
 def image(watch: Path) -> ImageFile:
     """Create a file at a path relative to the watch folder (selection never reads content)."""
 

@@ -56,13 +56,6 @@ def png_of(photo: str) -> bytes:
 
 
 @pytest.fixture
-def ledger(tmp_path: Path) -> Iterator[Ledger]:
-    (tmp_path / "state").mkdir()
-    with Ledger(tmp_path / "state" / "ledger.sqlite3") as opened:
-        yield opened
-
-
-@pytest.fixture
 def publisher(tmp_path: Path) -> Publisher:
     return Publisher(tmp_path / "queue")
 

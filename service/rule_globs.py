@@ -120,6 +120,32 @@ def _segment_regex(segment: str, glob: str) -> str:
     return _without_backtracking(items, skip=_NAME_CHARS, rest=_NAME_CHARS)
 
 
+def check_name_glob(glob: str) -> None:
+    """Refuse in an ``include``/``ignore`` glob what ``fnmatch`` would take silently.
+
+    Those globs keep ``fnmatch``'s grammar (``*`` spans folders there), which
+    reads braces literally and turns a reversed range into a class that
+    matches nothing, so ``[z-a]*.png`` or ``*.{png,jpg}`` would select no file
+    without a word. They are matched lower-cased, so ``[Z-a]`` is reversed too.
+    """
+    lowered = glob.lower()
+    i = 0
+    while i < len(lowered):
+        if lowered[i] in "{}":
+            raise ValueError(_brace_message(glob))
+        if lowered[i] != "[":
+            i += 1
+            continue
+        try:
+            _regex, i = _char_class(lowered, i, glob)
+        except _Unclosed:  # fnmatch reads an unclosed '[' literally, and so may the user
+            i += 1
+
+
+class _Unclosed(ValueError):
+    """A ``[`` without its ``]``."""
+
+
 def _brace_message(glob: str) -> str:
     """Why braces are refused, with the globs to write instead when one ``{a,b}`` says it plainly."""
     example = ["*.png", "*.jpg"]
@@ -147,7 +173,7 @@ def _char_class(segment: str, start: int, glob: str) -> tuple[str, int]:
     # The first member may be ']' itself: the class ends at the next ']' after it.
     end = segment.find("]", first + 1) if first < len(segment) else -1
     if end < 0:
-        raise ValueError(f"unclosed '[' in glob {glob!r}")
+        raise _Unclosed(f"unclosed '[' in glob {glob!r}")
     body = segment[first:end]
     members: list[str] = []
     j = 0

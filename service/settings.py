@@ -24,6 +24,7 @@ from pydantic_settings import (
 
 from service.comfyui import DEFAULT_SUBFOLDER, ComfyClient
 from service.errors import ConfigError
+from service.rule_globs import check_name_glob
 
 DEFAULT_METRICS_PORT = 18416
 DEFAULT_INCLUDE = ("*.png", "*.jpg", "*.jpeg", "*.webp", "*.bmp", "*.tif", "*.tiff")
@@ -111,6 +112,13 @@ class Settings(BaseSettings):
     comfyui_timeout: float = Field(
         10.0, gt=0, le=LONGEST_SECONDS, description="Seconds one request to ComfyUI may take, all of it."
     )
+
+    @field_validator("include", "ignore")
+    @classmethod
+    def _check_globs(cls, globs: tuple[str, ...]) -> tuple[str, ...]:
+        for glob in globs:
+            check_name_glob(glob)
+        return globs
 
     @field_validator("comfyui_url")
     @classmethod

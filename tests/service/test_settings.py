@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from service.errors import ConfigError
+from service.selection import Selection
 from service.settings import Settings, add_flags, load_settings, settings_from_args
 
 
@@ -237,3 +238,28 @@ def test_a_config_file_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not UTF-8") as caught:
         load_settings(config_file=path)
     assert caught.value.path == str(path)
+
+
+@pytest.mark.parametrize(
+    ("glob", "expected"),
+    [
+        ("[z-a]*.png", "reversed range 'z-a'"),
+        ("shot[9-0].png", "reversed range '9-0'"),
+        ("[Z-a]*.png", "reversed range 'z-a'"),  # matched lower-cased: 'z' > 'a'
+        ("*.{png,jpg}", r'"\*\.png", "\*\.jpg"'),
+    ],
+)
+def test_an_include_or_ignore_glob_that_would_silently_match_nothing_is_refused(
+    tmp_path: Path, glob: str, expected: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"setting 'include'.*{expected}"):
+        parse("--include", glob)
+    with pytest.raises(ConfigError, match=f"setting 'ignore'.*{expected}"):
+        load_settings(config_file=config(tmp_path, f"ignore = [{glob!r}]\n".replace("'", '"')))
+
+
+def test_include_and_ignore_keep_fnmatch_globs_that_mean_something(tmp_path: Path) -> None:
+    globs = ("[a-z]*.PNG", "[!]]x.png", "[]x", "a[b", "**/*.webp", "[{]x[}].png")
+    settings = parse(*[arg for glob in globs for arg in ("--include", glob)])
+    assert settings.include == globs
+    assert Selection(tmp_path, include=settings.include).relpath(tmp_path / "{x}.png") == "{x}.png"

@@ -153,7 +153,8 @@ def _inspect_webp(data: bytes, path: str | Path) -> Header:
     end = 8 + int.from_bytes(data[4:8], "little")
     if len(data) < end:
         raise IncompleteImage(f"WebP holds {len(data)} of its {end} bytes", path=path)
-    size, animated, orientation, pos = None, False, 1, 12
+    size, animated, pos = None, False, 12
+    exif = xmp = None
     while pos + 8 <= end:
         kind, length = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
         body = data[pos + 8 : pos + 8 + length]
@@ -168,10 +169,13 @@ def _inspect_webp(data: bytes, path: str | Path) -> Header:
             bits = int.from_bytes(body[1:5], "little")
             size = ((bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1)
         elif kind == b"EXIF":
-            orientation = exif_orientation(body)
+            exif = body
+        elif kind == b"XMP ":
+            xmp = body
         pos += 8 + length + (length & 1)
     if size is None:
         raise CorruptImage("WebP has no image chunk", path=path)
+    orientation = exif_orientation(exif, xmp)
     return Header("WEBP", size=size, cv2_flags=0 if animated else cv2.IMREAD_UNCHANGED, orientation=orientation)
 
 

@@ -125,3 +125,47 @@ def test_an_exif_chunk_wins_over_a_raw_profile_as_in_pillow() -> None:
 def test_a_raw_profile_that_holds_no_orientation_leaves_the_image_as_stored(value: str) -> None:
     result = decode(png_with_text("Raw profile type exif", value, "tEXt"))
     assert np.array_equal(result.rgb, photo()) and result.source_size == (photo().shape[1], photo().shape[0])
+
+
+def xmp_packet(orientation: int, *, element: bool = False) -> str:
+    """XMP as photo editors write it: tiff:Orientation as an attribute, or as an element."""
+    value = (
+        f"<tiff:Orientation>{orientation}</tiff:Orientation>"
+        if element
+        else f'<rdf:Description tiff:Orientation="{orientation}"/>'
+    )
+    return (
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#" '
+        f'xmlns:tiff="http://ns.adobe.com/tiff/1.0/">{value}</rdf:RDF></x:xmpmeta>'
+    )
+
+
+@pytest.mark.parametrize("element", [False, True], ids=["attribute", "element"])
+@pytest.mark.parametrize("container", ["PNG iTXt", "PNG tEXt", "WEBP"])
+@pytest.mark.parametrize("orientation", [2, 3, 6, 8])
+def test_xmp_orientation_is_applied_like_pillow_where_no_exif_says_otherwise(
+    container: str, orientation: int, element: bool
+) -> None:
+    packet = xmp_packet(orientation, element=element)
+    if container == "WEBP":
+        data = saved(Image.fromarray(photo()), "WEBP", xmp=packet.encode())
+    else:
+        data = png_with_text("XML:com.adobe.xmp", packet, container.split()[1])
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.getexif().get(0x0112) == orientation  # Pillow, hence ComfyUI, reads it
+    assert_upright(decode(data), exif_transposed(data))
+
+
+@pytest.mark.parametrize("exif", [exif_block(3), Image.Exif().tobytes()], ids=["with-orientation", "without"])
+@pytest.mark.parametrize("container", ["PNG", "WEBP"])
+def test_an_exif_orientation_wins_over_xmp_and_an_exif_block_without_one_does_not(container: str, exif: bytes) -> None:
+    packet = xmp_packet(6)
+    if container == "WEBP":
+        data = saved(Image.fromarray(photo()), "WEBP", xmp=packet.encode(), exif=exif)
+    else:
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("XML:com.adobe.xmp", packet)
+        data = saved(Image.fromarray(photo()), "PNG", pnginfo=info, exif=exif)
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.getexif().get(0x0112) == (3 if exif == exif_block(3) else 6)
+    assert_upright(decode(data), exif_transposed(data))

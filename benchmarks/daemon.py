@@ -128,14 +128,18 @@ def write_file(path: Path, data: bytes) -> float:
 def burst(
     root: Path,
     *,
+    name: str,
     workers: int,
     payloads: Sequence[tuple[str, bytes]],
     latency: Sequence[tuple[str, bytes]] = (),
     rate: float = 5.0,
     idle_seconds: float = 1.0,
 ) -> dict[str, Any]:
-    """Throughput of a burst; with `latency` files, then latency at `rate` images/s (same daemon)."""
-    with running(root, f"burst-{workers}w", workers=workers) as daemon:
+    """Throughput of a burst; with `latency` files, then latency at `rate` images/s (same daemon).
+
+    `name` names the daemon's folders under `root`: one per burst, so that no burst sees another's files.
+    """
+    with running(root, name, workers=workers) as daemon:
         # Spawned workers import numpy and OpenCV on their first image: not part of the burst.
         warm = payloads[: 2 * workers]
         for name, data in warm:

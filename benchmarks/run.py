@@ -32,6 +32,7 @@ class Config:
     peer_reps: int = 1
     codec_reps: int = 5
     burst: int = 100  # files per throughput burst
+    rounds: int = 3  # of bursts with 1 then 2 workers: one round swings with the neighbours' load
     latency: int = 75  # files at `rate` per second
     rate: float = 5.0
     backlog: int = 2000
@@ -47,6 +48,7 @@ QUICK = Config(
     peer_photos=("astronaut",),
     codec_reps=3,
     burst=12,
+    rounds=1,
     latency=10,
     backlog=80,
     backlog_from=20,
@@ -162,17 +164,20 @@ def _daemon(config: Config, root: Path, pngs: list[Source], progress: Callable[[
     payloads = [(f"{i:04d}-{s.path.name}", s.path.read_bytes()) for i, s in _cycle(pngs, config.burst)]
     square = [s for s in pngs if s.size == config.sizes[0]]
     paced = [(f"{i:04d}-{s.path.name}", s.path.read_bytes()) for i, s in _cycle(square, config.latency)]
-    out: dict[str, Any] = {"latency_source": square[0].group}
-    for workers in (1, 2):
-        progress(f"daemon: burst of {config.burst} with {workers} worker(s)")
-        out[f"burst_{workers}"] = daemon.burst(
-            root,
-            workers=workers,
-            payloads=payloads,
-            latency=paced if workers == 2 else (),
-            rate=config.rate,
-            idle_seconds=config.idle_seconds,
-        )
+    out: dict[str, Any] = {"latency_source": square[0].group, "bursts": []}
+    for round_ in range(1, config.rounds + 1):
+        for workers in (1, 2):
+            progress(f"daemon: burst of {config.burst} with {workers} worker(s), round {round_} of {config.rounds}")
+            result = daemon.burst(
+                root,
+                name=f"burst-{workers}w-r{round_}",
+                workers=workers,
+                payloads=payloads,
+                latency=paced if (workers, round_) == (2, 1) else (),
+                rate=config.rate,
+                idle_seconds=config.idle_seconds,
+            )
+            out["bursts"].append({"round": round_, **result})
     progress(f"daemon: backlog of {config.backlog}")
     out["backlog"] = daemon.backlog(
         root, sources=[s.path for s in pngs], count=config.backlog, start_at=config.backlog_from

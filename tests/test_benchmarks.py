@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import benchmarks.__main__ as cli
-from benchmarks import corpus, machine
+from benchmarks import corpus, machine, report
 from benchmarks.run import Config
 
 TINY = Config(
@@ -28,6 +28,7 @@ TINY = Config(
     peer_reps=1,
     codec_reps=1,
     burst=2,
+    rounds=2,
     latency=2,
     rate=10.0,
     backlog=6,
@@ -118,12 +119,18 @@ def test_codec_section_checks_the_alternatives_pixels(run_once: tuple[dict[str, 
 
 def test_daemon_section_measures_a_real_daemon(run_once: tuple[dict[str, Any], str]) -> None:
     daemon = run_once[0]["daemon"]
-    for workers in (1, 2):
-        burst = daemon[f"burst_{workers}"]
-        assert burst["workers"] == workers and burst["images"] == TINY.burst
+    assert [(b["round"], b["workers"]) for b in daemon["bursts"]] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    for burst in daemon["bursts"]:
+        assert burst["images"] == TINY.burst
         assert positive(burst["images_per_second"]) and positive(burst["cores_used"])
         assert positive(burst["images_per_cpu_second"]) and burst["machine_busy_cores"] >= burst["cores_used"] * 0.5
-    latency = daemon["burst_2"]["latency"]
+    assert [("latency" in b) for b in daemon["bursts"]] == [False, True, False, False], "once, in round 1"
+    ratios = report.burst_ratios(daemon["bursts"])
+    rate = {(b["round"], b["workers"]): b["images_per_second"] for b in daemon["bursts"]}
+    assert ratios == [round(rate[r, 2] / rate[r, 1], 2) for r in (1, 2)]
+    (target,) = [t for t in run_once[0]["targets"] if t["target"].startswith("throughput 2 workers")]
+    assert target["value"] == round(sum(ratios) / 2, 2) and "median of 2 rounds" in target["target"]
+    latency = daemon["bursts"][1]["latency"]
     assert latency["images"] == TINY.latency
     assert 0 < latency["p50_ms"] <= latency["p99_ms"] <= latency["max_ms"]
     assert positive(latency["daemon_mean_ms"]) and 0 < latency["worker_p50_ms"] < latency["max_ms"]
@@ -147,4 +154,5 @@ def test_the_table_names_the_machine_and_every_target(run_once: tuple[dict[str, 
     for heading in ("Single image", "Floor", "Peers", "Codec", "Daemon", "Latency", "Backlog", "Steps", "Targets"):
         assert heading in printed
     steps = results["step_seconds"]
-    assert len(steps) == 8 and all(lap["seconds"] >= 0 and lap["machine_busy_cores"] >= 0 for lap in steps.values())
+    assert len(steps) == 6 + 2 * TINY.rounds
+    assert all(lap["seconds"] >= 0 and lap["machine_busy_cores"] >= 0 for lap in steps.values())

@@ -16,18 +16,26 @@ from tests.e2e.conftest import DaemonProcess
 
 
 def metric(daemon: DaemonProcess, name: str, **labels: str) -> float:
-    """One sample of the daemon's /metrics (0.0 when the series does not exist)."""
+    """One sample of the daemon's /metrics; a series that does not exist fails the test.
+
+    Reading a missing series as 0 would let `metric(...) == 0` pass for a renamed metric or label. The
+    service creates every series these tests read (each known label value) before the first scrape.
+    """
     status, text = daemon.get("/metrics")
     assert status == 200, f"/metrics answered {status}"
     return metric_in(text, name, **labels)
 
 
 def metric_in(text: str, name: str, **labels: str) -> float:
+    same_name: list[dict[str, str]] = []
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+            if sample.name != name:
+                continue
+            if all(sample.labels.get(k) == v for k, v in labels.items()):
                 return float(sample.value)
-    return 0.0
+            same_name.append(sample.labels)
+    raise AssertionError(f"/metrics has no series {name} with labels {labels}; the series of {name}: {same_name}")
 
 
 def poll(predicate: Callable[[], object], *, timeout: float) -> bool:

@@ -58,6 +58,7 @@ def test_kill9_loop_leaves_one_complete_matching_output_per_source(
     kill_points: Counter[str] = Counter()
     visible_checks = 0
     orphans = 0
+    workers_seen = 0  # `orphans == 0` says something only if some kills had workers to orphan
     checked: dict[str, tuple[int, int, int]] = {}
     try:
         for iteration in range(KILLS):
@@ -77,6 +78,7 @@ def test_kill9_loop_leaves_one_complete_matching_output_per_source(
             assert daemon.proc is not None and daemon.proc.poll() is None, daemon.log.read_text()[-3000:]
             offspring = children(daemon.proc.pid)
             workers = [pid for pid in offspring if "spawn_main" in _cmdline(pid)]
+            workers_seen += len(workers)
             daemon.kill()
             kill_points[point] += 1
             # No worker may outlive its daemon and go on publishing (PR_SET_PDEATHSIG); survivors are
@@ -111,12 +113,14 @@ def test_kill9_loop_leaves_one_complete_matching_output_per_source(
         kill_points=dict(kill_points),
         sources=SOURCES,
         orphaned_workers=orphans,
+        workers_at_kills=workers_seen,
         visible_checks=visible_checks,
         publications=sum(publications.values()),
         republished=sum(n - 1 for n in publications.values() if n > 1),
         recovery_runs=recovered,
     )
     assert sum(kill_points.values()) >= 30
+    assert workers_seen > 0, "no kill found a worker process to orphan: the orphan check above says nothing"
     assert orphans == 0, f"{orphans} workers outlived their killed daemon"
 
     # Exactly one frame, heatmap and sidecar per source, nothing else visible, nothing left over.

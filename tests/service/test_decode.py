@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import io
@@ -12,7 +13,9 @@ import subprocess
 import sys
 import tracemalloc
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import cv2
 import numpy as np
@@ -27,6 +30,7 @@ from service.errors import CorruptImage, ImageTooLarge, IncompleteImage, InputEr
 from tests.conftest import PHOTO_NAMES, load_photo, photo_file
 
 BIG = 10**8
+T = TypeVar("T")
 INPUT_ERRORS = (IncompleteImage, CorruptImage, UnsupportedImage, ImageTooLarge)
 
 
@@ -598,14 +602,60 @@ def test_mutated_files_give_pixels_or_an_input_error(fmt: str, mutations: list[t
 # --- the file edge --------------------------------------------------------------------------------
 
 
+# inotify(7) event bits and the fixed part of an event (wd, mask, cookie, len; then `len` bytes of name).
+IN_ACCESS, IN_CLOSE_NOWRITE, IN_OPEN = 0x1, 0x10, 0x20
+INOTIFY_EVENT = struct.Struct("iIII")
+
+
+def file_events(path: Path, action: Callable[[], T]) -> tuple[T, dict[str, int]]:
+    """What `action` returns, and how often `path` was opened and read meanwhile: {"opens": n, "reads": n}.
+
+    inotify sees every open(2) and read(2) of the file, whoever makes it: open(), pathlib, os.open or C code.
+    Closes are watched as well only so that two opens in a row are two events (the kernel merges identical
+    consecutive unread events).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "inotify_init1")
+    try:
+        if libc.inotify_add_watch(fd, os.fsencode(path), IN_OPEN | IN_ACCESS | IN_CLOSE_NOWRITE) < 0:
+            raise OSError(ctypes.get_errno(), f"inotify_add_watch {path}")
+        result = action()
+        events = b""
+        while True:  # the events of a finished action are all queued already: read until none is left
+            try:
+                events += os.read(fd, 1 << 16)
+            except BlockingIOError:
+                break
+    finally:
+        os.close(fd)
+    counts = {"opens": 0, "reads": 0}
+    offset = 0
+    while offset < len(events):
+        _wd, mask, _cookie, name_length = INOTIFY_EVENT.unpack_from(events, offset)
+        offset += INOTIFY_EVENT.size + name_length
+        counts["opens"] += bool(mask & IN_OPEN)
+        counts["reads"] += bool(mask & IN_ACCESS)
+    return result, counts
+
+
 def test_decode_file_reads_once_and_hashes_the_decoded_bytes(tmp_path: Path) -> None:
     data, _ = comfyui_png()
     path = tmp_path / "ComfyUI_00001_.png"
     path.write_bytes(data)
-    result = decode_file(path, max_bytes=len(data), max_pixels=BIG)
+    result, seen = file_events(path, lambda: decode_file(path, max_bytes=len(data), max_pixels=BIG))
     assert result.sha256 == hashlib.sha256(data).hexdigest() and result.text["prompt"].startswith("{")
-    with pytest.raises(ImageTooLarge):
-        decode_file(path, max_bytes=len(data) - 1, max_pixels=BIG)
+    # A second read could see another file (a generator rewriting it): the hash would not be of these pixels.
+    assert seen["opens"] == 1, f"the source was opened {seen['opens']} times"
+    assert seen["reads"] >= 1, "inotify saw no read: the check below would say nothing"
+
+    def too_large() -> None:
+        with pytest.raises(ImageTooLarge):
+            decode_file(path, max_bytes=len(data) - 1, max_pixels=BIG)
+
+    _, seen = file_events(path, too_large)
+    assert seen["reads"] == 0, "a source over max_bytes was read before it was refused"
 
 
 def test_decode_file_unreadable_sources(tmp_path: Path) -> None:

@@ -27,6 +27,15 @@ SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COMFY_TEXT = {"prompt": '{"3": {"class_type": "KSampler", "inputs": {"seed": 7}}}', "workflow": '{"nodes": []}'}
 
 
+def fast_extra(module: str) -> ModuleType:
+    """A module of the `fast` extra. The test command installs it (`.[test,fast]`): missing, it is a failure
+    to fix, not a skip that would pass CI with half of these tests never run."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        pytest.fail(f"{module} is not importable ({exc}): install the `fast` extra: pip install -e '.[test,fast]'")
+
+
 @dataclass
 class Spy:
     """Stands in for pyspng: records each stream it is given, then decodes it with pyspng or fails."""
@@ -44,7 +53,7 @@ class Spy:
 @pytest.fixture
 def libspng(monkeypatch: pytest.MonkeyPatch) -> Spy:
     """pyspng in use, spied on."""
-    pyspng = pytest.importorskip("pyspng", reason="the `fast` extra is not installed")
+    pyspng = fast_extra("pyspng")
     spy = Spy(pyspng.load)
     monkeypatch.setattr(decode, "_spng", spy)
     monkeypatch.setattr(decode, "PNG_DECODER", "pyspng")

@@ -63,6 +63,8 @@ def test_a_wait_for_running_jobs_ends_when_an_event_arrives(engine: tuple[Engine
     running: Future[object] = Future()  # a job that never finishes
     work.in_flight[running] = (Candidate("a.png", tmp_path / "a.png", "event", 0.0), job)  # type: ignore[index]
     waiting = _collect_in_thread(work)
+    waiting.join(0.2)
+    assert waiting.is_alive(), "the wait for the running job ended with nothing to wake it"
     EnqueueHandler(events).dispatch(FileClosedEvent("/watch/b.png"))
     waiting.join(LONG_WAIT / 2)
     assert not waiting.is_alive(), "the event did not end the wait for the running job"

@@ -1,10 +1,12 @@
 """`sinkwatch process PATH...`: the daemon's pipeline, once, over files and folders.
 
 Same outputs, ledger and reject records as the daemon; a progress line on a
-terminal; exit code 1 when anything was rejected or left unfinished. A file
-the daemon would pick up from its watch folder gets the daemon's own ledger
-key (its path relative to that folder), so that `process` over the watch
-folder followed by `run` on the same state never makes a frame twice.
+terminal; exit code 1 when anything of its own was rejected or left unfinished.
+A file the daemon would pick up from its watch folder gets the daemon's own
+ledger key (its path relative to that folder), so that `process` over the watch
+folder followed by `run` on the same state never makes a frame twice. Only the
+files it was given are retried, waited for and counted: other rows of a shared
+ledger are the daemon's business.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from service.engine import Candidate, Engine, Limits
 from service.errors import ConfigError, RuleError
 from service.folders import prepare_queue
 from service.ledger import Ledger
-from service.lock import InstanceLock
+from service.lock import InstanceLock, QueueLock
 from service.logs import configure_logging
 from service.metrics import Metrics
 from service.pool import WorkerPool
@@ -45,13 +47,15 @@ def main(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     configure_logging(log_format=settings.log_format, level=settings.log_level)
     keys = _Keys(settings)
-    sources = [keys.candidate(path, label) for path, label in expand(args.paths, settings)]
+    found = (keys.candidate(path, label) for path, label in expand(args.paths, settings))
+    # One candidate per key: a file named twice, or also inside a named folder, is one file, counted once.
+    sources = list({candidate.key: candidate for candidate in found}.values())
     if not sources:
         raise ConfigError("no image files found in the given paths")
     rules = load_rules(settings.rules)
     forced = _choose_rule(args.rule, rules) if args.rule else None
     queue, state = prepare_queue(settings.queue_folder, settings.state_dir)
-    with InstanceLock(state), Ledger(state / "ledger.sqlite3") as ledger:
+    with InstanceLock(state), QueueLock(queue), Ledger(state / "ledger.sqlite3") as ledger:
         pool = WorkerPool(min(settings.workers, len(sources)))
         engine = Engine(
             queue=queue,
@@ -69,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
         uploads = uploads_for(settings, ledger=ledger, engine=engine, metrics=engine.metrics)
         owed = 0
         try:
-            _run(engine, sources, settings.max_attempts)
+            already = _run(engine, sources, settings.max_attempts)
             if uploads is not None:
                 owed = finish(uploads)
         finally:
@@ -81,7 +85,7 @@ def main(args: argparse.Namespace) -> int:
     counts = engine.counts
     sent = f", {owed} uploads owed to ComfyUI" if uploads is not None else ""
     print(
-        f"sinkwatch process: {counts['published']} published, {counts['skipped']} unchanged, "
+        f"sinkwatch process: {counts['published']} published, {counts['skipped'] + already} unchanged, "
         f"{counts['rejected']} rejected, {len(unfinished)} unfinished{sent} -> {queue}",
         file=sys.stderr,
     )
@@ -132,9 +136,13 @@ class _Keys:
         return Path(key) if os.path.isabs(key) else self.watch / key
 
 
-def _run(engine: Engine, sources: list[Candidate], max_attempts: int) -> None:
-    total = len(sources)
-    feed = iter(sources)
+def _run(engine: Engine, sources: list[Candidate], max_attempts: int) -> int:
+    """Process `sources` until none is left to do or to retry; returns how many the ledger had done already."""
+    ours = {candidate.key for candidate in sources}
+    # A source that waits for its retry is not done: it is offered, and its outcome counted, when the retry is due.
+    waiting = {entry.relpath for entry in engine.ledger.entries("retry")} & ours
+    done_before = engine.settled([(c.key, str(c.path)) for c in sources], source="batch") - waiting
+    feed = (candidate for candidate in sources if candidate.key not in done_before)
     exhausted = False
     show = sys.stderr.isatty()
     while True:
@@ -144,17 +152,19 @@ def _run(engine: Engine, sources: list[Candidate], max_attempts: int) -> None:
                 exhausted = True
                 break
             engine.offer(replace(item, seen_at=time.time()))
-        engine.requeue_due()
+        engine.requeue_due(ours)
         engine.pump(timeout=0.1)
         if show:
-            done = sum(engine.counts.values()) - engine.counts["retried"]
+            counts = {**engine.counts, "skipped": engine.counts["skipped"] + len(done_before)}
+            done = sum(counts.values()) - counts["retried"]
             print(
-                f"\r[{done}/{total}] " + ", ".join(f"{k} {v}" for k, v in engine.counts.items()),
+                f"\r[{done}/{len(sources)}] " + ", ".join(f"{k} {v}" for k, v in counts.items()),
                 end="",
                 file=sys.stderr,
             )
-        if exhausted and engine.idle() and not engine.retrying(max_attempts):
+        if exhausted and engine.idle() and not engine.retrying(max_attempts, ours):
             break
     if show:
         print(file=sys.stderr)
-    logger.debug("batch finished: {}", engine.counts)
+    logger.debug("batch finished: {} and {} done before", engine.counts, len(done_before))
+    return len(done_before)

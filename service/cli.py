@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
 ``main(args) -> int``; this module only wires them together and turns a
-configuration error into a clear message and exit code 2.
+configuration error into a clear message and exit code 2, and a condition that
+may pass (a full or read-only disk at start) into one and exit code 75.
 """
 
 from __future__ import annotations
@@ -13,7 +14,11 @@ import sys
 from collections.abc import Sequence
 
 from service import __version__
-from service.errors import ConfigError
+from service.errors import ConfigError, SinkwatchError
+
+# sysexits.h EX_TEMPFAIL: not the settings' fault, starting again later may work. The systemd unit's
+# Restart=on-failure restarts it, while exit 2 (RestartPreventExitStatus=2) stays down until fixed.
+EX_TEMPFAIL = 75
 
 # name -> (module, one-line help); modules are imported only when chosen.
 COMMANDS = {
@@ -48,5 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"sinkwatch: {exc}", file=sys.stderr)
         return 2
+    except SinkwatchError as exc:
+        if not exc.transient:
+            raise
+        print(f"sinkwatch: {exc} (this may pass: try again later)", file=sys.stderr)
+        return EX_TEMPFAIL
     except KeyboardInterrupt:
         return 130

@@ -11,9 +11,12 @@ import argparse
 import contextlib
 import math
 import signal
+import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
+from typing import Literal
 
 from loguru import logger
 from prometheus_client import CollectorRegistry, disable_created_metrics
@@ -22,11 +25,11 @@ from service import __version__, notify
 from service.comfyui_uploads import owed, settled, uploads_for
 from service.discovery import Discovery
 from service.engine import Engine, Limits
-from service.errors import ConfigError, SinkwatchError
+from service.errors import ConfigError, PublishError, SinkwatchError
 from service.folders import Folders, prepare_folders
 from service.http import serve
 from service.ledger import Ledger
-from service.lock import InstanceLock
+from service.lock import InstanceLock, QueueLock
 from service.logs import configure_logging
 from service.metrics import Metrics
 from service.pool import WorkerPool
@@ -41,11 +44,19 @@ from service.watcher import EventQueue, FolderWatcher
 LOOP_TICK = 0.05
 # A watcher that cannot be restarted (inotify limits) is tried again this often, not on every turn.
 WATCHER_RETRY = 5.0
+# sqlite's primary result codes for a disk that is full, read-only or failing: conditions that may pass.
+LEDGER_DISK_ERRORS = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--once", action="store_true", help="process the backlog, then exit (0: nothing rejected, 1: something was)"
+        "--once",
+        action="store_true",
+        help=(
+            "process the backlog, then exit: 0 when all of it is done; 1 when something was rejected "
+            "or left unfinished (retries, uploads owed to ComfyUI); 128+N when signal N (SIGTERM, SIGINT) "
+            "stopped it first"
+        ),
     )
     add_flags(parser)
 
@@ -79,16 +90,30 @@ class Daemon:
 
     def initialize(self, *, once: bool = False) -> None:
         s = self.settings
-        self.folders: Folders = prepare_folders(s.watch, s.queue_folder, s.state_dir)
+        # A named watch folder that is missing may be a mount not up yet at boot, or a typo: the daemon
+        # waits for it (logged, and /healthz says so), while a `--once` run has nothing to wait for.
+        missing: Literal["create", "wait", "refuse"] = "create" if not s.watch_given else "refuse" if once else "wait"
+        self.folders: Folders = prepare_folders(s.watch, s.queue_folder, s.state_dir, if_watch_missing=missing)
+        if not self.folders.watch.exists():
+            logger.warning("the watch folder {} does not exist; waiting for it (check --watch)", self.folders.watch)
+            self.watch_missing = True
         self.lock = InstanceLock(self.folders.state)
         self.lock.acquire()
         self.resources.callback(self.lock.release)
+        # A sinkwatch with its state elsewhere may publish into this queue: refuse before cleaning its temp files.
+        self.queue_lock = QueueLock(self.folders.queue)
+        self.queue_lock.acquire()
+        self.resources.callback(self.queue_lock.release)
         self.rules: RuleSet = self.reloader.load()
         self.metrics = Metrics(self.registry, rules=self.rules.names)
         record_rules(self.metrics, self.rules)
         self.metrics.workers.set(s.workers)
-        self.ledger = Ledger(self.folders.state / "ledger.sqlite3")
+        self.ledger = _open_ledger(self.folders.state / "ledger.sqlite3")
         self.resources.callback(self.ledger.close)
+        # `sinkwatch process` keys a file outside its own --watch folder by absolute path: those in ours become ours.
+        adopted = self.ledger.adopt(self.folders.watch)
+        if adopted:
+            logger.info("took over {} ledger entries `sinkwatch process` made in {}", adopted, self.folders.watch)
         self.selection = Selection(self.folders.watch, include=s.include, ignore=s.ignore, recursive=s.recursive)
         self.pool = WorkerPool(s.workers)
         self.resources.callback(self.pool.close)
@@ -128,9 +153,10 @@ class Daemon:
                     s.metrics_host, s.metrics_port, registry=self.registry, health=self.health, ready=self.serving
                 )
                 self.resources.callback(self.server.close)
-            self.watcher.start()
             self.resources.callback(self.watcher.stop)
-            self.metrics.watcher_up.set(1)
+            if not self.watch_missing:
+                self.watcher.start()
+                self.metrics.watcher_up.set(1)
         recovered = self.engine.recover()
         if recovered:
             logger.info("recovered {} images published just before an interrupted run ended", recovered)
@@ -222,6 +248,9 @@ class Daemon:
         if now < self.next_state_check:
             return
         self.next_state_check = now + 1.0
+        if self.queue_lock.lost():
+            logger.error("the queue's lock file {} was deleted; taking it again", self.queue_lock.path)
+            self.queue_lock.reacquire()  # ConfigError if another sinkwatch took the queue meanwhile: stop
         if not (self.lock.lost() or self.ledger.moved()):
             return
         logger.error("the state folder {} was deleted; writing the lock and the ledger back", self.folders.state)
@@ -231,9 +260,9 @@ class Daemon:
 
     def _check_watcher(self) -> None:
         if self.watcher.alive():
-            if self.watch_missing:
-                logger.info("the watch folder {} is back; watching again", self.folders.watch)
-                self.watch_missing = False
+            if self.watch_missing:  # renamed away and back: the same folder, watched all along
+                self._watch_folder_back()
+                self.metrics.watcher_up.set(1)
             return
         self.metrics.watcher_up.set(0)
         if not self.folders.watch.is_dir():
@@ -241,6 +270,9 @@ class Daemon:
                 logger.error("the watch folder {} disappeared; waiting for it to come back", self.folders.watch)
                 self.watch_missing = True
             return
+        if self.watch_missing:
+            # Said here, not once the watcher runs: /healthz must not blame a folder that is there.
+            self._watch_folder_back()
         now = self.clock()
         if now < self.next_watcher_restart:
             return
@@ -258,21 +290,32 @@ class Daemon:
         logger.warning("the folder watcher had stopped; restarted it and rescanning")
         self.discovery.start_scan("scan")
 
+    def _watch_folder_back(self) -> None:
+        logger.info("the watch folder {} is back; watching again", self.folders.watch)
+        self.watch_missing = False
+
     # -- health ---------------------------------------------------------------
 
     def health(self) -> tuple[bool, dict[str, object]]:
+        """The checks (True: fine) and what explains them; the reason names only checks that failed."""
         scan_age = self.clock() - self.discovery.last_scan_done
         checks = {
             "watcher": self.watcher.alive(),
             "workers": self.pool.alive(),
             "scan_recent": self.discovery.scanning or scan_age < 3 * self.settings.rescan_interval,
         }
+        failed = [name for name, ok in checks.items() if not ok]
+        if self.watch_missing:
+            failed.insert(0, "watch_folder_missing")  # why the watcher is down, so it comes first
         details: dict[str, object] = {
             **checks,
+            "watch_folder_missing": self.watch_missing,
             "last_scan_age_seconds": round(scan_age, 1),
             "watch_limit_reached": self.watch_limit.reached,
         }
-        return all(checks.values()), details
+        if failed:
+            details["reason"] = "failed: " + ", ".join(failed)
+        return not failed, details
 
     def serving(self) -> bool:
         """/readyz: taking new images (the startup scan is queued, no stop has begun)."""
@@ -313,3 +356,21 @@ class Daemon:
         if once and (self.engine.counts["rejected"] or unfinished):
             return 1
         return 0
+
+
+def _open_ledger(path: Path) -> Ledger:
+    """The ledger, or a transient error when its disk is full or read-only (exit 75, not 2).
+
+    The ledger calls any failure to open it a configuration error, but once running it waits out a
+    disk that is full or read-only: at start that is just as passing. A damaged or too new ledger,
+    or a path that cannot be a database, stays a configuration error.
+    """
+    try:
+        return Ledger(path)
+    except ConfigError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, PublishError):  # the ledger's own wrapping of an sqlite error
+            cause = cause.__cause__
+        if isinstance(cause, sqlite3.Error) and cause.sqlite_errorcode & 0xFF in LEDGER_DISK_ERRORS:
+            raise PublishError(exc.message, path=path, stage="ledger") from exc
+        raise

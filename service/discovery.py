@@ -70,9 +70,10 @@ class Discovery:
                     self.events.overflowed = True
             else:
                 self.tracker.observe(path)
-        for path in self.tracker.ready():
+        for path, held in self.tracker.ready():
             key = self.selection.relpath(path)
-            if key is not None and not self.engine.offer(Candidate(key, path, "event", wall)):
+            # The latency runs from the file's last change, so that it takes in the settle delay.
+            if key is not None and not self.engine.offer(Candidate(key, path, "event", wall - held)):
                 self.events.overflowed = True
 
     def start_scan(self, source: str) -> None:

@@ -10,9 +10,10 @@ driven from a single thread by `pump()`.
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -148,13 +149,18 @@ class Engine:
     def _already_done(self, candidate: Candidate) -> bool:
         return bool(unchanged.done(self.ledger, [(candidate.key, candidate.path)], source=candidate.source))
 
-    def requeue_due(self) -> None:
+    def requeue_due(self, keys: Collection[str] | None = None) -> None:
+        """Offer the sources whose retry is due; only those among `keys` when given (a batch's own files)."""
         for entry in self.ledger.due(self.clock()):
+            if keys is not None and entry.relpath not in keys:
+                continue
             if not self.has_room():
                 return
             path = self.resolve(entry.relpath)
-            if not os.path.lexists(path):
-                self.ledger.forget(entry.relpath)  # deleted while it waited: nothing is left to retry
+            if not _regular(path):
+                # Deleted or replaced by a folder (or the like) while it waited: nothing is left to retry. `offer`
+                # would call it done without settling the row, and `retrying` would then never turn False.
+                self.ledger.forget(entry.relpath)
                 continue
             self.offer(Candidate(entry.relpath, path, "retry", self.clock()))
 
@@ -208,9 +214,12 @@ class Engine:
     def idle(self) -> bool:
         return not self.pending and not self.in_flight
 
-    def retrying(self, max_attempts: int) -> bool:
-        """Whether any source still waits for a retry that may yet succeed."""
-        return any(entry.attempts < max_attempts for entry in self.ledger.entries("retry"))
+    def retrying(self, max_attempts: int, keys: Collection[str] | None = None) -> bool:
+        """Whether any source (among `keys`, when given) still waits for a retry that may yet succeed."""
+        return any(
+            entry.attempts < max_attempts and (keys is None or entry.relpath in keys)
+            for entry in self.ledger.entries("retry")
+        )
 
     def _dispatch(self, candidate: Candidate) -> None:
         try:
@@ -233,6 +242,8 @@ class Engine:
             candidate.key,
             size=st.st_size,
             mtime_ns=st.st_mtime_ns,
+            ino=st.st_ino,
+            ctime_ns=st.st_ctime_ns,
             sha256=known,
             rule=made_by[0],
             fingerprint=made_by[1],
@@ -303,3 +314,10 @@ class Engine:
             self.pending[job.key] = candidate
         else:
             self.suspects.discard(job.key)
+
+
+def _regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False  # gone, or unreadable: `service.unchanged` counts either as done

@@ -1,15 +1,26 @@
-"""Start-up checks of the three folders, so a bad layout fails fast with a clear message."""
+"""Start-up checks of the three folders, so a bad layout fails fast with a clear message.
+
+A layout that can never work is a :class:`ConfigError`; a queue or state folder that cannot be
+written *yet* (disk full, read-only or not mounted at boot, permissions being fixed) is a
+transient :class:`PublishError`, which the command line turns into exit 75 so that a supervisor
+starts sinkwatch again.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from loguru import logger
 
-from service.errors import ConfigError
+from service.errors import ConfigError, PublishError
+
+# Conditions of the disk, not of the settings: they may pass while the settings stay as they are.
+PASSING_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES})
 
 
 @dataclass(frozen=True)
@@ -19,8 +30,16 @@ class Folders:
     state: Path
 
 
-def prepare_folders(watch: Path, queue: Path, state: Path | None) -> Folders:
-    """Resolve, create what may be created, and refuse layouts that would lose or eat images."""
+def prepare_folders(
+    watch: Path, queue: Path, state: Path | None, *, if_watch_missing: Literal["create", "wait", "refuse"]
+) -> Folders:
+    """Resolve, create what may be created, and refuse layouts that would lose or eat images.
+
+    A missing watch folder is created only for the embedded default (so that a start with no
+    configuration works): creating one that was named would hide a typo behind a daemon watching an
+    empty folder forever. "wait" leaves it missing for the caller; "refuse" stops before any folder
+    is made.
+    """
     watch = watch.expanduser().resolve()
     queue = queue.expanduser().resolve()
     if queue == watch or queue.is_relative_to(watch):
@@ -33,12 +52,16 @@ def prepare_folders(watch: Path, queue: Path, state: Path | None) -> Folders:
         # The source folder is never written to, and the ledger would watch itself.
         raise ConfigError(f"the state folder {state} is the watch folder or inside it: keep them apart")
     if not watch.exists():
-        _make(watch, "watch")
-        logger.info("created the watch folder {}", watch)
-    if not watch.is_dir():
-        raise ConfigError("the watch folder is not a folder", path=watch)
-    if not os.access(watch, os.R_OK | os.X_OK):
-        raise ConfigError("the watch folder cannot be read (permissions)", path=watch)
+        if if_watch_missing == "refuse":
+            raise ConfigError("the watch folder does not exist (check --watch)", path=watch)
+        if if_watch_missing == "create":
+            _make(watch, "watch")
+            logger.info("created the watch folder {}", watch)
+    if watch.exists():
+        if not watch.is_dir():
+            raise ConfigError("the watch folder is not a folder", path=watch)
+        if not os.access(watch, os.R_OK | os.X_OK):
+            raise ConfigError("the watch folder cannot be read (permissions)", path=watch)
     queue, state = prepare_queue(queue, state)
     return Folders(watch=watch, queue=queue, state=state)
 
@@ -57,7 +80,7 @@ def _make(folder: Path, role: str) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"cannot create the {role} folder: {exc.strerror}", path=folder) from exc
+        raise _folder_error(f"cannot create the {role} folder", folder, exc) from exc
 
 
 def _probe_writable(folder: Path, role: str) -> None:
@@ -66,4 +89,11 @@ def _probe_writable(folder: Path, role: str) -> None:
         with tempfile.TemporaryFile(dir=folder, prefix=".sinkwatch-probe-"):
             pass
     except OSError as exc:
-        raise ConfigError(f"the {role} folder is not writable: {exc.strerror}", path=folder) from exc
+        raise _folder_error(f"the {role} folder is not writable", folder, exc) from exc
+
+
+def _folder_error(what: str, folder: Path, exc: OSError) -> ConfigError | PublishError:
+    message = f"{what}: {exc.strerror}"
+    if exc.errno in PASSING_ERRNOS:
+        return PublishError(message, path=folder, stage="start")
+    return ConfigError(message, path=folder)

@@ -139,13 +139,6 @@ class Ledger(UploadLedger, StampLedger):
             row = db.execute(_SELECT_ENTRY + " WHERE s.relpath = ?", (db_key(relpath),)).fetchone()
         return _entry(row) if row else None
 
-    def seen(self, relpath: str, *, size: int, mtime_ns: int) -> Entry | None:
-        """The entry if this exact file (size and mtime) was already published or rejected."""
-        entry = self.get(relpath)
-        if entry and entry.state in FINAL_STATES and (entry.size, entry.mtime_ns) == (size, mtime_ns):
-            return entry
-        return None
-
     def due(self, now: float) -> list[Entry]:
         """Entries waiting to be retried whose time has come, the longest-waiting first."""
         query = _SELECT_ENTRY + " WHERE s.state = 'retry' AND s.next_attempt <= ? ORDER BY s.next_attempt, s.relpath"
@@ -189,34 +182,85 @@ class Ledger(UploadLedger, StampLedger):
 
     # -- state changes --------------------------------------------------------
 
-    def start(self, relpath: str, *, size: int, mtime_ns: int, sha256: str | None, rule: str, fingerprint: str) -> None:
-        """Processing begins: one more attempt, counted afresh for content that had reached a final state."""
+    # The file stamp is size, mtime_ns, ino and ctime_ns of one stat of the source (see `service.unchanged`);
+    # ino and ctime_ns not given are recorded as unknown: the next look at the file checks its content.
+
+    def start(
+        self,
+        relpath: str,
+        *,
+        size: int,
+        mtime_ns: int,
+        sha256: str | None,
+        rule: str,
+        fingerprint: str,
+        ino: int | None = None,
+        ctime_ns: int | None = None,
+    ) -> None:
+        """Processing begins: one more attempt, counted afresh for a new file or for content that had reached a
+        final state."""
         self._write(
-            """INSERT INTO sources (relpath, state, size, mtime_ns, sha256, rule, fingerprint, attempts, updated)
-               VALUES (?, 'processing', ?, ?, ?, ?, ?, 1, ?)
+            """INSERT INTO sources (relpath, state, size, mtime_ns, ino, ctime_ns, sha256, rule, fingerprint,
+                                    attempts, updated)
+               VALUES (?, 'processing', ?, ?, ?, ?, ?, ?, ?, 1, ?)
                ON CONFLICT (relpath) DO UPDATE SET
                    attempts = CASE
                        WHEN state IN ('published', 'rejected') THEN 1
-                       WHEN size IS NOT excluded.size OR mtime_ns IS NOT excluded.mtime_ns THEN 1
+                       WHEN size IS NOT excluded.size OR mtime_ns IS NOT excluded.mtime_ns
+                            OR ino IS NOT excluded.ino OR ctime_ns IS NOT excluded.ctime_ns THEN 1
                        ELSE attempts + 1
                    END,
                    reason = CASE WHEN state IN ('published', 'rejected') THEN NULL ELSE reason END,
                    message = CASE WHEN state IN ('published', 'rejected') THEN NULL ELSE message END,
                    state = 'processing', size = excluded.size, mtime_ns = excluded.mtime_ns,
+                   ino = excluded.ino, ctime_ns = excluded.ctime_ns,
                    sha256 = excluded.sha256, rule = excluded.rule, fingerprint = excluded.fingerprint,
                    next_attempt = NULL, updated = excluded.updated""",
-            (db_key(relpath), size, mtime_ns, db_text(sha256), db_text(rule), db_text(fingerprint), self.clock()),
+            (
+                db_key(relpath),
+                size,
+                mtime_ns,
+                ino,
+                ctime_ns,
+                db_text(sha256),
+                db_text(rule),
+                db_text(fingerprint),
+                self.clock(),
+            ),
         )
 
-    def published(self, relpath: str, *, size: int, mtime_ns: int, sha256: str, rule: str, fingerprint: str) -> None:
+    def published(
+        self,
+        relpath: str,
+        *,
+        size: int,
+        mtime_ns: int,
+        sha256: str,
+        rule: str,
+        fingerprint: str,
+        ino: int | None = None,
+        ctime_ns: int | None = None,
+    ) -> None:
         self._write(
-            """INSERT INTO sources (relpath, state, size, mtime_ns, sha256, rule, fingerprint, attempts, updated)
-               VALUES (?, 'published', ?, ?, ?, ?, ?, 1, ?)
+            """INSERT INTO sources (relpath, state, size, mtime_ns, ino, ctime_ns, sha256, rule, fingerprint,
+                                    attempts, updated)
+               VALUES (?, 'published', ?, ?, ?, ?, ?, ?, ?, 1, ?)
                ON CONFLICT (relpath) DO UPDATE SET
                    state = 'published', size = excluded.size, mtime_ns = excluded.mtime_ns,
+                   ino = excluded.ino, ctime_ns = excluded.ctime_ns,
                    sha256 = excluded.sha256, rule = excluded.rule, fingerprint = excluded.fingerprint,
                    next_attempt = NULL, reason = NULL, message = NULL, updated = excluded.updated""",
-            (db_key(relpath), size, mtime_ns, db_text(sha256), db_text(rule), db_text(fingerprint), self.clock()),
+            (
+                db_key(relpath),
+                size,
+                mtime_ns,
+                ino,
+                ctime_ns,
+                db_text(sha256),
+                db_text(rule),
+                db_text(fingerprint),
+                self.clock(),
+            ),
         )
 
     def rejected(
@@ -228,17 +272,31 @@ class Ledger(UploadLedger, StampLedger):
         size: int | None = None,
         mtime_ns: int | None = None,
         sha256: str | None = None,
+        ino: int | None = None,
+        ctime_ns: int | None = None,
     ) -> None:
-        """A final failure; size, mtime and hash not given keep what `start` recorded."""
+        """A final failure; stamp fields and hash not given keep what `start` recorded."""
         self._write(
-            """INSERT INTO sources (relpath, state, size, mtime_ns, sha256, reason, message, attempts, updated)
-               VALUES (?, 'rejected', ?, ?, ?, ?, ?, 1, ?)
+            """INSERT INTO sources (relpath, state, size, mtime_ns, ino, ctime_ns, sha256, reason, message,
+                                    attempts, updated)
+               VALUES (?, 'rejected', ?, ?, ?, ?, ?, ?, ?, 1, ?)
                ON CONFLICT (relpath) DO UPDATE SET
                    state = 'rejected', size = COALESCE(excluded.size, size),
-                   mtime_ns = COALESCE(excluded.mtime_ns, mtime_ns), sha256 = COALESCE(excluded.sha256, sha256),
+                   mtime_ns = COALESCE(excluded.mtime_ns, mtime_ns), ino = COALESCE(excluded.ino, ino),
+                   ctime_ns = COALESCE(excluded.ctime_ns, ctime_ns), sha256 = COALESCE(excluded.sha256, sha256),
                    reason = excluded.reason, message = excluded.message, next_attempt = NULL,
                    updated = excluded.updated""",
-            (db_key(relpath), size, mtime_ns, db_text(sha256), db_text(reason), db_text(message), self.clock()),
+            (
+                db_key(relpath),
+                size,
+                mtime_ns,
+                ino,
+                ctime_ns,
+                db_text(sha256),
+                db_text(reason),
+                db_text(message),
+                self.clock(),
+            ),
         )
 
     def retry(self, relpath: str, *, reason: str, message: str, next_attempt: float) -> None:
@@ -255,6 +313,31 @@ class Ledger(UploadLedger, StampLedger):
     def forget(self, relpath: str) -> None:
         """Drop the source's entry (it vanished); its output name stays reserved for it."""
         self._write("DELETE FROM sources WHERE relpath = ?", (db_key(relpath),))
+
+    def adopt(self, root: Path) -> int:
+        """Give the rows keyed by an absolute path inside `root` the key a daemon watching `root` uses
+        (the path relative to it); returns how many keys were adopted.
+
+        `sinkwatch process` keys a file outside its own watch folder by its absolute path: a daemon
+        watching that file's folder would take it for a new file and publish it again under a second
+        name. Where the daemon's key has a row already, that row wins. An output name goes with the row
+        whose outputs carry it; a name dropped here stays protected by its frame's sidecar.
+        """
+        prefix = os.path.join(os.path.realpath(root), "")
+        low = db_key(prefix)
+        high = low + b"\xff"  # 0xFF is in no UTF-8 text: it bounds every key that starts with `low`
+        with self._transaction() as db:
+            inside = "relpath >= ? AND relpath < ?"
+            found = db.execute(
+                f"SELECT relpath FROM sources WHERE {inside} UNION SELECT relpath FROM names WHERE {inside}",
+                (low, high, low, high),
+            ).fetchall()
+            keys = {bytes(key): db_key(Path(db_relpath(key)).relative_to(prefix).as_posix()) for (key,) in found}
+            for key, relative in keys.items():
+                _adopt(db, key, relative)
+            for name, key in db.execute(f"SELECT name, relpath FROM uploads WHERE {inside}", (low, high)).fetchall():
+                db.execute("UPDATE uploads SET relpath = ? WHERE name = ?", (keys.get(bytes(key), key), name))
+        return len(keys)
 
     # -- plumbing -------------------------------------------------------------
 
@@ -301,6 +384,23 @@ def _identity(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+def _adopt(db: sqlite3.Connection, key: bytes, relative: bytes) -> None:
+    """Move the ``sources`` and ``names`` rows of `key` to `relative` (see `Ledger.adopt`)."""
+
+    def has(table: str, which: bytes) -> bool:
+        return db.execute(f"SELECT 1 FROM {table} WHERE relpath = ?", (which,)).fetchone() is not None
+
+    row, row_there = has("sources", key), has("sources", relative)
+    name, name_there = has("names", key), has("names", relative)
+    if row and not row_there:
+        db.execute("UPDATE sources SET relpath = ? WHERE relpath = ?", (relative, key))
+    db.execute("DELETE FROM sources WHERE relpath = ?", (key,))
+    if name and (not name_there or (row and not row_there)):
+        db.execute("DELETE FROM names WHERE relpath = ?", (relative,))
+        db.execute("UPDATE names SET relpath = ? WHERE relpath = ?", (relative, key))
+    db.execute("DELETE FROM names WHERE relpath = ?", (key,))
 
 
 def _fold(name: str) -> str:

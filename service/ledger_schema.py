@@ -15,7 +15,7 @@ from pathlib import Path
 
 from service.errors import ConfigError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Statements that bring a ledger from version N-1 to N; a new version appends an entry.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
@@ -56,6 +56,12 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             updated REAL NOT NULL
         )""",
         "CREATE INDEX uploads_by_state ON uploads (state, queued)",
+    ),
+    # Size and mtime alone miss new content copied in with its mtime kept (rsync -t, cp -p). Rows from
+    # before have NULL here, which the scans read as "unknown": the content is hashed once and compared.
+    3: (
+        "ALTER TABLE sources ADD COLUMN ino INTEGER",
+        "ALTER TABLE sources ADD COLUMN ctime_ns INTEGER",
     ),
 }
 

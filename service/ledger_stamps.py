@@ -1,4 +1,4 @@
-"""The ledger's bulk lookup for scans: state, size and mtime of many sources at once.
+"""The ledger's bulk lookup for scans: state and file stamp of many sources at once.
 
 At every reconciliation scan most of the watch folder is processed and
 unchanged. Asking for a chunk of files in one query costs a fraction of one
@@ -11,8 +11,9 @@ connection and supplies the transaction helper.
 
 from __future__ import annotations
 
+import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import NamedTuple
 
@@ -23,11 +24,26 @@ KEYS_PER_QUERY = 500
 
 
 class Stamp(NamedTuple):
-    """What deciding whether a source is done reads from its ``sources`` row."""
+    """What deciding whether a source is done reads from its ``sources`` row.
+
+    None is unknown: not recorded yet, or by a sinkwatch from before the column.
+    """
 
     state: str
     size: int | None
     mtime_ns: int | None
+    ino: int | None
+    ctime_ns: int | None
+
+    @property
+    def file(self) -> tuple[int | None, int | None, int | None, int | None]:
+        """The recorded counterpart of `file_stamp`."""
+        return self.size, self.mtime_ns, self.ino, self.ctime_ns
+
+
+def file_stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What the ledger records of a source to know it again unchanged (see `service.unchanged`)."""
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
 
 
 class StampLedger:
@@ -43,7 +59,13 @@ class StampLedger:
             for start in range(0, len(keys), KEYS_PER_QUERY):
                 chunk = keys[start : start + KEYS_PER_QUERY]
                 marks = ", ".join("?" * len(chunk))
-                query = f"SELECT relpath, state, size, mtime_ns FROM sources WHERE relpath IN ({marks})"
-                for key, state, size, mtime_ns in db.execute(query, chunk):
-                    found[wanted[bytes(key)]] = Stamp(state, size, mtime_ns)
+                query = f"SELECT relpath, state, size, mtime_ns, ino, ctime_ns FROM sources WHERE relpath IN ({marks})"
+                for key, *stamp in db.execute(query, chunk):
+                    found[wanted[bytes(key)]] = Stamp(*stamp)
         return found
+
+    def pin_stamps(self, stamps: Mapping[str, tuple[int, int]]) -> None:
+        """Record (inode, ctime_ns) in the rows of `stamps` that have none yet, in one transaction."""
+        rows = [(ino, ctime_ns, db_key(relpath)) for relpath, (ino, ctime_ns) in stamps.items()]
+        with self._transaction() as db:
+            db.executemany("UPDATE sources SET ino = ?, ctime_ns = ? WHERE relpath = ? AND ino IS NULL", rows)

@@ -1,8 +1,13 @@
-"""One sinkwatch per state folder: a second daemon refuses instead of processing files twice.
+"""One sinkwatch per state folder and per queue folder: a second one refuses instead of
+processing files twice.
 
-An exclusive `flock` on ``STATE_DIR/sinkwatch.lock``. The kernel drops it when
-the holder exits, however it exits (even ``kill -9``), so a stale lock file
-never blocks a restart. The holder's pid in the file is only for the message.
+An exclusive `flock` on ``STATE_DIR/sinkwatch.lock`` and another on
+``QUEUE/.sinkwatch/queue.lock``. The state lock alone is not enough: a daemon
+with its state in /var/lib and a shell `process` with the default state keep
+two ledgers, publish into one queue, and a start-up's temp clean-up deletes the
+other writer's files mid-publish. The kernel drops a lock when its holder
+exits, however it exits (even ``kill -9``), so a stale lock file never blocks a
+restart. The holder's pid in the file is only for the message.
 """
 
 from __future__ import annotations
@@ -17,12 +22,17 @@ from types import TracebackType
 from service.errors import ConfigError
 
 LOCK_NAME = "sinkwatch.lock"
+QUEUE_LOCK = Path(".sinkwatch") / "queue.lock"
 
 
 class InstanceLock:
-    def __init__(self, state_dir: Path) -> None:
-        self.state_dir = state_dir
-        self.path = state_dir / LOCK_NAME
+    """An exclusive lock on `folder`/`name` (by default the state folder's); `guards` is what a refused
+    second process is told is in use."""
+
+    def __init__(self, folder: Path, *, name: str = LOCK_NAME, guards: str | None = None) -> None:
+        self.folder = folder
+        self.path = folder / name
+        self.guards = guards or str(folder)
         self._fd: int | None = None
 
     @property
@@ -34,8 +44,9 @@ class InstanceLock:
         if self._fd is not None:
             return
         try:
-            # Never truncate on open: the file names the holder until we hold the lock ourselves.
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # Held read-only: flock needs no write access, and a descriptor open for writing would keep its
+            # file system from being remounted read-only. Never truncated on open: the file names the holder.
+            fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise ConfigError(f"cannot open the lock file: {exc.strerror}", path=self.path) from exc
         try:
@@ -46,12 +57,10 @@ class InstanceLock:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise ConfigError(f"cannot lock {self.path}: {exc.strerror}", path=self.path) from exc
             who = f"pid {holder}" if holder else "pid unknown"
-            raise ConfigError(f"another sinkwatch ({who}) already uses {self.state_dir}") from exc
+            raise ConfigError(f"another sinkwatch ({who}) already uses {self.guards}") from exc
         # The pid only improves the other daemon's message; the lock itself is what counts.
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+        self._note(f"{os.getpid()}\n")
 
     def lost(self) -> bool:
         """Whether the lock file we hold was deleted or replaced (its folder removed): it guards nothing now."""
@@ -68,18 +77,27 @@ class InstanceLock:
         """Take the lock again on a new lock file at the same path; ConfigError when another process has it."""
         self.release()
         try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ConfigError(f"cannot create the state folder again: {exc.strerror}", path=self.state_dir) from exc
+            raise ConfigError(f"cannot create the lock's folder again: {exc.strerror}", path=self.folder) from exc
         self.acquire()
 
     def release(self) -> None:
         if self._fd is None:
             return
+        if not self.lost():  # a replaced file names another holder now
+            self._note("")
         fd, self._fd = self._fd, None
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
         os.close(fd)  # closing the last descriptor drops the flock
+
+    def _note(self, text: str) -> None:
+        """Write `text` into the lock file through a descriptor of its own, closed at once."""
+        with contextlib.suppress(OSError):
+            fd = os.open(self.path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
 
     def __enter__(self) -> InstanceLock:
         self.acquire()
@@ -89,6 +107,21 @@ class InstanceLock:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.release()
+
+
+class QueueLock(InstanceLock):
+    """The queue folder's lock, held beside the state lock wherever the state folder is."""
+
+    def __init__(self, queue: Path) -> None:
+        super().__init__(queue / QUEUE_LOCK.parent, name=QUEUE_LOCK.name, guards=f"the queue folder {queue}")
+
+    def acquire(self) -> None:
+        # QUEUE/.sinkwatch exists already only when the state folder is in its default place inside it.
+        try:
+            self.folder.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the queue's lock folder: {exc.strerror}", path=self.folder) from exc
+        super().acquire()
 
 
 def _read_pid(fd: int) -> int | None:

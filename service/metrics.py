@@ -49,7 +49,8 @@ STAGE_BUCKETS = (
     0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0,
 )
 # File close -> frame published includes the settle delay (1 s by default for
-# created/moved files) and the wait in the queue under a burst.
+# created/moved files, timed from their last change) and the wait in the queue
+# under a burst.
 LATENCY_BUCKETS = (
     0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 )
@@ -103,13 +104,16 @@ class Metrics:
         )
         self.latency_seconds = Histogram(
             "sinkwatch_publish_latency_seconds",
-            "Time from the source file being closed to its cleaned frame being published.",
+            "Time from the source file being closed (created or moved in: last changed) to its cleaned frame "
+            "being published, settle delay included.",
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
         self.queue_depth = Gauge("sinkwatch_queue_depth", "Images waiting in the work queue.", registry=reg)
         self.in_flight = Gauge("sinkwatch_in_flight", "Images being processed by the workers right now.", registry=reg)
-        self.workers = Gauge("sinkwatch_workers", "Worker processes alive.", registry=reg)
+        self.workers = Gauge(
+            "sinkwatch_workers", "Worker processes configured (--workers); a dead one is replaced.", registry=reg
+        )
         self.energy_before = Histogram(
             "sinkwatch_energy_before_ratio",
             "Mean high-frequency (Matrix Vision) energy of a frame before cleaning, 0..1.",

@@ -89,7 +89,14 @@ class Outcomes:
         if self.on_published is not None:
             self.on_published(job.name, job.key, int(outcome.scores["width"]), int(outcome.scores["height"]))
         self.ledger.published(
-            job.key, size=size, mtime_ns=mtime_ns, sha256=sha256, rule=outcome.rule, fingerprint=outcome.fingerprint
+            job.key,
+            size=size,
+            mtime_ns=mtime_ns,
+            ino=outcome.ino,
+            ctime_ns=outcome.ctime_ns,
+            sha256=sha256,
+            rule=outcome.rule,
+            fingerprint=outcome.fingerprint,
         )
         self._count(outcome.rule, "published")
         m = self.metrics
@@ -124,7 +131,14 @@ class Outcomes:
             )
         # Same content under a new mtime (a touch, a copy): refresh the cheap check, keep the outputs.
         self.ledger.published(
-            job.key, size=size, mtime_ns=mtime_ns, sha256=sha256, rule=entry.rule, fingerprint=entry.fingerprint
+            job.key,
+            size=size,
+            mtime_ns=mtime_ns,
+            ino=outcome.ino,
+            ctime_ns=outcome.ctime_ns,
+            sha256=sha256,
+            rule=entry.rule,
+            fingerprint=entry.fingerprint,
         )
         self._count(outcome.rule, "skipped")
         logger.bind(source=job.key).debug("unchanged content, skipped {}", job.key)
@@ -176,6 +190,8 @@ class Outcomes:
             message=str(error.get("message")),
             size=outcome.size,
             mtime_ns=outcome.mtime_ns,
+            ino=outcome.ino,
+            ctime_ns=outcome.ctime_ns,
             sha256=outcome.sha256,
         )
         self._count(job.rule.name, "rejected")

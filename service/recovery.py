@@ -51,6 +51,8 @@ def recover(
                 entry.relpath,
                 size=st.st_size,
                 mtime_ns=st.st_mtime_ns,
+                ino=st.st_ino,
+                ctime_ns=st.st_ctime_ns,
                 sha256=sidecar["source"]["sha256"],
                 rule=sidecar["rule"]["name"],
                 fingerprint=sidecar["rule"]["fingerprint"],

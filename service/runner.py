@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import time
 import traceback
 from collections.abc import Mapping
@@ -23,6 +24,7 @@ from service import __version__
 from service.decode import decode_file
 from service.encode import encode_png
 from service.errors import IncompleteImage, PublishError, SinkwatchError
+from service.ledger_stamps import file_stamp
 from service.metrics import publish_error_reason
 from service.publish import Publisher
 from service.rules import Rule
@@ -55,10 +57,12 @@ class _Identity(TypedDict):
 
 
 class _SourceStat(TypedDict):
-    """Size and mtime of the source as it was first stat'ed, spread into the outcomes that read it."""
+    """The file stamp of the source as it was first stat'ed, spread into the outcomes that read it."""
 
     size: int
     mtime_ns: int
+    ino: int
+    ctime_ns: int
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,8 @@ class Outcome:
     status: Status
     size: int | None = None
     mtime_ns: int | None = None
+    ino: int | None = None
+    ctime_ns: int | None = None
     sha256: str | None = None
     timings: Mapping[str, float] = field(default_factory=dict)
     scores: Mapping[str, float] = field(default_factory=dict)
@@ -97,8 +103,15 @@ def process_job(job: Job) -> Outcome:
     except OSError as exc:
         error = IncompleteImage(f"cannot stat source: {exc.strerror}", path=job.source, rule=job.rule.name)
         return Outcome(**base, status="retry", error=error.as_record())
-    stat_fields = _SourceStat(size=before.st_size, mtime_ns=before.st_mtime_ns)
+    stat_fields = _SourceStat(
+        size=before.st_size, mtime_ns=before.st_mtime_ns, ino=before.st_ino, ctime_ns=before.st_ctime_ns
+    )
     try:
+        # A published source whose stamp changed (a touch, a chmod, a copy over it): the same bytes need no decoding.
+        known = job.known_sha256
+        if known is not None and before.st_size <= job.max_bytes and _sha256(job.source) == known:
+            _check_unchanged(job, before)
+            return Outcome(**base, **stat_fields, status="skipped", sha256=known)
         params = job.rule.to_params()
         # A square that covers either orientation lets a large JPEG decode at reduced scale safely.
         side = max(params.resize.width, params.resize.height)
@@ -112,8 +125,6 @@ def process_job(job: Job) -> Outcome:
         )
         timings["decode"] = time.perf_counter() - started
         _check_unchanged(job, before)
-        if job.known_sha256 == decoded.sha256:
-            return Outcome(**base, **stat_fields, status="skipped", sha256=decoded.sha256)
 
         result = pipeline.run(decoded.rgb, params)
         timings.update(result.timings)
@@ -167,8 +178,21 @@ def _check_unchanged(job: Job, before: os.stat_result) -> None:
         after = os.stat(job.source)
     except FileNotFoundError as exc:
         raise IncompleteImage("source vanished while it was read", path=job.source) from exc
-    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+    # The whole stamp: a replacement of the same size and mtime (rsync -t) changes only inode and ctime.
+    if file_stamp(after) != file_stamp(before):
         raise IncompleteImage("source changed while it was read", path=job.source)
+
+
+def _sha256(path: Path) -> str | None:
+    """The hash of a regular file's bytes; None for anything else, which decoding then rejects."""
+    try:
+        # O_NONBLOCK: a FIFO put in the place of a published source must not hang the worker in open().
+        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | getattr(os, "O_NONBLOCK", 0))) as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                return None
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError as exc:  # vanished, locked, unreadable for now: worth another try
+        raise IncompleteImage(f"cannot read the file: {exc.strerror or exc}", path=path) from exc
 
 
 def _frame_text(rule: Rule, scores: Mapping[str, float], source_text: Mapping[str, str]) -> dict[str, str]:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
@@ -36,10 +37,19 @@ CONFIG_ENCODING = "utf-8-sig"
 
 
 class Settings(BaseSettings):
-    # No setting means inf or nan (TOML, the environment and flags all spell them).
-    model_config = SettingsConfigDict(env_prefix="SINKWATCH_", extra="forbid", frozen=True, allow_inf_nan=False)
+    # No setting means inf or nan (TOML, the environment and flags all spell them). An empty variable
+    # (`KEY=` in an env file, the usual way to unset one) is no setting, not the current directory.
+    model_config = SettingsConfigDict(
+        env_prefix="SINKWATCH_", env_ignore_empty=True, extra="forbid", frozen=True, allow_inf_nan=False
+    )
 
-    watch: Path = Field(Path("watch"), description="Folder the image generator writes to (never modified).")
+    watch: Path = Field(
+        Path("watch"),
+        description=(
+            "Folder the image generator writes to (never modified; only the default is created if missing, "
+            "a missing folder given is waited for)."
+        ),
+    )
     queue: Path = Field(
         Path("queue"), description="I2V queue folder the cleaned frames are published to; created if missing."
     )
@@ -137,10 +147,12 @@ class Settings(BaseSettings):
     def _check_comfyui_combination(self) -> Settings:
         if self.comfyui_workflow is not None and self.comfyui_url is None:
             raise ValueError("comfyui_workflow needs comfyui_url (the ComfyUI to queue it on)")
-        # Two different queues named at once would leave one of them silently unused.
-        if self.comfyui_input is not None and "queue" in self.model_fields_set and self.queue != self.comfyui_input:
-            raise ValueError(f"comfyui_input ({self.comfyui_input}) and queue ({self.queue}) name different folders")
         return self
+
+    @property
+    def watch_given(self) -> bool:
+        """Whether some source named the watch folder (not the embedded default)."""
+        return "watch" in self.model_fields_set
 
     @property
     def queue_folder(self) -> Path:
@@ -164,6 +176,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
     section = values.get("sinkwatch", values)
     if not isinstance(section, dict):
         raise ConfigError("'sinkwatch' must be a table of settings ([sinkwatch])", path=path)
+    if section is not values and len(values) > 1:
+        # Either place alone is fine; with both, the top-level keys would be dropped without a word.
+        raise ConfigError("settings both at top level and under [sinkwatch]; use one", path=path)
     return {key.replace("-", "_"): value for key, value in section.items()}
 
 
@@ -184,8 +199,10 @@ def load_settings(*, config_file: Path | None = None, flags: Mapping[str, Any] |
         ) -> tuple[PydanticBaseSettingsSource, ...]:
             return (init_settings, env_settings, InitSettingsSource(settings_cls, file_values))
 
+    flags = dict(flags or {})
     try:
-        return FileSettings(**dict(flags or {}))
+        settings = FileSettings(**flags)
+        environment = EnvSettingsSource(Settings)()
     except SettingsError as exc:
         # A list from SINKWATCH_* that is not JSON fails in pydantic-settings, before any validation.
         raise ConfigError(f"{exc}: lists are JSON, e.g. SINKWATCH_INCLUDE='[\"*.png\"]'") from exc
@@ -198,6 +215,29 @@ def load_settings(*, config_file: Path | None = None, flags: Mapping[str, Any] |
         # Our own checks' messages, without pydantic's "Value error, " in front.
         message = str(first["ctx"]["error"]) if first["type"] == "value_error" else first["msg"]
         raise ConfigError(f"{where}{message}{source}") from exc
+    # Highest precedence first, as the names say.
+    sources = {"a flag": flags, "the environment": environment, f"the config file {config_file}": file_values}
+    _check_one_queue(settings, sources)
+    return settings
+
+
+def _check_one_queue(settings: Settings, sources: Mapping[str, Mapping[str, Any]]) -> None:
+    """comfyui_input replaces a queue set at a lower precedence; at the same or a higher one, it conflicts.
+
+    So `--comfyui-input DIR` beats the SINKWATCH_QUEUE of a Docker image or a systemd unit, while two
+    different folders named at one level would leave one of them silently unused.
+    """
+    if settings.comfyui_input is None or settings.queue == settings.comfyui_input:
+        return
+    ranked = list(sources)
+    comfyui_from = next(name for name in ranked if "comfyui_input" in sources[name])
+    queue_from = next((name for name in ranked if "queue" in sources[name]), None)
+    if queue_from is None or ranked.index(comfyui_from) < ranked.index(queue_from):
+        return
+    raise ConfigError(
+        f"settings: comfyui_input ({settings.comfyui_input}, from {comfyui_from}) and queue ({settings.queue}, "
+        f"from {queue_from}) name different folders; set only one of them"
+    )
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:

@@ -39,13 +39,18 @@ class StabilityTracker:
         if known is None or known.signature != signature:
             self._candidates[path] = _Candidate(signature, self.clock())
 
-    def ready(self) -> list[Path]:
-        """Paths that have held still for `settle` seconds, each returned once and then forgotten."""
+    def ready(self) -> list[tuple[Path, float]]:
+        """Paths that have held still for `settle` seconds, each with how long it has (at least `settle`).
+
+        Each is returned once and then forgotten. The time held still reaches back to the file's last
+        change, that is to its close, which is where the publish latency starts.
+        """
         now = self.clock()
-        settled: list[Path] = []
+        settled: list[tuple[Path, float]] = []
         for path, known in list(self._candidates.items()):
             # Only files due are checked again, so a large burst costs no stat calls per tick.
-            if now - known.changed_at < self.settle:
+            held = now - known.changed_at
+            if held < self.settle:
                 continue
             signature = _signature(path)
             if signature is None:
@@ -54,7 +59,7 @@ class StabilityTracker:
                 self._candidates[path] = _Candidate(signature, now)
             else:
                 del self._candidates[path]
-                settled.append(path)
+                settled.append((path, held))
         return settled
 
     def forget(self, path: Path) -> None:

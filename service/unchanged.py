@@ -3,6 +3,19 @@
 One rule for a single offer (a watch event, a retry) and for a scan's chunk of
 files. A chunk costs one ledger query, not one per file: at every
 reconciliation scan most of the watch folder is processed and unchanged.
+
+The record is the file's stamp: size, mtime, inode number and ctime. Size and
+mtime alone miss new content copied in with the old mtime (``rsync -t``,
+``cp -p``): such a copy is a new inode, or a write that moves the ctime, which
+no program can set back. A stamp that does not match only costs a look at the
+content: the engine hands a published source's hash to the worker, which
+skips the file if its bytes hash the same. So inode numbers that change (a
+network file system remounted) cost that hashing, never a second publication.
+
+A finished row from a sinkwatch before inodes were recorded is trusted on size
+and mtime, as that sinkwatch trusted it, and its inode and ctime are recorded
+then: otherwise the first scan after an upgrade would send every processed file
+of the watch folder to the workers to be hashed.
 """
 
 from __future__ import annotations
@@ -13,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from service.ledger import FINAL_STATES, Ledger, Stamp
+from service.ledger_stamps import file_stamp
 
 
 def done(ledger: Ledger, found: Sequence[tuple[str, str | Path]], *, source: str) -> set[str]:
@@ -31,14 +45,25 @@ def done(ledger: Ledger, found: Sequence[tuple[str, str | Path]], *, source: str
             finished.add(key)
     if present:
         stamps = ledger.stamps(list(present))
+        legacy = {key: st for key, st in present.items() if _legacy_match(stamps.get(key), st)}
+        if legacy:
+            ledger.pin_stamps({key: (st.st_ino, st.st_ctime_ns) for key, st in legacy.items()})
+        finished.update(legacy)
         finished.update(key for key, st in present.items() if _settled(stamps.get(key), st, source))
     return finished
+
+
+def _legacy_match(stamp: Stamp | None, st: os.stat_result) -> bool:
+    """A finished row without inode and ctime whose size and mtime still hold (see the module docstring)."""
+    if stamp is None or stamp.state not in FINAL_STATES or stamp.ino is not None or stamp.size is None:
+        return False
+    return (stamp.size, stamp.mtime_ns) == (st.st_size, st.st_mtime_ns)
 
 
 def _settled(stamp: Stamp | None, st: os.stat_result, source: str) -> bool:
     if stamp is None:
         return False
-    same_file = (stamp.size, stamp.mtime_ns) == (st.st_size, st.st_mtime_ns)
+    same_file = stamp.file == file_stamp(st)
     if stamp.state in FINAL_STATES:
         return same_file
     if stamp.state == "retry" and source != "retry":

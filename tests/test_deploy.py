@@ -269,6 +269,15 @@ def test_unit_has_the_required_directives() -> None:
     assert found["ExecStart"].endswith("sinkwatch run")
 
 
+def test_unit_restarts_what_may_pass_and_not_a_configuration_error() -> None:
+    found = directives()
+    assert ("RestartPreventExitStatus", "2") in found
+    assert not any(key == "RestartPreventExitStatus" and "75" in value.split() for key, value in found)
+    # Restart=on-failure restarts exit 75 (a full disk, a mount not up): never give up on it.
+    assert dict(found)["StartLimitIntervalSec"] == "0"
+    assert re.fullmatch(r"[1-9]\d*s", dict(found)["RestartSec"])
+
+
 def test_unit_can_write_exactly_the_queue_and_state() -> None:
     env = dict(value.split("=", 1) for key, value in directives() if key == "Environment")
     for name in env:
@@ -315,6 +324,19 @@ def test_dockerfile_essentials() -> None:
     for copied in instruction("COPY"):
         for source in copied.split()[:-1]:
             assert (DEPLOY.parent / source).exists(), source
+
+
+def test_the_image_leaves_the_folders_to_its_working_directory() -> None:
+    # A SINKWATCH_QUEUE in the image would conflict with a --comfyui-input given at the same level by
+    # whoever extends it; the defaults (watch, queue) resolve under WORKDIR to the documented mounts.
+    env = " ".join(instruction("ENV"))
+    assert "SINKWATCH_WATCH" not in env and "SINKWATCH_QUEUE" not in env and "SINKWATCH_COMFYUI_INPUT" not in env
+    workdir = Path(instruction("WORKDIR")[-1])
+    defaults = Settings.model_fields
+    assert workdir / str(defaults["watch"].default) == Path("/data/watch")
+    assert workdir / str(defaults["queue"].default) == Path("/data/queue")
+    compose = (DEPLOY / "docker" / "compose.yaml").read_text()
+    assert ":/data/watch:ro" in compose and ":/data/queue" in compose
 
 
 @pytest.mark.parametrize("healthy", [True, False])

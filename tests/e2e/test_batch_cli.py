@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from service.lock import QueueLock
 from tests.conftest import load_photo, wait_for
 from tests.e2e.conftest import (
     REPO,
@@ -118,8 +119,25 @@ def test_process_and_run_on_one_state_never_make_a_frame_twice(tmp_path: Path, f
     assert again.returncode == 0, again.stderr[-4000:]
 
     assert logged(records(again.stderr), "published") == [], f"`{second}` made again what `{first}` had made"
+    if second == "process":
+        assert "0 published, 2 unchanged, 0 rejected, 0 unfinished" in again.stderr, again.stderr[-2000:]
     assert {frame.name: frame.read_bytes() for frame in frames(queue)} == made
     check_outputs_complete(queue)
+
+
+def test_process_is_refused_a_queue_another_sinkwatch_publishes_into_whatever_its_state_folder(
+    tmp_path: Path,
+) -> None:
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    source = write_photo(tmp_path / "mine.png", small_photo(0))
+    # As a daemon with SINKWATCH_STATE_DIR=/var/lib/sinkwatch holds it; `process` keeps its state in the queue.
+    with QueueLock(queue):
+        done = run_sinkwatch("process", str(source), "--queue", str(queue), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-4000:]
+    message = done.stderr.strip().splitlines()[-1]
+    assert message == f"sinkwatch: another sinkwatch (pid {os.getpid()}) already uses the queue folder {queue}"
+    assert frames(queue) == [], "it published into a queue another sinkwatch writes"
 
 
 @pytest.mark.parametrize("where", ["the watch folder itself", "a folder inside it"])

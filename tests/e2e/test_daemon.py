@@ -234,6 +234,25 @@ def test_a_file_whose_events_are_lost_is_found_by_the_reconciliation_scan(
     check_watch_unchanged(watch, before)
 
 
+def test_a_named_watch_folder_missing_at_start_is_waited_for_not_created(
+    daemon: DaemonProcess, folders: tuple[Path, Path]
+) -> None:
+    # A mount not up yet at boot: exiting would leave the systemd unit dead, creating it would hide a typo.
+    watch, queue = folders
+    watch.rmdir()
+    daemon.start()
+    status, body = daemon.get("/healthz")
+    health = json.loads(body)
+    assert status == 503 and health["watch_folder_missing"] is True, body
+    assert health["reason"] == "failed: watch_folder_missing, watcher", body
+    assert not watch.exists(), "the daemon created the watch folder it was told to watch"
+    assert any("does not exist; waiting for it" in m for m in daemon.messages())
+
+    watch.mkdir()
+    sentinel(watch, queue, daemon=daemon)
+    wait_for(lambda: daemon.get("/healthz")[0] == 200, timeout=15)
+
+
 def test_a_watch_folder_moved_away_and_made_anew_is_watched_again(
     daemon: DaemonProcess, folders: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -543,7 +562,8 @@ def test_a_read_only_queue_recovers_once_it_is_writable_again(folders: tuple[Pat
             "run", "--watch", str(watch), "--queue", str(queue), "--state-dir", str(tmp_path / "state"),
             "--metrics-port", "0", cwd=tmp_path,
         )  # fmt: skip
-        assert refused.returncode == 2, refused.stderr[-4000:]
+        # Exit 75, not 2: a read-only mount may pass, and the unit's Restart=on-failure starts it again.
+        assert refused.returncode == 75, refused.stderr[-4000:]
         assert f"sinkwatch: {queue}: the queue folder is not writable" in refused.stderr, refused.stderr
         remount(queue, "rw")
 

@@ -338,13 +338,13 @@ def done_backlog(watch: Path, state: Path, count: int) -> None:
         path = watch / f"ComfyUI_{index:05d}_.png"
         path.write_bytes(b"published long ago")
         st = path.stat()
-        rows.append((db_key(path.name), st.st_size, st.st_mtime_ns))
+        rows.append((db_key(path.name), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
     state.mkdir(parents=True)
     Ledger(state / "ledger.sqlite3").close()  # the schema, as the daemon makes it
     with sqlite3.connect(state / "ledger.sqlite3") as db:
         db.executemany(
-            "INSERT INTO sources (relpath, state, size, mtime_ns, sha256, rule, fingerprint, attempts, updated)"
-            " VALUES (?, 'published', ?, ?, 'done', 'default', 'done', 1, 0)",
+            "INSERT INTO sources (relpath, state, size, mtime_ns, ino, ctime_ns, sha256, rule, fingerprint, attempts,"
+            " updated) VALUES (?, 'published', ?, ?, ?, ?, 'done', 'default', 'done', 1, 0)",
             rows,
         )
 

@@ -7,6 +7,7 @@ process: nothing is dispatched here); the engine's pending queue is what the tes
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,19 @@ def test_a_created_file_is_offered_once_it_has_settled(found: Found) -> None:
     found.now += SETTLE / 2
     found.discovery.take_events()
     assert found.pending() == {"a.png": "event"} and found.tracker.pending() == 0
+
+
+def test_a_settled_file_starts_its_publish_latency_at_its_event_not_when_it_settled(found: Found) -> None:
+    # sinkwatch_publish_latency_seconds promises to include the settle delay.
+    [path] = drop(found, "a.png")
+    found.events.put(("moved", path))
+    found.discovery.take_events()
+    found.now += SETTLE + 0.5
+    before = time.time()
+    found.discovery.take_events()
+    after = time.time()
+    seen_at = found.engine.pending["a.png"].seen_at
+    assert before - (SETTLE + 0.5) <= seen_at <= after - (SETTLE + 0.5)
 
 
 def test_a_close_after_a_create_skips_the_settle_wait(found: Found) -> None:

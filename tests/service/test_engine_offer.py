@@ -25,11 +25,10 @@ def recorded(engine: Engine, watch: Path, name: str, state: str) -> Path:
     path = watch / name
     path.write_bytes(CONTENT)
     st = path.stat()
-    engine.ledger.start(name, size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=None, rule="default", fingerprint="f")
+    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "ctime_ns": st.st_ctime_ns}
+    engine.ledger.start(name, **stamp, sha256=None, rule="default", fingerprint="f")
     if state == "published":
-        engine.ledger.published(
-            name, size=st.st_size, mtime_ns=st.st_mtime_ns, sha256="0" * 64, rule="default", fingerprint="f"
-        )
+        engine.ledger.published(name, **stamp, sha256="0" * 64, rule="default", fingerprint="f")
     elif state == "rejected":
         engine.ledger.rejected(name, reason="bomb", message="")
     elif state == "retry":

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from service.errors import ConfigError, PublishError
-from service.ledger import SCHEMA_VERSION, STATES, Ledger, Stamp
+from service.ledger import MIGRATIONS, SCHEMA_VERSION, STATES, Ledger, Stamp
 from service.ledger_stamps import KEYS_PER_QUERY
 from service.naming import disambiguated, safe_stem
 
@@ -51,12 +51,16 @@ def never(_name: str) -> bool:
     return False
 
 
-def start(ledger: Ledger, relpath: str, *, size: int = 10, mtime_ns: int = 20) -> None:
-    ledger.start(relpath, size=size, mtime_ns=mtime_ns, sha256=None, rule="default", fingerprint="f1")
+def start(ledger: Ledger, relpath: str, *, size: int = 10, mtime_ns: int = 20, ino: int = 30) -> None:
+    ledger.start(
+        relpath, size=size, mtime_ns=mtime_ns, ino=ino, ctime_ns=40, sha256=None, rule="default", fingerprint="f1"
+    )
 
 
 def publish(ledger: Ledger, relpath: str, *, size: int = 10, mtime_ns: int = 20) -> None:
-    ledger.published(relpath, size=size, mtime_ns=mtime_ns, sha256=SHA, rule="default", fingerprint="f1")
+    ledger.published(
+        relpath, size=size, mtime_ns=mtime_ns, ino=30, ctime_ns=40, sha256=SHA, rule="default", fingerprint="f1"
+    )
 
 
 # -- set-up -------------------------------------------------------------------
@@ -67,6 +71,26 @@ def test_a_new_ledger_is_versioned_wal_and_fully_synchronous(ledger: Ledger, db_
         assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert ledger._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL, on the ledger's own connection
+
+
+def test_a_version_2_ledger_is_migrated_and_its_rows_have_an_unknown_inode_and_ctime(db_path: Path) -> None:
+    db_path.parent.mkdir()
+    with sqlite3.connect(db_path) as raw:
+        for version in (1, 2):
+            for statement in MIGRATIONS[version]:
+                raw.execute(statement)
+        raw.execute(
+            "INSERT INTO sources (relpath, state, size, mtime_ns, sha256, attempts, updated)"
+            " VALUES (?, 'published', 10, 20, ?, 1, 1.0)",
+            (b"old.png", SHA),
+        )
+        raw.execute("PRAGMA user_version = 2")
+    with Ledger(db_path) as ledger:
+        assert ledger.stamps(["old.png"]) == {"old.png": Stamp("published", 10, 20, None, None)}
+        publish(ledger, "new.png")
+        assert ledger.stamps(["new.png"]) == {"new.png": Stamp("published", 10, 20, 30, 40)}
+    with sqlite3.connect(db_path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
 
 
 def test_a_ledger_from_a_newer_sinkwatch_is_refused(db_path: Path) -> None:
@@ -150,6 +174,14 @@ def test_new_content_after_a_final_state_counts_attempts_afresh(ledger: Ledger) 
     assert (entry.attempts, entry.size) == (1, 99)
 
 
+def test_another_file_of_the_same_size_and_mtime_counts_attempts_afresh(ledger: Ledger) -> None:
+    for _ in range(2):
+        start(ledger, "a.png")
+    start(ledger, "a.png", ino=31)  # replaced, rsync -t style
+    entry = ledger.get("a.png")
+    assert entry is not None and entry.attempts == 1
+
+
 def test_rejected_keeps_what_start_recorded_unless_told(ledger: Ledger) -> None:
     start(ledger, "a.png", size=10, mtime_ns=20)
     ledger.rejected("a.png", reason="bomb", message="too many pixels")
@@ -162,10 +194,12 @@ def test_rejected_keeps_what_start_recorded_unless_told(ledger: Ledger) -> None:
         "bomb",
         "too many pixels",
     )
-    ledger.rejected("a.png", reason="corrupt", message="bad", size=11, mtime_ns=21, sha256=SHA)
+    assert ledger.stamps(["a.png"])["a.png"] == Stamp("rejected", 10, 20, 30, 40)
+    ledger.rejected("a.png", reason="corrupt", message="bad", size=11, mtime_ns=21, ino=31, ctime_ns=41, sha256=SHA)
     entry = ledger.get("a.png")
     assert entry is not None
     assert (entry.size, entry.mtime_ns, entry.sha256, entry.reason) == (11, 21, SHA, "corrupt")
+    assert ledger.stamps(["a.png"])["a.png"] == Stamp("rejected", 11, 21, 31, 41)
 
 
 def test_methods_work_without_a_prior_start(ledger: Ledger) -> None:
@@ -175,29 +209,17 @@ def test_methods_work_without_a_prior_start(ledger: Ledger) -> None:
     assert ledger.counts() == {"processing": 0, "published": 1, "rejected": 1, "retry": 1}
 
 
-def test_seen_matches_only_final_states_with_the_same_size_and_mtime(ledger: Ledger) -> None:
-    start(ledger, "a.png")
-    assert ledger.seen("a.png", size=10, mtime_ns=20) is None, "still processing"
-    publish(ledger, "a.png")
-    assert ledger.seen("a.png", size=10, mtime_ns=20) == ledger.get("a.png")
-    assert ledger.seen("a.png", size=10, mtime_ns=21) is None
-    assert ledger.seen("a.png", size=11, mtime_ns=20) is None
-    assert ledger.seen("unknown.png", size=10, mtime_ns=20) is None
-    ledger.rejected("b.png", reason="bomb", message="x", size=1, mtime_ns=2)
-    assert ledger.seen("b.png", size=1, mtime_ns=2) is not None
-
-
-def test_stamps_give_state_size_and_mtime_of_the_known_sources_only(ledger: Ledger) -> None:
+def test_stamps_give_state_and_file_stamp_of_the_known_sources_only(ledger: Ledger) -> None:
     publish(ledger, "p.png", size=1, mtime_ns=2)
-    ledger.rejected("r.png", reason="bomb", message="x", size=3, mtime_ns=4)
+    ledger.rejected("r.png", reason="bomb", message="x", size=3, mtime_ns=4, ino=7, ctime_ns=8)
     start(ledger, "s.png", size=5, mtime_ns=6)
     ledger.retry("t.png", reason="incomplete", message="", next_attempt=5.0)
     stamps = ledger.stamps(["p.png", "r.png", "s.png", "t.png", "unknown.png", "P.PNG"])
     assert stamps == {
-        "p.png": Stamp("published", 1, 2),
-        "r.png": Stamp("rejected", 3, 4),
-        "s.png": Stamp("processing", 5, 6),
-        "t.png": Stamp("retry", None, None),
+        "p.png": Stamp("published", 1, 2, 30, 40),
+        "r.png": Stamp("rejected", 3, 4, 7, 8),
+        "s.png": Stamp("processing", 5, 6, 30, 40),
+        "t.png": Stamp("retry", None, None, None, None),
     }
     assert ledger.stamps([]) == {}
 
@@ -212,7 +234,7 @@ def test_stamps_agree_with_get_for_more_keys_than_one_query_takes(ledger: Ledger
     assert set(stamps) == {*keys[::2], odd}
     for key, stamp in stamps.items():
         entry = ledger.get(key)
-        assert entry is not None and stamp == (entry.state, entry.size, entry.mtime_ns), key
+        assert entry is not None and stamp[:3] == (entry.state, entry.size, entry.mtime_ns), key
 
 
 def test_due_lists_retries_whose_time_has_come_oldest_first(ledger: Ledger) -> None:

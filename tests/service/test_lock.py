@@ -1,4 +1,4 @@
-"""One sinkwatch per state folder, checked against real second processes."""
+"""One sinkwatch per state folder and per queue folder, checked against real second processes."""
 
 from __future__ import annotations
 
@@ -12,18 +12,19 @@ from pathlib import Path
 import pytest
 
 from service.errors import ConfigError
-from service.lock import InstanceLock
+from service.lock import InstanceLock, QueueLock
 
 REPO = Path(__file__).resolve().parents[2]
 
-# Tries the lock once and reports; with "hold", keeps it until stdin closes.
+# Tries the lock (of a state folder, or with "queue" of a queue folder) once and reports;
+# with "hold", keeps it until stdin closes.
 CHILD = r"""
 import sys
 from pathlib import Path
 from service.errors import ConfigError
-from service.lock import InstanceLock
+from service.lock import InstanceLock, QueueLock
 
-lock = InstanceLock(Path(sys.argv[1]))
+lock = QueueLock(Path(sys.argv[1])) if sys.argv[3] == "queue" else InstanceLock(Path(sys.argv[1]))
 try:
     lock.acquire()
 except ConfigError as exc:
@@ -36,9 +37,9 @@ lock.release()
 """
 
 
-def child(state: Path, mode: str) -> subprocess.Popen[str]:
+def child(folder: Path, mode: str, kind: str = "state") -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(state), mode],
+        [sys.executable, "-c", CHILD, str(folder), mode, kind],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -47,8 +48,8 @@ def child(state: Path, mode: str) -> subprocess.Popen[str]:
     )
 
 
-def try_once(state: Path) -> tuple[int, str]:
-    proc = child(state, "once")
+def try_once(folder: Path, kind: str = "state") -> tuple[int, str]:
+    proc = child(folder, "once", kind)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode in (0, 3), err
     return proc.returncode, out.strip()
@@ -122,7 +123,7 @@ def test_a_lock_whose_folder_was_deleted_is_lost_and_taken_again(tmp_path: Path)
         assert lock.lost()
 
         state.write_text("a file where the state folder was")
-        with pytest.raises(ConfigError, match="cannot create the state folder again"):
+        with pytest.raises(ConfigError, match="cannot create the lock's folder again"):
             lock.reacquire()
         state.unlink()
 
@@ -132,3 +133,23 @@ def test_a_lock_whose_folder_was_deleted_is_lost_and_taken_again(tmp_path: Path)
         assert code == 3 and out.startswith("refused"), out
     finally:
         lock.release()
+
+
+def test_a_second_process_is_refused_the_queue_folder_with_the_holders_pid(tmp_path: Path) -> None:
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    with QueueLock(queue):
+        code, out = try_once(queue, "queue")
+    assert code == 3
+    assert out == f"refused another sinkwatch (pid {os.getpid()}) already uses the queue folder {queue}"
+    assert try_once(queue, "queue") == (0, "locked")
+
+
+def test_the_queue_lock_makes_its_folder_when_the_state_folder_is_elsewhere(tmp_path: Path) -> None:
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    with QueueLock(queue) as lock:
+        assert lock.path == queue / ".sinkwatch" / "queue.lock"
+        assert lock.path.read_text().strip() == str(os.getpid())
+    with pytest.raises(ConfigError, match="cannot create the queue's lock folder"):
+        QueueLock(tmp_path / "absent").acquire()

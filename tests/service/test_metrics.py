@@ -206,3 +206,16 @@ def test_exposition_passes_promtool_lint(registry: CollectorRegistry) -> None:
     done = subprocess.run([promtool(), "check", "metrics"], input=text, capture_output=True, timeout=60, check=False)
     assert done.returncode == 0 and done.stderr == b"", done.stderr.decode()
     assert b'sinkwatch_images_processed_total{outcome="published",rule="default"} 1.0' in text
+
+
+def test_the_workers_gauge_says_it_is_the_configured_count(registry: CollectorRegistry) -> None:
+    # It is set once from --workers; a worker killed and not yet replaced does not lower it.
+    Metrics(registry)
+    (family,) = [family for family in registry.collect() if family.name == "sinkwatch_workers"]
+    assert "configured" in family.documentation and "alive" not in family.documentation
+
+
+def test_the_latency_help_says_it_includes_the_settle_delay(registry: CollectorRegistry) -> None:
+    Metrics(registry)
+    (family,) = [family for family in registry.collect() if family.name == "sinkwatch_publish_latency_seconds"]
+    assert "settle delay included" in family.documentation

@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
+from typing import TypedDict
 
 import pytest
 
@@ -49,9 +50,7 @@ class Folder:
         """A file already processed, recorded the way `service.outcomes` records it."""
         path = self.file(name)
         st = path.stat()
-        self.ledger.published(
-            name, size=st.st_size, mtime_ns=st.st_mtime_ns, sha256="0" * 64, rule="default", fingerprint="f"
-        )
+        self.ledger.published(name, **stamp(st), sha256="0" * 64, rule="default", fingerprint="f")
         return path
 
     def scan(self) -> None:
@@ -68,6 +67,26 @@ def folder(tmp_path: Path, idle_engine: IdleEngine) -> Folder:
     watch = tmp_path / "watch"
     watch.mkdir()
     return Folder(watch, idle_engine(resolve=lambda key: watch / key, queue_size=64))
+
+
+class FileStamp(TypedDict):
+    size: int
+    mtime_ns: int
+    ino: int
+    ctime_ns: int
+
+
+def stamp(st: os.stat_result) -> FileStamp:
+    return FileStamp(size=st.st_size, mtime_ns=st.st_mtime_ns, ino=st.st_ino, ctime_ns=st.st_ctime_ns)
+
+
+def replace_keeping_mtime(path: Path, content: bytes) -> None:
+    """What ``rsync -t`` does: new bytes in a temporary file given the old mtime, renamed over the old file."""
+    st = path.stat()
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(content)
+    os.utime(temporary, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(temporary, path)
 
 
 def touch_later(path: Path) -> None:
@@ -96,15 +115,24 @@ def build_every_case(folder: Folder) -> None:
     folder.file("new.png")
     folder.published("resized.png").write_bytes(CONTENT + b"!")
     touch_later(folder.published("touched.png"))
+    replace_keeping_mtime(folder.published("replaced.png"), CONTENT.upper())
+    folder.published("chmodded.png").chmod(0o600)  # the same bytes: the worker will find them so and skip them
+    st = folder.file("recorded-before-inodes.png").stat()
+    folder.ledger.published(
+        "recorded-before-inodes.png",
+        size=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+        sha256="0" * 64,
+        rule="d",
+        fingerprint="f",
+    )
     for name, reason in (("bomb.png", "bomb"), ("bomb-fixed.png", "bomb")):
         st = folder.file(name).stat()
-        folder.ledger.rejected(name, reason=reason, message="", size=st.st_size, mtime_ns=st.st_mtime_ns)
+        folder.ledger.rejected(name, reason=reason, message="", **stamp(st))
     folder.file("bomb-fixed.png", CONTENT * 2)
     for name in ("waiting.png", "waiting-changed.png", "crashed.png"):
         st = folder.file(name).stat()
-        folder.ledger.start(
-            name, size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=None, rule="default", fingerprint="f"
-        )
+        folder.ledger.start(name, **stamp(st), sha256=None, rule="default", fingerprint="f")
     for name in ("waiting.png", "waiting-changed.png"):
         folder.ledger.retry(name, reason="incomplete", message="", next_attempt=1e12)
     touch_later(folder.watch / "waiting-changed.png")
@@ -129,9 +157,16 @@ def test_a_scan_offers_exactly_what_per_file_offers_would(
     folder.scan()
 
     expected = {"queued.png": "event", "new.png": "scan", "resized.png": "scan", "touched.png": "scan"}
+    # A row from before inodes were recorded is trusted on size and mtime (service/unchanged.py).
+    expected |= {"replaced.png": "scan", "chmodded.png": "scan"}
     expected |= {"bomb-fixed.png": "scan", "waiting-changed.png": "scan", "crashed.png": "scan"}
     if force:
-        expected |= {"done.png": "scan", "bomb.png": "scan", "waiting.png": "scan"}
+        expected |= {
+            "done.png": "scan",
+            "bomb.png": "scan",
+            "waiting.png": "scan",
+            "recorded-before-inodes.png": "scan",
+        }
     assert folder.pending() == expected
     assert {key: c.source for key, c in reference.pending.items()} == expected
     assert set(folder.engine.recheck) == set(reference.recheck) == {"busy.png"}, "a running file is rechecked"

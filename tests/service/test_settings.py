@@ -106,6 +106,48 @@ def test_comfyui_input_and_a_different_queue_are_refused(tmp_path: Path) -> None
         parse("--comfyui-input", str(tmp_path / "a"), "--queue", str(tmp_path / "b"))
 
 
+def test_comfyui_input_from_a_flag_beats_a_queue_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The Docker image (or a systemd unit) sets SINKWATCH_QUEUE; the README's compose example adds the flag.
+    monkeypatch.setenv("SINKWATCH_QUEUE", "/data/queue")
+    assert parse("--comfyui-input", str(tmp_path / "input")).queue_folder == tmp_path / "input"
+
+
+def test_comfyui_input_from_the_environment_beats_a_queue_from_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SINKWATCH_COMFYUI_INPUT", str(tmp_path / "input"))
+    path = config(tmp_path, 'queue = "/data/queue"\n')
+    assert load_settings(config_file=path).queue_folder == tmp_path / "input"
+
+
+@pytest.mark.parametrize(
+    ("queue_from", "comfyui_from"),
+    [("the environment", "the environment"), ("a flag", "the environment"), ("the config file", "the config file")],
+)
+def test_a_queue_at_the_same_or_a_higher_precedence_than_comfyui_input_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, queue_from: str, comfyui_from: str
+) -> None:
+    values = {"queue": str(tmp_path / "queue"), "comfyui_input": str(tmp_path / "input")}
+    flags: dict[str, str] = {}
+    lines = []
+    for name, where in (("queue", queue_from), ("comfyui_input", comfyui_from)):
+        if where == "a flag":
+            flags[name] = values[name]
+        elif where == "the environment":
+            monkeypatch.setenv(f"SINKWATCH_{name.upper()}", values[name])
+        else:
+            lines.append(f'{name} = "{values[name]}"\n')
+    path = config(tmp_path, "".join(lines))
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config_file=path, flags=flags)
+    message = str(caught.value)
+    assert "name different folders" in message
+    assert f"queue ({values['queue']}, from {queue_from}" in message, message
+    assert f"comfyui_input ({values['comfyui_input']}, from {comfyui_from}" in message, message
+
+
 def test_without_comfyui_input_the_queue_is_the_queue_folder(tmp_path: Path) -> None:
     settings = parse("--queue", str(tmp_path / "q"))
     assert settings.queue_folder == tmp_path / "q"
@@ -263,3 +305,40 @@ def test_include_and_ignore_keep_fnmatch_globs_that_mean_something(tmp_path: Pat
     settings = parse(*[arg for glob in globs for arg in ("--include", glob)])
     assert settings.include == globs
     assert Selection(tmp_path, include=settings.include).relpath(tmp_path / "{x}.png") == "{x}.png"
+
+
+# -- empty variables, mixed config files, the watch folder given ------------------------------
+
+
+def test_an_empty_environment_variable_is_no_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `KEY=` in an env file unsets it; read as a path it would be the current directory.
+    for name in ("STATE_DIR", "RULES", "WORKERS", "QUEUE", "COMFYUI_INPUT"):
+        monkeypatch.setenv(f"SINKWATCH_{name}", "")
+    settings = load_settings()
+    assert settings.state_dir is None and settings.rules is None and settings.comfyui_input is None
+    assert settings.queue_folder == Path("queue")
+    assert settings.workers == Settings.model_fields["workers"].default
+
+
+def test_top_level_keys_beside_a_sinkwatch_table_are_refused(tmp_path: Path) -> None:
+    path = config(tmp_path, "workers = 1\n[sinkwatch]\nqueue_size = 3\n")
+    with pytest.raises(ConfigError, match=r"both at top level and under \[sinkwatch\]; use one") as caught:
+        load_settings(config_file=path)
+    assert str(path) in str(caught.value)
+
+
+def test_a_sinkwatch_table_beside_other_tables_is_refused_too(tmp_path: Path) -> None:
+    path = config(tmp_path, "[sinkwatch]\nworkers = 1\n[other]\nqueue_size = 3\n")
+    with pytest.raises(ConfigError, match="use one"):
+        load_settings(config_file=path)
+
+
+@pytest.mark.parametrize("source", ["default", "flag", "environment", "config"])
+def test_the_watch_folder_counts_as_given_from_any_source_but_the_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str
+) -> None:
+    flags = {"watch": "w"} if source == "flag" else {}
+    if source == "environment":
+        monkeypatch.setenv("SINKWATCH_WATCH", "w")
+    path = config(tmp_path, 'watch = "w"\n' if source == "config" else "")
+    assert load_settings(config_file=path, flags=flags).watch_given is (source != "default")

@@ -31,6 +31,10 @@ def tracker(clock: FakeClock) -> StabilityTracker:
     return StabilityTracker(settle=2.0, clock=clock)
 
 
+def settled(tracker: StabilityTracker) -> list[Path]:
+    return [path for path, _held in tracker.ready()]
+
+
 def grow(path: Path, data: bytes) -> None:
     with path.open("ab") as handle:
         handle.write(data)
@@ -42,12 +46,12 @@ def test_a_file_is_ready_once_it_held_still_for_the_settle_time(
     path = tmp_path / "a.png"
     path.write_bytes(b"complete")
     tracker.observe(path)
-    assert tracker.ready() == []
+    assert settled(tracker) == []
     clock.advance(1.999)
-    assert tracker.ready() == []
+    assert settled(tracker) == []
     clock.advance(0.001)
-    assert tracker.ready() == [path]
-    assert tracker.ready() == [], "returned once, then forgotten"
+    assert settled(tracker) == [path]
+    assert settled(tracker) == [], "returned once, then forgotten"
     assert tracker.pending() == 0
 
 
@@ -59,9 +63,9 @@ def test_a_growing_file_waits_until_it_stops(tmp_path: Path, tracker: StabilityT
         clock.advance(1.5)
         grow(path, b"more")
         tracker.observe(path)  # the watcher's "modified" event
-        assert tracker.ready() == []
+        assert settled(tracker) == []
     clock.advance(2.0)
-    assert tracker.ready() == [path]
+    assert settled(tracker) == [path]
 
 
 def test_a_change_seen_only_at_check_time_restarts_the_wait(
@@ -72,11 +76,11 @@ def test_a_change_seen_only_at_check_time_restarts_the_wait(
     tracker.observe(path)
     grow(path, b" and the rest")  # no event for this write (polling observers miss some)
     clock.advance(2.0)
-    assert tracker.ready() == [], "the size changed since it was observed"
+    assert settled(tracker) == [], "the size changed since it was observed"
     clock.advance(1.0)
-    assert tracker.ready() == []
+    assert settled(tracker) == []
     clock.advance(1.0)
-    assert tracker.ready() == [path]
+    assert settled(tracker) == [path]
 
 
 def test_same_size_but_new_mtime_counts_as_a_change(
@@ -88,9 +92,9 @@ def test_same_size_but_new_mtime_counts_as_a_change(
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     clock.advance(2.0)
-    assert tracker.ready() == []
+    assert settled(tracker) == []
     clock.advance(2.0)
-    assert tracker.ready() == [path]
+    assert settled(tracker) == [path]
 
 
 def test_observing_an_unchanged_file_again_does_not_restart_the_wait(
@@ -102,7 +106,7 @@ def test_observing_an_unchanged_file_again_does_not_restart_the_wait(
     clock.advance(1.5)
     tracker.observe(path)  # duplicate event
     clock.advance(0.5)
-    assert tracker.ready() == [path]
+    assert settled(tracker) == [path]
 
 
 def test_vanished_files_are_dropped(tmp_path: Path, tracker: StabilityTracker, clock: FakeClock) -> None:
@@ -111,7 +115,7 @@ def test_vanished_files_are_dropped(tmp_path: Path, tracker: StabilityTracker, c
     tracker.observe(path)
     path.unlink()
     clock.advance(5.0)
-    assert tracker.ready() == []
+    assert settled(tracker) == []
     assert tracker.pending() == 0
     tracker.observe(tmp_path / "never-existed.png")
     assert tracker.pending() == 0
@@ -126,7 +130,7 @@ def test_a_file_replaced_by_a_folder_is_not_handed_on(
     path.unlink()
     path.mkdir()
     clock.advance(5.0)
-    assert tracker.ready() == []
+    assert settled(tracker) == []
     assert tracker.pending() == 0
 
 
@@ -140,7 +144,7 @@ def test_forget_and_pending(tmp_path: Path, tracker: StabilityTracker, clock: Fa
     tracker.forget(tmp_path / "unknown.png")
     assert tracker.pending() == 2
     clock.advance(2.0)
-    assert tracker.ready() == [paths[0], paths[2]]
+    assert settled(tracker) == [paths[0], paths[2]]
 
 
 def test_files_settle_independently(tmp_path: Path, tracker: StabilityTracker, clock: FakeClock) -> None:
@@ -151,9 +155,9 @@ def test_files_settle_independently(tmp_path: Path, tracker: StabilityTracker, c
     late.write_bytes(b"l")
     tracker.observe(late)
     clock.advance(1.0)
-    assert tracker.ready() == [early]
+    assert settled(tracker) == [early]
     clock.advance(1.0)
-    assert tracker.ready() == [late]
+    assert settled(tracker) == [late]
 
 
 def test_zero_settle_hands_on_at_the_next_check(tmp_path: Path, clock: FakeClock) -> None:
@@ -161,9 +165,48 @@ def test_zero_settle_hands_on_at_the_next_check(tmp_path: Path, clock: FakeClock
     path = tmp_path / "a.png"
     path.write_bytes(b"x")
     tracker.observe(path)
-    assert tracker.ready() == [path]
+    assert settled(tracker) == [path]
 
 
 def test_negative_settle_is_refused() -> None:
     with pytest.raises(ValueError, match="settle"):
         StabilityTracker(settle=-1.0)
+
+
+# -- how long a settled file has held still: where its publish latency starts -------------------------
+
+
+def test_a_moved_in_file_has_held_still_since_its_event(
+    tmp_path: Path, tracker: StabilityTracker, clock: FakeClock
+) -> None:
+    path = tmp_path / "moved.png"
+    path.write_bytes(b"complete already")
+    tracker.observe(path)  # the "moved" event
+    clock.advance(3.5)  # the loop looked late
+    assert tracker.ready() == [(path, 3.5)]
+
+
+def test_a_growing_file_has_held_still_since_its_last_change(
+    tmp_path: Path, tracker: StabilityTracker, clock: FakeClock
+) -> None:
+    path = tmp_path / "slow.png"
+    path.write_bytes(b"start")
+    tracker.observe(path)
+    clock.advance(1.0)
+    grow(path, b"end")
+    tracker.observe(path)  # "modified": the close is about now
+    clock.advance(2.25)
+    assert tracker.ready() == [(path, 2.25)]
+
+
+def test_a_change_found_only_at_check_time_counts_from_that_check(
+    tmp_path: Path, tracker: StabilityTracker, clock: FakeClock
+) -> None:
+    path = tmp_path / "quiet.png"
+    path.write_bytes(b"first part")
+    tracker.observe(path)
+    grow(path, b" and the rest")  # no event: the change is known only when the check finds it
+    clock.advance(2.0)
+    assert tracker.ready() == []
+    clock.advance(2.0)
+    assert tracker.ready() == [(path, 2.0)]

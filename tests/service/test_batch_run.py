@@ -1,0 +1,58 @@
+"""`sinkwatch process`'s loop (`service.batch._run`) on a ledger it shares with the daemon: it takes on,
+waits for and counts only the files it was given, and counts the ones the ledger has done as unchanged.
+
+Real ledger and engine on tmp folders; every case here ends without a job, so no worker starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.batch import _run
+from service.engine import Candidate, Engine
+from tests.service.conftest import IdleEngine
+
+CONTENT = b"judged by size and mtime; a worker would refuse it, and none is started"
+MAX_ATTEMPTS = 3
+
+
+@pytest.fixture
+def engine(watch: Path, idle_engine: IdleEngine) -> Engine:
+    return idle_engine(resolve=lambda key: watch / key)
+
+
+def recorded(engine: Engine, path: Path, state: str) -> Candidate:
+    path.write_bytes(CONTENT)
+    st = path.stat()
+    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "ctime_ns": st.st_ctime_ns}
+    key = path.name
+    engine.ledger.start(key, **stamp, sha256=None, rule="default", fingerprint="f")
+    if state == "published":
+        engine.ledger.published(key, **stamp, sha256="0" * 64, rule="default", fingerprint="f")
+    elif state == "rejected":
+        engine.ledger.rejected(key, reason="corrupt", message="")
+    else:
+        engine.ledger.retry(key, reason="incomplete", message="", next_attempt=0.0)  # due now
+    return Candidate(key, path, "batch", 0.0)
+
+
+def test_files_the_ledger_has_done_count_as_unchanged(engine: Engine, watch: Path) -> None:
+    sources = [recorded(engine, watch / f"{state}.png", state) for state in ("published", "rejected")]
+
+    assert _run(engine, sources, MAX_ATTEMPTS) == 2
+    assert not engine.pending and not engine.in_flight
+    assert engine.counts == {"published": 0, "rejected": 0, "retried": 0, "skipped": 0}
+
+
+def test_the_daemons_due_retry_is_left_to_the_daemon(engine: Engine, watch: Path) -> None:
+    recorded(engine, watch / "stuck.png", "retry")
+    mine = recorded(engine, watch / "mine.png", "published")
+
+    already = _run(engine, [mine], MAX_ATTEMPTS)
+
+    stuck = engine.ledger.get("stuck.png")
+    assert stuck is not None and (stuck.state, stuck.attempts) == ("retry", 1), "process retried the daemon's file"
+    assert engine.counts == {"published": 0, "rejected": 0, "retried": 0, "skipped": 0}
+    assert already == 1

@@ -1,0 +1,74 @@
+"""Engine.requeue_due and Engine.retrying: which waiting retries are offered again, and when a run may end.
+
+Real ledger and engine; nothing is dispatched, the pending queue and the ledger are what the tests read.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from service.engine import Engine
+from tests.service.conftest import IdleEngine
+
+CONTENT = b"the engine judges the file's kind, size and mtime; it never reads it here"
+MAX_ATTEMPTS = 3
+
+
+@pytest.fixture
+def engine(watch: Path, idle_engine: IdleEngine) -> Engine:
+    return idle_engine(resolve=lambda key: watch / key)
+
+
+def waiting(engine: Engine, watch: Path, name: str, *, due: bool = True) -> Path:
+    """A source with a retry row (after one failed attempt) that is due now, or far in the future."""
+    path = watch / name
+    path.write_bytes(CONTENT)
+    st = path.stat()
+    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "ctime_ns": st.st_ctime_ns}
+    engine.ledger.start(name, **stamp, sha256=None, rule="default", fingerprint="f")
+    engine.ledger.retry(name, reason="incomplete", message="", next_attempt=0.0 if due else 1e12)
+    return path
+
+
+def test_a_due_retry_of_a_regular_file_is_offered_again(engine: Engine, watch: Path) -> None:
+    waiting(engine, watch, "a.png")
+    engine.requeue_due()
+    assert list(engine.pending) == ["a.png"]
+    assert engine.pending["a.png"].source == "retry"
+
+
+@pytest.mark.parametrize("becomes", ["a folder", "a dangling symlink", "nothing"])
+def test_a_due_retry_whose_file_is_no_longer_a_regular_file_is_forgotten_so_a_run_can_end(
+    engine: Engine, watch: Path, becomes: str
+) -> None:
+    path = waiting(engine, watch, "a.png")
+    path.unlink()
+    if becomes == "a folder":
+        path.mkdir()
+    elif becomes == "a dangling symlink":
+        os.symlink(watch / "absent.png", path)
+    assert engine.retrying(MAX_ATTEMPTS)
+
+    engine.requeue_due()
+
+    assert engine.ledger.get("a.png") is None
+    assert not engine.pending
+    assert not engine.retrying(MAX_ATTEMPTS), "a `run --once` or `process` would wait for this row for ever"
+
+
+def test_only_the_given_keys_are_requeued_and_waited_for(engine: Engine, watch: Path) -> None:
+    waiting(engine, watch, "daemons.png")
+    waiting(engine, watch, "later.png", due=False)
+    waiting(engine, watch, "mine.png")
+
+    engine.requeue_due({"mine.png"})
+
+    assert list(engine.pending) == ["mine.png"]
+    left = engine.ledger.get("daemons.png")
+    assert left is not None and left.state == "retry"
+    assert engine.retrying(MAX_ATTEMPTS, {"later.png"})
+    assert not engine.retrying(MAX_ATTEMPTS, {"elsewhere.png"}), "another source's retry held the run open"
+    assert engine.retrying(MAX_ATTEMPTS), "without keys every waiting source counts, as the daemon needs"

@@ -1,0 +1,64 @@
+"""service.folders: the start-up checks of the watch, queue and state folders."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+from service import folders
+from service.errors import ConfigError, PublishError
+from service.folders import prepare_folders
+
+
+def test_the_default_watch_folder_is_created(tmp_path: Path) -> None:
+    # `sinkwatch run` with no configuration at all must start.
+    found = prepare_folders(tmp_path / "watch", tmp_path / "queue", None, if_watch_missing="create")
+    assert found.watch.is_dir() and found.queue.is_dir() and found.state.is_dir()
+
+
+def test_a_named_watch_folder_that_is_missing_is_not_created(tmp_path: Path) -> None:
+    # Creating it would hide a typo in --watch behind a daemon that watches an empty folder forever.
+    found = prepare_folders(tmp_path / "typo", tmp_path / "queue", None, if_watch_missing="wait")
+    assert found.watch == (tmp_path / "typo").resolve()
+    assert not found.watch.exists()
+    assert found.queue.is_dir()
+
+
+def test_refusing_a_missing_watch_folder_makes_no_folder_at_all(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="the watch folder does not exist") as caught:
+        prepare_folders(tmp_path / "typo", tmp_path / "queue", None, if_watch_missing="refuse")
+    assert "typo" in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_watch_path_that_is_a_file_is_still_a_configuration_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not a folder"):
+        prepare_folders(tmp_path / "file", tmp_path / "queue", None, if_watch_missing="wait")
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES])
+def test_a_queue_that_cannot_be_written_yet_is_a_transient_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    # A full disk, or a mount that is read-only or not up at boot: restarting later may work.
+    def refuse(**_kwargs: object) -> NoReturn:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(folders.tempfile, "TemporaryFile", refuse)
+    with pytest.raises(PublishError, match="the queue folder is not writable") as caught:
+        prepare_folders(tmp_path / "watch", tmp_path / "queue", None, if_watch_missing="create")
+    assert caught.value.transient
+    assert caught.value.path == str((tmp_path / "queue").resolve())
+
+
+def test_a_queue_below_a_file_is_a_configuration_error(tmp_path: Path) -> None:
+    # No waiting makes a file a folder: exit 2, the unit does not restart it.
+    (tmp_path / "file").write_text("x", encoding="utf-8")
+    with pytest.raises(ConfigError, match="cannot create the queue folder") as caught:
+        prepare_folders(tmp_path / "watch", tmp_path / "file" / "queue", None, if_watch_missing="create")
+    assert not caught.value.transient

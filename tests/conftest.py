@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -48,6 +50,15 @@ def photo_file(name: str) -> Path:
 
     stem = {"motorcycle_left": "motorcycle_left.png", "rocket": "rocket.jpg"}.get(name, f"{name}.png")
     return Path(skimage.data.__file__).parent / stem
+
+
+def fast_extra(module: str) -> ModuleType:
+    """A module of the `fast` extra. The test command installs it (`.[test,fast]`): missing, it is a failure
+    to fix, not a skip that would pass CI with half of these tests never run."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        pytest.fail(f"{module} is not importable ({exc}): install the `fast` extra: pip install -e '.[test,fast]'")
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -75,3 +76,12 @@ def idle_engine(tmp_path: Path) -> Iterator[IdleEngine]:
 
         yield make
     pool.close()
+
+
+def replace_keeping_mtime(path: Path, content: bytes) -> None:
+    """What ``rsync -t`` does: new bytes in a temporary file given the old mtime, renamed over the old file."""
+    st = path.stat()
+    temporary = path.with_name(f".{path.name}.partial")
+    temporary.write_bytes(content)
+    os.utime(temporary, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(temporary, path)

@@ -21,19 +21,10 @@ from PIL import Image, PngImagePlugin
 
 from service import decode
 from service.errors import CorruptImage, InputError
-from tests.conftest import load_photo
+from tests.conftest import fast_extra, load_photo
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COMFY_TEXT = {"prompt": '{"3": {"class_type": "KSampler", "inputs": {"seed": 7}}}', "workflow": '{"nodes": []}'}
-
-
-def fast_extra(module: str) -> ModuleType:
-    """A module of the `fast` extra. The test command installs it (`.[test,fast]`): missing, it is a failure
-    to fix, not a skip that would pass CI with half of these tests never run."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        pytest.fail(f"{module} is not importable ({exc}): install the `fast` extra: pip install -e '.[test,fast]'")
 
 
 @dataclass

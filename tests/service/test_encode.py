@@ -22,22 +22,13 @@ from PIL import Image
 from service import encode
 from service.decode import decode_bytes
 from service.encode import encode_png
-from tests.conftest import PHOTO_NAMES, load_photo
+from tests.conftest import PHOTO_NAMES, fast_extra, load_photo
 
 COMFY_TEXT = {
     "prompt": json.dumps({"3": {"class_type": "KSampler", "inputs": {"seed": 7, "text": "a cat, ç'est beau"}}}),
     "workflow": json.dumps({"nodes": [{"id": n, "type": "CLIPTextEncode"} for n in range(50)]}),
     "caption": "猫 in the rain ☔",
 }
-
-
-def fast_extra(module: str) -> ModuleType:
-    """A module of the `fast` extra. The test command installs it (`.[test,fast]`): missing, it is a failure
-    to fix, not a skip that would pass CI with half of these tests never run."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        pytest.fail(f"{module} is not importable ({exc}): install the `fast` extra: pip install -e '.[test,fast]'")
 
 
 @pytest.fixture(params=["fpng", "opencv"])

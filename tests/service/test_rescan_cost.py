@@ -24,7 +24,7 @@ from service.runner import Job
 from service.selection import Selection
 from service.stability import StabilityTracker
 from service.watcher import EventQueue
-from tests.service.conftest import IdleEngine
+from tests.service.conftest import IdleEngine, replace_keeping_mtime
 
 CONTENT = b"the engine judges size and mtime, it never reads a file here"
 
@@ -78,15 +78,6 @@ class FileStamp(TypedDict):
 
 def stamp(st: os.stat_result) -> FileStamp:
     return FileStamp(size=st.st_size, mtime_ns=st.st_mtime_ns, ino=st.st_ino, ctime_ns=st.st_ctime_ns)
-
-
-def replace_keeping_mtime(path: Path, content: bytes) -> None:
-    """What ``rsync -t`` does: new bytes in a temporary file given the old mtime, renamed over the old file."""
-    st = path.stat()
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(content)
-    os.utime(temporary, ns=(st.st_atime_ns, st.st_mtime_ns))
-    os.replace(temporary, path)
 
 
 def touch_later(path: Path) -> None:

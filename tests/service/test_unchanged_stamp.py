@@ -20,6 +20,7 @@ from service.ledger import Ledger
 from service.rules import load_rules
 from service.runner import Job, Outcome, process_job
 from tests.conftest import photo_file
+from tests.service.conftest import replace_keeping_mtime
 
 
 class FileStamp(TypedDict):
@@ -52,15 +53,6 @@ def until_ctime_moves(path: Path, change: Callable[[], None]) -> None:
         change()
 
 
-def rsync_t(path: Path, content: bytes) -> None:
-    """New bytes in a temporary file given the old mtime, renamed over the old file."""
-    st = path.stat()
-    temporary = path.with_name(f".{path.name}.partial")
-    temporary.write_bytes(content)
-    os.utime(temporary, ns=(st.st_atime_ns, st.st_mtime_ns))
-    os.replace(temporary, path)
-
-
 def cp_p_in_place(path: Path, content: bytes) -> None:
     """New bytes written into the same inode, then the old mtime set back."""
     st = path.stat()
@@ -79,7 +71,7 @@ def source(watch: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("copy", [rsync_t, cp_p_in_place])
+@pytest.mark.parametrize("copy", [replace_keeping_mtime, cp_p_in_place])
 def test_new_bytes_of_the_same_size_and_mtime_are_not_taken_for_done(
     ledger: Ledger, source: Path, copy: Callable[[Path, bytes], None]
 ) -> None:
@@ -101,7 +93,7 @@ def test_other_states_see_the_replacement_too(ledger: Ledger, source: Path, stat
     else:
         ledger.retry(source.name, reason="incomplete", message="", next_attempt=1e12)
     assert done(ledger, source)  # unchanged: rejected for good, or its scheduled retry will come
-    rsync_t(source, source.read_bytes()[::-1])
+    replace_keeping_mtime(source, source.read_bytes()[::-1])
     assert not done(ledger, source)
 
 
@@ -112,7 +104,7 @@ def test_a_row_recorded_before_inodes_were_is_trusted_as_it_was_then_pinned(ledg
     assert ledger.stamps([source.name])[source.name].ino is None
     assert done(ledger, source)
     assert ledger.stamps([source.name])[source.name].file == (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
-    rsync_t(source, source.read_bytes()[::-1])
+    replace_keeping_mtime(source, source.read_bytes()[::-1])
     assert not done(ledger, source), "once pinned, a replacement of the same size and mtime is seen"
 
 
@@ -193,7 +185,7 @@ def test_a_replacement_of_the_same_size_and_mtime_while_read_is_tried_again(
 ) -> None:
     def decode_then_replace(path: Path, **kwargs: Any) -> DecodedImage:
         decoded = decode_file(path, **kwargs)
-        rsync_t(path, path.read_bytes()[::-1])
+        replace_keeping_mtime(path, path.read_bytes()[::-1])
         return decoded
 
     monkeypatch.setattr(runner, "decode_file", decode_then_replace)

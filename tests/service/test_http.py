@@ -103,7 +103,15 @@ def test_metrics_in_openmetrics_when_asked(server: http.MetricsServer) -> None:
 
 
 def test_query_string_is_ignored(server: http.MetricsServer) -> None:
-    assert get(server.url + "/metrics?name[]=sinkwatch_workers").status == 200
+    def families(url: str) -> set[str]:
+        reply = get(url)
+        assert reply.status == 200
+        return {line.split()[2] for line in reply.body.decode().splitlines() if line.startswith("# TYPE ")}
+
+    # prometheus_client's own handler would serve only sinkwatch_workers for this query.
+    everything = families(server.url + "/metrics")
+    assert {"sinkwatch_workers", "sinkwatch_rejections_total", "process_start_time_seconds"} <= everything
+    assert families(server.url + "/metrics?name[]=sinkwatch_workers") == everything
 
 
 def test_healthz_follows_the_probe(server: http.MetricsServer, probe: Probe) -> None:

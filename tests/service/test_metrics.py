@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 import shutil
 import subprocess
 
@@ -25,6 +26,8 @@ from service.metrics import (
 
 # Label names a sinkwatch series may carry: all bounded slugs, never a path.
 ALLOWED_LABELS = {"source", "rule", "outcome", "reason", "stage", "le", "version", "rules_fingerprint"}
+# What a label value may be: a short lower-case slug (rule names are validated the same way), never a path.
+SLUG = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 
 
 @pytest.fixture
@@ -117,6 +120,9 @@ def test_labels_are_bounded_slugs(registry: CollectorRegistry) -> None:
             continue
         for sample in family.samples:
             assert set(sample.labels) <= ALLOWED_LABELS, sample
+            for label, value in sample.labels.items():
+                if label not in ("le", "version"):  # bucket bounds and the package version are not slugs
+                    assert SLUG.fullmatch(value), f"{family.name}{{{label}={value!r}}} is not a bounded slug"
 
 
 def test_add_rule_pre_initialises_its_outcomes(registry: CollectorRegistry) -> None:

@@ -10,13 +10,13 @@ another source's) from ever being taken over.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from service.file_hash import sha256_file
 from service.ledger import Ledger
 from service.publish import Publisher
 
@@ -78,14 +78,6 @@ def _own_sidecar(publisher: Publisher, name: str, key: str) -> dict[str, Any] | 
 def taken(publisher: Publisher, name: str, key: str) -> bool:
     """A frame of that name exists and is not ours: the user's own file, or another source's."""
     return publisher.frame_path(name).exists() and _own_sidecar(publisher, name, key) is None
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _complete(sidecar: dict[str, Any], source: Path, frame: Path) -> bool:

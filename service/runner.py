@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 import time
 import traceback
 from collections.abc import Mapping
@@ -24,6 +23,7 @@ from service import __version__
 from service.decode import decode_file
 from service.encode import encode_png
 from service.errors import IncompleteImage, PublishError, SinkwatchError
+from service.file_hash import sha256_file
 from service.ledger_stamps import file_stamp
 from service.metrics import publish_error_reason
 from service.publish import Publisher
@@ -184,13 +184,8 @@ def _check_unchanged(job: Job, before: os.stat_result) -> None:
 
 
 def _sha256(path: Path) -> str | None:
-    """The hash of a regular file's bytes; None for anything else, which decoding then rejects."""
     try:
-        # O_NONBLOCK: a FIFO put in the place of a published source must not hang the worker in open().
-        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | getattr(os, "O_NONBLOCK", 0))) as handle:
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                return None
-            return hashlib.file_digest(handle, "sha256").hexdigest()
+        return sha256_file(path)
     except OSError as exc:  # vanished, locked, unreadable for now: worth another try
         raise IncompleteImage(f"cannot read the file: {exc.strerror or exc}", path=path) from exc
 

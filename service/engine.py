@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loguru import logger
+
 from service import recovery, unchanged
 from service.errors import SinkwatchError
-from service.ledger import Ledger
+from service.ledger import Entry, Ledger
 from service.metrics import Metrics
 from service.naming import safe_stem
 from service.outcomes import OnPublished, Outcomes
@@ -228,11 +230,7 @@ class Engine:
             return
         entry = self.ledger.get(candidate.key)
         rule = self.forced_rule or self.rules.select(candidate.name_source)
-        name = self.ledger.name_for(
-            candidate.key,
-            safe_stem(candidate.name_source),
-            exists=lambda n: recovery.taken(self.publisher, n, candidate.key),
-        )
+        name = self._output_name(candidate, entry)
         known = entry.sha256 if entry and entry.state == "published" and not self.force else None
         made_by = (rule.name, rule.fingerprint)
         if known is not None and entry is not None and entry.rule and entry.fingerprint:
@@ -259,6 +257,28 @@ class Engine:
             known_sha256=known,
         )
         self.in_flight[self.pool.submit(job)] = (candidate, job)
+
+    def _output_name(self, candidate: Candidate, entry: Entry | None) -> str:
+        """The source's output name; a new one when its frame there is no longer the one sinkwatch wrote."""
+        stem = safe_stem(candidate.name_source)
+        name = self.ledger.name_for(
+            candidate.key, stem, exists=lambda n: recovery.taken(self.publisher, n, candidate.key)
+        )
+        recorded = entry.frame_sha256 if entry is not None and entry.output_name == name else None
+        if recovery.replaceable(self.publisher, name, candidate.key, recorded=recorded):
+            return name
+        # Any file there now is someone's: an earlier name of this source may hold the user's edit too.
+        new = self.ledger.name_for(
+            candidate.key, stem, exists=lambda n: os.path.lexists(self.publisher.frame_path(n)), instead_of=name
+        )
+        logger.bind(source=candidate.key, frame=f"{new}.png").warning(
+            "{}.png in the queue is not the frame sinkwatch published there (edited or replaced): "
+            "left as it is; {} is published as {}.png",
+            name,
+            candidate.key,
+            new,
+        )
+        return new
 
     def _collect(self, timeout: float) -> int:
         signal: list[Future[Any]] = [self.wakeup()] if self.wakeup is not None else []

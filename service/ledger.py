@@ -53,7 +53,7 @@ FINAL_STATES = ("published", "rejected")
 # The columns in the order of Entry's fields.
 _SELECT_ENTRY = """
     SELECT s.relpath, s.size, s.mtime_ns, s.sha256, s.rule, s.fingerprint, s.state, n.name,
-           s.attempts, s.next_attempt, s.reason, s.message, s.updated
+           s.attempts, s.next_attempt, s.reason, s.message, s.updated, s.frame_sha256
     FROM sources AS s LEFT JOIN names AS n ON n.relpath = s.relpath
 """
 
@@ -73,6 +73,7 @@ class Entry:
     reason: str | None
     message: str | None
     updated: float
+    frame_sha256: str | None = None  # of the frame last published under output_name
 
 
 class Ledger(UploadLedger, StampLedger):
@@ -159,21 +160,29 @@ class Ledger(UploadLedger, StampLedger):
 
     # -- names ----------------------------------------------------------------
 
-    def name_for(self, relpath: str, stem: str, *, exists: Callable[[str], bool]) -> str:
+    def name_for(self, relpath: str, stem: str, *, exists: Callable[[str], bool], instead_of: str | None = None) -> str:
         """The output name of `relpath`: the one it already has, else the first free of
         `stem`, ``stem-<hash>``, ``stem-<hash>-2``, ... (free: no other source owns it,
-        compared case-insensitively, and ``exists(name)`` is False)."""
+        compared case-insensitively, and ``exists(name)`` is False).
+
+        `instead_of`: the name it has is lost to it (someone else's file is there now), so a
+        new one is chosen, never that one again.
+        """
         key = db_key(relpath)
+        lost = None if instead_of is None else _fold(instead_of)
         with self._transaction() as db:
-            row = db.execute("SELECT name FROM names WHERE relpath = ?", (key,)).fetchone()
-            if row:
+            row = db.execute("SELECT name, folded FROM names WHERE relpath = ?", (key,)).fetchone()
+            if row and row[1] != lost:
                 return str(row[0])
+            db.execute("DELETE FROM names WHERE relpath = ?", (key,))
             candidates = itertools.chain(
                 (stem, disambiguated(stem, relpath)),
                 (disambiguated(stem, relpath, counter=n) for n in itertools.count(2)),
             )
             for name in candidates:
                 folded = _fold(name)
+                if folded == lost:
+                    continue
                 if db.execute("SELECT 1 FROM names WHERE folded = ?", (folded,)).fetchone() or exists(name):
                     continue
                 db.execute("INSERT INTO names (relpath, name, folded) VALUES (?, ?, ?)", (key, name, folded))
@@ -240,15 +249,19 @@ class Ledger(UploadLedger, StampLedger):
         fingerprint: str,
         ino: int | None = None,
         ctime_ns: int | None = None,
+        frame_sha256: str | None = None,
     ) -> None:
+        """The source's outputs are in place; `frame_sha256` is the frame's hash when it was written just now
+        (None: the frame on disk is still the one recorded before, as for unchanged content)."""
         self._write(
             """INSERT INTO sources (relpath, state, size, mtime_ns, ino, ctime_ns, sha256, rule, fingerprint,
-                                    attempts, updated)
-               VALUES (?, 'published', ?, ?, ?, ?, ?, ?, ?, 1, ?)
+                                    attempts, updated, frame_sha256)
+               VALUES (?, 'published', ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)
                ON CONFLICT (relpath) DO UPDATE SET
                    state = 'published', size = excluded.size, mtime_ns = excluded.mtime_ns,
                    ino = excluded.ino, ctime_ns = excluded.ctime_ns,
                    sha256 = excluded.sha256, rule = excluded.rule, fingerprint = excluded.fingerprint,
+                   frame_sha256 = COALESCE(excluded.frame_sha256, frame_sha256),
                    next_attempt = NULL, reason = NULL, message = NULL, updated = excluded.updated""",
             (
                 db_key(relpath),
@@ -260,6 +273,7 @@ class Ledger(UploadLedger, StampLedger):
                 db_text(rule),
                 db_text(fingerprint),
                 self.clock(),
+                db_text(frame_sha256),
             ),
         )
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from service.errors import ConfigError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Statements that bring a ledger from version N-1 to N; a new version appends an entry.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
@@ -63,6 +63,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE sources ADD COLUMN ino INTEGER",
         "ALTER TABLE sources ADD COLUMN ctime_ns INTEGER",
     ),
+    # The hash of the frame last published for a source: a frame of its name with other content was
+    # put there by someone else, and is never replaced. NULL before: the sidecar's record is asked instead.
+    4: ("ALTER TABLE sources ADD COLUMN frame_sha256 TEXT",),
 }
 
 

@@ -97,6 +97,7 @@ class Outcomes:
             sha256=sha256,
             rule=outcome.rule,
             fingerprint=outcome.fingerprint,
+            frame_sha256=outcome.frame_sha256,
         )
         self._count(outcome.rule, "published")
         m = self.metrics

@@ -56,6 +56,7 @@ def recover(
                 sha256=sidecar["source"]["sha256"],
                 rule=sidecar["rule"]["name"],
                 fingerprint=sidecar["rule"]["fingerprint"],
+                frame_sha256=sidecar["output"]["frame_sha256"],
             )
             if published is not None:
                 width, height = sidecar["output"]["width"], sidecar["output"]["height"]
@@ -78,6 +79,30 @@ def _own_sidecar(publisher: Publisher, name: str, key: str) -> dict[str, Any] | 
 def taken(publisher: Publisher, name: str, key: str) -> bool:
     """A frame of that name exists and is not ours: the user's own file, or another source's."""
     return publisher.frame_path(name).exists() and _own_sidecar(publisher, name, key) is None
+
+
+def replaceable(publisher: Publisher, name: str, key: str, *, recorded: str | None) -> bool:
+    """The frame `name` may be replaced by a new one of source `key`: there is none, or it is the
+    frame published last for that source (`recorded`, the ledger's hash of it, or its sidecar's).
+
+    Anything else there (edited, replaced, unreadable) is someone else's now and stays as it is.
+    """
+    frame = publisher.frame_path(name)
+    try:
+        found = sha256_file(frame)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    if found is None:
+        return False
+    if found == recorded:
+        return True
+    sidecar = _own_sidecar(publisher, name, key)
+    try:
+        return sidecar is not None and sidecar["output"]["frame_sha256"] == found
+    except (KeyError, TypeError):
+        return False
 
 
 def _complete(sidecar: dict[str, Any], source: Path, frame: Path) -> bool:

@@ -77,6 +77,7 @@ class Outcome:
     ino: int | None = None
     ctime_ns: int | None = None
     sha256: str | None = None
+    frame_sha256: str | None = None
     timings: Mapping[str, float] = field(default_factory=dict)
     scores: Mapping[str, float] = field(default_factory=dict)
     error: Mapping[str, object] | None = None
@@ -137,7 +138,8 @@ def process_job(job: Job) -> Outcome:
 
         sidecar = _sidecar(job, decoded.sha256, decoded.text, scores, timings, before)
         # Recovery after a crash compares this with the frame on disk: a sidecar alone proves nothing.
-        sidecar["output"]["frame_sha256"] = hashlib.sha256(frame).hexdigest()
+        frame_sha256 = hashlib.sha256(frame).hexdigest()
+        sidecar["output"]["frame_sha256"] = frame_sha256
         started = time.perf_counter()
         paths = Publisher(job.queue).publish(job.name, frame=frame, heatmap=heatmap, sidecar=sidecar)
         timings["publish"] = time.perf_counter() - started
@@ -165,6 +167,7 @@ def process_job(job: Job) -> Outcome:
         **stat_fields,
         status="published",
         sha256=decoded.sha256,
+        frame_sha256=frame_sha256,
         timings=timings,
         scores=scores,
         outputs={kind: path.name for kind, path in paths.items()},

@@ -45,20 +45,29 @@ def ledger(tmp_path: Path) -> Iterator[Ledger]:
 
 class IdleEngine(Protocol):
     def __call__(
-        self, *, resolve: Callable[[str], Path], queue_size: int = 8, wakeup: Callable[[], Future[None]] | None = None
+        self,
+        *,
+        resolve: Callable[[str], Path],
+        queue_size: int = 8,
+        wakeup: Callable[[], Future[None]] | None = None,
+        ledger: Ledger | None = None,
     ) -> Engine: ...
 
 
 @pytest.fixture
 def idle_engine(tmp_path: Path) -> Iterator[IdleEngine]:
-    """Makes an Engine on a real ledger and the shipped rules, for what happens before a job runs:
-    its pool starts no process until something is submitted."""
+    """Makes an Engine on a real ledger (or the one given) and the shipped rules, for what happens before
+    a job runs: its pool starts no process until something is submitted."""
     pool = WorkerPool(1)
     rules = load_rules(None)
-    with Ledger(tmp_path / "ledger.sqlite3") as ledger:
+    with Ledger(tmp_path / "ledger.sqlite3") as shared:
 
         def make(
-            *, resolve: Callable[[str], Path], queue_size: int = 8, wakeup: Callable[[], Future[None]] | None = None
+            *,
+            resolve: Callable[[str], Path],
+            queue_size: int = 8,
+            wakeup: Callable[[], Future[None]] | None = None,
+            ledger: Ledger | None = None,
         ) -> Engine:
             limits = Limits(
                 max_bytes=1 << 30, max_pixels=1 << 30, max_attempts=3, retry_base=1.0, queue_size=queue_size
@@ -66,7 +75,7 @@ def idle_engine(tmp_path: Path) -> Iterator[IdleEngine]:
             return Engine(
                 queue=tmp_path / "queue",
                 rules=rules,
-                ledger=ledger,
+                ledger=shared if ledger is None else ledger,
                 pool=pool,
                 metrics=Metrics(CollectorRegistry(), rules=rules.names),
                 limits=limits,

@@ -90,7 +90,7 @@ def test_a_version_2_ledger_is_migrated_and_its_rows_have_an_unknown_inode_and_c
         publish(ledger, "new.png")
         assert ledger.stamps(["new.png"]) == {"new.png": Stamp("published", 10, 20, 30, 40)}
     with sqlite3.connect(db_path) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
 
 
 def test_a_ledger_from_a_newer_sinkwatch_is_refused(db_path: Path) -> None:
@@ -309,6 +309,48 @@ def test_names_are_compared_case_insensitively(ledger: Ledger) -> None:
 def test_a_foreign_file_in_the_queue_is_never_taken_over(ledger: Ledger) -> None:
     foreign = {"cat"}
     assert ledger.name_for("cat.png", "cat", exists=foreign.__contains__) == disambiguated("cat", "cat.png")
+
+
+def test_a_name_lost_to_someone_elses_file_is_replaced_and_never_given_again(ledger: Ledger) -> None:
+    assert ledger.name_for("cat.png", "cat", exists=never) == "cat"
+    new = ledger.name_for("cat.png", "cat", exists=never, instead_of="cat")
+    assert new == disambiguated("cat", "cat.png")
+    assert ledger.name_for("cat.png", "cat", exists=never) == new
+    # Lost again, and the user's file still sits at "cat": the next candidate.
+    again = ledger.name_for("cat.png", "cat", exists={"cat"}.__contains__, instead_of=new)
+    assert again == disambiguated("cat", "cat.png", counter=2)
+    # Naming a name it does not have changes nothing.
+    assert ledger.name_for("cat.png", "cat", exists=never, instead_of="dog") == again
+
+
+def test_the_frame_hash_is_kept_until_a_new_frame_is_published(ledger: Ledger) -> None:
+    stamp = {"size": 10, "mtime_ns": 20, "ino": 30, "ctime_ns": 40, "rule": "default", "fingerprint": "f1"}
+    ledger.name_for("cat.png", "cat", exists=never)
+    ledger.published("cat.png", sha256=SHA, frame_sha256="1" * 64, **stamp)  # type: ignore[arg-type]
+    # Unchanged content touched: nothing was written, the frame on disk is still the recorded one.
+    ledger.published("cat.png", sha256=SHA, **stamp | {"mtime_ns": 21})  # type: ignore[arg-type]
+    entry = ledger.get("cat.png")
+    assert entry is not None and entry.frame_sha256 == "1" * 64
+    ledger.published("cat.png", sha256=SHA, frame_sha256="2" * 64, **stamp)  # type: ignore[arg-type]
+    entry = ledger.get("cat.png")
+    assert entry is not None and entry.frame_sha256 == "2" * 64
+
+
+def test_a_version_3_ledger_gains_an_unknown_frame_hash(db_path: Path) -> None:
+    db_path.parent.mkdir()
+    with sqlite3.connect(db_path) as raw:
+        for version in (1, 2, 3):
+            for statement in MIGRATIONS[version]:
+                raw.execute(statement)
+        raw.execute(
+            "INSERT INTO sources (relpath, state, size, mtime_ns, sha256, attempts, updated)"
+            " VALUES (?, 'published', 10, 20, ?, 1, 1.0)",
+            (b"old.png", SHA),
+        )
+        raw.execute("PRAGMA user_version = 3")
+    with Ledger(db_path) as ledger:
+        entry = ledger.get("old.png")
+        assert entry is not None and entry.state == "published" and entry.frame_sha256 is None
 
 
 def test_when_even_the_disambiguated_name_is_taken_a_counter_is_added(ledger: Ledger) -> None:

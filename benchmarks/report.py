@@ -117,12 +117,23 @@ def _single(single: dict[str, Any], codecs: str) -> list[str]:
             s["pipeline_over_floor"],
             s["between_over_codec"],
             s["resize_to_heatmap_over_codec"],
+            s["resize_over_codec"],
         ]
         for group, s in single.items()
     ]
     out += ["", "Floor (decode + resize + encode of the two outputs, same functions) and ratios"]
     out += table(
-        ["source", "decode", "resize", "encode", "floor", "pipeline/floor", "between/codec", "resize..heatmap/codec"],
+        [
+            "source",
+            "decode",
+            "resize",
+            "encode",
+            "floor",
+            "pipeline/floor",
+            "between/codec",
+            "resize..heatmap/codec",
+            "resize/codec",
+        ],
         rows,
     )
     calls = list(next(iter(single.values()))["core_calls_ms"])

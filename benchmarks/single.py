@@ -157,6 +157,8 @@ def _summary(samples: list[Sample]) -> dict[str, Any]:
         # Issue 3: everything between decode and encode over decode + encode.
         "between_over_codec": round(between_ms / codec_ms, 3),
         "resize_to_heatmap_over_codec": round(core_ms / codec_ms, 3),
+        # The resize alone, which every way of doing the job needs: a floor under between / codec.
+        "resize_over_codec": round(stages["resize"] / codec_ms, 3),
     }
 
 

@@ -77,6 +77,7 @@ def test_single_image_section_reports_every_stage_and_its_floor(run_once: tuple[
         assert summary["job_ms"] >= summary["pipeline_ms"] * 0.5
         assert summary["pipeline_over_floor"] == round(summary["pipeline_ms"] / summary["floor_ms"], 3)
         assert summary["between_over_codec"] >= summary["resize_to_heatmap_over_codec"] >= 0
+        assert summary["between_over_codec"] >= summary["resize_over_codec"] > 0
 
 
 def test_the_fast_codecs_are_measured_beside_a_plain_install(run_once: tuple[dict[str, Any], str]) -> None:

@@ -184,7 +184,8 @@ def _job(source: Source, rule: Rule, queue: Path, tag: str) -> Job:
     return Job(
         source=source.path,
         key=source.path.name,
-        name=f"{source.path.stem}-{tag}",
+        # The suffix too: a JPEG and a PNG of one photo and size are two sources, and one's frame is not the other's.
+        name=f"{source.path.name.replace('.', '-')}-{tag}",
         rule=rule,
         queue=queue,
         max_bytes=RUNNER_LIMITS["max_bytes"].default,

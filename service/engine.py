@@ -22,9 +22,9 @@ from typing import Any
 
 from loguru import logger
 
-from service import recovery, unchanged
+from service import ownership, recovery, unchanged
 from service.errors import SinkwatchError
-from service.ledger import Entry, Ledger
+from service.ledger import Ledger
 from service.metrics import Metrics
 from service.naming import safe_stem
 from service.outcomes import OnPublished, Outcomes
@@ -230,7 +230,7 @@ class Engine:
             return
         entry = self.ledger.get(candidate.key)
         rule = self.forced_rule or self.rules.select(candidate.name_source)
-        name = self._output_name(candidate, entry)
+        name = self._output_name(candidate)
         known = entry.sha256 if entry and entry.state == "published" and not self.force else None
         made_by = (rule.name, rule.fingerprint)
         if known is not None and entry is not None and entry.rule and entry.fingerprint:
@@ -255,30 +255,27 @@ class Engine:
             max_bytes=self.limits.max_bytes,
             max_pixels=self.limits.max_pixels,
             known_sha256=known,
+            frame_sha256=entry.frame_sha256 if entry is not None and entry.output_name == name else None,
         )
         self.in_flight[self.pool.submit(job)] = (candidate, job)
 
-    def _output_name(self, candidate: Candidate, entry: Entry | None) -> str:
-        """The source's output name; a new one when its frame there is no longer the one sinkwatch wrote."""
-        stem = safe_stem(candidate.name_source)
-        name = self.ledger.name_for(
-            candidate.key, stem, exists=lambda n: recovery.taken(self.publisher, n, candidate.key)
-        )
-        recorded = entry.frame_sha256 if entry is not None and entry.output_name == name else None
-        if recovery.replaceable(self.publisher, name, candidate.key, recorded=recorded):
-            return name
-        # Any file there now is someone's: an earlier name of this source may hold the user's edit too.
-        new = self.ledger.name_for(
-            candidate.key, stem, exists=lambda n: os.path.lexists(self.publisher.frame_path(n)), instead_of=name
-        )
-        logger.bind(source=candidate.key, frame=f"{new}.png").warning(
-            "{}.png in the queue is not the frame sinkwatch published there (edited or replaced): "
-            "left as it is; {} is published as {}.png",
-            name,
+    def _output_name(self, candidate: Candidate, *, instead_of: str | None = None) -> str:
+        """The source's output name; a name is free while nothing, or only this source's own frame, is there."""
+        return self.ledger.name_for(
             candidate.key,
-            new,
+            safe_stem(candidate.name_source),
+            exists=lambda n: not ownership.is_own_or_free(self.publisher, n, candidate.key),
+            instead_of=instead_of,
         )
-        return new
+
+    def _name_taken(self, candidate: Candidate, job: Job, outcome: Outcome) -> None:
+        """The worker found someone else's file at the source's name: leave it, and try again under a new name."""
+        new = self._output_name(candidate, instead_of=job.name)
+        message = (outcome.error or {}).get("message", "")
+        logger.bind(source=candidate.key, frame=f"{new}.png").warning(
+            "{}: left as it is; {} goes to {}.png from now on", message, candidate.key, new
+        )
+        self._put_back(candidate)
 
     def _collect(self, timeout: float) -> int:
         signal: list[Future[Any]] = [self.wakeup()] if self.wakeup is not None else []
@@ -301,6 +298,9 @@ class Engine:
                 crashed.append((candidate, job))
                 continue
             self.suspects.discard(job.key)
+            if outcome.status == "name_taken":
+                self._name_taken(candidate, job, outcome)
+                continue
             # Publish latency counts watch events only: a scanned or retried source may have sat complete for long.
             seen_at = candidate.seen_at if candidate.source == "event" else None
             try:

@@ -174,7 +174,10 @@ class Ledger(UploadLedger, StampLedger):
             row = db.execute("SELECT name, folded FROM names WHERE relpath = ?", (key,)).fetchone()
             if row and row[1] != lost:
                 return str(row[0])
-            db.execute("DELETE FROM names WHERE relpath = ?", (key,))
+            if row:
+                # The recorded frame hash was of the lost name's frame.
+                db.execute("DELETE FROM names WHERE relpath = ?", (key,))
+                db.execute("UPDATE sources SET frame_sha256 = NULL WHERE relpath = ?", (key,))
             candidates = itertools.chain(
                 (stem, disambiguated(stem, relpath)),
                 (disambiguated(stem, relpath, counter=n) for n in itertools.count(2)),

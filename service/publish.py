@@ -89,7 +89,7 @@ class Publisher:
         except FileNotFoundError:
             return 0
         except OSError as exc:
-            raise _publish_error("cannot list temp files", self.temp_dir, exc) from exc
+            raise publish_error("cannot list temp files", self.temp_dir, exc) from exc
         removed = 0
         for name in names:
             try:
@@ -97,7 +97,7 @@ class Publisher:
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                raise _publish_error("cannot remove temp file", self.temp_dir / name, exc) from exc
+                raise publish_error("cannot remove temp file", self.temp_dir / name, exc) from exc
             removed += 1
         return removed
 
@@ -106,12 +106,12 @@ class Publisher:
             _ensure_dir(self.temp_dir)
             _ensure_dir(final.parent)
         except OSError as exc:
-            raise _publish_error("cannot create folder", Path(exc.filename or final.parent), exc) from exc
+            raise publish_error("cannot create folder", Path(exc.filename or final.parent), exc) from exc
         temp = self.temp_dir / f"{os.getpid()}-{secrets.token_hex(8)}{TEMP_SUFFIX}"
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         except OSError as exc:
-            raise _publish_error("cannot create a temp file", final, exc) from exc
+            raise publish_error("cannot create a temp file", final, exc) from exc
         try:
             try:
                 _write_all(fd, data)
@@ -124,12 +124,12 @@ class Publisher:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
             if isinstance(exc, OSError):
-                raise _publish_error("cannot write", final, exc) from exc
+                raise publish_error("cannot write", final, exc) from exc
             raise
         try:
             _fsync_dir(final.parent)
         except OSError as exc:
-            raise _publish_error("cannot sync folder", final.parent, exc) from exc
+            raise publish_error("cannot sync folder", final.parent, exc) from exc
 
 
 def json_bytes(value: Mapping[str, object]) -> bytes:
@@ -187,6 +187,6 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _publish_error(what: str, path: Path, exc: OSError) -> PublishError:
+def publish_error(what: str, path: Path, exc: OSError) -> PublishError:
     code = errno.errorcode.get(exc.errno or 0, "EIO")
     return PublishError(f"{what}: {code} ({exc.strerror or exc})", path=path)

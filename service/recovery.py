@@ -1,16 +1,13 @@
-"""Crash recovery, and the sidecar checks it shares with output naming.
+"""Crash recovery.
 
 A run killed mid-image leaves its ledger row in "processing". The sidecar a
 publication writes next to its frame tells what is on disk: whose frame it is
 (the source key) and which content it was made from (the source and frame
-hashes). That is enough to settle a row whose frame was already published, and
-to keep a frame of the same name that is not ours (the user's own file,
-another source's) from ever being taken over.
+hashes). That is enough to settle a row whose frame was already published.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +15,7 @@ from typing import Any
 
 from service.file_hash import sha256_file
 from service.ledger import Ledger
+from service.ownership import own_sidecar
 from service.publish import Publisher
 
 
@@ -45,7 +43,7 @@ def recover(
         except OSError:
             ledger.forget(entry.relpath)
             continue
-        sidecar = _own_sidecar(publisher, entry.output_name, entry.relpath) if entry.output_name else None
+        sidecar = own_sidecar(publisher, entry.output_name, entry.relpath) if entry.output_name else None
         if sidecar is not None and _complete(sidecar, path, publisher.frame_path(str(entry.output_name))):
             ledger.published(
                 entry.relpath,
@@ -67,44 +65,6 @@ def recover(
     return recovered
 
 
-def _own_sidecar(publisher: Publisher, name: str, key: str) -> dict[str, Any] | None:
-    """The sidecar of output `name` if it exists and was written for source `key`."""
-    sidecar = _read_json(publisher.sidecar_path(name))
-    try:
-        return sidecar if sidecar is not None and sidecar["source"]["key"] == key else None
-    except (KeyError, TypeError):
-        return None
-
-
-def taken(publisher: Publisher, name: str, key: str) -> bool:
-    """A frame of that name exists and is not ours: the user's own file, or another source's."""
-    return publisher.frame_path(name).exists() and _own_sidecar(publisher, name, key) is None
-
-
-def replaceable(publisher: Publisher, name: str, key: str, *, recorded: str | None) -> bool:
-    """The frame `name` may be replaced by a new one of source `key`: there is none, or it is the
-    frame published last for that source (`recorded`, the ledger's hash of it, or its sidecar's).
-
-    Anything else there (edited, replaced, unreadable) is someone else's now and stays as it is.
-    """
-    frame = publisher.frame_path(name)
-    try:
-        found = sha256_file(frame)
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    if found is None:
-        return False
-    if found == recorded:
-        return True
-    sidecar = _own_sidecar(publisher, name, key)
-    try:
-        return sidecar is not None and sidecar["output"]["frame_sha256"] == found
-    except (KeyError, TypeError):
-        return False
-
-
 def _complete(sidecar: dict[str, Any], source: Path, frame: Path) -> bool:
     """The sidecar describes this source's current content and the frame on disk is the one it names."""
     try:
@@ -115,11 +75,3 @@ def _complete(sidecar: dict[str, Any], source: Path, frame: Path) -> bool:
         )
     except (KeyError, TypeError, OSError):
         return False
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None

@@ -26,10 +26,12 @@ from service.errors import IncompleteImage, PublishError, SinkwatchError
 from service.file_hash import sha256_file
 from service.ledger_stamps import file_stamp
 from service.metrics import publish_error_reason
+from service.ownership import Foreign, own_frame
 from service.publish import Publisher
 from service.rules import Rule
 
-Status = Literal["published", "rejected", "retry", "skipped"]
+# name_taken: the frame at the job's name is no longer one sinkwatch wrote; nothing was published.
+Status = Literal["published", "rejected", "retry", "skipped", "name_taken"]
 
 # Text chunks of a generator's PNG that a rule may carry into the frame.
 GENERATOR_TEXT_KEYS = ("prompt", "workflow")
@@ -45,6 +47,7 @@ class Job:
     max_bytes: int
     max_pixels: int
     known_sha256: str | None = None
+    frame_sha256: str | None = None  # the ledger's hash of the frame last published under `name`
 
 
 class _Identity(TypedDict):
@@ -141,7 +144,16 @@ def process_job(job: Job) -> Outcome:
         frame_sha256 = hashlib.sha256(frame).hexdigest()
         sidecar["output"]["frame_sha256"] = frame_sha256
         started = time.perf_counter()
-        paths = Publisher(job.queue).publish(job.name, frame=frame, heatmap=heatmap, sidecar=sidecar)
+        publisher = Publisher(job.queue)
+        # Checked last, just before writing: an edit made while the image was in the pool counts too.
+        try:
+            replaces = own_frame(publisher, job.name, job.key, recorded=job.frame_sha256, source=job.source)
+        except Foreign as exc:
+            taken = {"reason": "name_taken", "message": str(exc), "transient": True}
+            return Outcome(**base, **stat_fields, status="name_taken", timings=timings, error=taken)
+        if replaces:
+            sidecar["output"]["replaces_frame_sha256"] = replaces
+        paths = publisher.publish(job.name, frame=frame, heatmap=heatmap, sidecar=sidecar)
         timings["publish"] = time.perf_counter() - started
     except SinkwatchError as exc:
         exc.path = exc.path or str(job.source)

@@ -1,0 +1,92 @@
+"""Whose file a frame in the queue is: sinkwatch's, which it may replace, or someone else's, which it never touches.
+
+The queue is ComfyUI's ``input/``: the user may edit a frame in place, put
+their own image under its name, or leave a link there. A frame is sinkwatch's
+when its bytes are ones sinkwatch wrote under that name for that source: the
+hash the ledger recorded at publication, or the hash its sidecar names. A
+sidecar also names the frame it was about to replace, so that a publication
+cut short between the sidecar and the frame still knows the old frame as its
+own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from service.errors import PublishError
+from service.file_hash import sha256_file
+from service.publish import Publisher, publish_error
+
+
+class Foreign(Exception):
+    """The file at a frame's name is not one sinkwatch wrote there."""
+
+
+def own_frame(publisher: Publisher, name: str, key: str, *, recorded: str | None, source: Path | None = None) -> str:
+    """The hash of sinkwatch's frame `name` of source `key` ("" when nothing is there); raises Foreign otherwise,
+    and PublishError when the queue cannot be looked into.
+
+    `recorded`: the ledger's hash of the frame last published for the source; `source`: its path, which a
+    sidecar written under another key (an absolute one, by ``sinkwatch process``) also names.
+    """
+    frame = publisher.frame_path(name)
+    try:
+        mode = os.lstat(frame).st_mode
+    except FileNotFoundError:
+        return ""
+    except OSError as exc:  # the queue itself is out of reach (a file in the way, permissions): try again later
+        raise publish_error("cannot look at the frame", frame, exc) from exc
+    # sinkwatch writes regular files only: a link (even a dangling one), a folder or a FIFO is someone's.
+    if not stat.S_ISREG(mode):
+        raise Foreign(f"{frame} is not a regular file")
+    try:
+        found = sha256_file(frame)
+    except OSError as exc:
+        raise Foreign(f"cannot read {frame}: {exc.strerror or exc}") from exc
+    if found is not None and (found == recorded or found in _frames_named(own_sidecar(publisher, name, key, source))):
+        return found
+    raise Foreign(f"{frame} is not the frame sinkwatch published there")
+
+
+def is_own_or_free(publisher: Publisher, name: str, key: str) -> bool:
+    """Whether source `key` may take output `name`: nothing is there, or its own frame is."""
+    try:
+        own_frame(publisher, name, key, recorded=None)
+    except (Foreign, PublishError):
+        return False
+    return True
+
+
+def own_sidecar(publisher: Publisher, name: str, key: str, source: Path | None = None) -> dict[str, Any] | None:
+    """The sidecar of output `name` if it exists and was written for source `key` (or the file `source`)."""
+    sidecar = read_json(publisher.sidecar_path(name))
+    try:
+        if sidecar is None:
+            return None
+        written_for = sidecar["source"]
+        if written_for["key"] == key or (source is not None and written_for["path"] == str(source)):
+            return sidecar
+    except (KeyError, TypeError):
+        pass
+    return None
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _frames_named(sidecar: dict[str, Any] | None) -> set[str]:
+    if sidecar is None:
+        return set()
+    output = sidecar.get("output")
+    if not isinstance(output, dict):
+        return set()
+    return {value for key in ("frame_sha256", "replaces_frame_sha256") if isinstance(value := output.get(key), str)}

@@ -92,6 +92,7 @@ class FakeComfyUI:
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
+        assert isinstance(host, str)  # the bound name is str; typeshed types it as any address bind() takes
         return f"http://{host}:{port}"
 
     def __enter__(self) -> FakeComfyUI:
@@ -152,10 +153,9 @@ class FakeComfyUI:
 
     def _upload(self, content_type: str, body: bytes) -> tuple[int, object | None]:
         form = _parse_multipart(content_type, body)
-        image = form.get("image")
-        if image is None or not image[0]:
+        filename, data = form.get("image", (None, b""))
+        if not filename:
             return 400, None
-        filename, data = image
         kind = form.get("type", (None, b"input"))[1].decode() or "input"
         folders = {"input": self.input_dir, "temp": self.temp_dir, "output": self.output_dir}
         if kind not in folders:

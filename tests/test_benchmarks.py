@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 import benchmarks.__main__ as cli
 from benchmarks import corpus, machine, report
@@ -62,6 +62,7 @@ def test_the_corpus_is_deterministic_and_made_as_the_generator_saves(tmp_path: P
     assert [s.path.read_bytes() for s in first] == [s.path.read_bytes() for s in second]
     assert [s.group for s in first] == ["PNG 320x256", "WEBP 1024x1024"]
     with Image.open(first[0].path) as png:
+        assert isinstance(png, PngImagePlugin.PngImageFile)
         assert png.size == (320, 256) and png.mode == "RGB"
         assert set(png.text) == {"prompt", "workflow"}
 

@@ -55,7 +55,8 @@ def metric_names(expr: str) -> set[str]:
 
 
 def dashboard() -> dict[str, object]:
-    return json.loads((DEPLOY / "grafana" / "sinkwatch.json").read_text())
+    loaded: dict[str, object] = json.loads((DEPLOY / "grafana" / "sinkwatch.json").read_text())
+    return loaded
 
 
 def dashboard_exprs() -> list[str]:

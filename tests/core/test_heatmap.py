@@ -66,4 +66,4 @@ def test_bad_arguments_are_refused() -> None:
         render_heatmap(np.zeros((4, 4), np.float32), params=GLOW, mask=np.zeros((3, 3), np.float32))
     for kwargs in ({"style": "fire"}, {"colormap": "jet"}, {"gamma": 0}, {"outline_color": (0, 0)}):
         with pytest.raises(ValueError):
-            HeatmapParams(**kwargs)  # type: ignore[arg-type]
+            HeatmapParams(**kwargs)

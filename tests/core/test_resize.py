@@ -21,7 +21,9 @@ def disc_image(width: int, height: int, radius: int) -> np.ndarray:
 
 
 def disc_box(image: np.ndarray) -> tuple[int, int]:
-    _x, _y, w, h = cv2.boundingRect(cv2.compare(image[:, :, 0], 128, cv2.CMP_GT))
+    # OpenCV's stubs type src2 as an array only; compare() takes a scalar too, as its docs say.
+    bright = cv2.compare(image[:, :, 0], 128, cv2.CMP_GT)  # type: ignore[call-overload]
+    _x, _y, w, h = cv2.boundingRect(bright)
     return w, h
 
 

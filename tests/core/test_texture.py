@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import cv2
 import numpy as np
 import pytest
@@ -18,16 +20,18 @@ def grey(values: np.ndarray) -> np.ndarray:
     return np.dstack([np.clip(np.rint(values), 0, 255).astype(np.uint8)] * 3)
 
 
-def render(draw: object, size: int = SIZE) -> np.ndarray:
+def render(draw: Callable[[np.ndarray, np.ndarray], np.ndarray], size: int = SIZE) -> np.ndarray:
     """Draw at 4x and area-reduce: anti-aliased edges, as a camera or a generator renders them."""
     yy, xx = np.mgrid[0 : size * 4, 0 : size * 4].astype(np.float32) / 4
-    big = draw(yy, xx)  # type: ignore[operator]
-    return cv2.resize(big.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+    big = draw(yy, xx)
+    small: np.ndarray = cv2.resize(big.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+    return small
 
 
 def across(yy: np.ndarray, xx: np.ndarray, angle: float) -> np.ndarray:
     t = np.deg2rad(angle)
-    return (xx - SIZE / 2) * np.cos(t) + (yy - SIZE / 2) * np.sin(t)
+    distance: np.ndarray = (xx - SIZE / 2) * np.cos(t) + (yy - SIZE / 2) * np.sin(t)
+    return distance
 
 
 def stripes(period: float, contrast: float, angle: float = 0.0) -> np.ndarray:
@@ -41,7 +45,8 @@ def checker(cell: int, contrast: float) -> np.ndarray:
 
 def noise(contrast: float, grain: float) -> np.ndarray:
     field = cv2.GaussianBlur(np.random.default_rng(7).standard_normal((SIZE, SIZE)).astype(np.float32), (0, 0), grain)
-    return 128 + contrast / 4 * np.clip(field / field.std(), -2, 2)
+    values: np.ndarray = 128 + contrast / 4 * np.clip(field / field.std(), -2, 2)
+    return values
 
 
 def step(contrast: float, angle: float, softness: float) -> np.ndarray:
@@ -57,7 +62,8 @@ def energetic_fill(values: np.ndarray) -> np.ndarray:
     """Fill fractions where the energy is at least half its peak, away from the frame border."""
     analysis = analyze(grey(values), params=PARAMS)
     energy, fill = analysis.raw[16:-16, 16:-16], analysis.fill[16:-16, 16:-16]
-    return fill[energy >= 0.5 * energy.max()]
+    energetic: np.ndarray = fill[energy >= 0.5 * energy.max()]
+    return energetic
 
 
 OUTLINES = [

@@ -360,7 +360,7 @@ class InProcessDaemon:
         self.thread.join(timeout=60)
         # The daemon switches prometheus_client's *_created series off for the whole process.
         if self.created_series:
-            prometheus_client.enable_created_metrics()
+            prometheus_client.enable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated upstream
         assert not self.thread.is_alive(), "the in-process daemon did not stop within 60 s"
         if self.errors:
             raise self.errors[0]

@@ -86,7 +86,11 @@ def write_slowly(daemon: DaemonProcess, path: Path, data: bytes, parts: int, *, 
                 handle.write(piece)
                 handle.flush()
             if done < parts:
-                wait_for(lambda n=done: tries_of(daemon, path.name) >= n, timeout=30)
+
+                def tried(n: int = done) -> bool:
+                    return tries_of(daemon, path.name) >= n
+
+                wait_for(tried, timeout=30)
     finally:
         if handle is not None:
             handle.close()
@@ -288,8 +292,9 @@ def test_kill_9_during_a_burst_then_restart_leaves_one_frame_per_source_and_no_p
     first = DaemonProcess(watch, queue, tmp_path / "first.log", "--rules", str(rules)).start()
     wait_published(queue, 10, timeout=120)
     assert first.proc is not None
+    pid = first.proc.pid
     # Both workers running (a worker still starting up is the next test's case).
-    workers = wait_for(lambda: started_workers(first.proc.pid, count=2), timeout=60)
+    workers = wait_for(lambda: started_workers(pid, count=2), timeout=60)
     assert isinstance(workers, list)
     first.kill()
     try:

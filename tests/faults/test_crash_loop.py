@@ -9,6 +9,7 @@ no worker publishing behind its back; the ledger agrees with the files.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import signal
@@ -72,7 +73,7 @@ def test_kill9_loop_leaves_one_complete_matching_output_per_source(
                 time.sleep(rng.uniform(0.05, 1.2))  # the kill point
             else:
                 daemon.start()
-                if not poll(lambda daemon=daemon: published_records(daemon.log), timeout=3):
+                if not poll(functools.partial(published_records, daemon.log), timeout=3):
                     point = "idle"  # nothing to do right now: a kill of an idle daemon counts too
                 time.sleep(rng.uniform(0.0, 0.5))  # the kill point
             assert daemon.proc is not None and daemon.proc.poll() is None, daemon.log.read_text()[-3000:]
@@ -180,7 +181,11 @@ def test_workers_die_with_a_daemon_killed_while_they_start(
         assert daemon.proc is not None
         pid = daemon.proc.pid
         # The backlog makes the pool spawn its workers at once; kill as soon as they exist.
-        workers = wait_for(lambda pid=pid: [c for c in children(pid) if "spawn_main" in _cmdline(c)], timeout=30)
+
+        def spawned(pid: int = pid) -> list[int]:
+            return [c for c in children(pid) if "spawn_main" in _cmdline(c)]
+
+        workers = wait_for(spawned, timeout=30)
         assert isinstance(workers, list)
         daemon.kill()
         survivors += reap(workers, grace=5.0)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from loguru import logger
 from watchdog.observers.inotify import InotifyEmitter
-from watchdog.observers.inotify_c import InotifyFD
+from watchdog.observers.inotify_c import InotifyFD, Mask
 
 from service import watch_limit
 from service.ledger import Ledger
@@ -171,7 +171,7 @@ def test_a_full_inotify_watch_table_in_recursive_mode_is_said_once_and_every_sub
     create_watch = InotifyFD._get_or_create_watch
     full = True
 
-    def table(self: InotifyFD, path: bytes, mask: int) -> object:
+    def table(self: InotifyFD, path: bytes, mask: Mask) -> object:
         if full and path != os.fsencode(watch):
             raise OSError(errno.ENOSPC, "inotify watch limit reached")
         return create_watch(self, path, mask)
@@ -372,8 +372,7 @@ def test_a_rescan_of_a_big_processed_folder_does_not_hold_back_a_new_image(
         for index, path in enumerate(scan(self)):
             if index == 100:
                 write_photo(watch / "fresh.png", small_photo(2))
-                daemon = holder[0].daemon
-                wait_for(lambda d=daemon: d.events.qsize() > 0, timeout=10)  # the observer has queued it
+                wait_for(lambda: holder[0].daemon.events.qsize() > 0, timeout=10)  # the observer has queued it
             yield path
         found = holder[0].sample("sinkwatch_images_discovered_total", source="event")
         seen["event_taken_before_the_scan_ended"] = found or 0.0

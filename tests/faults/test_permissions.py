@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from service import runner
+from service.decode import decode_file
 from service.ledger import Ledger
 from service.rules import load_rules
 from tests.conftest import wait_for
@@ -190,7 +191,6 @@ def test_runner_source_changing_between_stat_and_decode_is_a_retry_and_writes_no
     source = watch / "victim.png"
     source.write_bytes(images.make(1, side=128))
     other = images.make(2, side=160)
-    real_decode = runner.decode_file
 
     def decode_after_fault(path: Path, **kwargs: object) -> object:
         if fault == "deleted":
@@ -200,7 +200,7 @@ def test_runner_source_changing_between_stat_and_decode_is_a_retry_and_writes_no
         else:
             with source.open("ab") as handle:
                 handle.write(b"\0" * 64)
-        return real_decode(path, **kwargs)  # type: ignore[arg-type]
+        return decode_file(path, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(runner, "decode_file", decode_after_fault)
     outcome = reference_run(source, key="victim.png", name="victim", rule=load_rules(None).get("default"), queue=queue)
@@ -255,7 +255,11 @@ def test_watch_folder_removed_and_recreated(
             shutil.rmtree(watch)
         if how != "flapped":
             wait_for(lambda: health(daemon) == 503, timeout=15)
-            wait_for(lambda reported_before=reported_before: said("disappeared") > reported_before, timeout=15)
+
+            def loss_reported(before: int = reported_before) -> bool:
+                return said("disappeared") > before
+
+            wait_for(loss_reported, timeout=15)
         gone = health(daemon)
         if how == "renamed":
             away.rename(watch)

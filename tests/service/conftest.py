@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypedDict
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -41,6 +41,15 @@ def ledger(tmp_path: Path) -> Iterator[Ledger]:
     (tmp_path / "state").mkdir()
     with Ledger(tmp_path / "state" / "ledger.sqlite3") as opened:
         yield opened
+
+
+class Stamp(TypedDict):
+    """A source's file stamp, as the ledger's start() and published() take it."""
+
+    size: int
+    mtime_ns: int
+    ino: int
+    ctime_ns: int
 
 
 class IdleEngine(Protocol):

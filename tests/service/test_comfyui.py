@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from service.comfyui import ComfyClient, UploadResult
 from service.errors import ComfyPending, ComfyRejected, ComfyUnavailable, ConfigError
@@ -261,7 +261,8 @@ def test_connection_refused_is_unavailable(call: str) -> None:
             client.history("some-id")
     error = caught.value
     assert (error.reason, error.transient, error.status) == ("comfyui_down", True, None)
-    assert error.as_record()["url"].startswith(client.base_url)
+    url = error.as_record()["url"]
+    assert isinstance(url, str) and url.startswith(client.base_url)
 
 
 def test_a_hung_server_times_out_as_unavailable(comfy: FakeComfyUI) -> None:
@@ -343,4 +344,5 @@ def test_a_real_photo_goes_through_upload_queue_and_history(
     path = comfy.output_dir / saved["subfolder"] / saved["filename"]
     with Image.open(path) as result, Image.open(photo_file("astronaut")) as original:
         assert np.array_equal(np.asarray(result.convert("RGB")), np.asarray(original.convert("RGB")))
+        assert isinstance(result, PngImagePlugin.PngImageFile)
         assert json.loads(result.text["prompt"])["1"]["inputs"]["image"] == "sinkwatch/astronaut_0001.png"

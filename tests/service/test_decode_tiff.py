@@ -12,6 +12,7 @@ import sys
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,7 +36,7 @@ def crop(height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(load_photo("astronaut")[120 : 120 + height, 160 : 160 + width])
 
 
-def written(rgb: np.ndarray, **options: object) -> bytes:
+def written(rgb: np.ndarray, **options: Any) -> bytes:
     out = io.BytesIO()
     tifffile.imwrite(out, rgb, photometric="rgb", **options)
     return out.getvalue()
@@ -62,7 +63,7 @@ def claiming_tiles(side: int) -> bytes:
 
 def rows_per_strip(data: bytes, rows: int) -> bytes:
     """`data` (tifffile's, RowsPerStrip stored as a LONG) with RowsPerStrip set to `rows`."""
-    at = tifffile.TiffFile(io.BytesIO(data)).pages[0].tags[278].valueoffset
+    at = tifffile.TiffFile(io.BytesIO(data)).pages.first.tags[278].valueoffset
     return data[:at] + struct.pack("<I", rows) + data[at + 4 :]
 
 

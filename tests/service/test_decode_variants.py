@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import io
 import struct
+from collections.abc import Callable
+from typing import Any
 
 import cv2
 import numpy as np
@@ -39,7 +41,7 @@ def opencv(ext: str, pixels: np.ndarray) -> bytes:
     return encoded.tobytes()
 
 
-def tifffile_bytes(pixels: np.ndarray, **options: object) -> bytes:
+def tifffile_bytes(pixels: np.ndarray, **options: Any) -> bytes:
     out = io.BytesIO()
     tifffile.imwrite(out, pixels, **options)
     return out.getvalue()
@@ -53,7 +55,7 @@ def pillow(im: Image.Image, fmt: str) -> bytes:
 
 def tiff_tag_patched(data: bytes, tag: int, value: bytes) -> bytes:
     """`data` with the (first) value of `tag` in its first directory replaced."""
-    at = tifffile.TiffFile(io.BytesIO(data)).pages[0].tags[tag].valueoffset
+    at = tifffile.TiffFile(io.BytesIO(data)).pages.first.tags[tag].valueoffset
     return data[:at] + value + data[at + len(value) :]
 
 
@@ -68,7 +70,7 @@ def bmp_holding_a_jpeg() -> bytes:
     return bytes(header) + jpeg
 
 
-VARIANTS = {
+VARIANTS: dict[str, tuple[Callable[[], bytes], str]] = {
     "OpenCV float32 RGB TIFF": (lambda: opencv(".tiff", rgb().astype(np.float32) / 255), "32-bit floating-point"),
     "OpenCV float64 grey TIFF": (lambda: opencv(".tiff", rgb()[..., 0] / 255.0), "64-bit floating-point"),
     "float16 RGB TIFF": (
@@ -103,13 +105,12 @@ def test_a_12_bit_jpeg_is_unsupported() -> None:
 
 def test_damage_pillow_cannot_read_is_still_corrupt() -> None:
     tiff = pillow(Image.fromarray(rgb()), "TIFF")
+    bmp = pillow(Image.fromarray(rgb()), "BMP")
     damaged = {
         # 3 samples per pixel, bits per sample 8, 8, 9: no writer makes that
         "TIFF bits per sample": tiff_tag_patched(tiff, 258, struct.pack("<HHH", 8, 8, 9)),
         "TIFF photometric 77": tiff_tag_patched(tiff, 262, struct.pack("<H", 77)),
-        "BMP of 7 bits per pixel": (lambda b: b[:28] + struct.pack("<H", 7) + b[30:])(
-            pillow(Image.fromarray(rgb()), "BMP")
-        ),
+        "BMP of 7 bits per pixel": bmp[:28] + struct.pack("<H", 7) + bmp[30:],
     }
     for name, data in damaged.items():
         error = decode_error(data)

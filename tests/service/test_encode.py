@@ -17,7 +17,7 @@ from types import ModuleType
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from service import encode
 from service.decode import decode_bytes
@@ -78,7 +78,8 @@ def test_pillow_opencv_and_our_decoder_read_back_the_exact_pixels(name: str, enc
     with Image.open(io.BytesIO(png)) as im:
         assert im.mode == "RGB"
         assert np.array_equal(np.asarray(im), rgb)
-    assert np.array_equal(cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR_RGB), rgb)
+    from_opencv = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR_RGB)
+    assert from_opencv is not None and np.array_equal(from_opencv, rgb)
     decoded = decode_bytes(png, path="out.png", max_pixels=10**8)
     assert np.array_equal(decoded.rgb, rgb) and decoded.text == COMFY_TEXT
 
@@ -90,7 +91,7 @@ def test_text_goes_in_latin1_as_text_and_the_rest_as_itxt_right_after_ihdr(encod
     assert found[1][1] == b"prompt\0" + COMFY_TEXT["prompt"].encode("latin-1")
     assert found[3][1] == b"caption\0\0\0\0\0" + COMFY_TEXT["caption"].encode("utf-8")
     with Image.open(io.BytesIO(png)) as im:
-        assert im.text == COMFY_TEXT
+        assert isinstance(im, PngImagePlugin.PngImageFile) and im.text == COMFY_TEXT
 
 
 def test_without_text_the_bytes_are_the_encoders_own(encoder: str) -> None:
@@ -174,6 +175,7 @@ def test_without_fpng_installed_the_bytes_are_opencvs_default_encoding(monkeypat
     png = without.encode_png(rgb, text=COMFY_TEXT)
     assert png[:33] == opencv_png(rgb)[:33] and png.endswith(opencv_png(rgb)[33:])
     with Image.open(io.BytesIO(png)) as im:
+        assert isinstance(im, PngImagePlugin.PngImageFile)
         assert im.text == COMFY_TEXT and np.array_equal(np.asarray(im), rgb)
 
 

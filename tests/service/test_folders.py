@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 from pathlib import Path
 from typing import NoReturn
 
 import pytest
 
-from service import folders
 from service.errors import ConfigError, PublishError
 from service.folders import prepare_folders
 
@@ -49,7 +49,7 @@ def test_a_queue_that_cannot_be_written_yet_is_a_transient_error(
     def refuse(**_kwargs: object) -> NoReturn:
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(folders.tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
     with pytest.raises(PublishError, match="the queue folder is not writable") as caught:
         prepare_folders(tmp_path / "watch", tmp_path / "queue", None, if_watch_missing="create")
     assert caught.value.transient

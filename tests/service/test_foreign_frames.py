@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -58,8 +59,8 @@ def users_edit(frame: Path) -> bytes:
     return frame.read_bytes()
 
 
-def sidecar(queue: Path, frame: str) -> dict[str, object]:
-    loaded: dict[str, object] = json.loads((queue / "matrix" / frame.replace(".png", ".json")).read_text())
+def sidecar(queue: Path, frame: str) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads((queue / "matrix" / frame.replace(".png", ".json")).read_text())
     return loaded
 
 
@@ -106,7 +107,7 @@ def test_a_publication_cut_short_before_its_frame_still_replaces_the_old_frame(
     first = publish(engine, write_png, PHOTOS[0])
     # A crash between the new sidecar and the new frame: the sidecar names a frame that never arrived.
     cut_short = sidecar(engine.queue, first)
-    cut_short["output"] = dict(cut_short["output"]) | {"frame_sha256": "0" * 64}  # type: ignore[arg-type]
+    cut_short["output"] = dict(cut_short["output"]) | {"frame_sha256": "0" * 64}
     engine.publisher.write_sidecar(first.removesuffix(".png"), cut_short)
 
     second = publish(engine, write_png, PHOTOS[1])

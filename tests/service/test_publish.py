@@ -13,7 +13,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import numpy as np
 import pytest
@@ -145,6 +145,7 @@ def test_frame_is_published_last_and_every_file_is_synced_with_its_folder(
     replaced = [target for kind, target in events if kind == "replace"]
     assert replaced == [paths["heatmap"], paths["sidecar"], paths["frame"]]
     for target in replaced:
+        assert isinstance(target, Path)
         at = events.index(("replace", target))
         assert events[at - 1][0] == "fsync-file", "file data is on disk before the rename"
         assert events[at + 1] == ("fsync-dir", target.parent.stat().st_ino), "the rename is made durable"
@@ -375,7 +376,7 @@ def where_permissions_bind(workdir: Path, action: Callable[[], T]) -> T:
     if kind == "raised":
         assert isinstance(value, BaseException)
         raise value
-    return value  # type: ignore[return-value]
+    return cast(T, value)  # what action() returned in the child
 
 
 def test_read_only_queue_by_permission_bits_fails_cleanly_and_recovers(open_tmp: Path, frames: list[bytes]) -> None:

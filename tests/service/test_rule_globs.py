@@ -13,14 +13,21 @@ import re
 import warnings
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
-from re import _constants as sre  # the parser's opcodes: the only way to look at a regex's structure
-from re import _parser as sre_parse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from service.errors import RuleError
 from service.rules import DEFAULT_RULE, Rule, RuleSet, compile_glob, load_rule_file, load_rules
+
+# The parser and its opcodes: the only way to look at a regex's structure. typeshed stubs them only
+# under their deprecated names, which re-export these modules.
+if TYPE_CHECKING:
+    import sre_constants as sre
+    import sre_parse
+else:
+    from re import _constants as sre
+    from re import _parser as sre_parse
 
 
 def rule_file_error(tmp_path: Path, glob: str) -> RuleError:

@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from core.pipeline import PipelineParams
 from service.errors import RuleError
@@ -30,7 +30,7 @@ from service.rules import (
 
 RULES_DIR = Path(__file__).resolve().parents[2] / "rules"
 PRESETS = ("default", "gentle", "strong", "wan-720p", "wan22-5b")
-SECTIONS = {
+SECTIONS: dict[str, type[BaseModel]] = {
     "resize": ResizeSection, "analysis": AnalysisSection, "mask": MaskSection,
     "blur": BlurSection, "highlights": HighlightsSection, "output": OutputSection,
 }  # fmt: skip

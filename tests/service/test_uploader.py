@@ -9,7 +9,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from loguru import logger
@@ -26,6 +26,9 @@ from service.uploader import Uploads
 from service.workflow import load_workflow
 from tests.conftest import PHOTO_NAMES, load_photo, wait_for
 from tests.fake_comfyui import FakeComfyUI
+
+if TYPE_CHECKING:
+    from loguru import Record  # loguru's types live in its stubs only
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "deploy" / "comfyui"
 SMOKE = TEMPLATES / "loadimage-save-api.json"
@@ -66,8 +69,8 @@ def metrics() -> Metrics:
 
 
 @pytest.fixture
-def logs() -> Iterator[list[dict[str, Any]]]:
-    records: list[dict[str, Any]] = []
+def logs() -> Iterator[list[Record]]:
+    records: list[Record] = []
     sink = logger.add(lambda message: records.append(message.record), level="DEBUG")
     yield records
     logger.remove(sink)
@@ -143,7 +146,7 @@ def sidecar(publisher: Publisher, name: str) -> dict[str, Any]:
     return data
 
 
-def messages(logs: list[dict[str, Any]], level: str) -> list[str]:
+def messages(logs: list[Record], level: str) -> list[str]:
     return [str(record["message"]) for record in logs if record["level"].name == level]
 
 
@@ -219,7 +222,7 @@ def test_comfyui_down_then_back_is_logged_once_each_and_retries_are_counted(
     ledger: Ledger,
     publisher: Publisher,
     metrics: Metrics,
-    logs: list[dict[str, Any]],
+    logs: list[Record],
 ) -> None:
     uploads = make_uploads(comfy.url)
     data = publish(publisher, "a", "astronaut")
@@ -308,7 +311,7 @@ def test_a_rejected_prompt_is_logged_with_node_errors_counted_and_not_retried(
     ledger: Ledger,
     publisher: Publisher,
     metrics: Metrics,
-    logs: list[dict[str, Any]],
+    logs: list[Record],
 ) -> None:
     uploads = make_uploads(comfy.url, workflow=BROKEN_WORKFLOW)
     publish(publisher, "a", "chelsea")
@@ -404,7 +407,7 @@ def test_a_wrong_url_or_a_proxy_keeps_the_upload_pending_until_comfyui_answers(
     ledger: Ledger,
     publisher: Publisher,
     metrics: Metrics,
-    logs: list[dict[str, Any]],
+    logs: list[Record],
     status: int,
     headers: dict[str, str],
 ) -> None:

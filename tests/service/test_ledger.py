@@ -73,18 +73,23 @@ def test_a_new_ledger_is_versioned_wal_and_fully_synchronous(ledger: Ledger, db_
     assert ledger._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL, on the ledger's own connection
 
 
-def test_a_version_2_ledger_is_migrated_and_its_rows_have_an_unknown_inode_and_ctime(db_path: Path) -> None:
+def old_ledger(db_path: Path, version: int) -> None:
+    """A ledger file at schema `version` holding one published source, "old.png"."""
     db_path.parent.mkdir()
     with sqlite3.connect(db_path) as raw:
-        for version in (1, 2):
-            for statement in MIGRATIONS[version]:
+        for step in range(1, version + 1):
+            for statement in MIGRATIONS[step]:
                 raw.execute(statement)
         raw.execute(
             "INSERT INTO sources (relpath, state, size, mtime_ns, sha256, attempts, updated)"
             " VALUES (?, 'published', 10, 20, ?, 1, 1.0)",
             (b"old.png", SHA),
         )
-        raw.execute("PRAGMA user_version = 2")
+        raw.execute(f"PRAGMA user_version = {version}")
+
+
+def test_a_version_2_ledger_is_migrated_and_its_rows_have_an_unknown_inode_and_ctime(db_path: Path) -> None:
+    old_ledger(db_path, 2)
     with Ledger(db_path) as ledger:
         assert ledger.stamps(["old.png"]) == {"old.png": Stamp("published", 10, 20, None, None)}
         publish(ledger, "new.png")
@@ -337,17 +342,7 @@ def test_the_frame_hash_is_kept_until_a_new_frame_is_published(ledger: Ledger) -
 
 
 def test_a_version_3_ledger_gains_an_unknown_frame_hash(db_path: Path) -> None:
-    db_path.parent.mkdir()
-    with sqlite3.connect(db_path) as raw:
-        for version in (1, 2, 3):
-            for statement in MIGRATIONS[version]:
-                raw.execute(statement)
-        raw.execute(
-            "INSERT INTO sources (relpath, state, size, mtime_ns, sha256, attempts, updated)"
-            " VALUES (?, 'published', 10, 20, ?, 1, 1.0)",
-            (b"old.png", SHA),
-        )
-        raw.execute("PRAGMA user_version = 3")
+    old_ledger(db_path, 3)
     with Ledger(db_path) as ledger:
         entry = ledger.get("old.png")
         assert entry is not None and entry.state == "published" and entry.frame_sha256 is None

@@ -63,7 +63,7 @@ def is_own_or_free(publisher: Publisher, name: str, key: str) -> bool:
 
 def own_sidecar(publisher: Publisher, name: str, key: str, source: Path | None = None) -> dict[str, Any] | None:
     """The sidecar of output `name` if it exists and was written for source `key` (or the file `source`)."""
-    sidecar = read_json(publisher.sidecar_path(name))
+    sidecar = _read_json(publisher.sidecar_path(name))
     try:
         if sidecar is None:
             return None
@@ -75,7 +75,7 @@ def own_sidecar(publisher: Publisher, name: str, key: str, source: Path | None =
     return None
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
+def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -271,6 +271,7 @@ class Engine:
     def _name_taken(self, candidate: Candidate, job: Job, outcome: Outcome) -> None:
         """The worker found someone else's file at the source's name: leave it, and try again under a new name."""
         new = self._output_name(candidate, instead_of=job.name)
+        self.metrics.frames_renamed.inc()
         message = (outcome.error or {}).get("message", "")
         logger.bind(source=candidate.key, frame=f"{new}.png").warning(
             "{}: left as it is; {} goes to {}.png from now on", message, candidate.key, new

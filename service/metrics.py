@@ -155,6 +155,12 @@ class Metrics:
             ["reason"],
             registry=reg,
         )
+        self.frames_renamed = Counter(
+            "sinkwatch_frames_renamed_total",
+            "Sources moved to a new output name because a file sinkwatch did not write (a user's edit, "
+            "their own image, a link) sat at theirs; that file was left as it is.",
+            registry=reg,
+        )
         self.comfyui_uploads = Counter(
             "sinkwatch_comfyui_uploads_total",
             "Uploads of cleaned frames to a remote ComfyUI, by outcome.",

@@ -405,6 +405,10 @@ def test_a_deleted_and_recreated_queue_keeps_the_single_instance_lock_and_the_le
 
     subprocess.run(["rm", "-rf", str(queue)], check=True)
     sentinel(watch, queue, daemon=first, name="after.png")  # published into the queue made anew
+    # The daemon looks for its lock and ledger once a second: a second daemon started inside that
+    # second may take the lock first, and the first one then steps aside (exit 2), which is safe
+    # but is not what this test is about.
+    wait_for(lambda: any(m.startswith("the state folder") for m in first.messages()), timeout=30)
 
     second = DaemonProcess(watch, queue, tmp_path / "second.log")
     daemons.append(second)

@@ -71,6 +71,7 @@ def test_its_own_frame_is_replaced_in_place(engine: Engine, write_png: WritePng)
     second = publish(engine, write_png, PHOTOS[1])
 
     assert second == first == "cat.png"
+    assert engine.metrics.registry.get_sample_value("sinkwatch_frames_renamed_total") == 0
     assert frames(engine.queue) == ["cat.png"]
     assert (engine.queue / first).read_bytes() != before
 
@@ -83,10 +84,12 @@ def test_an_edited_frame_is_left_alone_and_the_new_content_gets_a_new_name(engin
 
     assert (engine.queue / first).read_bytes() == edited, "the user's edit was overwritten"
     assert second != first and second.startswith("cat-")
+    assert engine.metrics.registry.get_sample_value("sinkwatch_frames_renamed_total") == 1
     assert sidecar(engine.queue, second)["source"] == sidecar(engine.queue, second)["source"] | {"key": SOURCE}
     # The new name is the source's from now on: its next content replaces that frame, not a third name.
     third = publish(engine, write_png, PHOTOS[2])
     assert third == second
+    assert engine.metrics.registry.get_sample_value("sinkwatch_frames_renamed_total") == 1
     assert frames(engine.queue) == sorted([first, second])
     assert (engine.queue / first).read_bytes() == edited
 

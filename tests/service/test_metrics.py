@@ -76,6 +76,7 @@ def test_known_label_values_start_at_zero(registry: CollectorRegistry) -> None:
         "sinkwatch_rule_reload_failures_total",
         "sinkwatch_watcher_up",
         "sinkwatch_watcher_restarts_total",
+        "sinkwatch_frames_renamed_total",
     ):
         assert value(registry, name) == 0, name
 

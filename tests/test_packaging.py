@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# What a wheel is not built from, and may be large or half-written while the tests run.
+UNBUILT = (".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis", "results", "watch", "queue")
 PRESETS = {"default.toml", "gentle.toml", "strong.toml", "wan-720p.toml", "wan22-5b.toml"}
 
 
@@ -18,8 +21,12 @@ PRESETS = {"default.toml", "gentle.toml", "strong.toml", "wan-720p.toml", "wan22
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project built as a wheel and installed into a folder outside the tree."""
     out = tmp_path_factory.mktemp("wheel")
+    # Built from a copy: setuptools writes build/ and *.egg-info into the tree it builds, and the
+    # test workers (pytest -n 2) may each build at once.
+    tree = tmp_path_factory.mktemp("tree") / "sinkwatch"
+    shutil.copytree(REPO, tree, ignore=shutil.ignore_patterns(*UNBUILT))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(tree)],
         check=True,
         capture_output=True,
     )

@@ -13,7 +13,19 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # What a wheel is not built from, and may be large or half-written while the tests run.
-UNBUILT = (".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis", "results", "watch", "queue")
+UNBUILT = (
+    ".git",
+    ".venv",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    ".*_cache",
+    ".hypothesis",
+    "results",
+    "watch",
+    "queue",
+)
 PRESETS = {"default.toml", "gentle.toml", "strong.toml", "wan-720p.toml", "wan22-5b.toml"}
 
 

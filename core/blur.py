@@ -9,7 +9,9 @@ high-frequency energy down to ``target`` on the fixed scale of the map: with
 alone; ``sigma`` is the most blur any pixel gets.
 
 Pixels where the blend weight is 0 are byte-identical to the input; all work
-happens inside the bounding box of the mask.
+happens near the mask: within the reach of the filters around its bounding
+box, or, when the mask is scattered over that box, around its runs in bands
+of rows.
 """
 
 from __future__ import annotations
@@ -20,13 +22,17 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from core.frequency import WORK_SCALE, AnalysisParams, expand, raw_energy
-from core.mask import support_box
+from core.frequency import WORK_SCALE, AnalysisParams, expand, map_reach, raw_energy
+from core.mask import nonzero_runs, support_box
 
 BlurMode = Literal["gaussian", "target"]
 
-# Context kept around the mask's box so that filters see real neighbours there.
-_MARGIN = 24
+# The mask covers a fifth of a photo at most, but its box most of the frame: it is blurred in bands of
+# _BAND rows, where columns of mask at most _JOIN apart make one run, if the runs with their context
+# come to at most _STRIP_SHARE of the box (a little over 1: the context is filtered, not blended).
+_BAND = 96
+_JOIN = 48
+_STRIP_SHARE = 1.05
 
 
 @dataclass(frozen=True)
@@ -99,34 +105,120 @@ def selective_blur(
         raise ValueError(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
     if mask.dtype != np.float32 or mask.shape != image.shape[:2]:
         raise ValueError(f"mask must be float32 {image.shape[:2]}, got {mask.dtype} {mask.shape}")
-    box = support_box(mask, margin=_MARGIN, align=WORK_SCALE)
+    margin = _reach(params, analysis)
+    masked = (mask != 0).view(np.uint8)
+    box = support_box(masked, margin=margin, align=WORK_SCALE)
     if box is None or params.strength == 0.0:
         return image.copy()
-    y0, y1, x0, x1 = box
-    region = image[y0:y1, x0:x1]
+    if params.mode == "target" and (energy is None or analysis is None):
+        raise ValueError("target mode needs the energy of the image and the analysis parameters")
+    runs = _mask_runs(masked, box, margin)
+    if runs is None:
+        # The mask spreads over most of its box: one region, with the box's edges as borders.
+        y0, y1, x0, x1 = box
+        region, weight = image[y0:y1, x0:x1], mask[y0:y1, x0:x1]
+        before = None
+        if energy is not None:
+            before = energy[y0 // WORK_SCALE : -(-y1 // WORK_SCALE), x0 // WORK_SCALE : -(-x1 // WORK_SCALE)]
+        runs, offsets, inset = [box], [0], 0
+    else:
+        region, weight, before, offsets = _gather(image, mask, energy, runs, margin)
+        inset = margin
+    # Only the rows of the mask are blended; the rest of the region is context.
+    rows = slice(inset, inset + weight.shape[0])
     blurred = gaussian(region, sigma=params.sigma)
-    weight = mask[y0:y1, x0:x1]
     if params.mode == "target":
-        if energy is None or analysis is None:
-            raise ValueError("target mode needs the energy of the image and the analysis parameters")
-        weight = weight * _target_share(energy, blurred, box, params.target, analysis)
+        assert before is not None and analysis is not None  # checked above
+        weight = weight * _target_share(before, blurred, params.target, analysis)[rows]
     if params.strength != 1.0:
         weight = weight * np.float32(params.strength)
-    mixed = blend(region, blurred, np.ascontiguousarray(weight))
-    if mixed.shape == image.shape:
+    mixed = blend(region[rows], blurred[rows], np.ascontiguousarray(weight))
+    if runs == [(0, image.shape[0], 0, image.shape[1])]:
         return mixed
     out = image.copy()
-    out[y0:y1, x0:x1] = mixed
+    for (r0, r1, c0, c1), at in zip(runs, offsets, strict=False):
+        out[r0:r1, c0:c1] = mixed[: r1 - r0, at + inset : at + inset + c1 - c0]
     return out
 
 
-def _target_share(
-    energy: np.ndarray, blurred: np.ndarray, box: tuple[int, int, int, int], target: float, analysis: AnalysisParams
-) -> np.ndarray:
-    """Per-pixel share of the blurred copy that brings the energy down to ``target``."""
+def _reach(params: BlurParams, analysis: AnalysisParams | None) -> int:
+    """How far from a pixel the blur reads (the blurred copy's kernel, and the map of that copy in
+    ``target`` mode), rounded up to the work grid: the context a region needs."""
+    reach = int(np.ceil(3.0 * params.sigma))
+    if params.mode == "target" and analysis is not None:
+        reach += map_reach(analysis)
+    return -(-reach // WORK_SCALE) * WORK_SCALE
+
+
+def _mask_runs(
+    masked: np.ndarray, box: tuple[int, int, int, int], margin: int
+) -> list[tuple[int, int, int, int]] | None:
+    """Where the mask is non-zero (``masked``: 0/1 ``uint8``), as boxes on the work grid in bands of
+    :data:`_BAND` rows; ``None`` when blurring them, each with ``margin`` of context, costs about as
+    much as the whole ``box``.
+    """
+    h, w = masked.shape
+    if h % WORK_SCALE or w % WORK_SCALE:
+        return None
     y0, y1, x0, x1 = box
-    before = energy[y0 // WORK_SCALE : (y1 + WORK_SCALE - 1) // WORK_SCALE,
-                    x0 // WORK_SCALE : (x1 + WORK_SCALE - 1) // WORK_SCALE]  # fmt: skip
+    bands = np.arange(y0 // _BAND * _BAND, y1, _BAND)
+    covered = np.stack([masked[r : r + _BAND, x0:x1].max(axis=0) for r in bands.tolist()])
+    band, start, stop = nonzero_runs(covered, join=_JOIN)
+    r0 = bands[band]
+    c0 = (start + x0) // WORK_SCALE * WORK_SCALE
+    c1 = np.minimum(-(-(stop + x0) // WORK_SCALE) * WORK_SCALE, w)
+    if (_BAND + 2 * margin) * int((c1 - c0 + 2 * margin).sum()) > _STRIP_SHARE * (y1 - y0) * (x1 - x0):
+        return None
+    return list(zip(r0.tolist(), np.minimum(r0 + _BAND, h).tolist(), c0.tolist(), c1.tolist(), strict=True))
+
+
+def _gather(
+    image: np.ndarray,
+    mask: np.ndarray,
+    energy: np.ndarray | None,
+    runs: list[tuple[int, int, int, int]],
+    margin: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[int]]:
+    """The runs side by side in one strip, each with ``margin`` of context: the image, the mask (the
+    band's rows only) and the energy on the work grid; and where each run's context starts.
+
+    Past the frame's edges the context is the frame mirrored: the filters mirror it there too, and
+    being symmetric they turn a mirrored input into a mirrored result (the final interpolation clamps
+    at the edge, which between a value and its mirror image comes to the same).
+    """
+    widths = [c1 - c0 + 2 * margin for _r0, _r1, c0, c1 in runs]
+    offsets = np.cumsum([0, *widths]).tolist()
+    height = _BAND + 2 * margin
+    region = np.empty((height, offsets[-1], 3), np.uint8)
+    weight = np.empty((_BAND, offsets[-1]), np.float32)
+    before = None if energy is None else np.empty((_work(height), _work(offsets[-1])), np.float32)
+    for (r0, _r1, c0, c1), at, width in zip(runs, offsets, widths, strict=False):
+        context = (r0 - margin, r0 + _BAND + margin, c0 - margin, c1 + margin)
+        region[:, at : at + width] = _mirrored(image, context)
+        weight[:, at : at + width] = _mirrored(mask, (r0, r0 + _BAND, *context[2:]))
+        if before is not None and energy is not None:
+            before[:, _work(at) : _work(at + width)] = _mirrored(energy, tuple(_work(v) for v in context))
+    return region, weight, before, offsets
+
+
+def _mirrored(values: np.ndarray, box: tuple[int, ...]) -> np.ndarray:
+    """``values[y0:y1, x0:x1]``, mirrored (``BORDER_REFLECT``) where the box leaves the array."""
+    y0, y1, x0, x1 = box
+    h, w = values.shape[:2]
+    inside = values[max(0, y0) : min(h, y1), max(0, x0) : min(w, x1)]
+    pads = (max(0, -y0), max(0, y1 - h), max(0, -x0), max(0, x1 - w))
+    if not any(pads):
+        return inside
+    return cv2.copyMakeBorder(inside, *pads, cv2.BORDER_REFLECT)
+
+
+def _work(pixels: int) -> int:
+    """The work-grid coordinate of a pixel coordinate on it (a multiple of the scale)."""
+    return pixels // WORK_SCALE
+
+
+def _target_share(before: np.ndarray, blurred: np.ndarray, target: float, analysis: AnalysisParams) -> np.ndarray:
+    """Per-pixel share of the blurred copy that brings the energy (``before`` on the work grid) down to ``target``."""
     after = raw_energy(blurred, params=analysis)
     drop = np.maximum(before - after, np.float32(1e-3))
     share = (before - np.float32(target)) / drop

@@ -132,8 +132,8 @@ def build_mask(sinks: np.ndarray, *, shape: tuple[int, ...], params: MaskParams,
 def support_box(values: np.ndarray, *, margin: int = 0, align: int = 1) -> tuple[int, int, int, int] | None:
     """Bounding box ``(y0, y1, x0, x1)`` of the non-zero pixels of a 2-D map, or ``None``.
 
-    Grown by ``margin`` and clipped to the map; ``y0`` and ``x0`` are rounded
-    down to a multiple of ``align`` (to stay on a coarser grid).
+    Grown by ``margin`` and clipped to the map; its edges are rounded outwards
+    to multiples of ``align`` (or the map's edge), to stay on a coarser grid.
     """
     flags = values if values.dtype == np.uint8 else (values != 0).view(np.uint8)
     x, y, w, h = cv2.boundingRect(flags)
@@ -142,7 +142,29 @@ def support_box(values: np.ndarray, *, margin: int = 0, align: int = 1) -> tuple
     rows, cols = values.shape[:2]
     y0 = max(0, y - margin) // align * align
     x0 = max(0, x - margin) // align * align
-    return y0, min(rows, y + h + margin), x0, min(cols, x + w + margin)
+    y1 = min(rows, -(-(y + h + margin) // align) * align)
+    x1 = min(cols, -(-(x + w + margin) // align) * align)
+    return y0, y1, x0, x1
+
+
+def nonzero_runs(flags: np.ndarray, *, join: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Runs of non-zero values along the rows of a 2-D array, joined across gaps of at most ``join``.
+
+    Returns the row, first column and stop column (exclusive) of each run, in reading order.
+    """
+    rows, width = flags.shape
+    edges = np.zeros((rows, width + 2), np.int8)
+    edges[:, 1:-1] = flags != 0
+    # +1 where a run starts, -1 just after it stops; searched flat (twice as fast), each row width + 1 long.
+    steps = np.diff(edges, axis=1).ravel()
+    starts, stops = np.flatnonzero(steps == 1), np.flatnonzero(steps == -1)
+    if starts.size == 0:
+        return starts, starts, stops
+    row = starts // (width + 1)
+    start, stop = starts - row * (width + 1), stops - row * (width + 1)
+    first = np.flatnonzero(np.r_[True, (row[1:] != row[:-1]) | (start[1:] - stop[:-1] > join)])
+    last = np.r_[first[1:] - 1, row.size - 1]
+    return row[first], start[first], stop[last]
 
 
 def _coverage(mask: np.ndarray) -> float:

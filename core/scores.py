@@ -4,7 +4,8 @@ SSIM follows Wang et al. (2004) as scikit-image computes it with
 ``gaussian_weights=True, sigma=1.5, use_sample_covariance=False``: on luma,
 an 11x11 Gaussian window, K1 = 0.01, K2 = 0.03, averaged over the frame
 without a 5-pixel border. Where the window sees no changed pixel the SSIM is
-exactly 1, so only the neighbourhood of the changes is computed.
+exactly 1, so only the neighbourhood of the changes is computed: in bands of
+rows, the runs of columns near a change, side by side in one strip.
 """
 
 from __future__ import annotations
@@ -15,12 +16,20 @@ from typing import TypeAlias
 import cv2
 import numpy as np
 
+from core.mask import nonzero_runs
+
 _SIGMA = 1.5
 _RADIUS = 5  # int(3.5 * sigma + 0.5), scikit-image's truncation
 _C1 = (0.01 * 255.0) ** 2
 _C2 = (0.03 * 255.0) ** 2
 # The window as scikit-image and cv2.GaussianBlur build it.
 _KERNEL = cv2.getGaussianKernel(2 * _RADIUS + 1, _SIGMA, cv2.CV_32F)
+# Changes are gathered in bands of this many averaged rows; within a band, changes at most _JOIN
+# columns apart are computed as one run (the windows' reach on both sides costs about as much).
+_BAND = 32
+_JOIN = 24
+# What a run costs besides its pixels (copies, a sum, Python), in pixels of the map.
+_RUN_COST = 1500
 
 # (y0, y1, x0, x1): rows y0..y1-1 and columns x0..x1-1; empty when y0 == y1.
 Box: TypeAlias = tuple[int, int, int, int]
@@ -125,21 +134,67 @@ def ssim(first: np.ndarray, second: np.ndarray, *, changed: Box | None = None) -
     if y0 >= y1 or x0 >= x1:
         return 1.0
     h, w = first.shape[:2]
-    border = _RADIUS if h > 2 * _RADIUS and w > 2 * _RADIUS else 0
-    # Averaged: the frame less its border. Touched: pixels whose window sees a change.
-    top, bottom, left, right = border, h - border, border, w - border
-    ty0, ty1 = max(top, y0 - _RADIUS), min(bottom, y1 + _RADIUS)
-    tx0, tx1 = max(left, x0 - _RADIUS), min(right, x1 + _RADIUS)
-    if ty0 >= ty1 or tx0 >= tx1:
+    if h <= 2 * _RADIUS or w <= 2 * _RADIUS:
+        # No border is left out, so windows at the edges reflect: only the whole frame reproduces that.
+        return float(cv2.mean(_ssim_map(_luma(first), _luma(second)))[0])
+    runs = _touched_runs(cv2.absdiff(first[y0:y1, x0:x1], second[y0:y1, x0:x1]), (y0, x0), (h, w))
+    if not runs:
         return 1.0
-    # Computed: the touched pixels plus the reach of their windows.
-    ry0, ry1 = max(0, ty0 - _RADIUS), min(h, ty1 + _RADIUS)
-    rx0, rx1 = max(0, tx0 - _RADIUS), min(w, tx1 + _RADIUS)
-    local = _ssim_map(_luma(first[ry0:ry1, rx0:rx1]), _luma(second[ry0:ry1, rx0:rx1]))
-    touched = local[ty0 - ry0 : ty1 - ry0, tx0 - rx0 : tx1 - rx0]
-    averaged = (bottom - top) * (right - left)
-    untouched = averaged - touched.size
-    return float((cv2.sumElems(touched)[0] + untouched) / averaged)
+    # Every run with the reach of its windows, side by side in one strip: one filter pass for all of them.
+    # A run's windows stay inside its own columns, and the averaged pixels' windows inside the frame.
+    offsets = np.cumsum([0, *(c1 - c0 + 2 * _RADIUS for _r0, _r1, c0, c1 in runs)]).tolist()
+    strips = [_strip(image, runs, offsets) for image in (first, second)]
+    local = _ssim_map(*strips)
+    touched = 0.0
+    area = 0
+    for (r0, r1, c0, c1), at in zip(runs, offsets, strict=False):
+        touched += cv2.sumElems(local[_RADIUS : _RADIUS + r1 - r0, at + _RADIUS : at + _RADIUS + c1 - c0])[0]
+        area += (r1 - r0) * (c1 - c0)
+    averaged = (h - 2 * _RADIUS) * (w - 2 * _RADIUS)
+    return float((touched + averaged - area) / averaged)
+
+
+def _strip(image: np.ndarray, runs: list[Box], offsets: list[int]) -> np.ndarray:
+    """Luma of the runs with the reach of their windows, side by side from ``offsets`` on."""
+    if len(runs) == 1:
+        r0, r1, c0, c1 = runs[0]
+        return _luma(image[r0 - _RADIUS : r1 + _RADIUS, c0 - _RADIUS : c1 + _RADIUS])
+    strip = np.empty((max(r1 - r0 for r0, r1, _c0, _c1 in runs) + 2 * _RADIUS, offsets[-1], 3), np.uint8)
+    for (r0, r1, c0, c1), at in zip(runs, offsets, strict=False):
+        strip[: r1 - r0 + 2 * _RADIUS, at : at + c1 - c0 + 2 * _RADIUS] = image[
+            r0 - _RADIUS : r1 + _RADIUS, c0 - _RADIUS : c1 + _RADIUS
+        ]
+    return _luma(strip)
+
+
+def _touched_runs(diff: np.ndarray, origin: tuple[int, int], shape: tuple[int, int]) -> list[Box]:
+    """Where the averaged pixels' windows see a change: boxes in bands of :data:`_BAND` rows.
+
+    ``diff`` is the absolute difference (``uint8`` (h, w, 3)) of the images in the box at ``origin``.
+    The changed bounding box covers most of a photo, but the changes themselves about half of it at
+    most: per band, the columns within the window's reach of a change, split where they leave gaps.
+    """
+    y0, x0 = origin
+    h, w = shape
+    first = _RADIUS + max(0, y0 - 2 * _RADIUS) // _BAND * _BAND
+    bands = np.arange(first, min(h - _RADIUS, y0 + diff.shape[0] + _RADIUS), _BAND)
+    # Per band, the changed columns among the rows its windows reach.
+    flat = diff.reshape(diff.shape[0], -1)
+    reached = np.stack([flat[max(0, r - _RADIUS - y0) : r + _BAND + _RADIUS - y0].max(axis=0) for r in bands.tolist()])
+    channels = reached.reshape(bands.size, -1, 3)
+    band, start, stop = nonzero_runs(channels[..., 0] | channels[..., 1] | channels[..., 2], join=_JOIN)
+    if band.size == 0:
+        return []
+    r0 = bands[band]
+    r1 = np.minimum(r0 + _BAND, h - _RADIUS)
+    c0 = np.clip(start + x0 - _RADIUS, _RADIUS, w - _RADIUS)
+    c1 = np.clip(stop + x0 + _RADIUS, _RADIUS, w - _RADIUS)
+    whole = (int(r0[0]), int(r1[-1]), int(c0.min()), int(c1.max()))
+    strip = (_BAND + 2 * _RADIUS) * int((c1 - c0 + 2 * _RADIUS).sum()) + _RUN_COST * r0.size
+    if (whole[1] - whole[0] + 2 * _RADIUS) * (whole[3] - whole[2] + 2 * _RADIUS) <= strip:
+        # Changes nearly everywhere: one box costs less than the runs with their windows' reach.
+        return [whole]
+    return list(zip(r0.tolist(), r1.tolist(), c0.tolist(), c1.tolist(), strict=True))
 
 
 def _check_pair(first: np.ndarray, second: np.ndarray) -> None:

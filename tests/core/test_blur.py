@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+import core.blur
 from core.blur import BlurParams, blend, gaussian, selective_blur
-from core.frequency import AnalysisParams, analyze, energy_map
+from core.frequency import AnalysisParams, analyze, energy_map, expand, raw_energy
 
 ANALYSIS = AnalysisParams()
 
@@ -138,6 +139,44 @@ def test_a_stronger_blur_never_raises_energy(
     assert energy(mode="gaussian", sigma=sigmas[1], strength=strengths[1]) <= (
         energy(mode="gaussian", sigma=sigmas[0], strength=strengths[1]) + floor
     )
+
+
+def whole_frame(image: np.ndarray, mask: np.ndarray, params: BlurParams) -> np.ndarray:
+    """What the selective blur means: every filter run over the whole frame."""
+    blurred = gaussian(image, sigma=params.sigma)
+    if params.mode == "gaussian":
+        return blend(image, blurred, mask)
+    before, after = (raw_energy(frame, params=ANALYSIS) for frame in (image, blurred))
+    share = np.clip((before - np.float32(params.target)) / np.maximum(before - after, np.float32(1e-3)), 0, 1)
+    return blend(image, blurred, mask * expand(share, image.shape))
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "target"])
+@pytest.mark.parametrize("strip_share", [0.0, 1e9], ids=["one region", "bands"])
+@pytest.mark.parametrize(
+    "blots",
+    [
+        pytest.param([(0, 0), (0, 559), (399, 0), (399, 559), (200, 0), (0, 280), (200, 280), (399, 300)], id="edges"),
+        pytest.param([(130, 276), (250, 430)], id="inside"),
+    ],
+)
+def test_the_blur_is_the_whole_frame_blur_wherever_the_blots(
+    monkeypatch: pytest.MonkeyPatch, mode: str, strip_share: float, blots: list[tuple[int, int]]
+) -> None:
+    # Work is cut to a region with the filters' reach around the mask (its edges on the work grid),
+    # or to bands of rows where each blot's context is its own neighbourhood, mirrored past the
+    # frame's edges, and the last band runs past the bottom: neither may change a pixel.
+    monkeypatch.setattr(core.blur, "_STRIP_SHARE", strip_share)
+    # Faint noise: the target share stays between 0 and 1, so the energy of every pixel counts.
+    image = np.clip(128 + np.random.default_rng(3).normal(0, 10, (400, 560, 3)), 0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[0:400, 0:560]
+    mask = np.zeros((400, 560), np.float32)
+    for row, col in blots:
+        mask = np.maximum(mask, np.clip((21 - np.hypot(yy - row, xx - col)) / 8, 0, 1).astype(np.float32))
+    params = BlurParams(mode=mode)  # type: ignore[arg-type]
+    expected = whole_frame(image, mask, params)
+    assert not np.array_equal(expected, image)
+    np.testing.assert_array_equal(clean(image, mask, params), expected)
 
 
 def test_input_is_not_modified() -> None:

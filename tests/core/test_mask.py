@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from core.mask import MaskParams, build_mask, support_box
+from core.mask import MaskParams, build_mask, nonzero_runs, support_box
 
 SHAPE = (480, 832)
 PLAIN = MaskParams(blots=False)
@@ -123,8 +123,24 @@ def test_support_box() -> None:
     assert support_box(values) is None
     values[10:20, 30:33] = 0.5
     assert support_box(values) == (10, 20, 30, 33)
-    assert support_box(values, margin=5, align=2) == (4, 25, 24, 38)
+    assert support_box(values, margin=5, align=2) == (4, 26, 24, 38)
+    assert support_box(values, margin=16, align=4) == (0, 36, 12, 52)
     assert support_box(values, margin=100) == (0, 50, 0, 60)
+
+
+@settings(max_examples=50, deadline=None)
+@given(flags=arrays(np.uint8, st.tuples(st.integers(1, 4), st.integers(1, 40)), elements=st.sampled_from([0, 0, 7])),
+       join=st.integers(0, 5))  # fmt: skip
+def test_nonzero_runs_join_gaps_of_at_most_join(flags: np.ndarray, join: int) -> None:
+    expected: list[list[int]] = []
+    for row, line in enumerate(flags):
+        for col in np.flatnonzero(line).tolist():
+            if expected and expected[-1][0] == row and col - expected[-1][2] <= join:
+                expected[-1][2] = col + 1
+            else:
+                expected.append([row, col, col + 1])
+    found = [list(run) for run in zip(*(part.tolist() for part in nonzero_runs(flags, join=join)), strict=True)]
+    assert found == expected
 
 
 @pytest.mark.parametrize(

@@ -63,6 +63,32 @@ def test_local_changes_match_scikit_image_anywhere(top: int, left: int, height: 
     assert ssim(image, other) == pytest.approx(reference(image, other), abs=1e-6)
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    spots=st.lists(
+        st.tuples(st.integers(0, 119), st.integers(0, 159), st.integers(1, 6), st.integers(1, 6), st.integers(0, 2)),
+        min_size=2,
+        max_size=12,
+    )
+)
+def test_scattered_changes_match_scikit_image(spots: list[tuple[int, int, int, int, int]]) -> None:
+    # Changes far apart are computed as separate runs in bands of rows, in any one channel.
+    image = cv2.GaussianBlur(noisy(8), (3, 3), 0.8)
+    other = image.copy()
+    for top, left, height, width, channel in spots:
+        patch = (slice(top, top + height), slice(left, left + width), channel)
+        other[patch] = 255 - other[patch]
+    assert ssim(image, other) == pytest.approx(reference(image, other), abs=1e-6)
+
+
+def test_changes_in_the_corners_and_on_the_edges_match_scikit_image() -> None:
+    image = cv2.GaussianBlur(noisy(10), (3, 3), 0.8)
+    other = image.copy()
+    for row, col in [(0, 0), (0, 159), (119, 0), (119, 159), (0, 80), (60, 0), (119, 80), (60, 159), (60, 80)]:
+        other[row, col] = 255 - other[row, col]
+    assert ssim(image, other) == pytest.approx(reference(image, other), abs=1e-6)
+
+
 @pytest.mark.parametrize("channel", [0, 1, 2])
 def test_the_changed_box_holds_exactly_the_changed_pixels(channel: int) -> None:
     image = noisy(7)

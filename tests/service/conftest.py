@@ -19,6 +19,19 @@ from service.rules import load_rules
 from tests.fake_comfyui import FakeComfyUI
 
 
+class FakeClock:
+    """A clock that moves only when the test moves it."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 @pytest.fixture
 def comfy() -> Iterator[FakeComfyUI]:
     """A fake ComfyUI server on loopback, checked for internal errors when the test ends."""
@@ -50,6 +63,12 @@ class Stamp(TypedDict):
     mtime_ns: int
     ino: int
     ctime_ns: int
+
+
+def file_stamp(path: Path) -> Stamp:
+    """The stamp of the file at ``path`` now."""
+    st = path.stat()
+    return Stamp(size=st.st_size, mtime_ns=st.st_mtime_ns, ino=st.st_ino, ctime_ns=st.st_ctime_ns)
 
 
 class IdleEngine(Protocol):

@@ -12,7 +12,7 @@ import pytest
 
 from service.batch import _run
 from service.engine import Candidate, Engine
-from tests.service.conftest import IdleEngine, Stamp
+from tests.service.conftest import IdleEngine, file_stamp
 
 CONTENT = b"judged by size and mtime; a worker would refuse it, and none is started"
 MAX_ATTEMPTS = 3
@@ -25,8 +25,7 @@ def engine(watch: Path, idle_engine: IdleEngine) -> Engine:
 
 def recorded(engine: Engine, path: Path, state: str) -> Candidate:
     path.write_bytes(CONTENT)
-    st = path.stat()
-    stamp: Stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "ctime_ns": st.st_ctime_ns}
+    stamp = file_stamp(path)
     key = path.name
     engine.ledger.start(key, **stamp, sha256=None, rule="default", fingerprint="f")
     if state == "published":

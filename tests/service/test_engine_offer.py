@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from service.engine import Candidate, Engine
-from tests.service.conftest import IdleEngine, Stamp
+from tests.service.conftest import IdleEngine, file_stamp
 
 CONTENT = b"the engine judges size and mtime, it never reads a file here"
 
@@ -24,8 +24,7 @@ def engine(watch: Path, idle_engine: IdleEngine) -> Engine:
 def recorded(engine: Engine, watch: Path, name: str, state: str) -> Path:
     path = watch / name
     path.write_bytes(CONTENT)
-    st = path.stat()
-    stamp: Stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "ctime_ns": st.st_ctime_ns}
+    stamp = file_stamp(path)
     engine.ledger.start(name, **stamp, sha256=None, rule="default", fingerprint="f")
     if state == "published":
         engine.ledger.published(name, **stamp, sha256="0" * 64, rule="default", fingerprint="f")

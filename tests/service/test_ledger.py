@@ -17,22 +17,15 @@ from service.errors import ConfigError, PublishError
 from service.ledger import MIGRATIONS, SCHEMA_VERSION, STATES, Ledger, Stamp
 from service.ledger_stamps import KEYS_PER_QUERY
 from service.naming import disambiguated, safe_stem
+from tests.service.conftest import FakeClock
 
 REPO = Path(__file__).resolve().parents[2]
 SHA = "0" * 64
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(1_700_000_000.0)
 
 
 @pytest.fixture

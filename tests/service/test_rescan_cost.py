@@ -12,7 +12,6 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import TypedDict
 
 import pytest
 
@@ -24,7 +23,7 @@ from service.runner import Job
 from service.selection import Selection
 from service.stability import StabilityTracker
 from service.watcher import EventQueue
-from tests.service.conftest import IdleEngine, replace_keeping_mtime
+from tests.service.conftest import IdleEngine, file_stamp, replace_keeping_mtime
 
 CONTENT = b"the engine judges size and mtime, it never reads a file here"
 
@@ -49,8 +48,7 @@ class Folder:
     def published(self, name: str) -> Path:
         """A file already processed, recorded the way `service.outcomes` records it."""
         path = self.file(name)
-        st = path.stat()
-        self.ledger.published(name, **stamp(st), sha256="0" * 64, rule="default", fingerprint="f")
+        self.ledger.published(name, **file_stamp(path), sha256="0" * 64, rule="default", fingerprint="f")
         return path
 
     def scan(self) -> None:
@@ -67,17 +65,6 @@ def folder(tmp_path: Path, idle_engine: IdleEngine) -> Folder:
     watch = tmp_path / "watch"
     watch.mkdir()
     return Folder(watch, idle_engine(resolve=lambda key: watch / key, queue_size=64))
-
-
-class FileStamp(TypedDict):
-    size: int
-    mtime_ns: int
-    ino: int
-    ctime_ns: int
-
-
-def stamp(st: os.stat_result) -> FileStamp:
-    return FileStamp(size=st.st_size, mtime_ns=st.st_mtime_ns, ino=st.st_ino, ctime_ns=st.st_ctime_ns)
 
 
 def touch_later(path: Path) -> None:
@@ -118,12 +105,10 @@ def build_every_case(folder: Folder) -> None:
         fingerprint="f",
     )
     for name, reason in (("bomb.png", "bomb"), ("bomb-fixed.png", "bomb")):
-        st = folder.file(name).stat()
-        folder.ledger.rejected(name, reason=reason, message="", **stamp(st))
+        folder.ledger.rejected(name, reason=reason, message="", **file_stamp(folder.file(name)))
     folder.file("bomb-fixed.png", CONTENT * 2)
     for name in ("waiting.png", "waiting-changed.png", "crashed.png"):
-        st = folder.file(name).stat()
-        folder.ledger.start(name, **stamp(st), sha256=None, rule="default", fingerprint="f")
+        folder.ledger.start(name, **file_stamp(folder.file(name)), sha256=None, rule="default", fingerprint="f")
     for name in ("waiting.png", "waiting-changed.png"):
         folder.ledger.retry(name, reason="incomplete", message="", next_attempt=1e12)
     touch_later(folder.watch / "waiting-changed.png")

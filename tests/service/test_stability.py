@@ -8,17 +8,7 @@ from pathlib import Path
 import pytest
 
 from service.stability import StabilityTracker
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.service.conftest import FakeClock
 
 
 @pytest.fixture

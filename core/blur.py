@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from core.frequency import WORK_SCALE, AnalysisParams, expand, map_reach, raw_energy
-from core.mask import nonzero_runs, support_box
+from core.mask import nonzero_runs, side_by_side, support_box
 
 BlurMode = Literal["gaussian", "target"]
 
@@ -186,30 +186,16 @@ def _gather(
     being symmetric they turn a mirrored input into a mirrored result (the final interpolation clamps
     at the edge, which between a value and its mirror image comes to the same).
     """
-    widths = [c1 - c0 + 2 * margin for _r0, _r1, c0, c1 in runs]
-    offsets = np.cumsum([0, *widths]).tolist()
-    height = _BAND + 2 * margin
-    region = np.empty((height, offsets[-1], 3), np.uint8)
-    weight = np.empty((_BAND, offsets[-1]), np.float32)
-    before = None if energy is None else np.empty((_work(height), _work(offsets[-1])), np.float32)
-    for (r0, _r1, c0, c1), at, width in zip(runs, offsets, widths, strict=False):
-        context = (r0 - margin, r0 + _BAND + margin, c0 - margin, c1 + margin)
-        region[:, at : at + width] = _mirrored(image, context)
-        weight[:, at : at + width] = _mirrored(mask, (r0, r0 + _BAND, *context[2:]))
-        if before is not None and energy is not None:
-            before[:, _work(at) : _work(at + width)] = _mirrored(energy, tuple(_work(v) for v in context))
+    contexts = [(r0 - margin, r0 + _BAND + margin, c0 - margin, c1 + margin) for r0, _r1, c0, c1 in runs]
+    offsets = np.cumsum([0, *(x1 - x0 for _y0, _y1, x0, x1 in contexts)]).tolist()
+    region = side_by_side(image, contexts, rows=_BAND + 2 * margin)
+    bands = [(r0, r0 + _BAND, c0 - margin, c1 + margin) for r0, _r1, c0, c1 in runs]
+    weight = side_by_side(mask, bands, rows=_BAND)
+    before = None
+    if energy is not None:
+        work = [(_work(y0), _work(y1), _work(x0), _work(x1)) for y0, y1, x0, x1 in contexts]
+        before = side_by_side(energy, work, rows=_work(_BAND + 2 * margin))
     return region, weight, before, offsets
-
-
-def _mirrored(values: np.ndarray, box: tuple[int, ...]) -> np.ndarray:
-    """``values[y0:y1, x0:x1]``, mirrored (``BORDER_REFLECT``) where the box leaves the array."""
-    y0, y1, x0, x1 = box
-    h, w = values.shape[:2]
-    inside = values[max(0, y0) : min(h, y1), max(0, x0) : min(w, x1)]
-    pads = (max(0, -y0), max(0, y1 - h), max(0, -x0), max(0, x1 - w))
-    if not any(pads):
-        return inside
-    return cv2.copyMakeBorder(inside, *pads, cv2.BORDER_REFLECT)
 
 
 def _work(pixels: int) -> int:

@@ -11,7 +11,7 @@ blurred, a half-blurred pixel counting half.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Literal
@@ -165,6 +165,35 @@ def nonzero_runs(flags: np.ndarray, *, join: int) -> tuple[np.ndarray, np.ndarra
     first = np.flatnonzero(np.r_[True, (row[1:] != row[:-1]) | (start[1:] - stop[:-1] > join)])
     last = np.r_[first[1:] - 1, row.size - 1]
     return row[first], start[first], stop[last]
+
+
+def side_by_side(values: np.ndarray, boxes: Sequence[tuple[int, int, int, int]], *, rows: int) -> np.ndarray:
+    """The boxes ``(y0, y1, x0, x1)`` of ``values``, left to right in one strip of ``rows`` rows.
+
+    A box may leave the array: there it is the array mirrored (``BORDER_REFLECT``). Rows below a
+    box less tall than the strip are left unset. A single box inside the array is a view.
+    """
+    if len(boxes) == 1:
+        return _mirrored(values, boxes[0])
+    widths = [x1 - x0 for _y0, _y1, x0, x1 in boxes]
+    strip = np.empty((rows, sum(widths), *values.shape[2:]), values.dtype)
+    at = 0
+    for box, width in zip(boxes, widths, strict=True):
+        part = _mirrored(values, box)
+        strip[: part.shape[0], at : at + width] = part
+        at += width
+    return strip
+
+
+def _mirrored(values: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """``values[y0:y1, x0:x1]``, mirrored (``BORDER_REFLECT``) where the box leaves the array."""
+    y0, y1, x0, x1 = box
+    h, w = values.shape[:2]
+    inside = values[max(0, y0) : min(h, y1), max(0, x0) : min(w, x1)]
+    pads = (max(0, -y0), max(0, y1 - h), max(0, -x0), max(0, x1 - w))
+    if not any(pads):
+        return inside
+    return cv2.copyMakeBorder(inside, *pads, cv2.BORDER_REFLECT)
 
 
 def _coverage(mask: np.ndarray) -> float:

@@ -16,7 +16,7 @@ from typing import TypeAlias
 import cv2
 import numpy as np
 
-from core.mask import nonzero_runs
+from core.mask import nonzero_runs, side_by_side
 
 _SIGMA = 1.5
 _RADIUS = 5  # int(3.5 * sigma + 0.5), scikit-image's truncation
@@ -142,8 +142,10 @@ def ssim(first: np.ndarray, second: np.ndarray, *, changed: Box | None = None) -
         return 1.0
     # Every run with the reach of its windows, side by side in one strip: one filter pass for all of them.
     # A run's windows stay inside its own columns, and the averaged pixels' windows inside the frame.
-    offsets = np.cumsum([0, *(c1 - c0 + 2 * _RADIUS for _r0, _r1, c0, c1 in runs)]).tolist()
-    strips = [_strip(image, runs, offsets) for image in (first, second)]
+    reach = [(r0 - _RADIUS, r1 + _RADIUS, c0 - _RADIUS, c1 + _RADIUS) for r0, r1, c0, c1 in runs]
+    offsets = np.cumsum([0, *(x1 - x0 for _y0, _y1, x0, x1 in reach)]).tolist()
+    rows = max(y1 - y0 for y0, y1, _x0, _x1 in reach)
+    strips = [_luma(side_by_side(image, reach, rows=rows)) for image in (first, second)]
     local = _ssim_map(*strips)
     touched = 0.0
     area = 0
@@ -152,19 +154,6 @@ def ssim(first: np.ndarray, second: np.ndarray, *, changed: Box | None = None) -
         area += (r1 - r0) * (c1 - c0)
     averaged = (h - 2 * _RADIUS) * (w - 2 * _RADIUS)
     return float((touched + averaged - area) / averaged)
-
-
-def _strip(image: np.ndarray, runs: list[Box], offsets: list[int]) -> np.ndarray:
-    """Luma of the runs with the reach of their windows, side by side from ``offsets`` on."""
-    if len(runs) == 1:
-        r0, r1, c0, c1 = runs[0]
-        return _luma(image[r0 - _RADIUS : r1 + _RADIUS, c0 - _RADIUS : c1 + _RADIUS])
-    strip = np.empty((max(r1 - r0 for r0, r1, _c0, _c1 in runs) + 2 * _RADIUS, offsets[-1], 3), np.uint8)
-    for (r0, r1, c0, c1), at in zip(runs, offsets, strict=False):
-        strip[: r1 - r0 + 2 * _RADIUS, at : at + c1 - c0 + 2 * _RADIUS] = image[
-            r0 - _RADIUS : r1 + _RADIUS, c0 - _RADIUS : c1 + _RADIUS
-        ]
-    return _luma(strip)
 
 
 def _touched_runs(diff: np.ndarray, origin: tuple[int, int], shape: tuple[int, int]) -> list[Box]:

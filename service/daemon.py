@@ -82,6 +82,7 @@ class Daemon:
         self.watcher_error: str | None = None
         self.next_watcher_restart = -math.inf
         self.next_state_check = -math.inf
+        self.next_retry_check = -math.inf
         self.ledger_paused = False
         self.stop_signal: int | None = None
         self.resources = contextlib.ExitStack()
@@ -184,7 +185,7 @@ class Daemon:
     # -- loop -----------------------------------------------------------------
 
     def loop(self, *, once: bool = False) -> None:
-        self.next_retry_check = self.next_ping = self.clock()
+        self.next_ping = self.clock()
         self.ping_every = notify.watchdog_interval()
         while not self.stopping:
             # The loop turning is what the watchdog asks about; /healthz reports what is degraded.

@@ -48,7 +48,6 @@ def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Da
     clock = FakeClock()
     running = Daemon(settings, clock=clock)
     running.initialize()
-    running.next_retry_check = clock()  # as loop() starts it
     try:
         yield running, clock, timeouts
     finally:

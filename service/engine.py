@@ -256,6 +256,7 @@ class Engine:
             max_pixels=self.limits.max_pixels,
             known_sha256=known,
             frame_sha256=entry.frame_sha256 if entry is not None and entry.output_name == name else None,
+            adopt=entry is None and not self.force,
         )
         self.in_flight[self.pool.submit(job)] = (candidate, job)
 
@@ -264,7 +265,7 @@ class Engine:
         return self.ledger.name_for(
             candidate.key,
             safe_stem(candidate.name_source),
-            exists=lambda n: not ownership.is_own_or_free(self.publisher, n, candidate.key),
+            exists=lambda n: not ownership.is_own_or_free(self.publisher, n, candidate.key, candidate.path),
             instead_of=instead_of,
         )
 

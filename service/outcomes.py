@@ -52,6 +52,8 @@ class Outcomes:
             self._published(job, outcome, seen_at)
         elif outcome.status == "skipped":
             self._skipped(job, outcome)
+        elif outcome.status == "adopted":
+            self._adopted(job, outcome)
         elif outcome.status == "retry":
             self._retry_or_reject(job, outcome)
         else:
@@ -83,23 +85,7 @@ class Outcomes:
         return True
 
     def _published(self, job: Job, outcome: Outcome, seen_at: float | None) -> None:
-        size, mtime_ns, sha256 = _source_stat(outcome)
-        # The upload is owed first: a crash between the two leaves the row in "processing", and recovery,
-        # which settles it, owes the upload again; the other order could lose it for good.
-        if self.on_published is not None:
-            self.on_published(job.name, job.key, int(outcome.scores["width"]), int(outcome.scores["height"]))
-        self.ledger.published(
-            job.key,
-            size=size,
-            mtime_ns=mtime_ns,
-            ino=outcome.ino,
-            ctime_ns=outcome.ctime_ns,
-            sha256=sha256,
-            rule=outcome.rule,
-            fingerprint=outcome.fingerprint,
-            frame_sha256=outcome.frame_sha256,
-        )
-        self._count(outcome.rule, "published")
+        self._record_outputs(job, outcome, owe_upload=True, counted="published")
         m = self.metrics
         for stage, seconds in outcome.timings.items():
             m.stage_seconds.labels(stage=stage).observe(seconds)
@@ -117,6 +103,26 @@ class Outcomes:
             outcome.scores["mask_coverage"],
             1000 * sum(outcome.timings.values()),
         )
+
+    def _record_outputs(self, job: Job, outcome: Outcome, *, owe_upload: bool, counted: str) -> None:
+        """The source's outputs that `outcome` names are in the queue: owe their upload, record them, count."""
+        size, mtime_ns, sha256 = _source_stat(outcome)
+        # The upload is owed first: a crash between the two leaves the row in "processing", and recovery,
+        # which settles it, owes the upload again; the other order could lose it for good.
+        if owe_upload and self.on_published is not None:
+            self.on_published(job.name, job.key, int(outcome.scores["width"]), int(outcome.scores["height"]))
+        self.ledger.published(
+            job.key,
+            size=size,
+            mtime_ns=mtime_ns,
+            ino=outcome.ino,
+            ctime_ns=outcome.ctime_ns,
+            sha256=sha256,
+            rule=outcome.rule,
+            fingerprint=outcome.fingerprint,
+            frame_sha256=outcome.frame_sha256,
+        )
+        self._count(outcome.rule, counted)
 
     def _skipped(self, job: Job, outcome: Outcome) -> None:
         entry = self.ledger.get(job.key)
@@ -143,6 +149,17 @@ class Outcomes:
         )
         self._count(outcome.rule, "skipped")
         logger.bind(source=job.key).debug("unchanged content, skipped {}", job.key)
+
+    def _adopted(self, job: Job, outcome: Outcome) -> None:
+        # An upload the lost ledger still owed is owed again, as for a publication.
+        self._record_outputs(job, outcome, owe_upload=not outcome.upload_noted, counted="skipped")
+        frame = outcome.outputs.get("frame")
+        logger.bind(source=job.key, rule=outcome.rule, frame=frame).info(
+            "the ledger had no record of {}; kept {}, made from its current bytes (rule {})",
+            job.key,
+            frame,
+            outcome.rule,
+        )
 
     def _retry_or_reject(self, job: Job, outcome: Outcome) -> None:
         error = dict(outcome.error or {})

@@ -52,10 +52,10 @@ def own_frame(publisher: Publisher, name: str, key: str, *, recorded: str | None
     raise Foreign(f"{frame} is not the frame sinkwatch published there")
 
 
-def is_own_or_free(publisher: Publisher, name: str, key: str) -> bool:
-    """Whether source `key` may take output `name`: nothing is there, or its own frame is."""
+def is_own_or_free(publisher: Publisher, name: str, key: str, source: Path | None = None) -> bool:
+    """Whether source `key` (the file `source`) may take output `name`: nothing is there, or its own frame is."""
     try:
-        own_frame(publisher, name, key, recorded=None)
+        own_frame(publisher, name, key, recorded=None, source=source)
     except (Foreign, PublishError):
         return False
     return True
@@ -73,6 +73,23 @@ def own_sidecar(publisher: Publisher, name: str, key: str, source: Path | None =
     except (KeyError, TypeError):
         pass
     return None
+
+
+def describes(sidecar: dict[str, Any], source: Path, frame: Path) -> bool:
+    """Whether `sidecar` describes the current content of `source` and the frame on disk is the one it names.
+
+    What settles a source from its outputs alone: after a crash, or when the ledger has no row for it.
+    """
+    try:
+        rule, output = sidecar["rule"], sidecar["output"]
+        return bool(
+            all(type(rule[field]) is str for field in ("name", "fingerprint"))
+            and all(type(output[side]) is int for side in ("width", "height"))
+            and sidecar["source"]["sha256"] == sha256_file(source)
+            and output["frame_sha256"] == sha256_file(frame)
+        )
+    except (KeyError, TypeError, OSError):
+        return False
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

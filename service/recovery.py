@@ -11,11 +11,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from service.file_hash import sha256_file
 from service.ledger import Ledger
-from service.ownership import own_sidecar
+from service.ownership import describes, own_sidecar
 from service.publish import Publisher
 
 
@@ -44,7 +42,7 @@ def recover(
             ledger.forget(entry.relpath)
             continue
         sidecar = own_sidecar(publisher, entry.output_name, entry.relpath) if entry.output_name else None
-        if sidecar is not None and _complete(sidecar, path, publisher.frame_path(str(entry.output_name))):
+        if sidecar is not None and describes(sidecar, path, publisher.frame_path(str(entry.output_name))):
             ledger.published(
                 entry.relpath,
                 size=st.st_size,
@@ -63,15 +61,3 @@ def recover(
         else:
             requeue(entry.relpath, path)
     return recovered
-
-
-def _complete(sidecar: dict[str, Any], source: Path, frame: Path) -> bool:
-    """The sidecar describes this source's current content and the frame on disk is the one it names."""
-    try:
-        return bool(
-            sidecar["source"]["sha256"] == sha256_file(source)
-            and sidecar["output"]["frame_sha256"] == sha256_file(frame)
-            and all(type(sidecar["output"][side]) is int for side in ("width", "height"))
-        )
-    except (KeyError, TypeError, OSError):
-        return False

@@ -26,12 +26,13 @@ from service.errors import IncompleteImage, PublishError, SinkwatchError
 from service.file_hash import sha256_file
 from service.ledger_stamps import file_stamp
 from service.metrics import publish_error_reason
-from service.ownership import Foreign, own_frame
+from service.ownership import Foreign, describes, own_frame, own_sidecar
 from service.publish import Publisher
 from service.rules import Rule
 
 # name_taken: the frame at the job's name is no longer one sinkwatch wrote; nothing was published.
-Status = Literal["published", "rejected", "retry", "skipped", "name_taken"]
+# adopted: the outputs of the source's current bytes were in the queue already (see `Job.adopt`); nothing was made.
+Status = Literal["published", "rejected", "retry", "skipped", "name_taken", "adopted"]
 
 # Text chunks of a generator's PNG that a rule may carry into the frame.
 GENERATOR_TEXT_KEYS = ("prompt", "workflow")
@@ -48,6 +49,9 @@ class Job:
     max_pixels: int
     known_sha256: str | None = None
     frame_sha256: str | None = None  # the ledger's hash of the frame last published under `name`
+    # The ledger knows nothing of the source (it was lost, or moved with --state-dir): outputs its sidecar
+    # says were made from these very bytes are taken over rather than made, and sent, again.
+    adopt: bool = False
 
 
 class _Identity(TypedDict):
@@ -86,6 +90,7 @@ class Outcome:
     error: Mapping[str, object] | None = None
     outputs: Mapping[str, str] = field(default_factory=dict)
     finished_at: float = 0.0
+    upload_noted: bool = False  # adopted: the sidecar records an upload to ComfyUI
 
     @property
     def reason(self) -> str | None:
@@ -111,6 +116,8 @@ def process_job(job: Job) -> Outcome:
         size=before.st_size, mtime_ns=before.st_mtime_ns, ino=before.st_ino, ctime_ns=before.st_ctime_ns
     )
     try:
+        if job.adopt and (adopted := _adopted(job, before, stat_fields)) is not None:
+            return adopted
         # A published source whose stamp changed (a touch, a chmod, a copy over it): the same bytes need no decoding.
         known = job.known_sha256
         if known is not None and before.st_size <= job.max_bytes and _sha256(job.source) == known:
@@ -183,6 +190,33 @@ def process_job(job: Job) -> Outcome:
         timings=timings,
         scores=scores,
         outputs={kind: path.name for kind, path in paths.items()},
+        finished_at=time.time(),
+    )
+
+
+def _adopted(job: Job, before: os.stat_result, stat_fields: _SourceStat) -> Outcome | None:
+    """The outcome of taking over the outputs already in the queue for the source's current bytes, if any."""
+    publisher = Publisher(job.queue)
+    sidecar = own_sidecar(publisher, job.name, job.key, job.source)
+    # The recorded size first: a source rewritten since needs no hashing to tell.
+    if sidecar is None or sidecar["source"].get("size") != before.st_size:
+        return None
+    if not describes(sidecar, job.source, publisher.frame_path(job.name)):
+        return None
+    _check_unchanged(job, before)
+    output = sidecar["output"]
+    return Outcome(
+        key=job.key,
+        name=job.name,
+        rule=sidecar["rule"]["name"],
+        fingerprint=sidecar["rule"]["fingerprint"],
+        status="adopted",
+        **stat_fields,
+        sha256=sidecar["source"]["sha256"],
+        frame_sha256=output["frame_sha256"],
+        scores={"width": output["width"], "height": output["height"]},
+        outputs={"frame": f"{job.name}.png"},
+        upload_noted="comfyui" in sidecar,
         finished_at=time.time(),
     )
 

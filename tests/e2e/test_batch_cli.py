@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -123,6 +124,45 @@ def test_process_and_run_on_one_state_never_make_a_frame_twice(tmp_path: Path, f
         assert "0 published, 2 unchanged, 0 rejected, 0 unfinished" in again.stderr, again.stderr[-2000:]
     assert {frame.name: frame.read_bytes() for frame in frames(queue)} == made
     check_outputs_complete(queue)
+
+
+@pytest.mark.parametrize("first", ["run", "process"])
+def test_a_lost_ledger_keeps_the_outputs_of_unchanged_sources_and_makes_only_the_changed_one_again(
+    tmp_path: Path, first: str
+) -> None:
+    watch, queue = tmp_path / "watch", tmp_path / "queue"
+    watch.mkdir()
+    names = ["one.png", "two.png", "three.png"]
+    for index, name in enumerate(names):
+        write_photo(watch / name, small_photo(index, height=120, width=180))
+    run = ("run", "--once", "--watch", str(watch), "--queue", str(queue))
+    # `process` started away from the watch folder records sources by absolute path, the daemon by their
+    # path in --watch: the sidecars name the one or the other.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    commands = {"process": ("process", str(watch), "--queue", str(queue)), "run": run}
+    done = run_sinkwatch(*commands[first], cwd=elsewhere)
+    assert done.returncode == 0, done.stderr[-4000:]
+    made = snapshot(queue / "matrix") | {frame.name: snapshot(queue)[frame.name] for frame in frames(queue)}
+
+    shutil.rmtree(queue / ".sinkwatch" / "state")  # deleted, or lost with its disk
+    write_photo(watch / "three.png", small_photo(5, height=120, width=180))
+    before = snapshot(watch)
+    again = run_sinkwatch(*run, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-4000:]
+    log = records(again.stderr)
+    assert logged(log, "published") == ["three.png"]
+    kept = sorted(str(r["extra"]["source"]) for r in log if str(r["message"]).startswith("the ledger had no record"))
+    assert kept == ["one.png", "two.png"]
+    now = snapshot(queue / "matrix") | {frame.name: snapshot(queue)[frame.name] for frame in frames(queue)}
+    changed = {name for name in made if now[name] != made[name]}
+    assert changed == {"three.png", "three.matrix.png", "three.json"}, "outputs of unchanged sources were rewritten"
+    check_outputs_complete(queue)
+    check_watch_unchanged(watch, before)
+
+    third = run_sinkwatch(*run, cwd=tmp_path)
+    assert third.returncode == 0, third.stderr[-4000:]
+    assert not [r for r in records(third.stderr) if str(r["extra"].get("source", "")) in names], "the ledger forgot"
 
 
 def test_process_is_refused_a_queue_another_sinkwatch_publishes_into_whatever_its_state_folder(

@@ -62,34 +62,51 @@ def is_own_or_free(publisher: Publisher, name: str, key: str, source: Path | Non
 
 
 def own_sidecar(publisher: Publisher, name: str, key: str, source: Path | None = None) -> dict[str, Any] | None:
-    """The sidecar of output `name` if it exists and was written for source `key` (or the file `source`)."""
+    """The sidecar of output `name` if it exists and was written for source `key` (or the file `source`).
+
+    ``sinkwatch process`` keys a file outside the watch folder by its resolved path and records the
+    path as it was given (relative, say): either names `source`.
+    """
     sidecar = _read_json(publisher.sidecar_path(name))
     try:
         if sidecar is None:
             return None
         written_for = sidecar["source"]
-        if written_for["key"] == key or (source is not None and written_for["path"] == str(source)):
+        if written_for["key"] == key:
+            return sidecar
+        if source is not None and (
+            written_for["path"] == str(source) or written_for["key"] == os.path.realpath(source)
+        ):
             return sidecar
     except (KeyError, TypeError):
         pass
     return None
 
 
-def describes(sidecar: dict[str, Any], source: Path, frame: Path) -> bool:
-    """Whether `sidecar` describes the current content of `source` and the frame on disk is the one it names.
+def describes(sidecar: dict[str, Any], source: Path, publisher: Publisher, name: str) -> bool:
+    """Whether `sidecar` describes the current content of `source`, and output `name` on disk is whole:
+    its frame the regular file the sidecar names by hash, its heatmap there.
 
     What settles a source from its outputs alone: after a crash, or when the ledger has no row for it.
     """
+    frame = publisher.frame_path(name)
     try:
         rule, output = sidecar["rule"], sidecar["output"]
         return bool(
             all(type(rule[field]) is str for field in ("name", "fingerprint"))
             and all(type(output[side]) is int for side in ("width", "height"))
+            and _regular(frame)
+            and _regular(publisher.heatmap_path(name))
             and sidecar["source"]["sha256"] == sha256_file(source)
             and output["frame_sha256"] == sha256_file(frame)
         )
     except (KeyError, TypeError, OSError):
         return False
+
+
+def _regular(path: Path) -> bool:
+    """A regular file, not a link to one: sinkwatch writes nothing else."""
+    return stat.S_ISREG(os.lstat(path).st_mode)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -59,11 +59,16 @@ class Publisher:
         self._write(paths["heatmap"], heatmap)
         self._write(paths["sidecar"], sidecar_bytes)
         self._write(paths["frame"], frame)
-        # Published now: an old reject record of this name would contradict it. Failing to remove
-        # it must not undo the publication (a retry would only publish the same files again).
+        self.drop_reject(name)
+        return paths
+
+    def drop_reject(self, name: str) -> None:
+        """Remove the reject record of `name`: its outputs are in place, and an old record would contradict them.
+
+        Failing to remove it must not undo the publication (a retry would only publish the same files again).
+        """
         with contextlib.suppress(OSError):
             os.unlink(self.reject_path(name))
-        return paths
 
     def reject(self, name: str, record: Mapping[str, object]) -> Path:
         """Write the reject record of `name`, atomically like every output."""

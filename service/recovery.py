@@ -41,8 +41,8 @@ def recover(
         except OSError:
             ledger.forget(entry.relpath)
             continue
-        sidecar = own_sidecar(publisher, entry.output_name, entry.relpath) if entry.output_name else None
-        if sidecar is not None and describes(sidecar, path, publisher.frame_path(str(entry.output_name))):
+        sidecar = own_sidecar(publisher, entry.output_name, entry.relpath, path) if entry.output_name else None
+        if sidecar is not None and describes(sidecar, path, publisher, str(entry.output_name)):
             ledger.published(
                 entry.relpath,
                 size=st.st_size,

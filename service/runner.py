@@ -201,9 +201,10 @@ def _adopted(job: Job, before: os.stat_result, stat_fields: _SourceStat) -> Outc
     # The recorded size first: a source rewritten since needs no hashing to tell.
     if sidecar is None or sidecar["source"].get("size") != before.st_size:
         return None
-    if not describes(sidecar, job.source, publisher.frame_path(job.name)):
+    if not describes(sidecar, job.source, publisher, job.name):
         return None
     _check_unchanged(job, before)
+    publisher.drop_reject(job.name)
     output = sidecar["output"]
     return Outcome(
         key=job.key,

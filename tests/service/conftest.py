@@ -79,6 +79,7 @@ class IdleEngine(Protocol):
         queue_size: int = 8,
         wakeup: Callable[[], Future[None]] | None = None,
         ledger: Ledger | None = None,
+        force: bool = False,
     ) -> Engine: ...
 
 
@@ -96,6 +97,7 @@ def idle_engine(tmp_path: Path) -> Iterator[IdleEngine]:
             queue_size: int = 8,
             wakeup: Callable[[], Future[None]] | None = None,
             ledger: Ledger | None = None,
+            force: bool = False,
         ) -> Engine:
             limits = Limits(
                 max_bytes=1 << 30, max_pixels=1 << 30, max_attempts=3, retry_base=1.0, queue_size=queue_size
@@ -109,6 +111,7 @@ def idle_engine(tmp_path: Path) -> Iterator[IdleEngine]:
                 limits=limits,
                 resolve=resolve,
                 wakeup=wakeup,
+                force=force,
             )
 
         yield make

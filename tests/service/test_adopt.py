@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from service import file_hash, ownership
 from service.encode import encode_png
 from service.engine import Candidate, Engine
 from service.ledger import Entry, Ledger
@@ -23,6 +24,7 @@ from service.metrics import Metrics
 from service.outcomes import Outcomes
 from service.ownership import is_own_or_free
 from service.publish import Publisher
+from service.recovery import recover
 from service.rules import Rule, load_rules
 from service.runner import Job, Outcome, process_job
 from tests.conftest import load_photo, photo_file, wait_for
@@ -58,7 +60,7 @@ class Queue:
         shutil.copyfile(photo_file(photo), path)
         return path
 
-    def run(self, source: Path, *, rule: Rule | None = None, force: bool = False) -> Outcome:
+    def run(self, source: Path, *, rule: Rule | None = None) -> Outcome:
         """One attempt at `source` as the engine makes it: a name, a started row, the job, its outcome recorded."""
         rule = rule or self.rule
         key = source.name
@@ -67,7 +69,7 @@ class Queue:
             key, source.stem, exists=lambda n: not is_own_or_free(self.publisher, n, key, source)
         )
         st = source.stat()
-        known = entry.sha256 if entry is not None and entry.state == "published" and not force else None
+        known = entry.sha256 if entry is not None and entry.state == "published" else None
         self.ledger.start(
             key, size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=known, rule=rule.name, fingerprint=rule.fingerprint
         )
@@ -80,7 +82,7 @@ class Queue:
             max_bytes=1 << 30,
             max_pixels=1 << 30,
             known_sha256=known,
-            adopt=entry is None and not force,
+            adopt=entry is None,
         )
         outcome = process_job(job)
         if outcome.status != "name_taken":  # the engine's own business: a new name, and the source again
@@ -247,18 +249,93 @@ def test_a_sidecar_that_does_not_prove_the_outputs_gets_them_made_again(
     assert queue.sidecar(outcome.name)["output"]["frame_sha256"] == outcome.frame_sha256
 
 
-def test_forcing_makes_the_outputs_again(queue: Queue) -> None:
+def test_a_missing_heatmap_gets_the_outputs_made_again_in_place(queue: Queue) -> None:
+    source = queue.photo("cat.png")
+    queue.run(source)
+    queue.publisher.heatmap_path("cat").unlink()
+    queue.ledger.close()
+    queue.fresh_ledger()
+    outcome = queue.run(source)
+    assert (outcome.status, outcome.name) == ("published", "cat")
+    assert queue.publisher.heatmap_path("cat").is_file()
+
+
+def test_a_link_at_the_frame_name_is_not_taken_over_even_to_the_same_bytes(queue: Queue, tmp_path: Path) -> None:
     source = queue.photo("cat.png")
     queue.run(source)
     frame = queue.publisher.frame_path("cat")
-    written = frame.stat().st_mtime_ns
+    copy = tmp_path / "copy.png"
+    shutil.copyfile(frame, copy)
+    frame.unlink()
+    frame.symlink_to(copy)  # put there after the engine chose the name: the worker must see it too
     queue.ledger.close()
     queue.fresh_ledger()
-    assert queue.run(source, force=True).status == "published"
-    assert frame.stat().st_mtime_ns != written
+    job = Job(
+        source=source, key="cat.png", name="cat", rule=queue.rule, queue=queue.queue,
+        max_bytes=1 << 30, max_pixels=1 << 30, adopt=True,
+    )  # fmt: skip
+    assert process_job(job).status == "name_taken"
+    assert frame.is_symlink() and frame.read_bytes() == copy.read_bytes()
 
 
-def test_the_engine_takes_over_what_a_lost_ledger_knew(tmp_path: Path, idle_engine: IdleEngine) -> None:
+def test_taking_over_removes_an_old_reject_record_of_the_name(queue: Queue) -> None:
+    source = queue.photo("cat.png")
+    queue.run(source)
+    # Left by a broken version of the source since restored, as a publication would have removed it.
+    queue.publisher.reject("cat", {"reason": "corrupt"})
+    queue.ledger.close()
+    queue.fresh_ledger()
+    assert queue.run(source).status == "adopted"
+    assert not queue.publisher.reject_path("cat").exists()
+
+
+@pytest.fixture
+def made_by_process(queue: Queue, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Outputs `sinkwatch process watch/cat.png` made: keyed by the resolved path, the path recorded as given."""
+    source = queue.photo("cat.png")
+    monkeypatch.chdir(queue.tmp_path)
+    job = Job(
+        source=Path("watch/cat.png"), key=str(source.resolve()), name="cat", rule=queue.rule, queue=queue.queue,
+        max_bytes=1 << 30, max_pixels=1 << 30,
+    )  # fmt: skip
+    assert process_job(job).status == "published"
+    assert queue.sidecar("cat")["source"]["path"] == "watch/cat.png"
+    queue.ledger.close()
+    queue.fresh_ledger()
+    return source
+
+
+def test_outputs_made_by_process_from_a_relative_path_are_taken_over(queue: Queue, made_by_process: Path) -> None:
+    outcome = queue.run(made_by_process)
+    assert (outcome.status, outcome.name) == ("adopted", "cat")
+
+
+def test_a_crash_while_taking_over_outputs_made_by_process_is_settled_by_recovery(
+    queue: Queue, made_by_process: Path
+) -> None:
+    # What the engine had done when the daemon died: the name, the row in "processing"; the worker's outcome lost.
+    name = queue.ledger.name_for(
+        "cat.png", "cat", exists=lambda n: not is_own_or_free(queue.publisher, n, "cat.png", made_by_process)
+    )
+    st = made_by_process.stat()
+    queue.ledger.start(
+        "cat.png", size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=None, rule="default", fingerprint="x"
+    )
+    requeued: list[str] = []
+    settled = recover(
+        queue.ledger,
+        queue.publisher,
+        resolve=lambda key: queue.watch / key,
+        requeue=lambda key, _path: requeued.append(key),
+    )
+    assert (name, settled, requeued) == ("cat", 1, [])
+    assert queue.entry("cat.png").state == "published"
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_the_engine_takes_over_what_a_lost_ledger_knew_unless_forced(
+    tmp_path: Path, idle_engine: IdleEngine, force: bool
+) -> None:
     watch = tmp_path / "watch"
     watch.mkdir()
     sources = {name: watch / f"{name}.png" for name in ("chelsea", "coffee", "rocket")}
@@ -271,14 +348,40 @@ def test_the_engine_takes_over_what_a_lost_ledger_knew(tmp_path: Path, idle_engi
         wait_for(lambda: engine.pump(timeout=0.2) >= 0 and engine.idle(), timeout=120)
         return {key: value for key, value in engine.counts.items() if value}
 
+    def outputs() -> dict[str, tuple[bytes, int]]:
+        files = (path for path in (tmp_path / "queue").rglob("*") if path.is_file())
+        return {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in files}
+
     with Ledger(tmp_path / "first.sqlite3") as first:
         assert run_all(idle_engine(resolve=lambda key: watch / key, ledger=first)) == {"published": 3}
-    queue = tmp_path / "queue"
-    before = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in queue.rglob("*") if path.is_file()}
+    before = outputs()
     with Ledger(tmp_path / "second.sqlite3") as second:
-        assert run_all(idle_engine(resolve=lambda key: watch / key, ledger=second)) == {"skipped": 3}
+        engine = idle_engine(resolve=lambda key: watch / key, ledger=second, force=force)
+        assert run_all(engine) == ({"published": 3} if force else {"skipped": 3})
         assert {entry.relpath: entry.output_name for entry in second.entries("published")} == {
             f"{name}.png": name for name in sources
         }
-    after = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in queue.rglob("*") if path.is_file()}
-    assert after == before
+    after = outputs()
+    frames = [f"{name}.png" for name in sources]
+    assert {name: after[name][0] for name in frames} == {name: before[name][0] for name in frames}, "same bytes"
+    rewritten = {name for name in before if after[name][1] != before[name][1]}
+    assert rewritten == (set(before) if force else set())
+
+
+def test_a_source_changed_while_its_outputs_were_checked_is_tried_again(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = queue.photo("cat.png")
+    queue.run(source)
+    queue.ledger.close()
+    queue.fresh_ledger()
+    real = file_hash.sha256_file
+
+    def hash_then_rewrite(path: Path) -> str | None:
+        digest = real(path)
+        if path == source:  # the generator writes the file again right after it was hashed
+            source.write_bytes(source.read_bytes())
+        return digest
+
+    monkeypatch.setattr(ownership, "sha256_file", hash_then_rewrite)
+    assert queue.run(source).status == "retry"

@@ -3,6 +3,7 @@ anything else is done again, a vanished source is forgotten."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -67,8 +68,10 @@ def test_a_source_changed_since_its_frame_is_made_again(crashed: Crashed) -> Non
 
 
 def test_a_sidecar_of_another_source_is_not_taken_for_ours(crashed: Crashed) -> None:
-    sidecar = crashed[1].sidecar_path("cat")
-    sidecar.write_text(sidecar.read_text(encoding="utf-8").replace('"cat.png"', '"dog.png"'), encoding="utf-8")
+    path = crashed[1].sidecar_path("cat")
+    sidecar = json.loads(path.read_text(encoding="utf-8"))
+    sidecar["source"] |= {"key": "dog.png", "path": str(crashed[2].with_name("dog.png"))}
+    path.write_text(json.dumps(sidecar), encoding="utf-8")
     assert _recover(crashed) == (0, ["cat.png"])
 
 

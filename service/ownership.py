@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -85,23 +86,34 @@ def own_sidecar(publisher: Publisher, name: str, key: str, source: Path | None =
 
 def describes(sidecar: dict[str, Any], source: Path, publisher: Publisher, name: str) -> bool:
     """Whether `sidecar` describes the current content of `source`, and output `name` on disk is whole:
-    its frame the regular file the sidecar names by hash, its heatmap there.
+    its frame the regular file the sidecar names by hash and size, its heatmap there.
 
     What settles a source from its outputs alone: after a crash, or when the ledger has no row for it.
+    The size is what an upload owed to ComfyUI is queued with, so it is the frame's own.
     """
     frame = publisher.frame_path(name)
     try:
         rule, output = sidecar["rule"], sidecar["output"]
         return bool(
             all(type(rule[field]) is str for field in ("name", "fingerprint"))
-            and all(type(output[side]) is int for side in ("width", "height"))
             and _regular(frame)
             and _regular(publisher.heatmap_path(name))
+            and (output["width"], output["height"]) == _png_size(frame)
             and sidecar["source"]["sha256"] == sha256_file(source)
             and output["frame_sha256"] == sha256_file(frame)
         )
     except (KeyError, TypeError, OSError):
         return False
+
+
+def _png_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from a PNG's header: sinkwatch writes IHDR first, as PNG requires."""
+    with open(path, "rb") as file:
+        head = file.read(24)
+    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", head[16:24])
+    return width, height
 
 
 def _regular(path: Path) -> bool:

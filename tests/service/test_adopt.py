@@ -215,6 +215,7 @@ def test_a_frame_edited_in_the_queue_is_not_taken_over(queue: Queue) -> None:
     ("damage", "in_place"),
     [
         ("wrong size", True),
+        ("wrong width", True),
         ("no rule", True),
         ("no frame hash", False),
         ("not json", False),
@@ -232,6 +233,8 @@ def test_a_sidecar_that_does_not_prove_the_outputs_gets_them_made_again(
         del sidecar["output"]["frame_sha256"]
     elif damage == "wrong size":
         sidecar["source"]["size"] += 1
+    elif damage == "wrong width":  # what an upload owed to ComfyUI would be queued with
+        sidecar["output"]["width"] = 99999
     elif damage == "no rule":
         sidecar["rule"] = "default"
     elif damage == "other source":

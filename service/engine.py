@@ -153,7 +153,8 @@ class Engine:
 
     def requeue_due(self, keys: Collection[str] | None = None) -> None:
         """Offer the sources whose retry is due; only those among `keys` when given (a batch's own files)."""
-        for entry in self.ledger.due(self.clock()):
+        now = self.clock()
+        for entry in self.ledger.due(now, latest=now + self.outcomes.longest_delay):
             if keys is not None and entry.relpath not in keys:
                 continue
             if not self.has_room():

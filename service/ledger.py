@@ -16,6 +16,7 @@ table in `service.ledger_uploads` and the scans' bulk lookup of ``sources`` in
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import sqlite3
 import threading
@@ -140,11 +141,18 @@ class Ledger(UploadLedger, StampLedger):
             row = db.execute(_SELECT_ENTRY + " WHERE s.relpath = ?", (db_key(relpath),)).fetchone()
         return _entry(row) if row else None
 
-    def due(self, now: float) -> list[Entry]:
-        """Entries waiting to be retried whose time has come, the longest-waiting first."""
-        query = _SELECT_ENTRY + " WHERE s.state = 'retry' AND s.next_attempt <= ? ORDER BY s.next_attempt, s.relpath"
+    def due(self, now: float, *, latest: float = math.inf) -> list[Entry]:
+        """Entries waiting to be retried whose time has come, the longest-waiting first.
+
+        Retry times are wall-clock times (they outlive the process). No retry is set for after `latest`
+        (now plus the longest delay): one that is was set by a clock since set back, and is due too.
+        """
+        query = (
+            _SELECT_ENTRY + " WHERE s.state = 'retry' AND (s.next_attempt <= ? OR s.next_attempt > ?)"
+            " ORDER BY s.next_attempt, s.relpath"
+        )
         with self._transaction(write=False) as db:
-            return [_entry(row) for row in db.execute(query, (now,))]
+            return [_entry(row) for row in db.execute(query, (now, latest))]
 
     def entries(self, state: str | None = None) -> list[Entry]:
         if state is not None and state not in STATES:

@@ -170,7 +170,7 @@ class Outcomes:
             error["message"] = f"{error.get('message')} (gave up after {attempts} attempts)"
             self._reject(job, error, outcome)
             return
-        delay = self.retry_base * 2.0 ** min(attempts - 1, 32)  # a full disk may retry for weeks
+        delay = self._delay(attempts)
         if is_publish:
             delay = min(delay, MAX_PUBLISH_RETRY_DELAY)
         self.ledger.retry(
@@ -185,6 +185,14 @@ class Outcomes:
         logger.bind(source=job.key, reason=error.get("reason")).warning(
             "retrying {} in {:.0f}s (attempt {}): {}", job.key, delay, attempts, error.get("message")
         )
+
+    def _delay(self, attempts: int) -> float:
+        return self.retry_base * 2.0 ** min(attempts - 1, 32)  # a full disk may retry for weeks
+
+    @property
+    def longest_delay(self) -> float:
+        """No retry is set further ahead than this: an incomplete file's last, or a publish retry's cap."""
+        return max(self._delay(self.max_attempts), MAX_PUBLISH_RETRY_DELAY)
 
     def _reject(self, job: Job, error: Mapping[str, object], outcome: Outcome) -> None:
         reason = str(error.get("reason", "corrupt"))

@@ -6,6 +6,7 @@ Real ledger and engine; nothing is dispatched, the pending queue and the ledger 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -22,14 +23,16 @@ def engine(watch: Path, idle_engine: IdleEngine) -> Engine:
     return idle_engine(resolve=lambda key: watch / key)
 
 
-def waiting(engine: Engine, watch: Path, name: str, *, due: bool = True) -> Path:
-    """A source with a retry row (after one failed attempt) that is due now, or far in the future."""
+def waiting(engine: Engine, watch: Path, name: str, *, due: bool = True, at: float | None = None) -> Path:
+    """A source with a retry row (after one failed attempt) that is due now, or a minute ahead (or `at`)."""
     path = watch / name
     path.write_bytes(CONTENT)
     st = path.stat()
     stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "ctime_ns": st.st_ctime_ns}
     engine.ledger.start(name, **stamp, sha256=None, rule="default", fingerprint="f")
-    engine.ledger.retry(name, reason="incomplete", message="", next_attempt=0.0 if due else 1e12)
+    if at is None:
+        at = 0.0 if due else time.time() + 60.0
+    engine.ledger.retry(name, reason="incomplete", message="", next_attempt=at)
     return path
 
 
@@ -38,6 +41,22 @@ def test_a_due_retry_of_a_regular_file_is_offered_again(engine: Engine, watch: P
     engine.requeue_due()
     assert list(engine.pending) == ["a.png"]
     assert engine.pending["a.png"].source == "retry"
+
+
+def test_a_retry_not_due_yet_is_left_waiting(engine: Engine, watch: Path) -> None:
+    waiting(engine, watch, "later.png", due=False)
+    engine.requeue_due()
+    assert list(engine.pending) == []
+
+
+def test_a_retry_set_further_ahead_than_any_delay_is_due_the_clock_was_set_back_since(
+    engine: Engine, watch: Path
+) -> None:
+    # Set at 10:00 for 10:00:08 by a clock that read a day ahead; the longest delay is minutes.
+    assert engine.outcomes.longest_delay < 3600
+    waiting(engine, watch, "a.png", at=time.time() + 86_400)
+    engine.requeue_due()
+    assert list(engine.pending) == ["a.png"]
 
 
 @pytest.mark.parametrize("becomes", ["a folder", "a dangling symlink", "nothing"])

@@ -257,7 +257,7 @@ class Engine:
             max_pixels=self.limits.max_pixels,
             known_sha256=known,
             frame_sha256=entry.frame_sha256 if entry is not None and entry.output_name == name else None,
-            adopt=entry is None and not self.force,
+            adopt=not self.force,
         )
         self.in_flight[self.pool.submit(job)] = (candidate, job)
 

@@ -151,14 +151,11 @@ class Outcomes:
         logger.bind(source=job.key).debug("unchanged content, skipped {}", job.key)
 
     def _adopted(self, job: Job, outcome: Outcome) -> None:
-        # An upload the lost ledger still owed is owed again, as for a publication.
+        # An upload the ledger no longer knew of is owed again, as for a publication.
         self._record_outputs(job, outcome, owe_upload=not outcome.upload_noted, counted="skipped")
         frame = outcome.outputs.get("frame")
         logger.bind(source=job.key, rule=outcome.rule, frame=frame).info(
-            "the ledger had no record of {}; kept {}, made from its current bytes (rule {})",
-            job.key,
-            frame,
-            outcome.rule,
+            "kept {}: made from the current bytes of {} already (rule {})", frame, job.key, outcome.rule
         )
 
     def _retry_or_reject(self, job: Job, outcome: Outcome) -> None:

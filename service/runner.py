@@ -49,8 +49,9 @@ class Job:
     max_pixels: int
     known_sha256: str | None = None
     frame_sha256: str | None = None  # the ledger's hash of the frame last published under `name`
-    # The ledger knows nothing of the source (it was lost, or moved with --state-dir): outputs its sidecar
-    # says were made from these very bytes are taken over rather than made, and sent, again.
+    # Outputs in the queue that the sidecar proves were made from the source's current bytes are taken over
+    # rather than made, and sent, again: what a ledger lost (or moved with --state-dir), or a retry of a
+    # source it had lost, no longer knows. Off with --force.
     adopt: bool = False
 
 
@@ -116,13 +117,13 @@ def process_job(job: Job) -> Outcome:
         size=before.st_size, mtime_ns=before.st_mtime_ns, ino=before.st_ino, ctime_ns=before.st_ctime_ns
     )
     try:
-        if job.adopt and (adopted := _adopted(job, before, stat_fields)) is not None:
-            return adopted
         # A published source whose stamp changed (a touch, a chmod, a copy over it): the same bytes need no decoding.
         known = job.known_sha256
         if known is not None and before.st_size <= job.max_bytes and _sha256(job.source) == known:
             _check_unchanged(job, before)
             return Outcome(**base, **stat_fields, status="skipped", sha256=known)
+        if job.adopt and (adopted := _adopted(job, before, stat_fields)) is not None:
+            return adopted
         params = job.rule.to_params()
         # A square that covers either orientation lets a large JPEG decode at reduced scale safely.
         side = max(params.resize.width, params.resize.height)

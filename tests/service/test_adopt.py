@@ -1,7 +1,8 @@
-"""A ledger that has no row for a source whose outputs are in the queue (the state folder was deleted,
-lost with its disk, or moved with --state-dir): the outputs its sidecar says were made from the
-source's current bytes are kept and recorded, not made (nor sent to ComfyUI) again. Anything that does
-not hold up, the source or the frame changed, an old sidecar, is made as for a new source."""
+"""Outputs in the queue that their sidecar proves were made from a source's current bytes are kept and
+recorded, not made (nor sent to ComfyUI) again: when the ledger has no row for the source (the state
+folder was deleted, lost with its disk, or moved with --state-dir), or a row that is not "published"
+(a retry, a rejected version since put back). Anything that does not hold up, the source or the frame
+changed, an old sidecar, is made as for a new source."""
 
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ class Queue:
             max_bytes=1 << 30,
             max_pixels=1 << 30,
             known_sha256=known,
-            adopt=entry is None,
+            adopt=True,
         )
         outcome = process_job(job)
         if outcome.status != "name_taken":  # the engine's own business: a new name, and the source again
@@ -371,7 +372,7 @@ def test_the_engine_takes_over_what_a_lost_ledger_knew_unless_forced(
     assert rewritten == (set(before) if force else set())
 
 
-def test_a_source_changed_while_its_outputs_were_checked_is_tried_again(
+def test_a_source_changed_while_its_outputs_were_checked_is_tried_again_and_then_taken_over(
     queue: Queue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     source = queue.photo("cat.png")
@@ -388,3 +389,49 @@ def test_a_source_changed_while_its_outputs_were_checked_is_tried_again(
 
     monkeypatch.setattr(ownership, "sha256_file", hash_then_rewrite)
     assert queue.run(source).status == "retry"
+    monkeypatch.undo()
+    # The ledger has a row now, in "retry": the next attempt still takes the outputs over.
+    assert queue.entry("cat.png").state == "retry"
+    assert queue.run(source).status == "adopted"
+
+
+def test_a_source_rejected_then_restored_to_the_published_bytes_keeps_its_outputs(queue: Queue) -> None:
+    source = queue.photo("cat.png")
+    good = source.read_bytes()
+    assert queue.run(source).status == "published"
+    before = queue.outputs("cat")
+    source.write_bytes(b"not an image at all")
+    assert queue.run(source).status == "rejected"
+    assert queue.publisher.reject_path("cat").is_file()
+    source.write_bytes(good)  # the user puts the original back
+
+    assert queue.run(source).status == "adopted"
+    assert queue.outputs("cat") == before, "an output was written again"
+    assert not queue.publisher.reject_path("cat").exists()
+    assert queue.entry("cat.png").state == "published"
+
+
+def test_the_engine_takes_over_outputs_for_a_source_it_has_a_row_of_that_is_not_published(
+    tmp_path: Path, idle_engine: IdleEngine
+) -> None:
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    source = watch / "cat.png"
+    shutil.copyfile(photo_file("chelsea"), source)
+    with Ledger(tmp_path / "ledger.sqlite3") as ledger:
+        engine = idle_engine(resolve=lambda key: watch / key, ledger=ledger)
+
+        def run_once() -> dict[str, int]:
+            before = dict(engine.counts)
+            assert engine.offer(Candidate("cat.png", source, "scan", 0.0))
+            wait_for(lambda: engine.pump(timeout=0.2) >= 0 and engine.idle(), timeout=120)
+            return {key: value - before[key] for key, value in engine.counts.items() if value != before[key]}
+
+        assert run_once() == {"published": 1}
+        # What a rejected version of the file since put back leaves in the ledger.
+        ledger.rejected("cat.png", reason="corrupt", message="", sha256="0" * 64)
+        st = source.stat()
+        os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        assert run_once() == {"skipped": 1}
+        entry = ledger.get("cat.png")
+        assert entry is not None and entry.state == "published"

@@ -50,8 +50,8 @@ class Job:
     known_sha256: str | None = None
     frame_sha256: str | None = None  # the ledger's hash of the frame last published under `name`
     # Outputs in the queue that the sidecar proves were made from the source's current bytes are taken over
-    # rather than made, and sent, again: what a ledger lost (or moved with --state-dir), or a retry of a
-    # source it had lost, no longer knows. Off with --force.
+    # rather than made, and sent, again, where the unchanged-content check has nothing to go by: a ledger
+    # lost or moved with --state-dir, a retry, a rejected version since put back. Off with --force.
     adopt: bool = False
 
 

@@ -104,9 +104,21 @@ class Outcomes:
             1000 * sum(outcome.timings.values()),
         )
 
-    def _record_outputs(self, job: Job, outcome: Outcome, *, owe_upload: bool, counted: str) -> None:
-        """The source's outputs that `outcome` names are in the queue: owe their upload, record them, count."""
+    def _record_outputs(
+        self,
+        job: Job,
+        outcome: Outcome,
+        *,
+        owe_upload: bool,
+        counted: str,
+        made_by: tuple[str, str] | None = None,
+    ) -> None:
+        """The source's outputs that `outcome` names are in the queue: owe their upload, record them, count.
+
+        `made_by`: the rule and fingerprint that made them, when not the outcome's.
+        """
         size, mtime_ns, sha256 = _source_stat(outcome)
+        rule, fingerprint = made_by or (outcome.rule, outcome.fingerprint)
         # The upload is owed first: a crash between the two leaves the row in "processing", and recovery,
         # which settles it, owes the upload again; the other order could lose it for good.
         if owe_upload and self.on_published is not None:
@@ -118,8 +130,8 @@ class Outcomes:
             ino=outcome.ino,
             ctime_ns=outcome.ctime_ns,
             sha256=sha256,
-            rule=outcome.rule,
-            fingerprint=outcome.fingerprint,
+            rule=rule,
+            fingerprint=fingerprint,
             frame_sha256=outcome.frame_sha256,
         )
         self._count(outcome.rule, counted)
@@ -129,7 +141,6 @@ class Outcomes:
         if outcome.sha256 is None or entry is None:
             self.ledger.forget(job.key)  # vanished before it could be read
             return
-        size, mtime_ns, sha256 = _source_stat(outcome)
         if entry.rule is None or entry.fingerprint is None:
             # The engine's Ledger.start recorded both before it dispatched the job.
             raise ValueError(
@@ -137,17 +148,8 @@ class Outcomes:
                 f"(rule={entry.rule!r}, fingerprint={entry.fingerprint!r}) though its processing started"
             )
         # Same content under a new mtime (a touch, a copy): refresh the cheap check, keep the outputs.
-        self.ledger.published(
-            job.key,
-            size=size,
-            mtime_ns=mtime_ns,
-            ino=outcome.ino,
-            ctime_ns=outcome.ctime_ns,
-            sha256=sha256,
-            rule=entry.rule,
-            fingerprint=entry.fingerprint,
-        )
-        self._count(outcome.rule, "skipped")
+        made_by = (entry.rule, entry.fingerprint)
+        self._record_outputs(job, outcome, owe_upload=False, counted="skipped", made_by=made_by)
         logger.bind(source=job.key).debug("unchanged content, skipped {}", job.key)
 
     def _adopted(self, job: Job, outcome: Outcome) -> None:

@@ -71,11 +71,12 @@ def main(args: argparse.Namespace) -> int:
             force=args.force,
         )
         uploads = uploads_for(settings, ledger=ledger, engine=engine, metrics=engine.metrics)
-        owed = 0
+        owed = refused = 0
         try:
             already = _run(engine, sources, settings.max_attempts)
             if uploads is not None:
                 owed = finish(uploads)
+                refused = uploads.refused
         finally:
             if uploads is not None:
                 uploads.close()
@@ -83,13 +84,13 @@ def main(args: argparse.Namespace) -> int:
         ours = {candidate.key for candidate in sources}
         unfinished = [entry.relpath for entry in ledger.entries("retry") if entry.relpath in ours]
     counts = engine.counts
-    sent = f", {owed} uploads owed to ComfyUI" if uploads is not None else ""
+    sent = f", {owed} uploads owed to ComfyUI, {refused} refused by it" if uploads is not None else ""
     print(
         f"sinkwatch process: {counts['published']} published, {counts['skipped'] + already} unchanged, "
         f"{counts['rejected']} rejected, {len(unfinished)} unfinished{sent} -> {queue}",
         file=sys.stderr,
     )
-    return 1 if counts["rejected"] or unfinished or owed else 0
+    return 1 if counts["rejected"] or unfinished or owed or refused else 0
 
 
 def expand(paths: list[Path], settings: Settings) -> Iterator[tuple[Path, str]]:

@@ -54,8 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help=(
             "process the backlog, then exit: 0 when all of it is done; 1 when something was rejected "
-            "or left unfinished (retries, uploads owed to ComfyUI); 128+N when signal N (SIGTERM, SIGINT) "
-            "stopped it first"
+            "(an image, or a frame or workflow by ComfyUI) or left unfinished (retries, uploads owed to ComfyUI); "
+            "128+N when signal N (SIGTERM, SIGINT) stopped it first"
         ),
     )
     add_flags(parser)
@@ -359,7 +359,8 @@ class Daemon:
             self.shutdown()
         if interrupted:  # the backlog is not done: say so, as a shell does for a signal
             return 128 + (self.stop_signal or signal.SIGTERM)
-        if once and (self.engine.counts["rejected"] or unfinished):
+        refused = self.uploads is not None and self.uploads.refused
+        if once and (self.engine.counts["rejected"] or refused or unfinished):
             return 1
         return 0
 

@@ -87,6 +87,7 @@ class Uploads:
         self._unapplied: deque[Result] = deque()
         self._waiting: deque[Result] = deque()  # results held back while a worker publishes their name
         self._recount_at: float | None = None  # None: recount the pending gauge at the next pump
+        self.refused = 0  # uploads failed for good since start: a run that ends says so in its exit code
         self._sender = Sender(
             client=client,
             publisher=publisher,
@@ -283,6 +284,7 @@ class Uploads:
         )
 
     def _fail(self, result: Result, reason: str) -> None:
+        self.refused += 1
         self.ledger.upload_failed(
             result.task.name,
             generation=result.task.generation,

@@ -1,8 +1,9 @@
 """Uploads to ComfyUI as the daemon and `sinkwatch process` set them up, and how a run that ends waits for them.
 
 A run that ends (`run --once`, `process`) sends what it published before it
-exits, unless ComfyUI is down: then the uploads stay owed in the ledger, the
-next run sends them, and the run says so and counts as unfinished.
+exits, unless ComfyUI is down (for a few seconds: not one slow answer): then the
+uploads stay owed in the ledger, the next run sends them, and the run says so
+and counts as unfinished.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from service.metrics import Metrics
 from service.settings import Settings
 from service.uploader import Uploads
 from service.workflow import load_workflow
+
+# How long a run that ends keeps trying a ComfyUI that stopped answering before it leaves the uploads owed: one
+# slow answer or 500 is a hiccup that the retries after 1 s and 2 s get past, not a reason to exit 1.
+DOWN_GRACE = 5.0
 
 
 def uploads_for(settings: Settings, *, ledger: Ledger, engine: Engine, metrics: Metrics) -> Uploads | None:
@@ -41,12 +46,15 @@ def uploads_for(settings: Settings, *, ledger: Ledger, engine: Engine, metrics: 
 
 
 def settled(uploads: Uploads | None) -> bool:
-    """Nothing more to wait for: everything sent (or refused for good), or ComfyUI is down."""
-    return uploads is None or uploads.down or uploads.idle()
+    """Nothing more to wait for: everything sent (or refused for good), or ComfyUI down for `DOWN_GRACE` seconds."""
+    if uploads is None or uploads.idle():
+        return True
+    since = uploads.status.down_since
+    return since is not None and uploads.status.clock() - since >= DOWN_GRACE
 
 
 def finish(uploads: Uploads, *, interval: float = 0.1, sleep: Callable[[float], None] = time.sleep) -> int:
-    """Send what is owed until done or ComfyUI is down, stop the uploader; returns the uploads left owed."""
+    """Send what is owed until done or ComfyUI stays down (see `settled`); returns the uploads left owed."""
     while not settled(uploads):
         uploads.pump()
         sleep(interval)

@@ -1,4 +1,4 @@
-"""A run that ends (`process`, `run --once`) says when ComfyUI refused a workflow, and the way to send it again."""
+"""How a run that ends (`process`, `run --once`) waits for ComfyUI and says what it refused."""
 
 from __future__ import annotations
 
@@ -44,3 +44,18 @@ def test_a_refused_workflow_exits_1_and_process_force_sends_it_again_once_fixed(
         assert again.returncode == 0, again.stderr[-4000:]
         assert "0 uploads owed to ComfyUI, 0 refused by it" in again.stderr
         assert len(comfy.prompts) == 1, "the fixed template is queued for the frame"
+
+
+@pytest.mark.parametrize("command", ["process", "once"])
+def test_one_failed_answer_from_comfyui_is_retried_before_a_run_ends(
+    command: str, folders: tuple[Path, Path], photos: dict[str, np.ndarray]
+) -> None:
+    watch, queue = folders
+    source = drop(watch, 0, photos)
+    with FakeComfyUI() as comfy:
+        comfy.fail_next(500, path="/upload/image")
+        flags = ("--queue", str(queue), "--comfyui-url", comfy.url, "--comfyui-workflow", str(SMOKE))
+        done = end_run(command, watch, [source], (*flags, "--metrics-port", "0"))
+        assert done.returncode == 0, done.stderr[-4000:]
+        assert "ComfyUI is down" in done.stderr and "ComfyUI is back" in done.stderr
+        assert len(comfy.prompts) == 1

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from service import __version__
-from service.errors import ConfigError, SinkwatchError
+from service.errors import ConfigError, FolderBusy, SinkwatchError
 
 # sysexits.h EX_TEMPFAIL: not the settings' fault, starting again later may work. The systemd unit's
 # Restart=on-failure restarts it, while exit 2 (RestartPreventExitStatus=2) stays down until fixed.
@@ -50,13 +50,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(importlib.import_module(args.module).main(args))
+    except FolderBusy as exc:
+        return _may_pass(exc)
     except ConfigError as exc:
         print(f"sinkwatch: {exc}", file=sys.stderr)
         return 2
     except SinkwatchError as exc:
         if not exc.transient:
             raise
-        print(f"sinkwatch: {exc} (this may pass: try again later)", file=sys.stderr)
-        return EX_TEMPFAIL
+        return _may_pass(exc)
     except KeyboardInterrupt:
         return 130
+
+
+def _may_pass(exc: SinkwatchError) -> int:
+    print(f"sinkwatch: {exc} (this may pass: try again later)", file=sys.stderr)
+    return EX_TEMPFAIL

@@ -256,11 +256,11 @@ class Daemon:
         self.next_state_check = now + 1.0
         if self.queue_lock.lost():
             logger.error("the queue's lock file {} was deleted; taking it again", self.queue_lock.path)
-            self.queue_lock.reacquire()  # ConfigError if another sinkwatch took the queue meanwhile: stop
+            self.queue_lock.reacquire()  # FolderBusy if another sinkwatch took the queue meanwhile: stop
         if not (self.lock.lost() or self.ledger.moved()):
             return
         logger.error("the state folder {} was deleted; writing the lock and the ledger back", self.folders.state)
-        self.lock.reacquire()  # ConfigError if another sinkwatch took the folder meanwhile: stop
+        self.lock.reacquire()  # FolderBusy if another sinkwatch took the folder meanwhile: stop
         if self.ledger.moved():
             self.ledger.rewrite()
 

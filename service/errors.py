@@ -69,6 +69,13 @@ class ConfigError(SinkwatchError):
     reason = "config"
 
 
+class FolderBusy(ConfigError):
+    """Another sinkwatch holds the state or queue folder. It stops this one like any ConfigError, but it
+    may pass (a `sinkwatch process` ends), so the command exits 75 and a service manager starts it again."""
+
+    reason = "busy"
+
+
 class RuleError(ConfigError):
     """A rule file that does not validate; names the file and the field."""
 

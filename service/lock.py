@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from types import TracebackType
 
-from service.errors import ConfigError
+from service.errors import ConfigError, FolderBusy
 
 LOCK_NAME = "sinkwatch.lock"
 QUEUE_LOCK = Path(".sinkwatch") / "queue.lock"
@@ -40,7 +40,7 @@ class InstanceLock:
         return self._fd is not None
 
     def acquire(self) -> None:
-        """Take the lock, or raise ConfigError naming the process that holds it."""
+        """Take the lock, or raise FolderBusy naming the process that holds it."""
         if self._fd is not None:
             return
         try:
@@ -57,7 +57,7 @@ class InstanceLock:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise ConfigError(f"cannot lock {self.path}: {exc.strerror}", path=self.path) from exc
             who = f"pid {holder}" if holder else "pid unknown"
-            raise ConfigError(f"another sinkwatch ({who}) already uses {self.guards}") from exc
+            raise FolderBusy(f"another sinkwatch ({who}) already uses {self.guards}") from exc
         # The pid only improves the other daemon's message; the lock itself is what counts.
         self._fd = fd
         self._note(f"{os.getpid()}\n")
@@ -74,7 +74,7 @@ class InstanceLock:
         return (st.st_dev, st.st_ino) != (held.st_dev, held.st_ino)
 
     def reacquire(self) -> None:
-        """Take the lock again on a new lock file at the same path; ConfigError when another process has it."""
+        """Take the lock again on a new lock file at the same path; FolderBusy when another process has it."""
         self.release()
         try:
             self.folder.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import ConfigError
+from service.errors import ConfigError, FolderBusy
 from service.lock import InstanceLock, QueueLock
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,10 +79,10 @@ def test_a_second_process_is_refused_with_the_holders_pid(tmp_path: Path) -> Non
 
 def test_this_process_is_refused_while_another_holds_it(tmp_path: Path, holder: subprocess.Popen[str]) -> None:
     lock = InstanceLock(tmp_path)
-    with pytest.raises(ConfigError) as raised:
+    with pytest.raises(FolderBusy) as raised:
         lock.acquire()
     assert str(raised.value) == f"another sinkwatch (pid {holder.pid}) already uses {tmp_path}"
-    assert raised.value.reason == "config"
+    assert raised.value.reason == "busy"
     assert not lock.held
 
 

@@ -217,6 +217,7 @@ class Daemon:
         self._check_state(now)
         if now >= self.next_retry_check:
             self.engine.requeue_due()
+            self.metrics.retries_waiting.set(self.ledger.count("retry"))
             self.next_retry_check = now + 0.5
         rules = self.reloader.poll(now, metrics=self.metrics)
         if rules is not None:

@@ -110,7 +110,16 @@ class Metrics:
             registry=reg,
         )
         self.queue_depth = Gauge("sinkwatch_queue_depth", "Images waiting in the work queue.", registry=reg)
-        self.in_flight = Gauge("sinkwatch_in_flight", "Images being processed by the workers right now.", registry=reg)
+        self.in_flight = Gauge(
+            "sinkwatch_in_flight",
+            "Images handed to the workers: being processed, or next in line for a worker (at most 2 per worker).",
+            registry=reg,
+        )
+        self.retries_waiting = Gauge(
+            "sinkwatch_retries_waiting",
+            "Sources waiting for a retry: a file still being written, a full or read-only queue folder.",
+            registry=reg,
+        )
         self.workers = Gauge(
             "sinkwatch_workers", "Worker processes configured (--workers); a dead one is replaced.", registry=reg
         )

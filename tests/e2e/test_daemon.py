@@ -587,6 +587,8 @@ def test_a_read_only_queue_recovers_once_it_is_writable_again(folders: tuple[Pat
             wait_for(lambda: retries_of(daemon, "while_read_only.png") >= 2, timeout=30)
             assert [frame.name for frame in frames(queue)] == ["before.png"]
             assert not (queue / "rejected").exists()
+            # Between attempts the work queue is empty: the retries are what the stall alert sees waiting.
+            wait_for(lambda: metric_sum(daemon.get("/metrics")[1], "sinkwatch_retries_waiting") >= 1, timeout=10)
 
             remount(queue, "rw")
             wait_published(queue, 2, timeout=60)

@@ -6,8 +6,10 @@ the multipart body is built by hand). The routes and bodies follow ComfyUI's ``s
 - ``POST /upload/image``: multipart ``image`` (the file), ``type`` (``input``),
   ``subfolder``, ``overwrite`` (``"true"``/``"1"``, anything else means no) ->
   ``{name, subfolder, type}``; a subfolder that leaves ``input/`` is a bare 400.
-- ``POST /prompt``: ``{"prompt": {...API-format nodes...}, "client_id": ...}``
+- ``POST /prompt``: ``{"prompt": {...API-format nodes...}, "client_id": ..., "prompt_id": ...}``
   -> ``{prompt_id, number, node_errors}``, or 400 ``{error, node_errors}``.
+- ``GET /queue``: ``{queue_running: [...], queue_pending: [...]}``, each entry
+  ``[number, prompt_id, prompt, extra_data, outputs_to_execute, ...]``.
 - ``GET /history/{prompt_id}``: ``{}`` until the prompt finished, then
   ``{prompt_id: {prompt, outputs, status: {status_str, completed, messages}}}``.
 
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import json
 import mimetypes
+import re
 import time
 import urllib.parse
 import uuid
@@ -62,6 +65,12 @@ from service.errors import ComfyPending, ComfyRejected, ComfyUnavailable, Config
 DEFAULT_SUBFOLDER = "sinkwatch"
 # ComfyUI's own refusals: 400 (validation, with node_errors; a subfolder leaving input/) and 413 (upload too large).
 REJECTED_STATUSES = (400, 413)
+# /queue carries every waiting prompt whole (with the UI's workflow, when queued from the browser): a long
+# queue of video prompts outgrows MAX_REPLY, and a lookup that cannot read it cannot tell.
+MAX_QUEUE_REPLY = 32 << 20
+# Left out of a quoted filename: aiohttp (ComfyUI's server) splits Content-Disposition on every ';' before
+# it looks at quotes and mends only one, and a quoted-string cannot carry control or non-ASCII characters.
+_NOT_IN_QUOTED_FILENAME = re.compile(r'[^\x20-\x7e]|[;"\\]')
 
 
 @dataclass(frozen=True)
@@ -130,10 +139,15 @@ class ComfyClient:
             name=answer["name"], subfolder=str(answer.get("subfolder") or ""), type=str(answer.get("type") or "input")
         )
 
-    def submit(self, prompt: Mapping[str, Any]) -> QueuedPrompt:
-        """Queue an API-format workflow; a 400 raises :class:`ComfyRejected`."""
-        body = json.dumps({"prompt": prompt, "client_id": self.client_id}).encode()
-        answer = self._call("POST", "/prompt", body=body, content_type="application/json")
+    def submit(self, prompt: Mapping[str, Any], *, prompt_id: str | None = None) -> QueuedPrompt:
+        """Queue an API-format workflow, under ``prompt_id`` if given; a 400 raises :class:`ComfyRejected`.
+
+        ComfyUI honours a client's ``prompt_id`` (older versions pick their own: the answer says which).
+        """
+        request: dict[str, Any] = {"prompt": prompt, "client_id": self.client_id}
+        if prompt_id is not None:
+            request["prompt_id"] = prompt_id
+        answer = self._call("POST", "/prompt", body=json.dumps(request).encode(), content_type="application/json")
         if not isinstance(answer, Mapping) or not isinstance(answer.get("prompt_id"), str):
             raise self._unexpected("/prompt", answer)
         node_errors = answer.get("node_errors")
@@ -146,6 +160,22 @@ class ComfyClient:
     def queue_prompt(self, prompt: Mapping[str, Any]) -> str:
         """Queue an API-format workflow and return its ``prompt_id``."""
         return self.submit(prompt).prompt_id
+
+    def find(self, prompt_id: str) -> QueuedPrompt | None:
+        """The prompt ComfyUI holds under ``prompt_id`` (waiting, running or finished), or None."""
+        answer = self._call("GET", "/queue", max_reply=MAX_QUEUE_REPLY)
+        if not isinstance(answer, Mapping):
+            raise self._unexpected("/queue", answer)
+        # The queue first: a prompt finishing meanwhile is in the history when that is read next.
+        entries = [*(answer.get("queue_running") or []), *(answer.get("queue_pending") or [])]
+        found = next((e for e in entries if isinstance(e, list) and len(e) > 1 and e[1] == prompt_id), None)
+        if found is None:
+            finished = self.history(prompt_id)
+            found = finished.get("prompt") if finished is not None else None
+        if not isinstance(found, list):
+            return None
+        number = found[0] if found and isinstance(found[0], int | float) else 0
+        return QueuedPrompt(prompt_id=prompt_id, number=float(number))
 
     def history(self, prompt_id: str) -> Mapping[str, Any] | None:
         """The finished prompt's history entry, or None while it is queued or running."""
@@ -179,18 +209,26 @@ class ComfyClient:
                 raise ComfyPending(f"prompt {prompt_id} not finished after {timeout:g}s", stage="comfyui")
             sleep(min(poll, remaining))
 
-    def _call(self, method: str, route: str, *, body: bytes | None = None, content_type: str | None = None) -> Any:
+    def _call(
+        self,
+        method: str,
+        route: str,
+        *,
+        body: bytes | None = None,
+        content_type: str | None = None,
+        max_reply: int = MAX_REPLY,
+    ) -> Any:
         url = self.base_url + route
         headers = {"Accept": "application/json"}
         if content_type is not None:
             headers["Content-Type"] = content_type
-        reply = exchange(method, url, body=body, headers=headers, timeout=self.timeout)
+        reply = exchange(method, url, body=body, headers=headers, timeout=self.timeout, max_reply=max_reply)
         if reply.status in REJECTED_STATUSES:
             raise _rejection(method, route, url, reply.status, reply.body)
         if not 200 <= reply.status < 300:
             raise self._unavailable(method, route, reply)
         if reply.truncated:
-            message = f"not a ComfyUI answer from {route}: over {MAX_REPLY} bytes (check --comfyui-url)"
+            message = f"not a ComfyUI answer from {route}: over {max_reply} bytes (check --comfyui-url)"
             raise ComfyUnavailable(message, url=url, status=reply.status)
         try:
             return json.loads(reply.body)
@@ -276,10 +314,11 @@ def _multipart(fields: Mapping[str, str], *, file_field: str, filename: str, dat
         f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode()
         for key, value in fields.items()
     ]
-    quoted = filename.replace("\\", "\\\\").replace('"', '\\"')
-    disposition = f'form-data; name="{file_field}"; filename="{quoted}"'
-    if not filename.isascii():
-        disposition += f"; filename*=utf-8''{urllib.parse.quote(filename, safe='')}"
+    # The real name goes in filename* (RFC 6266), which aiohttp and other current parsers prefer; filename=
+    # carries a stand-in that any parser reads whole, for one that knows only the plain parameter.
+    fallback = _NOT_IN_QUOTED_FILENAME.sub("_", filename)
+    encoded = urllib.parse.quote(filename, safe="")
+    disposition = f'form-data; name="{file_field}"; filename="{fallback}"; filename*=utf-8\'\'{encoded}'
     media_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
     head = f"--{boundary}\r\nContent-Disposition: {disposition}\r\nContent-Type: {media_type}\r\n\r\n"
     body = b"".join(parts) + head.encode() + data + f"\r\n--{boundary}--\r\n".encode()

@@ -13,13 +13,21 @@ whether a newer generation of the frame is known; if so it drops the task (a
 ``superseded`` result) and the newer one is sent in its turn, so a frame
 republished while ComfyUI was down is sent once, with its newest size. A stop
 event cuts any wait short.
+
+A workflow is queued under a ``prompt_id`` of sinkwatch's own, the same for
+every try of one task (see :func:`prompt_id_for`). A try that failed without a
+clear answer (a timeout, a lost connection, a 5xx) may have queued it all the
+same, so before trying again the sender asks ComfyUI for that id, and takes a
+prompt it finds as queued rather than queueing the video twice.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import queue
 import threading
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeVar
@@ -32,6 +40,8 @@ from service.upload_queue import Task, TaskQueue
 from service.workflow import prepare
 
 T = TypeVar("T")
+
+_PROMPT_IDS = uuid.UUID("5b0e3f1c-8f43-4d55-9a3e-2f6c1d7a9b20")  # the uuid5 namespace of sinkwatch's prompt ids
 
 Kind = Literal[
     "upload_retry",
@@ -138,8 +148,18 @@ class Sender:
             self.results.put(replace(uploaded, kind="prompt_failed", error=exc))
             return
 
+        prompt_id = prompt_id_for(prompt, generation=task.generation, frame_sha256=sha256)
+        tried = False
+
         def submit() -> QueuedPrompt | None:
-            return None if self.tasks.superseded(task) else self.client.submit(prompt)
+            nonlocal tried
+            if self.tasks.superseded(task):
+                return None
+            # Only a retry gets here with `tried` set: the try before failed, maybe after ComfyUI queued it.
+            # (A ComfyUI too old to take a client's prompt_id queued it under another: not found, sent again.)
+            found = self.client.find(prompt_id) if tried else None
+            tried = True
+            return found or self.client.submit(prompt, prompt_id=prompt_id)
 
         try:
             queued = self._retrying(task, "prompt_retry", submit)
@@ -161,3 +181,14 @@ class Sender:
             stop=self._stop,
             failed=lambda error, delay: self.results.put(Result(task, kind, error=error, delay=delay)),
         )
+
+
+def prompt_id_for(prompt: Mapping[str, Any], *, generation: int, frame_sha256: str) -> str:
+    """The ``prompt_id`` a task's workflow is queued under: the same for each try, another for anything else.
+
+    The prompt names the uploaded frame (subfolder and name) and carries the template and the video size;
+    the generation changes with each republication (a deliberate re-send); the frame's content tells apart
+    frames of one name after a fresh ledger, whose generations start at 1 again.
+    """
+    seed = json.dumps([generation, frame_sha256, prompt], sort_keys=True, separators=(",", ":"))
+    return str(uuid.uuid5(_PROMPT_IDS, seed))

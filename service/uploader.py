@@ -16,10 +16,14 @@ overflow, and :meth:`Uploads.pump` tops the line up from them when it runs low
 Nothing is lost: whatever has not been applied when the daemon stops is still
 pending in the ledger and :meth:`Uploads.resume` sends it at the next start.
 So a frame may reach ComfyUI twice (a stop after ComfyUI stored it but before
-the ledger said so). That is harmless: in sinkwatch's own subfolder an upload
-overwrites its own file, at the top level ComfyUI answers the same content
-with the existing name (see service/comfyui.py), and an identical prompt
-queued again is answered from ComfyUI's cache without running anything.
+the ledger said so). For the frame that is harmless: in sinkwatch's own
+subfolder an upload overwrites its own file, at the top level ComfyUI answers
+the same content with the existing name (see service/comfyui.py). A workflow
+is another matter (ComfyUI's cache keeps only the last prompt's outputs, so a
+second one renders the video again): within a run, a try that failed without
+an answer is looked up by its prompt_id before it is sent again
+(service/upload_sender.py); a stop between that try and the next still sends
+it twice.
 
 The sidecar note is a read-modify-write of ``QUEUE/matrix/<name>.json`` on the
 main thread, while a worker process may be publishing a newer frame and

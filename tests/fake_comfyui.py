@@ -3,21 +3,31 @@
 It follows ComfyUI's ``server.py`` / ``execution.py`` where sinkwatch touches them:
 
 - ``POST /upload/image`` (multipart ``image``, ``type``, ``subfolder``,
-  ``overwrite``): stores into the input folder it owns and answers
-  ``{name, subfolder, type}``. Without ``overwrite`` ("true"/"1") an existing
-  name with different content becomes ``name (1).ext`` (then ``(2)``...), the
-  same content is answered with the existing name and not written again. A
-  subfolder that leaves the folder (``../x``) is a bare 400.
+  ``overwrite``): reads each part's Content-Disposition the way aiohttp
+  does (``filename*`` before ``filename``; a header it cannot parse leaves
+  the part without a name, and ComfyUI answers 500), stores into the input
+  folder it owns and answers ``{name, subfolder, type}``. Without
+  ``overwrite`` ("true"/"1") an existing name with different content becomes
+  ``name (1).ext`` (then ``(2)``...), the same content is answered with the
+  existing name and not written again. A subfolder that leaves the folder
+  (``../x``) is a bare 400.
 - ``POST /prompt``: validates like ComfyUI (class_type present and known,
   required inputs, links, LoadImage's file must exist) and answers
   ``{prompt_id, number, node_errors}``, or 400 ``{error, node_errors}``.
+  The client's ``prompt_id``, if any, is the prompt's id.
+- ``GET /queue``: ``{queue_running, queue_pending}``, the prompts not yet
+  done as ``[number, prompt_id, prompt, extra_data, outputs]`` (the first
+  one runs).
 - ``GET /history/{id}``: ``{}`` until the prompt is done, then
   ``{id: {prompt, outputs, status: {status_str, completed, messages}, meta}}``.
   A prompt is done after ``pending_polls`` history requests for it (time plays
   no part, so tests are deterministic); it runs at that moment.
-- Identical prompts (same nodes, same LoadImage file content) are cached: the
-  re-run executes nothing, writes no file and reports the earlier outputs.
-  (ComfyUI caches per node; whole-prompt caching is the part sinkwatch meets.)
+- A prompt identical to the one run last (same nodes, same LoadImage file
+  content) is cached: it executes nothing, writes no file and reports the
+  earlier outputs. Any other prompt in between runs it again: ComfyUI's default
+  cache keeps only the nodes of the prompt it runs (comfy_execution/caching.py,
+  HierarchicalCache). (ComfyUI caches per node; whole-prompt caching is the
+  part sinkwatch meets.)
 
 Known nodes: LoadImage, SaveImage, PreviewImage, and WanImageToVideo (only
 checked to exist: it carries the video size a prompt was queued with). Other
@@ -27,12 +37,13 @@ class types are refused the way ComfyUI refuses a node it does not have
 For the tests, beyond ComfyUI: ``fail_next`` (answer the next requests, or the
 next ones on one route, with a status), ``answer_next`` (a raw status,
 headers and body: a redirect, a proxy's page), ``stall``/``release`` (hold
-requests unanswered), and ``prompts`` (the prompts accepted, in order).
+requests unanswered), ``answer_prompts_late`` (queue a prompt, answer only
+after the client gave up), and ``prompts`` (the prompts accepted, in order).
 """
 
 from __future__ import annotations
 
-import email
+import contextlib
 import email.message
 import hashlib
 import json
@@ -42,6 +53,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -57,6 +69,8 @@ NODES: dict[str, tuple[tuple[str, ...], bool]] = {
     "PreviewImage": (("images",), True),
     "WanImageToVideo": (("width", "height", "length"), False),
 }
+# aiohttp's token characters (aiohttp.helpers.TOKEN): printable ASCII but its separators.
+_TOKEN = {chr(i) for i in range(33, 127)} - set('()<>@,;:\\"/[]?={}')
 
 
 class FakeComfyUI:
@@ -83,6 +97,8 @@ class FakeComfyUI:
         self._raw: list[tuple[int, dict[str, str], bytes]] = []
         self._stalling = False
         self._release = threading.Event()
+        self._late: list[float] = []
+        self._closing = threading.Event()
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.fake = self
         self._thread = threading.Thread(
@@ -103,6 +119,7 @@ class FakeComfyUI:
         self.close()
 
     def close(self) -> None:
+        self._closing.set()
         self._release.set()
         self._server.shutdown()
         self._server.server_close()
@@ -118,6 +135,11 @@ class FakeComfyUI:
         """Answer the next request with exactly this status, headers and body (say a redirect, or a proxy's page)."""
         with self._lock:
             self._raw.append((status, dict(headers or {}), body))
+
+    def answer_prompts_late(self, seconds: float, *, count: int = 1) -> None:
+        """Queue each of the next ``count`` accepted prompts at once but answer only ``seconds`` later."""
+        with self._lock:
+            self._late.extend([seconds] * count)
 
     def take_raw(self) -> tuple[int, dict[str, str], bytes] | None:
         with self._lock:
@@ -139,20 +161,31 @@ class FakeComfyUI:
         if self._stalling:
             self._release.wait(timeout=30)
         with self._lock:
-            failure = next((f for f in self._failures if f[1] in (None, path)), None)
-            if failure is not None:
-                self._failures.remove(failure)
-                return failure[0], {"error": "fake failure"}
-            if method == "POST" and path == "/upload/image":
-                return self._upload(headers.get("Content-Type", ""), body)
-            if method == "POST" and path == "/prompt":
-                return self._prompt(body)
-            if method == "GET" and path.startswith("/history/"):
-                return self._history_of(path.removeprefix("/history/"))
+            answer = self._route(method, path, headers, body)
+            late = self._late.pop(0) if path == "/prompt" and answer[0] == 200 and self._late else 0.0
+        self._closing.wait(late)  # the prompt is queued already; a client that gave up meanwhile never hears
+        return answer
+
+    def _route(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, object | None]:
+        failure = next((f for f in self._failures if f[1] in (None, path)), None)
+        if failure is not None:
+            self._failures.remove(failure)
+            return failure[0], {"error": "fake failure"}
+        if method == "POST" and path == "/upload/image":
+            return self._upload(headers.get("Content-Type", ""), body)
+        if method == "POST" and path == "/prompt":
+            return self._prompt(body)
+        if method == "GET" and path == "/queue":
+            records = [job["record"] for job in self._pending.values()]
+            return 200, {"queue_running": records[:1], "queue_pending": records[1:]}
+        if method == "GET" and path.startswith("/history/"):
+            return self._history_of(urllib.parse.unquote(path.removeprefix("/history/")))
         return 404, None
 
     def _upload(self, content_type: str, body: bytes) -> tuple[int, object | None]:
         form = _parse_multipart(content_type, body)
+        if form is None:
+            return 500, None  # aiohttp: "Multipart field missing name."
         filename, data = form.get("image", (None, b""))
         if not filename:
             return 400, None
@@ -192,7 +225,7 @@ class FakeComfyUI:
             return 400, {"error": error, "node_errors": node_errors}
         number = self._number
         self._number += 1
-        prompt_id = str(uuid.uuid4())
+        prompt_id = str(request.get("prompt_id", uuid.uuid4()))
         extra = {"client_id": request["client_id"]} if "client_id" in request else {}
         self._pending[prompt_id] = {"polls": 0, "record": [number, prompt_id, prompt, extra, outputs]}
         self.prompts.append(prompt)
@@ -273,6 +306,7 @@ class FakeComfyUI:
         prompt_id, prompt = record[1], record[2]
         messages: list[list[Any]] = [["execution_start", {"prompt_id": prompt_id}]]
         key = self._cache_key(prompt)
+        self._cache = {key: self._cache[key]} if key in self._cache else {}  # what the prompt does not use goes
         outputs: dict[str, Any] = {}
         status = "success"
         if key in self._cache:
@@ -363,8 +397,8 @@ def _error(kind: str, message: str, details: str, **extra_info: Any) -> dict[str
     return {"type": kind, "message": message, "details": details, "extra_info": extra_info}
 
 
-def _parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | None, bytes]]:
-    """Form fields by name -> (filename or None, raw bytes); parsed by hand, byte-exact."""
+def _parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | None, bytes]] | None:
+    """Form fields by name -> (filename or None, raw bytes), byte-exact; None for a part aiohttp finds no name in."""
     header = email.message.Message()
     header["Content-Type"] = content_type
     boundary = header.get_param("boundary")
@@ -375,12 +409,66 @@ def _parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | No
         if part.startswith(b"--"):
             break
         head, _, data = part.removeprefix(b"\r\n").partition(b"\r\n\r\n")
-        # aiohttp decodes part headers as UTF-8 and prefers filename* when present; both agree here.
-        headers = email.message_from_string(head.decode("utf-8", "replace") + "\r\n\r\n")
-        name = headers.get_param("name", header="content-disposition")
-        if isinstance(name, str):
-            fields[name] = (headers.get_filename(), data.removesuffix(b"\r\n"))
+        lines = head.decode("utf-8", "surrogateescape").split("\r\n")  # aiohttp decodes part headers as UTF-8
+        disposition = next(
+            (v for n, _, v in (x.partition(":") for x in lines) if n.lower() == "content-disposition"), ""
+        )
+        params = _content_disposition(disposition.strip())
+        if params is None or "name" not in params:
+            return None
+        filename = params.get("filename*", params.get("filename"))
+        fields[params["name"]] = (filename, data.removesuffix(b"\r\n"))
     return fields
+
+
+def _content_disposition(header: str) -> dict[str, str] | None:
+    """The parameters of a Content-Disposition as aiohttp's parse_content_disposition reads them; None if it fails.
+
+    It splits the header on every ';', quoted or not, and joins back only one ';' in a quoted value: a
+    quoted filename holding two or more fails the whole header. An ``x*`` parameter is RFC 5987
+    (``charset'lang'percent-encoded``); one that is not well formed is dropped.
+    """
+    kind, *items = header.split(";")
+    if not _is_token(kind.strip()):
+        return None
+    params: dict[str, str] = {}
+    while items:
+        item = items.pop(0)
+        if not item:
+            continue
+        if "=" not in item:
+            return None
+        key, value = item.split("=", 1)
+        key, value = key.lower().strip(), value.lstrip()
+        if key in params:
+            return None
+        if not _is_token(key):
+            continue
+        if key.endswith("*"):
+            if not _is_token(value) or value.count("'") != 2:
+                continue
+            charset, _, encoded = value.split("'", 2)
+            with contextlib.suppress(LookupError, UnicodeDecodeError):  # aiohttp drops it, as not well formed
+                params[key] = urllib.parse.unquote(encoded, charset or "utf-8", "strict")
+            continue
+        if _is_token(value):
+            params[key] = value
+            continue
+        quoted = value.rstrip()
+        if not _is_quoted(quoted) and items and _is_quoted(f"{value};{items[0]}"):
+            quoted = f"{value};{items.pop(0)}"
+        if not _is_quoted(quoted):
+            return None
+        params[key] = re.sub(r"\\([\x00-\x7f])", r"\1", quoted[1:-1].lstrip("\\/"))
+    return params
+
+
+def _is_token(text: str) -> bool:
+    return bool(text) and set(text) <= _TOKEN
+
+
+def _is_quoted(text: str) -> bool:
+    return len(text) >= 2 and text[0] == text[-1] == '"'
 
 
 class _Server(ThreadingHTTPServer):

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from service.comfyui import ComfyClient, UploadResult
+from service.comfyui_transport import exchange
 from service.errors import ComfyPending, ComfyRejected, ComfyUnavailable, ConfigError
 from service.workflow import load_workflow, prepare
 from tests.conftest import photo_file
@@ -147,6 +148,42 @@ def test_non_ascii_names_arrive_intact(comfy: FakeComfyUI, client: ComfyClient) 
     assert (comfy.input_dir / "sinkwatch" / "café_0001.png").read_bytes() == b"pixels"
 
 
+# Names ComfyUI's multipart parser (aiohttp) is touchy about: it splits Content-Disposition on every ';'.
+AWKWARD_NAMES = [
+    "a;b;c.png",
+    'a"b;c; d=e.png',
+    "a;b.png",
+    "it's 50%20 #1.png",
+    "tab\there.png",
+    "ü ñ 日本.png",
+    "e\u0301.png",
+    "x\u00a0y.png",
+]
+
+
+@pytest.mark.parametrize("name", AWKWARD_NAMES)
+def test_awkward_names_arrive_intact_at_the_reference_comfyui_answers(
+    comfy: FakeComfyUI, client: ComfyClient, name: str
+) -> None:
+    result = client.upload_image(b"pixels of " + name.encode(), name=name)
+    assert result.reference == f"sinkwatch/{name}"
+    assert (comfy.input_dir / result.reference).read_bytes() == b"pixels of " + name.encode()
+
+
+def test_a_part_whose_header_aiohttp_cannot_parse_is_a_500_as_in_comfyui(comfy: FakeComfyUI) -> None:
+    # What sinkwatch used to send for "a;b;c.png": aiohttp finds no field name in it and ComfyUI answers 500.
+    body = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a;b;c.png"\r\n\r\npixels\r\n--b--\r\n'
+    reply = exchange(
+        "POST",
+        comfy.url + "/upload/image",
+        body=body,
+        headers={"Content-Type": "multipart/form-data; boundary=b"},
+        timeout=5,
+    )
+    assert reply.status == 500
+    assert not (comfy.input_dir / "a;b;c.png").exists()
+
+
 # --- prompt and history -------------------------------------------------------------------------
 
 
@@ -220,7 +257,7 @@ def test_wait_gives_up_at_its_deadline(comfy: FakeComfyUI, photo_png: bytes) -> 
     assert comfy.requests.count(("GET", f"/history/{prompt_id}")) == 5
 
 
-def test_an_identical_prompt_is_cached_until_the_frame_changes(
+def test_an_identical_prompt_is_cached_only_until_another_one_runs(
     comfy: FakeComfyUI, client: ComfyClient, photo_png: bytes
 ) -> None:
     clock = FakeClock()
@@ -239,11 +276,12 @@ def test_an_identical_prompt_is_cached_until_the_frame_changes(
     assert client.wait(third, timeout=60, poll=0.1, sleep=clock.sleep, clock=clock) == "success"
     assert comfy.executions == 2
 
-    client.upload_image(photo_png, name="astronaut_0001.png")  # back to the first content: cached again
+    # Back to the first content: ComfyUI's cache kept only the prompt that ran last, so it runs again.
+    client.upload_image(photo_png, name="astronaut_0001.png")
     fourth = client.queue_prompt(prompt)
     assert client.wait(fourth, timeout=60, poll=0.1, sleep=clock.sleep, clock=clock) == "success"
-    assert comfy.executions == 2
-    assert len(list((comfy.output_dir / "sinkwatch").iterdir())) == 2
+    assert comfy.executions == 3
+    assert len(list((comfy.output_dir / "sinkwatch").iterdir())) == 3
 
 
 # --- ComfyUI down -------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ inside a handler go to the optional ``log_error`` callback.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import socket
@@ -48,6 +49,7 @@ class MetricsServer:
             return
         self._httpd.shutdown()
         self._thread.join()
+        self._httpd.cut_connections()
         self._httpd.server_close()  # also joins request threads still answering
 
     def __enter__(self) -> MetricsServer:
@@ -86,7 +88,9 @@ def serve(
 
 class _Server(ThreadingHTTPServer):
     # Request threads are tracked and joined by server_close(), so close()
-    # leaves no thread behind; REQUEST_TIMEOUT bounds how long that takes.
+    # leaves no thread behind. REQUEST_TIMEOUT bounds each read only: a client
+    # trickling a byte every few seconds would hold close() (and the daemon's
+    # stop) for ever, so close() cuts the connections still open first.
     daemon_threads = False
     block_on_close = True
 
@@ -100,7 +104,28 @@ class _Server(ThreadingHTTPServer):
     ) -> None:
         self.address_family = family  # read by TCPServer.__init__ to create the socket
         self.log_error = log_error
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
         super().__init__(address, handler)
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        # Registered on the serving thread, before the request's own starts: once serve_forever has
+        # returned, cut_connections sees every connection it accepted.
+        with self._connections_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: socket.socket) -> None:  # type: ignore[override]
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def cut_connections(self) -> None:
+        """End every connection still open: its request thread's read fails at once."""
+        with self._connections_lock:
+            for connection in self._connections:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves the host's FQDN, a DNS lookup that
@@ -119,6 +144,12 @@ def _handler_class(
 ) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         timeout = REQUEST_TIMEOUT
+        send_body = True
+
+        def do_HEAD(self) -> None:
+            # Probes that ask with HEAD (load balancers, `curl -I`) get GET's status and headers.
+            self.send_body = False
+            self.do_GET()
 
         def do_GET(self) -> None:
             path = urlsplit(self.path).path
@@ -147,7 +178,8 @@ def _handler_class(
             self.send_header("Content-Length", str(len(data)))
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
-            self.wfile.write(data)
+            if self.send_body:
+                self.wfile.write(data)
 
         def log_message(self, format: str, *args: object) -> None:
             """No access log: the daemon's logs are for what the daemon does."""

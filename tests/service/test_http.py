@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -204,3 +206,44 @@ def test_a_silent_client_does_not_hold_close_forever(
         # The request thread exists once the connection is accepted.
         wait_for(lambda: len(set(threading.enumerate()) - before) >= 2)
     silent.close()
+
+
+def test_a_client_trickling_its_request_does_not_hold_close(metrics: Metrics, probe: Probe) -> None:
+    # Each read is within REQUEST_TIMEOUT, so only cutting the connection ends the request thread.
+    running = http.serve("127.0.0.1", 0, registry=metrics.registry, health=probe.health, ready=probe.ready)
+    slow = socket.create_connection(("127.0.0.1", running.port))
+    stop = threading.Event()
+
+    def trickle() -> None:
+        for byte in b"GET /metrics HTTP/1.1\r\nHost: x\r\n" * 100:
+            if stop.wait(http.REQUEST_TIMEOUT / 10):
+                return
+            with contextlib.suppress(OSError):
+                slow.send(bytes([byte]))
+
+    writer = threading.Thread(target=trickle)
+    writer.start()
+    try:
+        time.sleep(http.REQUEST_TIMEOUT / 2)
+        closing = threading.Thread(target=running.close)
+        closing.start()
+        closing.join(timeout=2 * http.REQUEST_TIMEOUT)
+        assert not closing.is_alive(), "close() waits on a client that keeps sending"
+    finally:
+        stop.set()
+        writer.join()
+        slow.close()
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/healthz", "/readyz"])
+def test_head_answers_with_the_status_and_headers_of_get(server: http.MetricsServer, path: str) -> None:
+    request = urllib.request.Request(server.url + path, method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            status, headers, body = response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:
+        with error:
+            status, headers, body = error.code, error.headers, error.read()
+    got = get(server.url + path)
+    assert (status, headers["Content-Type"]) == (got.status, got.content_type)
+    assert int(headers["Content-Length"]) > 0 and body == b""

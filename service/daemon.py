@@ -79,6 +79,7 @@ class Daemon:
         self.reloader = RuleReloader(settings.rules)
         self.ready = False
         self.watch_missing = False
+        self.watcher_started = False
         self.watcher_error: str | None = None
         self.next_watcher_restart = -math.inf
         self.next_state_check = -math.inf
@@ -157,6 +158,7 @@ class Daemon:
             self.resources.callback(self.watcher.stop)
             if not self.watch_missing:
                 self.watcher.start()
+                self.watcher_started = True
                 self.metrics.watcher_up.set(1)
         recovered = self.engine.recover()
         if recovered:
@@ -292,9 +294,11 @@ class Daemon:
                 logger.error("cannot restart the watcher (trying again every {:.0f}s): {}", WATCHER_RETRY, exc)
             return
         self.watcher_error = None
-        self.metrics.watcher_restarts.inc()
         self.metrics.watcher_up.set(1)
-        logger.warning("the folder watcher had stopped; restarted it and rescanning")
+        if self.watcher_started:
+            self.metrics.watcher_restarts.inc()
+            logger.warning("the folder watcher had stopped; restarted it and rescanning")
+        self.watcher_started = True  # a watch folder missing at start: its first watch is no restart
         self.discovery.start_scan("scan")
 
     def _watch_folder_back(self) -> None:

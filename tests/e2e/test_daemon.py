@@ -255,6 +255,9 @@ def test_a_named_watch_folder_missing_at_start_is_waited_for_not_created(
     watch.mkdir()
     sentinel(watch, queue, daemon=daemon)
     wait_for(lambda: daemon.get("/healthz")[0] == 200, timeout=15)
+    # Its first watch: no observer had stopped, so none was restarted.
+    assert metric_sum(daemon.get("/metrics")[1], "sinkwatch_watcher_restarts_total") == 0
+    assert not any("had stopped" in m for m in daemon.messages())
 
 
 def test_a_watch_folder_moved_away_and_made_anew_is_watched_again(

@@ -33,7 +33,7 @@ from service.metrics import Metrics
 from service.pool import WorkerPool
 from service.rules import Rule, RuleSet, load_rule_file, load_rules
 from service.selection import Selection
-from service.settings import Settings, add_flags, settings_from_args
+from service.settings import Settings, add_flags, settings_from_args, warn_unknown_environment
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     configure_logging(log_format=settings.log_format, level=settings.log_level)
+    warn_unknown_environment()
     keys = _Keys(settings)
     found = (keys.candidate(path, label) for path, label in expand(args.paths, settings))
     # One candidate per key: a file named twice, or also inside a named folder, is one file, counted once.

@@ -36,7 +36,7 @@ from service.pool import WorkerPool
 from service.reload import RuleReloader, record_rules
 from service.rules import RuleSet
 from service.selection import Selection
-from service.settings import Settings, add_flags, settings_from_args
+from service.settings import Settings, add_flags, settings_from_args, warn_unknown_environment
 from service.stability import StabilityTracker
 from service.watch_limit import WatchLimit
 from service.watcher import EventQueue, FolderWatcher
@@ -64,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     configure_logging(log_format=settings.log_format, level=settings.log_level)
+    warn_unknown_environment()
     # The *_created series double the exposition and no dashboard or alert uses them.
     disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
     return Daemon(settings).run(once=args.once)

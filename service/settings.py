@@ -7,12 +7,14 @@ feed ``--help``, the flags and the README table.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from loguru import logger
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -27,6 +29,7 @@ from service.comfyui import DEFAULT_SUBFOLDER, ComfyClient
 from service.errors import ConfigError
 from service.rule_globs import check_name_glob
 
+ENV_PREFIX = "SINKWATCH_"
 DEFAULT_METRICS_PORT = 18416
 DEFAULT_INCLUDE = ("*.png", "*.jpg", "*.jpeg", "*.webp", "*.bmp", "*.tif", "*.tiff")
 # Upper bound of every duration: longer is a typo, and a wait beyond what the platform's clock holds
@@ -40,7 +43,7 @@ class Settings(BaseSettings):
     # No setting means inf or nan (TOML, the environment and flags all spell them). An empty variable
     # (`KEY=` in an env file, the usual way to unset one) is no setting, not the current directory.
     model_config = SettingsConfigDict(
-        env_prefix="SINKWATCH_", env_ignore_empty=True, extra="forbid", frozen=True, allow_inf_nan=False
+        env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="forbid", frozen=True, allow_inf_nan=False
     )
 
     watch: Path = Field(
@@ -200,25 +203,46 @@ def load_settings(*, config_file: Path | None = None, flags: Mapping[str, Any] |
             return (init_settings, env_settings, InitSettingsSource(settings_cls, file_values))
 
     flags = dict(flags or {})
+    environment: dict[str, Any] = {}
     try:
-        settings = FileSettings(**flags)
         environment = EnvSettingsSource(Settings)()
+        settings = FileSettings(**flags)
     except SettingsError as exc:
         # A list from SINKWATCH_* that is not JSON fails in pydantic-settings, before any validation.
         raise ConfigError(f"{exc}: lists are JSON, e.g. SINKWATCH_INCLUDE='[\"*.png\"]'") from exc
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(part) for part in first["loc"])
-        source = f" (config {config_file})" if config_file else ""
         # A check across fields has no location; its message names the fields itself.
         where = f"setting {field!r}: " if field else "settings: "
         # Our own checks' messages, without pydantic's "Value error, " in front.
         message = str(first["ctx"]["error"]) if first["type"] == "value_error" else first["msg"]
-        raise ConfigError(f"{where}{message}{source}") from exc
+        origin = _origin(str(first["loc"][0]) if first["loc"] else "", flags, environment, config_file)
+        raise ConfigError(f"{where}{message}{origin}") from exc
     # Highest precedence first, as the names say.
     sources = {"a flag": flags, "the environment": environment, f"the config file {config_file}": file_values}
     _check_one_queue(settings, sources)
     return settings
+
+
+def _origin(field: str, flags: Mapping[str, Any], environment: Mapping[str, Any], config_file: Path | None) -> str:
+    """Where the failing value came from, the highest precedence first: what the user must change."""
+    if field in flags:
+        return f" (from --{field.replace('_', '-')})"
+    if field in environment:
+        return f" (from {ENV_PREFIX}{field.upper()})"
+    return f" (config {config_file})" if config_file else ""
+
+
+def warn_unknown_environment(environ: Mapping[str, str] = os.environ) -> None:
+    """Log each SINKWATCH_* variable that is no setting: a misspelt one (say in the systemd unit's env file)
+    would otherwise do nothing, silently. Called once logging is set up, so the line has the log's format."""
+    known = [f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields]
+    for key in sorted(environ):
+        if key.upper().startswith(ENV_PREFIX) and key.upper() not in known:
+            close = difflib.get_close_matches(key.upper(), known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            logger.warning("ignoring the environment variable {}: no such setting{}", key, hint)
 
 
 def _check_one_queue(settings: Settings, sources: Mapping[str, Mapping[str, Any]]) -> None:

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from service.errors import ConfigError
+from service.logs import configure_logging
 from service.selection import Selection
-from service.settings import Settings, add_flags, load_settings, settings_from_args
+from service.settings import Settings, add_flags, load_settings, settings_from_args, warn_unknown_environment
 
 
 @pytest.fixture(autouse=True)
@@ -184,6 +185,36 @@ def test_a_bad_environment_variable_names_its_field(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("SINKWATCH_COMFYUI_TIMEOUT", "-1")
     with pytest.raises(ConfigError, match="setting 'comfyui_timeout'"):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    ("flags", "environment", "origin"),
+    [
+        ({}, {"SINKWATCH_WORKERS": "x"}, "(from SINKWATCH_WORKERS)"),
+        ({"workers": 0}, {}, "(from --workers)"),
+        ({"workers": 0}, {"SINKWATCH_WORKERS": "x"}, "(from --workers)"),
+    ],
+)
+def test_a_bad_value_names_where_it_came_from_not_the_valid_config_file(
+    flags: dict[str, object],
+    environment: dict[str, str],
+    origin: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    path = config(tmp_path, "workers = 2\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config_file=path, flags=flags)
+    assert str(caught.value).startswith("setting 'workers': ") and str(caught.value).endswith(origin), caught.value
+
+
+def test_a_misspelt_environment_variable_is_named_in_a_warning(capfd: pytest.CaptureFixture[str]) -> None:
+    configure_logging(log_format="text")
+    warn_unknown_environment({"SINKWATCH_WORKER": "7", "SINKWATCH_WORKERS": "3", "PATH": "/bin", "OTHER_WORKER": "1"})
+    lines = capfd.readouterr().err.splitlines()
+    assert len(lines) == 1 and "SINKWATCH_WORKER: no such setting; did you mean SINKWATCH_WORKERS?" in lines[0], lines
 
 
 def test_a_bad_config_value_names_its_field_and_the_file(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ which only a faulty encoder writes, decodes here where libpng may refuse it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -78,8 +79,13 @@ def decode_file(
     max_pixels: int,
     background: Sequence[int] = (0, 0, 0),
     reduce_to: tuple[int, int] | None = None,
+    holes_pending: bool = True,
 ) -> DecodedImage:
-    """Read `path` once, refusing more than `max_bytes` before reading, and decode it."""
+    """Read `path` once, refusing more than `max_bytes` before reading, and decode it.
+
+    `holes_pending`: a hole to the end of the file means it is still being written (see `_unwritten_tail`).
+    The daemon passes False on a source's last try: a hole that stayed through every retry is no write.
+    """
     try:
         # O_NONBLOCK: a FIFO dropped into the watch folder must not hang a worker in open().
         with open(path, "rb", opener=lambda p, flags: os.open(p, flags | getattr(os, "O_NONBLOCK", 0))) as file:
@@ -88,6 +94,11 @@ def decode_file(
                 raise UnsupportedImage("not a regular file", path=path, reason="not_image")
             if info.st_size > max_bytes:
                 raise ImageTooLarge(f"{info.st_size} bytes is over the limit of {max_bytes}", path=path)
+            if holes_pending and _unwritten_tail(file.fileno(), info.st_size):
+                raise IncompleteImage(
+                    "the file has unwritten blocks at its end (preallocated, still being written)", path=path
+                )
+            file.seek(0)  # the hole probe moved the descriptor's offset
             data = file.read(info.st_size + 1)
     except IsADirectoryError as exc:
         raise UnsupportedImage("a directory, not a file", path=path, reason="not_image") from exc
@@ -96,6 +107,35 @@ def decode_file(
     if len(data) != info.st_size:
         raise IncompleteImage("the file changed size while it was read", path=path)
     return decode_bytes(data, path=path, max_pixels=max_pixels, background=background, reduce_to=reduce_to)
+
+
+def _unwritten_tail(fd: int, size: int) -> bool:
+    """Whether the file system reports a hole from some offset to the end of the file.
+
+    Copies over SMB (Samba sets the final size first), download managers and
+    fallocate make the file its final size before filling it front to back; until
+    then its tail reads as zeros, which no content check can tell from pixels in a
+    BMP or an uncompressed TIFF. ext4 and tmpfs report those blocks as a hole, and
+    blocks written but not yet allocated (delayed allocation) as data (measured).
+    A hole with data after it is an ordinary sparse file. Where holes cannot be
+    asked for, the container walks still catch a zero tail in PNG, GIF, TIFF and WebP.
+    A file system that stores written zero blocks as holes (ZFS with compression)
+    makes a complete BMP or TIFF ending in 128 KiB of black look the same: retried,
+    and decoded as it is on its last try.
+    """
+    if size == 0:  # SEEK_HOLE at the end fails with ENXIO; an empty file is refused later as such
+        return False
+    try:
+        hole = os.lseek(fd, 0, os.SEEK_HOLE)
+    except (AttributeError, OSError):  # no SEEK_HOLE here, or not on this file system (EINVAL, ENOTSUP...)
+        return False
+    if hole >= size:
+        return False
+    try:
+        os.lseek(fd, hole, os.SEEK_DATA)
+    except OSError as exc:
+        return exc.errno == errno.ENXIO  # no data after the hole
+    return False
 
 
 def decode_bytes(

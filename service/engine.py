@@ -247,6 +247,7 @@ class Engine:
             rule=made_by[0],
             fingerprint=made_by[1],
         )
+        started = self.ledger.get(candidate.key)
         job = Job(
             source=candidate.path,
             key=candidate.key,
@@ -258,6 +259,7 @@ class Engine:
             known_sha256=known,
             frame_sha256=entry.frame_sha256 if entry is not None and entry.output_name == name else None,
             adopt=not self.force,
+            last_try=started is not None and started.attempts >= self.limits.max_attempts,
         )
         self.in_flight[self.pool.submit(job)] = (candidate, job)
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.errors import CorruptImage, ImageTooLarge, IncompleteImage
+from service.errors import CorruptImage, ImageTooLarge, IncompleteImage, InputError
 
 TEXT_VALUE_LIMIT = 4 << 20  # characters kept per text chunk (a big ComfyUI workflow is ~1 MB)
 TEXT_TOTAL_LIMIT = 8 << 20  # characters kept over all text chunks
@@ -57,7 +57,7 @@ def walk_chunks(data: bytes, path: str | Path) -> PngChunks:
             raise IncompleteImage(f"PNG ends at byte {len(data)} before its IEND chunk", path=path)
         length, kind = _HEAD.unpack_from(data, pos)
         if length > 0x7FFFFFFF or not kind.isalpha() or (pos == 8 and kind != b"IHDR"):
-            raise CorruptImage(f"PNG chunk structure broken at byte {pos}", path=path)
+            raise broken(f"PNG chunk structure broken at byte {pos}", data, pos + 7, path)
         end = pos + 12 + length
         if end > len(data):
             raise IncompleteImage(f"PNG ends inside its {kind.decode()} chunk", path=path)
@@ -71,11 +71,29 @@ def walk_chunks(data: bytes, path: str | Path) -> PngChunks:
                 found.idat_split = True
         else:  # the rest we read (text, eXIf) or strip (APNG) must be checked here
             if zlib.crc32(view[pos + 4 : end - 4]) != _CRC.unpack_from(data, end - 4)[0]:
-                raise CorruptImage(f"PNG {kind.decode()} chunk at byte {pos} fails its CRC", path=path)
+                raise broken(f"PNG {kind.decode()} chunk at byte {pos} fails its CRC", data, end - 1, path)
             _keep(found, kind, data, pos, end)
         last, pos = kind, end
     found.iend = (pos - 12 - length, pos)
     return found
+
+
+def broken(message: str, data: bytes, last: int, path: str | Path) -> InputError:
+    """The error for a structure that breaks at byte `last` of `data`: CorruptImage(message), unless that
+    byte and every one after it are zero.
+
+    A file set to its final size first and filled front to back (SMB copies, download managers, fallocate)
+    reads as zeros past what is written; a structure that breaks there is still being written. `last` is
+    the last byte of the broken part (a chunk header, a CRC), so a write that stopped inside it counts too.
+    """
+    if zeros_from(data, last):
+        return IncompleteImage(f"{message}, and the rest of the file is zeros: still being written", path=path)
+    return CorruptImage(message, path=path)
+
+
+def zeros_from(data: bytes, pos: int) -> bool:
+    """Whether every byte of `data` from `pos` on is zero: what a preallocated file reads as past what is written."""
+    return data.count(0, pos) == len(data) - pos
 
 
 def _keep(found: PngChunks, kind: bytes, data: bytes, start: int, end: int) -> None:

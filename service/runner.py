@@ -53,6 +53,9 @@ class Job:
     # rather than made, and sent, again, where the unchanged-content check has nothing to go by: a ledger
     # lost or moved with --state-dir, a retry, a rejected version since put back. Off with --force.
     adopt: bool = False
+    # The source's last try before an incomplete file is rejected: a hole at the file's end that stayed through
+    # every retry is no write in progress (ZFS with compression stores written zero blocks as holes).
+    last_try: bool = False
 
 
 class _Identity(TypedDict):
@@ -134,6 +137,7 @@ def process_job(job: Job) -> Outcome:
             max_pixels=job.max_pixels,
             background=job.rule.output.background,
             reduce_to=(side, side),
+            holes_pending=not job.last_try,
         )
         timings["decode"] = time.perf_counter() - started
         _check_unchanged(job, before)

@@ -3,6 +3,7 @@ layout that would eat its own output, and a first start with no configuration at
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -13,7 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from service.lock import QueueLock
 from tests.conftest import load_photo, wait_for
@@ -251,3 +254,26 @@ def test_startup_with_no_flags_in_an_empty_folder_creates_watch_and_queue_and_sa
             proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
     assert code == 0, log.read_text()[-4000:]
+
+
+def test_a_hole_at_the_end_of_a_file_is_waited_out_then_read_as_it_is_on_the_last_try(tmp_path: Path) -> None:
+    # A complete BMP whose black rows a file system stores as a hole (ZFS with compression does): the same as a
+    # preallocated file still being filled, until it has stayed so through every retry.
+    image = np.zeros((512, 512, 3), np.uint8)
+    image[256:] = small_photo(0, height=256, width=512)  # rows are stored bottom-up: the black top half ends it
+    encoded = io.BytesIO()
+    Image.fromarray(image).save(encoded, format="BMP")
+    data = encoded.getvalue()
+    source = tmp_path / "gen.bmp"
+    with source.open("wb") as file:
+        file.truncate(len(data))
+        file.write(data[: -(-len(data.rstrip(b"\0")) // 4096) * 4096])  # up to the block the zeros start in
+    assert source.read_bytes() == data
+    done = run_sinkwatch(
+        "process", str(source), "--queue", str(tmp_path / "queue"), "--max-attempts", "3", "--retry-base", "0.05",
+        "--log-format", "json", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    waits = [r for r in records(done.stderr) if "unwritten blocks at its end" in r["message"]]
+    assert len(waits) == 2, "retried while it could still be a file being written"
+    assert [frame.name for frame in frames(tmp_path / "queue")] == ["gen.png"]

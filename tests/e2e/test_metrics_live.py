@@ -63,7 +63,8 @@ def busy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     try:
         for name in PHOTOS:
             write_photo(watch / f"{name}.png", load_photo(name))
-        (watch / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 300)
+        # Junk after the signature: corrupt. (Zeros there would be a file still being written: a retry.)
+        (watch / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"junk" * 75)
         before = snapshot(watch)
         wait_published(queue, 3)
         wait_for(lambda: len(logged(daemon.records(), "published")) == 3 and logged(daemon.records(), "rejected"))

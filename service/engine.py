@@ -270,6 +270,7 @@ class Engine:
             safe_stem(candidate.name_source),
             exists=lambda n: not ownership.is_own_or_free(self.publisher, n, candidate.key, candidate.path),
             instead_of=instead_of,
+            own=lambda n: ownership.is_own(self.publisher, n, candidate.key, candidate.path),
         )
 
     def _name_taken(self, candidate: Candidate, job: Job, outcome: Outcome) -> None:

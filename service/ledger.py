@@ -49,6 +49,8 @@ __all__ = [
 ]
 
 STATES = ("processing", "published", "rejected", "retry")
+# Names looked at for a frame a source already has in the queue when the ledger has none on record.
+OWN_NAMES_LOOKED_AT = 4
 FINAL_STATES = ("published", "rejected")
 
 # The columns in the order of Entry's fields.
@@ -173,10 +175,22 @@ class Ledger(UploadLedger, StampLedger):
 
     # -- names ----------------------------------------------------------------
 
-    def name_for(self, relpath: str, stem: str, *, exists: Callable[[str], bool], instead_of: str | None = None) -> str:
+    def name_for(
+        self,
+        relpath: str,
+        stem: str,
+        *,
+        exists: Callable[[str], bool],
+        instead_of: str | None = None,
+        own: Callable[[str], bool] = lambda _name: False,
+    ) -> str:
         """The output name of `relpath`: the one it already has, else the first free of
         `stem`, ``stem-<hash>``, ``stem-<hash>-2``, ... (free: no other source owns it,
         compared case-insensitively, and ``exists(name)`` is False).
+
+        Without a recorded name, one of the first :data:`OWN_NAMES_LOOKED_AT` of those whose frame in the
+        queue is already this source's (``own(name)``) goes first: a ledger lost or moved must not hand
+        `stem` to another source whose name differs only in case and send both to new names.
 
         `instead_of`: the name it has is lost to it (someone else's file is there now), so a
         new one is chosen, never that one again.
@@ -195,7 +209,9 @@ class Ledger(UploadLedger, StampLedger):
                 (stem, disambiguated(stem, relpath)),
                 (disambiguated(stem, relpath, counter=n) for n in itertools.count(2)),
             )
-            for name in candidates:
+            first = list(itertools.islice(candidates, OWN_NAMES_LOOKED_AT))
+            owned = [] if row else [name for name in first if own(name)]
+            for name in itertools.chain(owned, first, candidates):
                 folded = _fold(name)
                 if folded == lost:
                     continue

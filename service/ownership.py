@@ -62,6 +62,14 @@ def is_own_or_free(publisher: Publisher, name: str, key: str, source: Path | Non
     return True
 
 
+def is_own(publisher: Publisher, name: str, key: str, source: Path | None = None) -> bool:
+    """Whether output `name` is there and is source `key`'s own frame (the file `source`'s)."""
+    try:
+        return own_frame(publisher, name, key, recorded=None, source=source) != ""
+    except (Foreign, PublishError):
+        return False
+
+
 def own_sidecar(publisher: Publisher, name: str, key: str, source: Path | None = None) -> dict[str, Any] | None:
     """The sidecar of output `name` if it exists and was written for source `key` (or the file `source`).
 

@@ -277,3 +277,27 @@ def test_a_hole_at_the_end_of_a_file_is_waited_out_then_read_as_it_is_on_the_las
     waits = [r for r in records(done.stderr) if "unwritten blocks at its end" in r["message"]]
     assert len(waits) == 2, "retried while it could still be a file being written"
     assert [frame.name for frame in frames(tmp_path / "queue")] == ["gen.png"]
+
+
+def test_a_lost_ledger_keeps_the_outputs_of_sources_whose_names_differ_only_in_case(tmp_path: Path) -> None:
+    # Cat.png came first and has Cat.png; CAT.png has CAT-<hash>.png (names are unique case-insensitively). A
+    # scan of a fresh ledger meets CAT.png first: it must find its own frame, not take the free "CAT".
+    watch, queue = tmp_path / "watch", tmp_path / "queue"
+    watch.mkdir()
+    run = ("run", "--once", "--watch", str(watch), "--queue", str(queue), "--log-format", "json")
+    for index, name in enumerate(["Cat.png", "CAT.png"]):
+        write_photo(watch / name, small_photo(index, height=120, width=180))
+        assert run_sinkwatch(*run, cwd=tmp_path).returncode == 0
+    made = {frame.name: snapshot(queue)[frame.name] for frame in frames(queue)}
+    assert len(made) == 2 and "Cat.png" in made, made
+
+    shutil.rmtree(queue / ".sinkwatch" / "state")
+    again = run_sinkwatch(*run, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-4000:]
+    log = records(again.stderr)
+    assert logged(log, "published") == []
+    assert sorted(str(r["extra"]["source"]) for r in log if str(r["message"]).startswith("kept ")) == [
+        "CAT.png",
+        "Cat.png",
+    ]
+    assert {frame.name: snapshot(queue)[frame.name] for frame in frames(queue)} == made

@@ -527,3 +527,15 @@ def test_a_ledger_whose_folder_was_deleted_is_written_back_and_a_failed_write_ba
     publish(ledger, "after.png")
     with Ledger(db_path) as reopened:
         assert {e.relpath for e in reopened.entries("published")} == {"kept.png", "after.png"}
+
+
+def test_without_a_recorded_name_a_frame_already_the_sources_own_goes_first(ledger: Ledger) -> None:
+    # A lost ledger: CAT.png's frame is CAT-<hash>.png in the queue; "CAT" itself is free.
+    theirs = disambiguated("CAT", "CAT.png")
+    assert ledger.name_for("CAT.png", "CAT", exists=never, own=lambda n: n == theirs) == theirs
+    assert ledger.name_for("Cat.png", "Cat", exists=never, own=lambda n: n == "Cat") == "Cat"
+    assert ledger.name_for("dog.png", "dog", exists=never, own=never) == "dog"
+    # Recorded, the name stands; lost to someone else's file, it is never taken again, owned or not.
+    assert ledger.name_for("CAT.png", "CAT", exists=never, own=lambda _n: True) == theirs
+    lost = ledger.name_for("CAT.png", "CAT", exists=never, instead_of=theirs, own=lambda _n: True)
+    assert lost not in (theirs, "Cat") and lost.casefold() != "cat"

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from core import pipeline
-from service.decode import decode_file
 from service.encode import encode_png
 from service.errors import RuleError, SinkwatchError
 from service.rules import Rule, load_rule_file, load_rules
+from service.runner import decode_source
 from service.settings import Settings
 
 # Score lines of the human-readable report: (key, label, format).
@@ -59,11 +59,11 @@ def main(args: argparse.Namespace) -> int:
     rule = choose_rule(args.rule, args.rules, args.file)
     limits = Settings.model_fields
     try:
-        decoded = decode_file(
+        decoded = decode_source(
             args.file,
+            rule,
             max_bytes=int(limits["max_bytes"].default),
             max_pixels=int(limits["max_pixels"].default),
-            background=rule.output.background,
         )
     except SinkwatchError as exc:
         print(f"sinkwatch analyze: {exc} ({exc.reason})", file=sys.stderr)

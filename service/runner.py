@@ -20,7 +20,7 @@ from typing import Any, Literal, TypedDict
 
 from core import pipeline
 from service import __version__
-from service.decode import decode_file
+from service.decode import DecodedImage, decode_file
 from service.encode import encode_png
 from service.errors import IncompleteImage, PublishError, SinkwatchError
 from service.file_hash import sha256_file
@@ -128,16 +128,9 @@ def process_job(job: Job) -> Outcome:
         if job.adopt and (adopted := _adopted(job, before, stat_fields)) is not None:
             return adopted
         params = job.rule.to_params()
-        # A square that covers either orientation lets a large JPEG decode at reduced scale safely.
-        side = max(params.resize.width, params.resize.height)
         started = time.perf_counter()
-        decoded = decode_file(
-            job.source,
-            max_bytes=job.max_bytes,
-            max_pixels=job.max_pixels,
-            background=job.rule.output.background,
-            reduce_to=(side, side),
-            holes_pending=not job.last_try,
+        decoded = decode_source(
+            job.source, job.rule, max_bytes=job.max_bytes, max_pixels=job.max_pixels, holes_pending=not job.last_try
         )
         timings["decode"] = time.perf_counter() - started
         _check_unchanged(job, before)
@@ -196,6 +189,23 @@ def process_job(job: Job) -> Outcome:
         scores=scores,
         outputs={kind: path.name for kind, path in paths.items()},
         finished_at=time.time(),
+    )
+
+
+def decode_source(
+    source: Path, rule: Rule, *, max_bytes: int, max_pixels: int, holes_pending: bool = True
+) -> DecodedImage:
+    """The source as `rule`'s pipeline takes it: what the daemon publishes is what `sinkwatch analyze` shows."""
+    resize = rule.to_params().resize
+    # A square that covers either orientation lets a large JPEG decode at reduced scale safely.
+    side = max(resize.width, resize.height)
+    return decode_file(
+        source,
+        max_bytes=max_bytes,
+        max_pixels=max_pixels,
+        background=rule.output.background,
+        reduce_to=(side, side),
+        holes_pending=holes_pending,
     )
 
 

@@ -187,3 +187,20 @@ def test_rules_check_reads_a_file_saved_with_a_byte_order_mark(
     (tmp_path / "default.toml").write_bytes(b'\xef\xbb\xbfname = "default"\n')
     code, out, _err = run_cli(capsys, "rules", "check", str(tmp_path))
     assert code == 0 and out.startswith("ok ")
+
+
+def test_a_large_jpeg_is_analysed_as_the_daemon_publishes_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The daemon decodes a JPEG at least twice the frame's size at reduced scale: analyze must show that frame.
+    source = tmp_path / "big.jpg"
+    big = np.asarray(Image.open(photo_file("coffee")).convert("RGB").resize((2000, 1800), Image.Resampling.BICUBIC))
+    Image.fromarray(big).save(source, quality=92)
+    cleaned = tmp_path / "cleaned.png"
+    code, _out, err = run_cli(capsys, "analyze", str(source), "--cleaned", str(cleaned))
+    assert code == 0, err
+    queue = tmp_path / "queue"
+    done = run_cli(capsys, "process", str(source), "--queue", str(queue), "--workers", "1", "--metrics-port", "0")
+    assert done[0] == 0, done[2]
+    published = np.asarray(Image.open(queue / "big.png").convert("RGB"))
+    assert np.array_equal(np.asarray(Image.open(cleaned).convert("RGB")), published)

@@ -155,7 +155,9 @@ def decode_bytes(
     bg = _check_background(background)
     target = _check_reduce_to(reduce_to)
     if not data:
-        raise CorruptImage("empty file (0 bytes)", path=path, reason="empty")
+        # A file created empty and filled after (a placeholder, `: > f; cat img >> f`) is empty for a moment:
+        # retried like a file cut short, and rejected as empty only if it stays so.
+        raise IncompleteImage("empty file (0 bytes)", path=path, reason="empty")
     header = containers.inspect(data, path)
     try:
         rgb, size, orientation = _pixels(data, header, path=path, max_pixels=max_pixels, bg=bg, target=target)

@@ -541,6 +541,23 @@ def test_bad_files_are_rejected_with_their_reasons_while_good_ones_beside_them_a
     check_outputs_complete(queue)
 
 
+def test_a_file_created_empty_then_filled_is_published_not_rejected(
+    daemon: DaemonProcess, folders: tuple[Path, Path]
+) -> None:
+    # A placeholder first (`touch`, `: > f; cat img >> f`): empty for a moment is a file still being written.
+    watch, queue = folders
+    daemon.start()
+    placeholder = watch / "placeholder.png"
+    placeholder.write_bytes(b"")
+    wait_for(lambda: any("empty file" in m for m in daemon.messages()), timeout=30)
+    placeholder.write_bytes(png_bytes(load_photo("coffee")[:200, :300]))
+    wait_for((queue / "placeholder.png").is_file, timeout=30)
+    sentinel(watch, queue, daemon=daemon)
+    assert not (queue / "rejected").exists()
+    assert metric_sum(daemon.get("/metrics")[1], "sinkwatch_rejections_total") == 0
+    assert logged(daemon.records(), "rejected") == []
+
+
 @contextlib.contextmanager
 def tmpfs(path: Path) -> Iterator[Path]:
     """A real tmpfs mounted at `path` (tests run as root); unmounted afterwards."""

@@ -307,7 +307,7 @@ def hostile_headers() -> dict[str, tuple[bytes, tuple[type[Exception], ...] | No
         "tiff-ifd-past-end": (patched(tiff, 4, (1 << 20).to_bytes(4, "little")), (IncompleteImage,)),
         "riff-wave": (b"RIFF" + (36).to_bytes(4, "little") + b"WAVEfmt " + b"\0" * 28, (UnsupportedImage,)),
         "text-starting-bm": (b"BM is how this text file starts, and nothing more\n" * 4, (UnsupportedImage,)),
-        "empty": (b"", (CorruptImage,)),
+        "empty": (b"", (IncompleteImage,)),
     }
 
 

@@ -369,12 +369,12 @@ def test_text_the_encoder_could_not_write_back_is_dropped() -> None:
 # --- bad inputs -----------------------------------------------------------------------------------
 
 
-def test_empty_input_is_corrupt_empty(tmp_path: Path) -> None:
-    with pytest.raises(CorruptImage) as raised:
+def test_empty_input_is_a_retry_whose_reason_is_empty(tmp_path: Path) -> None:
+    with pytest.raises(IncompleteImage) as raised:
         decode(b"")
     assert raised.value.reason == "empty" and raised.value.path == "watch/source.img"
     (tmp_path / "empty.png").write_bytes(b"")
-    with pytest.raises(CorruptImage, match="empty") as raised:
+    with pytest.raises(IncompleteImage, match="empty") as raised:
         decode_file(tmp_path / "empty.png", max_bytes=BIG, max_pixels=BIG)
     assert raised.value.reason == "empty" and raised.value.path == str(tmp_path / "empty.png")
 

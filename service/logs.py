@@ -29,6 +29,8 @@ def configure_logging(*, log_format: str = "auto", level: str = "INFO", stream: 
     root = logging.getLogger()
     if not any(isinstance(handler, _ToLoguru) for handler in root.handlers):
         root.addHandler(_ToLoguru())
+    # So do Python warnings (watchdog's RuntimeWarning for a subfolder moved out and back in), through `logging`.
+    logging.captureWarnings(True)
 
 
 class _ToLoguru(logging.Handler):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Protocol, TypedDict
 
 import pytest
+from loguru import logger
 from prometheus_client import CollectorRegistry
 
 from service.engine import Engine, Limits
@@ -125,3 +128,13 @@ def replace_keeping_mtime(path: Path, content: bytes) -> None:
     temporary.write_bytes(content)
     os.utime(temporary, ns=(st.st_atime_ns, st.st_mtime_ns))
     os.replace(temporary, path)
+
+
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    """Undo configure_logging after a test: the root logger's handlers and loguru's default sink."""
+    handlers = list(logging.getLogger().handlers)
+    yield
+    logging.getLogger().handlers[:] = handlers
+    logger.remove()
+    logger.add(sys.stderr)

@@ -5,22 +5,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import subprocess
 import sys
-from collections.abc import Iterator
-
-import pytest
-from loguru import logger
 
 from service.logs import configure_logging
-
-
-@pytest.fixture
-def restored_logging() -> Iterator[None]:
-    handlers = list(logging.getLogger().handlers)
-    yield
-    logging.getLogger().handlers[:] = handlers
-    logger.remove()
-    logger.add(sys.stderr)  # loguru's default sink, as the other tests found it
 
 
 def test_a_library_warning_is_one_json_line_with_its_logger_name(restored_logging: None) -> None:
@@ -41,3 +29,15 @@ def test_library_debug_lines_stay_below_the_root_loggers_level(restored_logging:
     configure_logging(log_format="json", level="DEBUG", stream=stream)
     logging.getLogger("watchdog").debug("in-event")
     assert stream.getvalue() == ""
+
+
+def test_a_python_warning_is_one_json_line_too() -> None:
+    # In a process of its own: pytest records warnings itself.
+    code = "import warnings; from service.logs import configure_logging; configure_logging(log_format='json'); "
+    code += "warnings.warn('Callback with id 7 already exists for watch 3', RuntimeWarning)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, lines
+    record = json.loads(lines[0])["record"]
+    assert "RuntimeWarning: Callback with id 7 already exists for watch 3" in record["message"]
+    assert record["level"]["name"] == "WARNING" and record["extra"]["library"] == "py.warnings"

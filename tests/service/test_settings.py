@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import re
 from pathlib import Path
@@ -210,10 +211,11 @@ def test_a_bad_value_names_where_it_came_from_not_the_valid_config_file(
     assert str(caught.value).startswith("setting 'workers': ") and str(caught.value).endswith(origin), caught.value
 
 
-def test_a_misspelt_environment_variable_is_named_in_a_warning(capfd: pytest.CaptureFixture[str]) -> None:
-    configure_logging(log_format="text")
+def test_a_misspelt_environment_variable_is_named_in_a_warning(restored_logging: None) -> None:
+    stream = io.StringIO()
+    configure_logging(log_format="text", stream=stream)
     warn_unknown_environment({"SINKWATCH_WORKER": "7", "SINKWATCH_WORKERS": "3", "PATH": "/bin", "OTHER_WORKER": "1"})
-    lines = capfd.readouterr().err.splitlines()
+    lines = stream.getvalue().splitlines()
     assert len(lines) == 1 and "SINKWATCH_WORKER: no such setting; did you mean SINKWATCH_WORKERS?" in lines[0], lines
 
 

@@ -48,6 +48,7 @@ dropdown, which keeps the user's list clean.
 
 from __future__ import annotations
 
+import base64
 import json
 import mimetypes
 import re
@@ -112,7 +113,11 @@ class ComfyClient:
             raise ConfigError(f"ComfyUI URL must look like http://host:8188, got {base_url!r}", stage="comfyui")
         if timeout <= 0:
             raise ConfigError(f"ComfyUI timeout must be positive, got {timeout}", stage="comfyui")
-        self.base_url = base_url.rstrip("/")
+        # Credentials in the URL (a proxy with basic auth in front of ComfyUI) go in a header of every request,
+        # and base_url, which messages and log lines show, is the URL without them.
+        credentials, _at, host = parsed.netloc.rpartition("@")
+        self.base_url = urllib.parse.urlunsplit(parsed._replace(netloc=host)).rstrip("/")
+        self._authorization = _basic_auth(credentials) if credentials else None
         self.timeout = timeout
         self.client_id = client_id or f"sinkwatch-{uuid.uuid4().hex}"
         self.subfolder = _checked_subfolder(subfolder)
@@ -220,6 +225,8 @@ class ComfyClient:
     ) -> Any:
         url = self.base_url + route
         headers = {"Accept": "application/json"}
+        if self._authorization is not None:
+            headers["Authorization"] = self._authorization
         if content_type is not None:
             headers["Content-Type"] = content_type
         reply = exchange(method, url, body=body, headers=headers, timeout=self.timeout, max_reply=max_reply)
@@ -299,6 +306,13 @@ def _rejection(method: str, route: str, url: str, status: int, payload: bytes) -
         details=str(details) if details else None,
         node_errors=node_errors,
     )
+
+
+def _basic_auth(credentials: str) -> str:
+    """The Authorization header of a URL's ``user:password`` (percent-encoded, as URLs carry them)."""
+    user, _colon, password = credentials.partition(":")
+    pair = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
+    return "Basic " + base64.b64encode(pair.encode()).decode("ascii")
 
 
 def _checked_subfolder(subfolder: str) -> str:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -384,3 +386,29 @@ def test_a_real_photo_goes_through_upload_queue_and_history(
         assert np.array_equal(np.asarray(result.convert("RGB")), np.asarray(original.convert("RGB")))
         assert isinstance(result, PngImagePlugin.PngImageFile)
         assert json.loads(result.text["prompt"])["1"]["inputs"]["image"] == "sinkwatch/astronaut_0001.png"
+
+
+class _RecordingComfyUI(FakeComfyUI):
+    """Notes the Authorization header of every request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.authorizations: list[str | None] = []
+
+    def handle(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, object | None]:
+        self.authorizations.append(headers.get("Authorization"))
+        return super().handle(method, path, headers, body)
+
+
+def test_credentials_in_the_url_are_sent_as_basic_auth_and_never_shown(photo_png: bytes) -> None:
+    comfy = _RecordingComfyUI()
+    with comfy:
+        host = comfy.url.removeprefix("http://")
+        client = ComfyClient(f"http://me:s%40cret@{host}/", timeout=5.0)
+        assert client.base_url == comfy.url, "messages and log lines name the URL without the password"
+        assert client.upload_image(photo_png, name="frame.png").name == "frame.png"
+        comfy.fail_next(500)
+        with pytest.raises(ComfyUnavailable) as down:
+            client.upload_image(photo_png, name="frame.png")
+    assert "s@cret" not in str(down.value) and "s%40cret" not in str(down.value)
+    assert comfy.authorizations == ["Basic " + base64.b64encode(b"me:s@cret").decode()] * 2

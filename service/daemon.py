@@ -143,6 +143,7 @@ class Daemon:
             tracker=StabilityTracker(settle=s.settle_seconds, clock=self.clock),
             engine=self.engine,
             clock=self.clock,
+            forget_after=s.forget_after_days * 86400.0,
         )
         self.watcher = FolderWatcher(
             self.folders.watch, self.events, recursive=s.recursive, polling=s.polling, poll_interval=s.poll_interval

@@ -13,12 +13,17 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from loguru import logger
+
 from service.engine import Candidate, Engine
 from service.errors import SinkwatchError
 from service.selection import Selection
 from service.stability import StabilityTracker
 from service.watcher import EventQueue
 
+# A scan records what it finds in the ledger at most this often (wall seconds): enough to tell a source gone for
+# --forget-after-days, at the cost of one write per chunk of a scan a day.
+MARK_EVERY = 86400.0
 EVENTS_PER_TURN = 4096  # so that an event storm cannot starve the rest of the loop
 # Files a scan looks at per loop turn: a folder of processed files is walked over many turns, not in one.
 SCAN_FILES_PER_TURN = 256
@@ -33,7 +38,10 @@ class Discovery:
         tracker: StabilityTracker,
         engine: Engine,
         clock: Callable[[], float] = time.monotonic,
+        forget_after: float = 0.0,
+        wall: Callable[[], float] = time.time,
     ) -> None:
+        """`forget_after`: seconds a source may be gone from the watch folder before its row is deleted (0: never)."""
         self.selection = selection
         self.events = events
         self.tracker = tracker
@@ -45,6 +53,12 @@ class Discovery:
         self.scan_source = "startup"
         self.rescan_requested = False
         self.last_scan_done = clock()
+        self.forget_after = forget_after
+        self.wall = wall
+        self.marking = False  # this scan records what it finds (see MARK_EVERY)
+        self.marked_at: float | None = None  # wall time of the last scan that did
+        self.scan_wall = 0.0  # wall time the running scan started
+        self.scanned = 0  # files the running scan has found so far
 
     @property
     def scanning(self) -> bool:
@@ -80,6 +94,9 @@ class Discovery:
         if self.scan is None:
             self.scan = self.selection.scan_keys()
             self.scan_source = source
+            self.scan_wall, self.scanned = self.wall(), 0
+            due = self.marked_at is None or self.scan_wall - self.marked_at >= MARK_EVERY
+            self.marking = self.forget_after > 0 and due
         else:
             # Events may have been dropped behind the running scan's position: scan again after it.
             self.rescan_requested = True
@@ -96,8 +113,11 @@ class Discovery:
         self.held += itertools.islice(self.scan, SCAN_FILES_PER_TURN - len(self.held))
         exhausted = len(self.held) < SCAN_FILES_PER_TURN
         found, self.held = self.held, []
+        self.scanned += len(found)  # held files count again at their next turn: only "none at all" matters
         position = 0
         try:
+            if self.marking and found:
+                self.engine.ledger.mark_seen([key for key, _path in found], self.scan_wall)
             settled = self.engine.settled(found, source=self.scan_source)
             wall = time.time()
             for position, (key, path) in enumerate(found):
@@ -117,6 +137,19 @@ class Discovery:
         if exhausted:
             self.scan = None
             self.last_scan_done = self.clock()
+            if self.marking:
+                self._forget_gone()
             if self.rescan_requested:
                 self.rescan_requested = False
                 self.start_scan("scan")
+
+    def _forget_gone(self) -> None:
+        """After a scan that marked what it found: drop the rows of sources gone for `forget_after`."""
+        self.marked_at = self.scan_wall
+        if not self.scanned:
+            return  # an empty listing (a mount not up yet) tells nothing about what is gone
+        forgotten = self.engine.ledger.forget_gone(self.scan_wall - self.forget_after)
+        if forgotten:
+            logger.info(
+                "forgot {} sources gone from the watch folder for over {:g} days", forgotten, self.forget_after / 86400
+            )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from service.errors import ConfigError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # Statements that bring a ledger from version N-1 to N; a new version appends an entry.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
@@ -66,6 +66,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # The hash of the frame last published for a source: a frame of its name with other content was
     # put there by someone else, and is never replaced. NULL before: the sidecar's record is asked instead.
     4: ("ALTER TABLE sources ADD COLUMN frame_sha256 TEXT",),
+    # When a scan last found the source in the watch folder (wall time): a row whose source has been gone for
+    # --forget-after-days is deleted, so the ledger does not grow for ever. NULL: not seen by a scan yet.
+    5: ("ALTER TABLE sources ADD COLUMN seen REAL",),
 }
 
 

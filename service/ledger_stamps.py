@@ -1,4 +1,4 @@
-"""The ledger's bulk lookup for scans: state and file stamp of many sources at once.
+"""The ledger's part in scans: state and file stamp of many sources at once, and what a scan no longer finds.
 
 At every reconciliation scan most of the watch folder is processed and
 unchanged. Asking for a chunk of files in one query costs a fraction of one
@@ -69,3 +69,20 @@ class StampLedger:
         rows = [(ino, ctime_ns, db_key(relpath)) for relpath, (ino, ctime_ns) in stamps.items()]
         with self._transaction() as db:
             db.executemany("UPDATE sources SET ino = ?, ctime_ns = ? WHERE relpath = ? AND ino IS NULL", rows)
+
+    def mark_seen(self, relpaths: Sequence[str], now: float) -> None:
+        """Record that a scan found `relpaths` in the watch folder at wall time `now` (unknown ones: nothing)."""
+        keys = [db_key(relpath) for relpath in relpaths]
+        with self._transaction() as db:
+            for start in range(0, len(keys), KEYS_PER_QUERY):
+                chunk = keys[start : start + KEYS_PER_QUERY]
+                marks = ", ".join("?" * len(chunk))
+                db.execute(f"UPDATE sources SET seen = ? WHERE relpath IN ({marks})", [now, *chunk])
+
+    def forget_gone(self, before: float) -> int:
+        """Delete the finished rows of sources neither found by a scan nor processed since `before`, with their
+        names; returns how many. Rows waiting for a retry or in processing are left to their own course."""
+        gone = "state IN ('published', 'rejected') AND max(coalesce(seen, updated), updated) < ?"
+        with self._transaction() as db:
+            db.execute(f"DELETE FROM names WHERE relpath IN (SELECT relpath FROM sources WHERE {gone})", (before,))
+            return int(db.execute(f"DELETE FROM sources WHERE {gone}", (before,)).rowcount)

@@ -81,6 +81,14 @@ class Settings(BaseSettings):
         le=LONGEST_SECONDS,
         description="Seconds between reconciliation scans (inotify drops events on overflow).",
     )
+    forget_after_days: int = Field(
+        30,
+        ge=0,
+        description=(
+            "Days a source may be gone from the watch folder before the ledger forgets it (0: never); "
+            "back after that, its outputs still in the queue are kept."
+        ),
+    )
     queue_size: int = Field(256, ge=1, description="Bound of the work queue; beyond it events wait for the next scan.")
     max_attempts: int = Field(
         5,

@@ -1,0 +1,162 @@
+"""The ledger forgets a source gone from the watch folder for --forget-after-days, so that it does not grow for ever.
+
+A real ledger on a wall clock the test sets, a real watch folder, selection and engine (nothing is dispatched: the
+scan finds only files the ledger holds as finished); the ledger's rows are what the tests read.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service.discovery import MARK_EVERY, Discovery
+from service.ledger import Ledger
+from service.selection import Selection
+from service.stability import StabilityTracker
+from service.watcher import EventQueue
+from tests.conftest import photo_file
+from tests.service.conftest import IdleEngine
+
+DAY = 86400.0
+FORGET_AFTER = 30 * DAY
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1.8e9
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def ledger(tmp_path: Path, clock: Clock) -> Iterator[Ledger]:
+    with Ledger(tmp_path / "state.sqlite3", clock=clock) as opened:
+        yield opened
+
+
+@pytest.fixture
+def watch(tmp_path: Path) -> Path:
+    folder = tmp_path / "watch"
+    folder.mkdir()
+    return folder
+
+
+def discovery(watch: Path, ledger: Ledger, idle_engine: IdleEngine, clock: Clock, *, forget: float) -> Discovery:
+    return Discovery(
+        selection=Selection(watch, include=("*.png",)),
+        events=EventQueue(maxsize=8),
+        tracker=StabilityTracker(settle=1.0),
+        engine=idle_engine(resolve=lambda key: watch / key, ledger=ledger),
+        forget_after=forget,
+        wall=clock,
+    )
+
+
+def finished(ledger: Ledger, watch: Path, name: str, *, present: bool) -> None:
+    """A source the ledger holds as finished (rejected: its row needs no outputs), its file there or not."""
+    path = watch / name
+    shutil.copyfile(photo_file("chelsea"), path)
+    st = path.stat()
+    ledger.start(name, size=st.st_size, mtime_ns=st.st_mtime_ns, ino=st.st_ino, ctime_ns=st.st_ctime_ns,
+                 sha256=None, rule="default", fingerprint="f")  # fmt: skip
+    ledger.name_for(name, Path(name).stem, exists=lambda _name: False)
+    ledger.rejected(name, reason="corrupt", message="for the test")
+    if not present:
+        path.unlink()
+
+
+def scan(found: Discovery) -> None:
+    found.start_scan("scan")
+    while found.scanning:
+        found.feed_scan()
+
+
+def names(ledger: Ledger) -> set[str]:
+    return {entry.relpath for entry in ledger.entries()}
+
+
+def test_a_source_gone_for_longer_than_forget_after_is_forgotten_with_its_name(
+    watch: Path, ledger: Ledger, idle_engine: IdleEngine, clock: Clock
+) -> None:
+    for name, present in (("kept.png", True), ("gone.png", False), ("lately_gone.png", False)):
+        finished(ledger, watch, name, present=present)
+    found = discovery(watch, ledger, idle_engine, clock, forget=FORGET_AFTER)
+    scan(found)  # marks kept.png as seen now
+    assert names(ledger) == {"kept.png", "gone.png", "lately_gone.png"}, "nothing is gone for 30 days yet"
+
+    clock.now += 25 * DAY
+    finished(ledger, watch, "lately_gone.png", present=False)  # processed again, then deleted
+    clock.now += 6 * DAY
+    scan(found)
+    assert names(ledger) == {"kept.png", "lately_gone.png"}
+    assert ledger.name_for("other/gone.png", "gone", exists=lambda _name: False) == "gone", "its name is free again"
+    assert ledger.name_for("kept.png", "other", exists=lambda _name: True) == "kept", "a kept one keeps its name"
+
+
+def test_a_source_present_all_along_is_kept_however_old_its_row(
+    watch: Path, ledger: Ledger, idle_engine: IdleEngine, clock: Clock
+) -> None:
+    finished(ledger, watch, "old.png", present=True)
+    found = discovery(watch, ledger, idle_engine, clock, forget=FORGET_AFTER)
+    for _ in range(4):
+        clock.now += 20 * DAY
+        scan(found)
+    assert names(ledger) == {"old.png"}
+
+
+def test_an_empty_listing_forgets_nothing(watch: Path, ledger: Ledger, idle_engine: IdleEngine, clock: Clock) -> None:
+    # A network mount not up: its mount point is an empty folder. Nothing says the sources are gone.
+    finished(ledger, watch, "a.png", present=False)
+    clock.now += 40 * DAY
+    scan(discovery(watch, ledger, idle_engine, clock, forget=FORGET_AFTER))
+    assert names(ledger) == {"a.png"}
+
+
+def test_a_row_waiting_for_a_retry_is_left_to_the_retries(
+    watch: Path, ledger: Ledger, idle_engine: IdleEngine, clock: Clock
+) -> None:
+    finished(ledger, watch, "present.png", present=True)
+    path = watch / "waiting.png"
+    path.write_bytes(b"x")
+    ledger.start("waiting.png", size=1, mtime_ns=1, sha256=None, rule="default", fingerprint="f")
+    ledger.retry("waiting.png", reason="incomplete", message="", next_attempt=clock.now + 1e9)
+    path.unlink()
+    clock.now += 40 * DAY
+    scan(discovery(watch, ledger, idle_engine, clock, forget=FORGET_AFTER))
+    assert names(ledger) == {"present.png", "waiting.png"}
+
+
+def test_forget_after_0_keeps_every_row_and_marks_nothing(
+    watch: Path, ledger: Ledger, idle_engine: IdleEngine, clock: Clock
+) -> None:
+    finished(ledger, watch, "present.png", present=True)
+    finished(ledger, watch, "gone.png", present=False)
+    found = discovery(watch, ledger, idle_engine, clock, forget=0.0)
+    clock.now += 400 * DAY
+    scan(found)
+    assert names(ledger) == {"present.png", "gone.png"}
+    assert found.marked_at is None
+
+
+def test_a_scan_marks_what_it_finds_once_a_day_at_most(
+    watch: Path, ledger: Ledger, idle_engine: IdleEngine, clock: Clock
+) -> None:
+    finished(ledger, watch, "present.png", present=True)
+    found = discovery(watch, ledger, idle_engine, clock, forget=FORGET_AFTER)
+    scan(found)
+    first = found.marked_at
+    clock.now += MARK_EVERY / 2
+    scan(found)
+    assert found.marked_at == first, "the rescan a minute later wrote nothing"
+    clock.now += MARK_EVERY / 2
+    scan(found)
+    assert found.marked_at == clock.now

@@ -82,6 +82,17 @@ class UploadLedger:
             name, generation, "done", reference=reference, prompt_id=prompt_id, reason=None, message=None
         )
 
+    def prompt_tried(self, name: str, *, generation: int, prompt_id: str) -> None:
+        """A try to queue the workflow of that generation failed without an answer: ComfyUI may hold `prompt_id`.
+
+        The row stays pending; a later run looks the id up before it sends the workflow again.
+        """
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE uploads SET prompt_id = ? WHERE name = ? AND generation = ? AND state = 'pending'",
+                (db_text(prompt_id), db_text(name), generation),
+            )
+
     def upload_failed(
         self, name: str, *, generation: int, reason: str, message: str, reference: str | None = None
     ) -> bool:

@@ -45,6 +45,9 @@ class Task:
     width: int
     height: int
     generation: int
+    # A try of this task's workflow failed without an answer in an earlier run (the ledger says so): ComfyUI may
+    # have queued it, so the first try looks for its prompt_id before sending.
+    look_first: bool = False
 
 
 class TaskQueue:

@@ -149,20 +149,21 @@ class Sender:
             return
 
         prompt_id = prompt_id_for(prompt, generation=task.generation, frame_sha256=sha256)
-        tried = False
+        tried = task.look_first
 
         def submit() -> QueuedPrompt | None:
             nonlocal tried
             if self.tasks.superseded(task):
                 return None
-            # Only a retry gets here with `tried` set: the try before failed, maybe after ComfyUI queued it.
+            # A retry gets here with `tried` set (or a task whose earlier run failed so): the try before failed,
+            # maybe after ComfyUI queued it.
             # (A ComfyUI too old to take a client's prompt_id queued it under another: not found, sent again.)
             found = self.client.find(prompt_id) if tried else None
             tried = True
             return found or self.client.submit(prompt, prompt_id=prompt_id)
 
         try:
-            queued = self._retrying(task, "prompt_retry", submit)
+            queued = self._retrying(task, "prompt_retry", submit, prompt_id=prompt_id)
         except ComfyRejected as exc:
             self.results.put(replace(uploaded, kind="prompt_rejected", error=exc))
             return
@@ -171,15 +172,18 @@ class Sender:
             return
         self.results.put(replace(uploaded, kind="queued", prompt_id=queued.prompt_id, node_errors=queued.node_errors))
 
-    def _retrying(self, task: Task, kind: Kind, call: Callable[[], T]) -> T:
-        """Call until ComfyUI answers, reporting each failure as a `kind` result; raises once stopping."""
+    def _retrying(self, task: Task, kind: Kind, call: Callable[[], T], *, prompt_id: str | None = None) -> T:
+        """Call until ComfyUI answers, reporting each failure as a `kind` result (with the `prompt_id` a try
+        may have queued); raises once stopping."""
         return keep_trying(
             call,
             transient=ComfyUnavailable,
             base=self.retry_base,
             cap=self.retry_cap,
             stop=self._stop,
-            failed=lambda error, delay: self.results.put(Result(task, kind, error=error, delay=delay)),
+            failed=lambda error, delay: self.results.put(
+                Result(task, kind, error=error, delay=delay, prompt_id=prompt_id)
+            ),
         )
 
 

@@ -20,10 +20,9 @@ the ledger said so). For the frame that is harmless: in sinkwatch's own
 subfolder an upload overwrites its own file, at the top level ComfyUI answers
 the same content with the existing name (see service/comfyui.py). A workflow
 is another matter (ComfyUI's cache keeps only the last prompt's outputs, so a
-second one renders the video again): within a run, a try that failed without
-an answer is looked up by its prompt_id before it is sent again
-(service/upload_sender.py); a stop between that try and the next still sends
-it twice.
+second one renders the video again): a try that failed without an answer is
+looked up by its prompt_id before it is sent again (service/upload_sender.py),
+in the same run or, through the ledger, in the next.
 
 The sidecar note is a read-modify-write of ``QUEUE/matrix/<name>.json`` on the
 main thread, while a worker process may be publishing a newer frame and
@@ -182,7 +181,9 @@ class Uploads:
         # Pending rows already in line or in flight come back too: ask for that many more than there is room.
         wanted = self._tasks.limit - self._tasks.qsize() + self._tasks.known()
         rows = self.ledger.pending_uploads(limit=wanted)
-        left = self._tasks.offer(Task(u.name, u.relpath, u.width, u.height, u.generation) for u in rows)
+        left = self._tasks.offer(
+            Task(u.name, u.relpath, u.width, u.height, u.generation, look_first=u.prompt_id is not None) for u in rows
+        )
         self._spilled = len(rows) == wanted or left > 0  # else every pending row has been seen and taken
 
     def _count_pending(self) -> None:
@@ -231,6 +232,8 @@ class Uploads:
         if kind in ("upload_retry", "prompt_retry"):
             counter = self.metrics.comfyui_uploads if kind == "upload_retry" else self.metrics.comfyui_prompts
             counter.labels(outcome="retried").inc()
+            if result.prompt_id is not None:
+                self.ledger.prompt_tried(task.name, generation=task.generation, prompt_id=result.prompt_id)
             self.status.failed(result.error, name=task.name, delay=result.delay)
             return
         if kind in ("uploaded", "queued", "prompt_rejected") or isinstance(result.error, ComfyRejected):

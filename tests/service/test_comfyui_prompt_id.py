@@ -18,7 +18,7 @@ from service.upload_sender import prompt_id_for
 from service.uploader import Uploads
 from service.workflow import load_workflow, prepare
 from tests.fake_comfyui import FakeComfyUI
-from tests.service.test_uploader import png_of, publish, settle, sidecar, value
+from tests.service.test_uploader import png_of, publish, pump_until, settle, sidecar, value
 
 SMOKE = Path(__file__).resolve().parents[2] / "deploy" / "comfyui" / "loadimage-save-api.json"
 # A timeout the fake's other answers meet with room to spare, and a /prompt answer that comes well after it
@@ -46,10 +46,11 @@ def metrics() -> Metrics:
 def start_uploads(
     comfy: FakeComfyUI, ledger: Ledger, publisher: Publisher, metrics: Metrics
 ) -> Iterator[Callable[..., Uploads]]:
-    """Uploads with the smoke workflow and the given request timeout, retrying at once; closed after the test."""
+    """Uploads with the smoke workflow and the given request timeout, retrying at once unless told; closed after
+    the test."""
     made: list[Uploads] = []
 
-    def start(*, timeout: float = 5.0) -> Uploads:
+    def start(*, timeout: float = 5.0, retry_base: float = 0.001, retry_cap: float = 0.01) -> Uploads:
         made.append(
             Uploads(
                 client=ComfyClient(comfy.url, timeout=timeout),
@@ -57,8 +58,8 @@ def start_uploads(
                 publisher=publisher,
                 metrics=metrics,
                 workflow=load_workflow(SMOKE),
-                retry_base=0.001,
-                retry_cap=0.01,
+                retry_base=retry_base,
+                retry_cap=retry_cap,
             )
         )
         return made[-1]
@@ -153,3 +154,24 @@ def test_the_first_try_asks_nothing_before_it_sends(
 ) -> None:
     send(start_uploads(), ledger, publisher, "a")
     assert [path for _method, path in comfy.requests] == ["/upload/image", "/prompt"]
+
+
+def test_a_run_stopped_while_an_unanswered_prompt_waits_to_be_tried_again_does_not_queue_it_twice_at_restart(
+    comfy: FakeComfyUI, start_uploads: Callable[..., Uploads], ledger: Ledger, publisher: Publisher
+) -> None:
+    # ComfyUI queues the workflow but answers too late; the run stops during the backoff before its next try.
+    comfy.answer_prompts_late(LATE)
+    first = start_uploads(timeout=SHORT_TIMEOUT, retry_base=60.0, retry_cap=60.0)
+    publish(publisher, "a", "astronaut")
+    first.enqueue("a", "a.png", 832, 480)
+    pump_until(first, lambda: getattr(ledger.get_upload("a"), "prompt_id", None) is not None)
+    first.close()
+    tried = ledger.get_upload("a")
+    assert tried is not None and tried.state == "pending" and len(comfy.prompts) == 1
+
+    second = start_uploads()
+    assert second.resume() == 1
+    settle(second, ledger, ["a"])
+    done = ledger.get_upload("a")
+    assert done is not None and done.state == "done" and done.prompt_id == tried.prompt_id
+    assert len(comfy.prompts) == 1, "the next run queued the workflow again"

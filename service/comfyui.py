@@ -71,6 +71,8 @@ REJECTED_STATUSES = (400, 413)
 MAX_QUEUE_REPLY = 32 << 20
 # Left out of a quoted filename: aiohttp (ComfyUI's server) splits Content-Disposition on every ';' before
 # it looks at quotes and mends only one, and a quoted-string cannot carry control or non-ASCII characters.
+# The user:password@ of a URL, however malformed the rest ("host:8188" without http://, "http//...").
+_CREDENTIALS = re.compile(r"^([^/@]*//)?[^/@]*@")
 _NOT_IN_QUOTED_FILENAME = re.compile(r'[^\x20-\x7e]|[;"\\]')
 
 
@@ -110,7 +112,8 @@ class ComfyClient:
     ) -> None:
         parsed = urllib.parse.urlsplit(base_url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise ConfigError(f"ComfyUI URL must look like http://host:8188, got {base_url!r}", stage="comfyui")
+            shown = _CREDENTIALS.sub(r"\1", base_url)  # messages end up in logs
+            raise ConfigError(f"ComfyUI URL must look like http://host:8188, got {shown!r}", stage="comfyui")
         if timeout <= 0:
             raise ConfigError(f"ComfyUI timeout must be positive, got {timeout}", stage="comfyui")
         # Credentials in the URL (a proxy with basic auth in front of ComfyUI) go in a header of every request,

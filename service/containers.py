@@ -52,16 +52,14 @@ _BMP_HEADER_SIZES = (12, 40, 52, 56, 64, 108, 124)
 # A tile side allowed beyond the image's: writers tile small images with their default tiles (256 or 512 in
 # libtiff, GDAL, tifffile), at most a few MB each.
 TIFF_TILE_SLACK = 1024
-# The zero bytes a complete WebP may end with; a longer zero tail is a preallocated file still being filled.
-# Measured on 1755 files (Pillow and ImageMagick 6.9 from 15 skimage.data images at 3 sizes, quality 10-100:
-# lossy, lossless, alpha, EXIF+XMP, animated): lossless payloads (VP8L) end in at most 3 zeros, ALPH 1,
-# ANMF 9, EXIF 6, XMP 0. Lossy VP8 codes a flat region as runs of likely symbols, i.e. zero bytes: files
-# whose lower part is one colour end in up to 49,534 zeros (4096x4096, half black, q90 method 0), at most
-# 6.4 bytes per 16x16 macroblock of the image (256x256 with 70% grey, q95 method 0; 960 files with flat
-# black/grey/white lower parts, 256x256 to 1536x864, q30-100, methods 0-6). So 256 bytes, and 16 bytes per
-# macroblock for a lossy image (2.5x that worst case): a zero tail shorter than that, the last rows of a
-# lossy image being filled, decodes as garbage unnoticed. (ALPH inside ANMF ended in 2425 zeros, but a VP8
-# chunk always follows it.)
+# The zero bytes a complete lossy WebP may end with; a longer zero tail is a preallocated file still being
+# filled. Lossy VP8 codes a flat region as runs of likely symbols, i.e. zero bytes: files whose lower part is
+# one colour end in up to 49,534 zeros (4096x4096, half black, q90 method 0), at most 6.4 bytes per 16x16
+# macroblock of the image (measured on 960 files with flat black/grey/white lower parts, 256x256 to
+# 1536x864, q30-100, methods 0-6; q0-30 with noise stayed under 1 byte). So 256 bytes, and 16 bytes per
+# macroblock (2.5x that worst case): a zero tail shorter than that, the last rows being filled, goes unseen.
+# Lossless VP8L has no such bound: at its fastest effort (quality 0, method 0) a flat area ends a complete
+# file in tens of thousands of zeros (0.19 bytes per pixel seen), so only the hole check sees it being filled.
 WEBP_ZERO_TAIL = 256
 WEBP_LOSSY_ZERO_TAIL = 16
 _PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
@@ -196,15 +194,14 @@ def _inspect_webp(data: bytes, path: str | Path) -> Header:
             exif = body
         elif kind == b"XMP ":
             xmp = body
-        # A chance "VP8 " in an animation frame's data only loosens the zero-tail limit.
         lossy |= kind == b"VP8 " or (kind == b"ANMF" and b"VP8 " in body)
         pos += 8 + length + (length & 1)
     if size is None:
         raise CorruptImage("WebP has no image chunk", path=path)
-    # A zero tail inside the image data breaks no structure, and libwebp decodes it to garbage.
+    # A zero tail inside lossy image data breaks no structure, and libwebp decodes it to garbage.
     macroblocks = -(-size[0] // 16) * -(-size[1] // 16)
-    limit = max(WEBP_ZERO_TAIL, WEBP_LOSSY_ZERO_TAIL * macroblocks if lossy else 0)
-    if zeros_from(data, len(data) - limit - 1):
+    limit = max(WEBP_ZERO_TAIL, WEBP_LOSSY_ZERO_TAIL * macroblocks)
+    if lossy and zeros_from(data, len(data) - limit - 1):
         raise IncompleteImage(
             f"WebP ends in over {limit} zero bytes, more than a complete one: still being written", path=path
         )

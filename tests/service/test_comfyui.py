@@ -412,3 +412,17 @@ def test_credentials_in_the_url_are_sent_as_basic_auth_and_never_shown(photo_png
             client.upload_image(photo_png, name="frame.png")
     assert "s@cret" not in str(down.value) and "s%40cret" not in str(down.value)
     assert comfy.authorizations == ["Basic " + base64.b64encode(b"me:s@cret").decode()] * 2
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("user:s3cret@host:8188", "host:8188"),
+        ("ftp://user:s3cret@host:8188", "ftp://host:8188"),
+        ("http//user:s3cret@host:8188", "http//host:8188"),
+    ],
+)
+def test_a_malformed_url_is_refused_without_showing_its_password(url: str, shown: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        ComfyClient(url)
+    assert "s3cret" not in str(refused.value) and f"got {shown!r}" in str(refused.value)

@@ -87,12 +87,13 @@ def decode(data: bytes, **options: object) -> np.ndarray:
 
 # Pillow writes each page's directory before its strips: zeros in the second page's (uncompressed) strips
 # break nothing, so the multipage file is cut in its first page only. A lossy WebP may end in 16 zero bytes
-# per macroblock (WEBP_LOSSY_ZERO_TAIL), here 16 KiB of its 52: its last quarter being filled goes unseen.
+# per macroblock (WEBP_LOSSY_ZERO_TAIL), here 16 KiB of its 52: its last quarter being filled goes unseen. A
+# lossless one may end in any number of zeros: only a hole at its end tells it is being filled.
 PREALLOCATED = [
     (n, w)
     for n in sorted(MAKERS)
     for w in CUTS
-    if w < 0.45 or (n != "tiff-multipage" and not n.startswith("webp-lossy"))
+    if (w < 0.45 or (n != "tiff-multipage" and not n.startswith("webp-lossy"))) and n != "webp-lossless"
 ]
 
 
@@ -123,6 +124,15 @@ def test_a_break_followed_by_other_bytes_than_zeros_stays_corrupt(name: str) -> 
     damaged = data[:-1] + b"\x01"  # the zeros do not run to the end: not a file being filled
     with pytest.raises(CorruptImage):
         decode(damaged)
+
+
+def test_a_lossless_webp_of_the_fastest_effort_ending_in_a_flat_colour_still_decodes() -> None:
+    """Quality 0, method 0 (`cwebp -z 0`): a black lower part ends the complete file in thousands of zeros."""
+    rgb = photo().copy()
+    rgb[384:] = 0
+    data = encoded(Image.fromarray(rgb), "WEBP", lossless=True, quality=0, method=0)
+    assert data.endswith(bytes(1024))
+    assert np.array_equal(decode(data), rgb)
 
 
 def test_a_lossy_webp_ending_in_a_flat_colour_still_decodes() -> None:

@@ -85,7 +85,7 @@ def main(args: argparse.Namespace) -> int:
         ours = {candidate.key for candidate in sources}
         unfinished = [entry.relpath for entry in ledger.entries("retry") if entry.relpath in ours]
     counts = engine.counts
-    sent = f", {owed} uploads owed to ComfyUI, {refused} refused by it" if uploads is not None else ""
+    sent = f", {owed} uploads owed to ComfyUI, {refused} failed for good" if uploads is not None else ""
     print(
         f"sinkwatch process: {counts['published']} published, {counts['skipped'] + already} unchanged, "
         f"{counts['rejected']} rejected, {len(unfinished)} unfinished{sent} -> {queue}",

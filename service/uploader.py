@@ -90,7 +90,9 @@ class Uploads:
         self._unapplied: deque[Result] = deque()
         self._waiting: deque[Result] = deque()  # results held back while a worker publishes their name
         self._recount_at: float | None = None  # None: recount the pending gauge at the next pump
-        self.refused = 0  # uploads failed for good since start: a run that ends says so in its exit code
+        # Uploads failed for good since start (refused by ComfyUI, or the frame or template unusable here): a run
+        # that ends says so in its exit code.
+        self.refused = 0
         self._sender = Sender(
             client=client,
             publisher=publisher,

@@ -36,13 +36,13 @@ def test_a_refused_workflow_exits_1_and_process_force_sends_it_again_once_fixed(
         assert done.returncode == 1, done.stderr[-4000:]
         assert "ComfyUI rejected the workflow" in done.stderr and "RIFE VFI" in done.stderr
         if command == "process":
-            assert "0 uploads owed to ComfyUI, 1 refused by it" in done.stderr
+            assert "0 uploads owed to ComfyUI, 1 failed for good" in done.stderr
         assert len(frames(queue)) == 1, "the local frame is published whatever ComfyUI says"
         assert comfy.prompts == []
 
         again = end_run("process", watch, [source], (*flags, "--comfyui-workflow", str(SMOKE), "--force"))
         assert again.returncode == 0, again.stderr[-4000:]
-        assert "0 uploads owed to ComfyUI, 0 refused by it" in again.stderr
+        assert "0 uploads owed to ComfyUI, 0 failed for good" in again.stderr
         assert len(comfy.prompts) == 1, "the fixed template is queued for the frame"
 
 

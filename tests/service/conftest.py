@@ -18,6 +18,7 @@ from service.engine import Engine, Limits
 from service.ledger import Ledger
 from service.metrics import Metrics
 from service.pool import WorkerPool
+from service.publish import Publisher
 from service.rules import load_rules
 from tests.fake_comfyui import FakeComfyUI
 
@@ -138,3 +139,13 @@ def restored_logging() -> Iterator[None]:
     logging.getLogger().handlers[:] = handlers
     logger.remove()
     logger.add(sys.stderr)
+
+
+@pytest.fixture
+def publisher(tmp_path: Path) -> Publisher:
+    return Publisher(tmp_path / "queue")
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics(CollectorRegistry())

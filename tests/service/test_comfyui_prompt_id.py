@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from service.comfyui import ComfyClient, QueuedPrompt
 from service.ledger import Ledger
@@ -30,16 +29,6 @@ PROMPTS = "sinkwatch_comfyui_prompts_total"
 
 def smoke_prompt(image: str) -> dict[str, Any]:
     return prepare(load_workflow(SMOKE), image=image, width=832, height=480)
-
-
-@pytest.fixture
-def publisher(tmp_path: Path) -> Publisher:
-    return Publisher(tmp_path / "queue")
-
-
-@pytest.fixture
-def metrics() -> Metrics:
-    return Metrics(CollectorRegistry())
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from service import http
 from service.errors import ConfigError
@@ -58,11 +57,6 @@ def get(url: str, *, accept: str | None = None) -> Reply:
     except urllib.error.HTTPError as error:
         with error:
             return Reply(error.code, error.headers["Content-Type"], error.read())
-
-
-@pytest.fixture
-def metrics() -> Metrics:
-    return Metrics(CollectorRegistry())
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from loguru import logger
 from PIL import Image
-from prometheus_client import CollectorRegistry
 
 from service.comfyui import DEFAULT_SUBFOLDER, ComfyClient
 from service.ledger import Ledger
@@ -56,16 +55,6 @@ def png_of(photo: str) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(load_photo(photo)).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
-
-
-@pytest.fixture
-def publisher(tmp_path: Path) -> Publisher:
-    return Publisher(tmp_path / "queue")
-
-
-@pytest.fixture
-def metrics() -> Metrics:
-    return Metrics(CollectorRegistry())
 
 
 @pytest.fixture

@@ -116,15 +116,6 @@ class TaskQueue:
             if task.name not in self._waiting and task.name not in self._held:
                 self._newest.pop(task.name, None)
 
-    def defer(self, task: Task) -> None:
-        """Put a held task back at the end of the line (unless a newer one of its name waits already)."""
-        with self._changed:
-            if self._held.get(task.name) == task.generation:
-                del self._held[task.name]
-            if task.name not in self._waiting:
-                self._waiting[task.name] = task
-                self._changed.notify()
-
     def close(self) -> None:
         """Wake the sender; every take from now on returns None."""
         with self._changed:

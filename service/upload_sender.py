@@ -41,10 +41,6 @@ from service.workflow import prepare
 
 T = TypeVar("T")
 
-# A frame ComfyUI keeps answering 5xx to (it fails on its side on that one frame) goes to the end of the line
-# after this many tries in a row while others wait, so that it never holds every later frame up.
-DEFER_AFTER = 3
-
 _PROMPT_IDS = uuid.UUID("5b0e3f1c-8f43-4d55-9a3e-2f6c1d7a9b20")  # the uuid5 namespace of sinkwatch's prompt ids
 
 Kind = Literal[
@@ -117,8 +113,6 @@ class Sender:
                 return
             try:
                 self._send(task)
-            except _Deferred as deferred:
-                self.tasks.defer(deferred.task)
             except ComfyUnavailable:
                 return  # raised only when stopping cut a backoff short; the task stays pending
             except Exception as exc:  # a bug must cost one upload, never the thread
@@ -180,35 +174,17 @@ class Sender:
 
     def _retrying(self, task: Task, kind: Kind, call: Callable[[], T], *, prompt_id: str | None = None) -> T:
         """Call until ComfyUI answers, reporting each failure as a `kind` result (with the `prompt_id` a try
-        may have queued); raises once stopping, and _Deferred when the task should make way (see DEFER_AFTER)."""
-        failed_on_its_side = 0
-
-        def failed(error: ComfyUnavailable, delay: float) -> None:
-            nonlocal failed_on_its_side
-            self.results.put(Result(task, kind, error=error, delay=delay, prompt_id=prompt_id))
-            # An answer of 500 and up: ComfyUI is there and fails on this request. Not reaching it at all
-            # (down, a timeout) would fail every other task the same way: nothing to make way for.
-            failed_on_its_side = failed_on_its_side + 1 if (error.status or 0) >= 500 else 0
-            if failed_on_its_side >= DEFER_AFTER and self.tasks.qsize():
-                # A prompt sent may have been queued: the deferred task looks it up before sending again.
-                raise _Deferred(replace(task, look_first=task.look_first or prompt_id is not None))
-
+        may have queued); raises once stopping."""
         return keep_trying(
             call,
             transient=ComfyUnavailable,
             base=self.retry_base,
             cap=self.retry_cap,
             stop=self._stop,
-            failed=failed,
+            failed=lambda error, delay: self.results.put(
+                Result(task, kind, error=error, delay=delay, prompt_id=prompt_id)
+            ),
         )
-
-
-class _Deferred(Exception):
-    """The task gives way to the ones behind it and goes to the end of the line."""
-
-    def __init__(self, task: Task) -> None:
-        super().__init__(task.name)
-        self.task = task
 
 
 def prompt_id_for(prompt: Mapping[str, Any], *, generation: int, frame_sha256: str) -> str:

@@ -621,35 +621,3 @@ def test_a_result_for_a_frame_a_worker_is_publishing_waits_and_the_others_do_not
     uploads.pump()
     assert sidecar(publisher, "c")["comfyui"] == {"upload": "sinkwatch/c.png", "prompt_id": None}
     assert getattr(ledger.get_upload("c"), "state", None) == "done"
-
-
-class _FailsOnOneFrame(FakeComfyUI):
-    """Answers 500 to every upload of the frame named `poison` while `failing` is set, like a ComfyUI bug."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.failing = True
-
-    def handle(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, object | None]:
-        if self.failing and path == "/upload/image" and b'filename="poison.png"' in body:
-            return 500, None
-        return super().handle(method, path, headers, body)
-
-
-def test_a_frame_comfyui_keeps_failing_on_makes_way_for_the_frames_behind_it(
-    make_uploads: Callable[..., Uploads], ledger: Ledger, publisher: Publisher
-) -> None:
-    comfy = _FailsOnOneFrame()
-    with comfy:
-        uploads = make_uploads(comfy.url, workflow=load_workflow(SMOKE))
-        for name, photo in [("poison", "coffee"), ("a", "astronaut"), ("b", "chelsea")]:
-            publish(publisher, name, photo)
-            uploads.enqueue(name, f"{name}.png", 832, 480)
-        settle(uploads, ledger, ["a", "b"])
-        poison = ledger.get_upload("poison")
-        assert poison is not None and poison.state == "pending", "still owed, not given up"
-        assert sorted(path.name for path in (comfy.input_dir / "sinkwatch").iterdir()) == ["a.png", "b.png"]
-
-        comfy.failing = False
-        settle(uploads, ledger, ["poison"])
-        assert len(comfy.prompts) == 3

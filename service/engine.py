@@ -237,7 +237,7 @@ class Engine:
         if known is not None and entry is not None and entry.rule and entry.fingerprint:
             # Unchanged content keeps its outputs (a skip): the ledger goes on naming the rule that made them.
             made_by = (entry.rule, entry.fingerprint)
-        self.ledger.start(
+        attempt = self.ledger.start(
             candidate.key,
             size=st.st_size,
             mtime_ns=st.st_mtime_ns,
@@ -247,7 +247,6 @@ class Engine:
             rule=made_by[0],
             fingerprint=made_by[1],
         )
-        started = self.ledger.get(candidate.key)
         job = Job(
             source=candidate.path,
             key=candidate.key,
@@ -259,7 +258,7 @@ class Engine:
             known_sha256=known,
             frame_sha256=entry.frame_sha256 if entry is not None and entry.output_name == name else None,
             adopt=not self.force,
-            last_try=started is not None and started.attempts >= self.limits.max_attempts,
+            last_try=attempt >= self.limits.max_attempts,
         )
         self.in_flight[self.pool.submit(job)] = (candidate, job)
 

@@ -237,11 +237,12 @@ class Ledger(UploadLedger, StampLedger):
         fingerprint: str,
         ino: int | None = None,
         ctime_ns: int | None = None,
-    ) -> None:
+    ) -> int:
         """Processing begins: one more attempt, counted afresh for a new file or for content that had reached a
-        final state."""
-        self._write(
-            """INSERT INTO sources (relpath, state, size, mtime_ns, ino, ctime_ns, sha256, rule, fingerprint,
+        final state; returns which attempt this is."""
+        with self._transaction() as db:
+            row = db.execute(
+                """INSERT INTO sources (relpath, state, size, mtime_ns, ino, ctime_ns, sha256, rule, fingerprint,
                                     attempts, updated)
                VALUES (?, 'processing', ?, ?, ?, ?, ?, ?, ?, 1, ?)
                ON CONFLICT (relpath) DO UPDATE SET
@@ -256,19 +257,21 @@ class Ledger(UploadLedger, StampLedger):
                    state = 'processing', size = excluded.size, mtime_ns = excluded.mtime_ns,
                    ino = excluded.ino, ctime_ns = excluded.ctime_ns,
                    sha256 = excluded.sha256, rule = excluded.rule, fingerprint = excluded.fingerprint,
-                   next_attempt = NULL, updated = excluded.updated""",
-            (
-                db_key(relpath),
-                size,
-                mtime_ns,
-                ino,
-                ctime_ns,
-                db_text(sha256),
-                db_text(rule),
-                db_text(fingerprint),
-                self.clock(),
-            ),
-        )
+                   next_attempt = NULL, updated = excluded.updated
+               RETURNING attempts""",
+                (
+                    db_key(relpath),
+                    size,
+                    mtime_ns,
+                    ino,
+                    ctime_ns,
+                    db_text(sha256),
+                    db_text(rule),
+                    db_text(fingerprint),
+                    self.clock(),
+                ),
+            ).fetchone()
+        return int(row[0])
 
     def published(
         self,

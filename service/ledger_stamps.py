@@ -80,9 +80,16 @@ class StampLedger:
                 db.execute(f"UPDATE sources SET seen = ? WHERE relpath IN ({marks})", [now, *chunk])
 
     def forget_gone(self, before: float) -> int:
-        """Delete the finished rows of sources neither found by a scan nor processed since `before`, with their
-        names; returns how many. Rows waiting for a retry or in processing are left to their own course."""
+        """Delete the finished rows of sources neither found by a scan nor processed since `before`; returns how
+        many. Rows waiting for a retry or in processing are left to their own course.
+
+        Names and settled uploads go with their source, and so do those a source deleted while it waited left
+        behind (`Ledger.forget` keeps its name for its return): should it come back, its frame's sidecar tells
+        that the frame and its upload are its own. An upload still owed stays.
+        """
         gone = "state IN ('published', 'rejected') AND max(coalesce(seen, updated), updated) < ?"
         with self._transaction() as db:
-            db.execute(f"DELETE FROM names WHERE relpath IN (SELECT relpath FROM sources WHERE {gone})", (before,))
-            return int(db.execute(f"DELETE FROM sources WHERE {gone}", (before,)).rowcount)
+            forgotten = int(db.execute(f"DELETE FROM sources WHERE {gone}", (before,)).rowcount)
+            db.execute("DELETE FROM names WHERE relpath NOT IN (SELECT relpath FROM sources)")
+            db.execute("DELETE FROM uploads WHERE state != 'pending' AND relpath NOT IN (SELECT relpath FROM sources)")
+            return forgotten

@@ -160,3 +160,30 @@ def test_a_scan_marks_what_it_finds_once_a_day_at_most(
     clock.now += MARK_EVERY / 2
     scan(found)
     assert found.marked_at == clock.now
+
+
+def test_names_and_settled_uploads_go_with_their_sources_and_an_owed_upload_stays(
+    watch: Path, ledger: Ledger, idle_engine: IdleEngine, clock: Clock
+) -> None:
+    for name, present in (("kept.png", True), ("gone.png", False), ("owed.png", False)):
+        finished(ledger, watch, name, present=present)
+    for name in ("kept", "gone", "owed"):
+        ledger.upload_pending(name, relpath=f"{name}.png", width=832, height=480)
+    for name in ("kept", "gone"):
+        ledger.upload_done(name, generation=1, reference=f"{name}.png")
+    # Deleted while it waited for a retry: its row is dropped at once, its name kept for its return.
+    (watch / "vanished.png").write_bytes(b"x")
+    ledger.start("vanished.png", size=1, mtime_ns=1, sha256=None, rule="default", fingerprint="f")
+    ledger.name_for("vanished.png", "vanished", exists=lambda _name: False)
+    ledger.retry("vanished.png", reason="incomplete", message="", next_attempt=clock.now + 60)
+    (watch / "vanished.png").unlink()
+    ledger.forget("vanished.png")
+    assert ledger.name_for("other/vanished.png", "vanished", exists=lambda _name: False) != "vanished"
+
+    clock.now += 31 * DAY
+    scan(discovery(watch, ledger, idle_engine, clock, forget=FORGET_AFTER))
+    assert names(ledger) == {"kept.png"}
+    assert {(upload.name, upload.state) for upload in ledger.uploads()} == {("kept", "done"), ("owed", "pending")}
+    assert ledger.name_for("later/vanished.png", "vanished", exists=lambda _name: False) == "vanished"
+    assert ledger.name_for("later/gone.png", "gone", exists=lambda _name: False) == "gone"
+    assert ledger.name_for("kept.png", "other", exists=lambda _name: True) == "kept"

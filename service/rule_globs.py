@@ -127,7 +127,13 @@ def check_name_glob(glob: str) -> None:
     reads braces literally and turns a reversed range into a class that
     matches nothing, so ``[z-a]*.png`` or ``*.{png,jpg}`` would select no file
     without a word. They are matched lower-cased, so ``[Z-a]`` is reversed too.
+    A comma or a space at an end is a list written as one glob (``*.png,*.jpg``).
     """
+    if "{" not in glob and ("," in glob or glob != glob.strip()):
+        raise ValueError(
+            f"glob {glob!r} holds a comma or a space at an end: write one glob per pattern, "
+            'e.g. --include "*.png" --include "*.jpg" (a comma or space in a file name: ?)'
+        )
     lowered = glob.lower()
     i = 0
     while i < len(lowered):

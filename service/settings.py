@@ -30,6 +30,8 @@ from service.errors import ConfigError
 from service.rule_globs import check_name_glob
 
 ENV_PREFIX = "SINKWATCH_"
+# The config file, when no --config is given (a container's environment).
+CONFIG_ENV = f"{ENV_PREFIX}CONFIG"
 DEFAULT_METRICS_PORT = 18416
 DEFAULT_INCLUDE = ("*.png", "*.jpg", "*.jpeg", "*.webp", "*.bmp", "*.tif", "*.tiff")
 # Upper bound of every duration: longer is a typo, and a wait beyond what the platform's clock holds
@@ -64,7 +66,9 @@ class Settings(BaseSettings):
     )
     poll_interval: float = Field(1.0, gt=0, le=LONGEST_SECONDS, description="Seconds between polls with --polling.")
     recursive: bool = Field(False, description="Also watch subfolders of the watch folder.")
-    include: tuple[str, ...] = Field(DEFAULT_INCLUDE, description="Globs of file names to process (case-insensitive).")
+    include: tuple[str, ...] = Field(
+        DEFAULT_INCLUDE, description="Globs of file names to process (case-insensitive; the flag once per glob)."
+    )
     ignore: tuple[str, ...] = Field(
         (),
         description="Extra globs to ignore (hidden files, *.tmp, *.part, .DS_Store, Thumbs.db and @eaDir always are).",
@@ -110,7 +114,9 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "text", "json"] = Field(
         "auto", description="Log lines: text on a terminal, JSON lines otherwise (auto)."
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Lowest log level written.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Lowest log level written (any case)."
+    )
     comfyui_input: Path | None = Field(
         None,
         description="ComfyUI's input/ folder: publish the frames there, in place of --queue (default: use --queue).",
@@ -140,6 +146,18 @@ class Settings(BaseSettings):
         for glob in globs:
             check_name_glob(glob)
         return globs
+
+    @field_validator("include")
+    @classmethod
+    def _check_include(cls, globs: tuple[str, ...]) -> tuple[str, ...]:
+        if not globs:
+            raise ValueError("no glob to include: sinkwatch would take no file")
+        return globs
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, level: object) -> object:
+        return level.upper() if isinstance(level, str) else level
 
     @field_validator("comfyui_url")
     @classmethod
@@ -245,7 +263,7 @@ def _origin(field: str, flags: Mapping[str, Any], environment: Mapping[str, Any]
 def warn_unknown_environment(environ: Mapping[str, str] = os.environ) -> None:
     """Log each SINKWATCH_* variable that is no setting: a misspelt one (say in the systemd unit's env file)
     would otherwise do nothing, silently. Called once logging is set up, so the line has the log's format."""
-    known = [f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields]
+    known = [CONFIG_ENV, *(f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields)]
     for key in sorted(environ):
         if key.upper().startswith(ENV_PREFIX) and key.upper() not in known:
             close = difflib.get_close_matches(key.upper(), known, n=1)
@@ -275,7 +293,10 @@ def _check_one_queue(settings: Settings, sources: Mapping[str, Mapping[str, Any]
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per setting, help from its description; unset flags stay unset."""
     parser.add_argument(
-        "--config", type=Path, metavar="FILE", help="TOML config file (keys as below; optional [sinkwatch] table)."
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help=f"TOML config file (keys as below; optional [sinkwatch] table). [{CONFIG_ENV}]",
     )
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
@@ -292,14 +313,17 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, metavar=name.split("_")[-1].upper(), **kwargs)
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
+def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Settings:
     flags = {name: getattr(args, name) for name in Settings.model_fields if hasattr(args, name)}
-    return load_settings(config_file=getattr(args, "config", None), flags=flags)
+    config_file = getattr(args, "config", None)
+    if config_file is None and environ.get(CONFIG_ENV):
+        config_file = Path(environ[CONFIG_ENV])
+    return load_settings(config_file=config_file, flags=flags)
 
 
 def _show_default(value: object) -> str:
     if isinstance(value, tuple):
-        return ",".join(map(str, value)) or "none"
+        return " ".join(map(str, value)) or "none"
     return repr(value) if value == "" else str(value)
 
 

@@ -211,6 +211,28 @@ def test_a_bad_value_names_where_it_came_from_not_the_valid_config_file(
     assert str(caught.value).startswith("setting 'workers': ") and str(caught.value).endswith(origin), caught.value
 
 
+def test_sinkwatch_config_names_the_config_file_and_a_flag_beats_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restored_logging: None
+) -> None:
+    monkeypatch.setenv("SINKWATCH_CONFIG", str(config(tmp_path, "workers = 5\n")))
+    assert parse().workers == 5
+    other = tmp_path / "other.toml"
+    other.write_text("workers = 6\n", encoding="utf-8")
+    assert parse("--config", str(other)).workers == 6
+    stream = io.StringIO()
+    configure_logging(log_format="text", stream=stream)
+    warn_unknown_environment({"SINKWATCH_CONFIG": "x.toml"})
+    assert stream.getvalue() == "", "SINKWATCH_CONFIG is a setting"
+
+
+def test_the_log_level_is_taken_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SINKWATCH_LOG_LEVEL", "warning")
+    assert parse().log_level == "WARNING"
+    assert parse("--log-level", "debug").log_level == "DEBUG"
+    with pytest.raises(ConfigError, match="setting 'log_level'"):
+        parse("--log-level", "verbose")
+
+
 def test_a_misspelt_environment_variable_is_named_in_a_warning(restored_logging: None) -> None:
     stream = io.StringIO()
     configure_logging(log_format="text", stream=stream)
@@ -322,6 +344,8 @@ def test_a_config_file_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
         ("shot[9-0].png", "reversed range '9-0'"),
         ("[Z-a]*.png", "reversed range 'z-a'"),  # matched lower-cased: 'z' > 'a'
         ("*.{png,jpg}", r'"\*\.png", "\*\.jpg"'),
+        ("*.png,*.jpg", r'one glob per pattern, e.g. --include "\*\.png" --include "\*\.jpg"'),  # the help's old look
+        (" *.jpg", "a space at an end"),
     ],
 )
 def test_an_include_or_ignore_glob_that_would_silently_match_nothing_is_refused(
@@ -331,6 +355,12 @@ def test_an_include_or_ignore_glob_that_would_silently_match_nothing_is_refused(
         parse("--include", glob)
     with pytest.raises(ConfigError, match=f"setting 'ignore'.*{expected}"):
         load_settings(config_file=config(tmp_path, f"ignore = [{glob!r}]\n".replace("'", '"')))
+
+
+def test_an_empty_include_list_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"setting 'include': no glob to include.*config"):
+        load_settings(config_file=config(tmp_path, "include = []\n"))
+    assert load_settings(config_file=config(tmp_path, "ignore = []\n")).ignore == ()
 
 
 def test_include_and_ignore_keep_fnmatch_globs_that_mean_something(tmp_path: Path) -> None:

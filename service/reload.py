@@ -16,11 +16,11 @@ from loguru import logger
 from service import __version__
 from service.errors import RuleError
 from service.metrics import Metrics
-from service.rules import RuleSet, load_rules
+from service.rules import RuleSet, is_rule_file, load_rules
 
 CHECK_INTERVAL = 1.0
 
-Signature = tuple[tuple[str, int, int, int], ...]
+Signature = tuple[tuple[str, int, int, int, int], ...]
 
 
 class RuleReloader:
@@ -74,11 +74,13 @@ class RuleReloader:
         if self.directory is None:
             return ()
         try:
-            files = sorted(self.directory.glob("*.toml"))
-            # The inode too: an atomic replace of the same size within one mtime tick is still a change.
-            return tuple((p.name, p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+            files = sorted(path for path in self.directory.iterdir() if is_rule_file(path.name))
+            stats = [(path.name, path.stat()) for path in files]
         except OSError:
-            return (("<unreadable>", 0, 0, 0),)
+            return (("<unreadable>", 0, 0, 0, 0),)
+        # The inode too: an atomic replace of the same size within one mtime tick is still a change. And the
+        # ctime: a file that could not be read loads once its owner or mode is mended, with no edit.
+        return tuple((name, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size) for name, st in stats)
 
 
 def record_rules(metrics: Metrics, rules: RuleSet) -> None:

@@ -231,9 +231,14 @@ def rule_files(directory: Path | None = None) -> list[tuple[str, str]]:
     return list(_toml_files(directory))
 
 
+def is_rule_file(name: str) -> bool:
+    """A rule file's name: ``*.toml``, not hidden (an editor's lock file ``.#x.toml``, macOS's ``._x.toml``)."""
+    return name.endswith(".toml") and not name.startswith(".")
+
+
 def _toml_files(folder: Traversable | Path) -> Iterable[tuple[str, str]]:
     try:
-        entries = sorted((entry for entry in folder.iterdir() if entry.name.endswith(".toml")), key=lambda e: e.name)
+        entries = sorted((entry for entry in folder.iterdir() if is_rule_file(entry.name)), key=lambda e: e.name)
     except OSError as exc:
         raise RuleError(f"cannot list the rules folder: {exc.strerror or exc}", file=str(folder)) from exc
     for entry in entries:

@@ -118,6 +118,29 @@ def test_an_atomic_replace_of_the_same_size_and_mtime_is_a_change(
     assert rules is not None and rules.get("default").description == "b"
 
 
+def test_a_change_of_mode_alone_is_a_change(reloader: RuleReloader, folder: Path, metrics: Metrics) -> None:
+    # A rule file the daemon's user cannot read fails to load; mending its mode or owner changes its ctime only.
+    path = folder / "default.toml"
+    before = path.stat()
+    path.chmod(0o600)
+    path.chmod(0o644)
+    assert (path.stat().st_size, path.stat().st_mtime_ns, path.stat().st_ino) == (
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ino,
+    )
+    assert reloader.poll(1.0, metrics=metrics) is not None
+
+
+def test_hidden_toml_files_are_no_rules(reloader: RuleReloader, folder: Path, metrics: Metrics) -> None:
+    # Emacs locks a file it edits with a dangling symlink; macOS leaves AppleDouble files on foreign disks.
+    (folder / ".#default.toml").symlink_to("user@host.1234:1700000000")
+    (folder / "._default.toml").write_bytes(b"\x00\x05\x16\x07\xff\xfe")
+    assert reloader.poll(1.0, metrics=metrics) is None
+    assert failures(metrics) == 0
+    assert RuleReloader(folder).load().names == ("default",)
+
+
 def test_a_broken_file_keeps_the_last_good_rules_fails_once_and_recovers_when_fixed(
     reloader: RuleReloader, folder: Path, metrics: Metrics, errors: list[dict[str, Any]]
 ) -> None:

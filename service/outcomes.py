@@ -48,6 +48,8 @@ class Outcomes:
 
     def handle(self, job: Job, outcome: Outcome, *, seen_at: float | None) -> None:
         """Record what a worker reported; `seen_at` (wall clock) starts the publish latency, None: not measured."""
+        for line in outcome.codec_messages:
+            logger.bind(source=job.key).warning("{}: the codec said: {}", job.key, line)
         if outcome.status == "published":
             self._published(job, outcome, seen_at)
         elif outcome.status == "skipped":

@@ -16,7 +16,9 @@ import multiprocessing
 import os
 import signal
 from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import replace
 
+from service.codec_messages import CodecMessages
 from service.runner import Job, Outcome, process_job
 
 _PR_SET_PDEATHSIG = 1
@@ -26,6 +28,9 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _HEAP_KEEP = 256 << 20
 _MMAP_ABOVE = 64 << 20
+
+# This worker's stderr around each job (see service.codec_messages); None outside a worker.
+_codec_messages: CodecMessages | None = None
 
 
 def init_worker(parent: int) -> None:
@@ -47,6 +52,17 @@ def init_worker(parent: int) -> None:
     # One image per process: OpenCV's own threads would only fight the other workers.
     cv2.setNumThreads(1)
     logger.remove()
+    global _codec_messages
+    with contextlib.suppress(OSError, AttributeError):  # no memfd_create (not Linux): stderr as it is
+        _codec_messages = CodecMessages()
+
+
+def run_job(job: Job) -> Outcome:
+    """`process_job` in a worker, with what the codecs printed to stderr meanwhile."""
+    if _codec_messages is None:
+        return process_job(job)
+    outcome, said = _codec_messages.run(lambda: process_job(job))
+    return replace(outcome, codec_messages=said) if said else outcome
 
 
 class WorkerPool:
@@ -62,7 +78,7 @@ class WorkerPool:
         )
 
     def submit(self, job: Job) -> Future[Outcome]:
-        return self._executor.submit(process_job, job)
+        return self._executor.submit(run_job, job)
 
     def replace(self) -> None:
         """Start a fresh executor after a worker died; the broken one is discarded."""

@@ -95,6 +95,7 @@ class Outcome:
     outputs: Mapping[str, str] = field(default_factory=dict)
     finished_at: float = 0.0
     upload_noted: bool = False  # adopted: the sidecar records an upload to ComfyUI
+    codec_messages: tuple[str, ...] = ()  # what the codecs printed to stderr (see service.codec_messages)
 
     @property
     def reason(self) -> str | None:

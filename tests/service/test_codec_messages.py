@@ -1,0 +1,74 @@
+"""What a codec prints to stderr in a worker comes back with the job's outcome and is logged about that source.
+
+libpng warns on stderr about a grey PNG carrying an RGB ICC profile (what some editors leave after a
+desaturation): in a real worker process, that line must not reach the daemon's JSON log as bare text.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageCms
+
+from service.codec_messages import MAX_LINES, CodecMessages
+from service.ledger import Ledger
+from service.logs import configure_logging
+from service.metrics import Metrics
+from service.outcomes import Outcomes
+from service.pool import WorkerPool
+from service.publish import Publisher
+from service.rules import load_rules
+from service.runner import Job
+from tests.conftest import load_photo
+
+
+def test_what_is_printed_on_fd_2_during_a_call_is_returned_and_stderr_is_restored_after(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    messages = CodecMessages()
+    result, said = messages.run(lambda: os.write(2, b"libpng warning: iCCP: known incorrect sRGB profile\n\n") and 7)
+    assert (result, said) == (7, ("libpng warning: iCCP: known incorrect sRGB profile",))
+    assert messages.run(lambda: None) == (None, ()), "the last call's lines are not said again"
+    os.write(2, b"after the call\n")
+    assert capfd.readouterr().err == "after the call\n"
+
+
+def test_a_flood_of_lines_is_cut_to_the_first_ones() -> None:
+    _, said = CodecMessages().run(lambda: os.write(2, b"".join(b"warning %d\n" % n for n in range(100))))
+    assert said[:2] == ("warning 0", "warning 1") and len(said) == MAX_LINES + 1
+    assert said[-1] == f"... and {100 - MAX_LINES} more lines"
+
+
+def test_a_worker_keeps_what_libpng_printed_and_the_daemon_logs_it_about_the_source(
+    tmp_path: Path, metrics: Metrics, restored_logging: None
+) -> None:
+    grey = np.ascontiguousarray(load_photo("astronaut")[::2, ::2, 1])
+    source = tmp_path / "grey with an RGB profile.png"
+    Image.fromarray(grey).save(source, icc_profile=ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    rule = load_rules(None).get("default")
+    job = Job(source=source, key=source.name, name="grey", rule=rule, queue=tmp_path / "queue",
+              max_bytes=1 << 30, max_pixels=1 << 30)  # fmt: skip
+    pool = WorkerPool(1)
+    try:
+        outcome = pool.submit(job).result(timeout=120)
+    finally:
+        pool.close()
+    assert outcome.status == "published"
+    assert any("iCCP" in line and line.startswith("libpng warning") for line in outcome.codec_messages), outcome
+
+    stream = io.StringIO()
+    configure_logging(log_format="json", stream=stream)
+    with Ledger(tmp_path / "ledger.sqlite3") as ledger:
+        ledger.start(job.key, size=1, mtime_ns=1, sha256=None, rule=rule.name, fingerprint=rule.fingerprint)
+        Outcomes(ledger=ledger, publisher=Publisher(job.queue), metrics=metrics, max_attempts=3, retry_base=1.0).handle(
+            job, outcome, seen_at=None
+        )
+    records = [json.loads(line)["record"] for line in stream.getvalue().splitlines()]
+    [said] = [r for r in records if "the codec said" in r["message"]]
+    assert said["level"]["name"] == "WARNING" and said["extra"]["source"] == source.name
+    assert "iCCP" in said["message"]

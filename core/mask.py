@@ -23,6 +23,9 @@ ThresholdMode = Literal["absolute", "percentile"]
 
 # Mask values below one grey level are set to exactly 0: the pixel is untouched.
 _NEGLIGIBLE = 1.0 / 255.0
+# A mask held under max_coverage should still cover at least this share of it; the thresholds searched for one.
+_NEAR_CAP = 0.5
+_SEARCH_STEPS = 6
 
 
 @dataclass(frozen=True)
@@ -110,16 +113,15 @@ def build_mask(sinks: np.ndarray, *, shape: tuple[int, ...], params: MaskParams,
     if params.blots:
         # Made on first use, once: most frames have no region large enough to break into blots.
         noise = cache(lambda: _blot_noise((sinks.shape[0], sinks.shape[1]), scale, params, seed))
-    mask = _soft_mask(binary, (out_h, out_w), scale, params, noise)
-    covered = _coverage(mask)
+
+    def soft(level: float) -> tuple[np.ndarray, float]:
+        made = _soft_mask(_above(sinks, level), (out_h, out_w), scale, params, noise)
+        return made, _coverage(made)
+
+    mask, covered = soft(threshold)
     if covered > params.max_coverage:
-        # Coverage grows about in step with the thresholded share: aim that share at the limit once,
-        # so that the strongest sinks keep their full blur.
-        share = cv2.countNonZero(binary) / binary.size * params.max_coverage / covered
-        threshold = max(threshold, float(np.quantile(sinks, 1.0 - share)))
-        binary = _above(sinks, threshold)
-        mask = _soft_mask(binary, (out_h, out_w), scale, params, noise)
-        covered = _coverage(mask)
+        share = cv2.countNonZero(binary) / binary.size
+        mask, covered = _within_cap(soft, sinks, threshold, share, (mask, covered), params.max_coverage)
     if covered > params.max_coverage:
         # Still too much: weaken the blur evenly, so the cap holds whatever the image.
         mask *= np.float32(params.max_coverage / covered)
@@ -127,6 +129,39 @@ def build_mask(sinks: np.ndarray, *, shape: tuple[int, ...], params: MaskParams,
             mask *= np.float32(1.0 - 1e-6)
         cv2.threshold(mask, _NEGLIGIBLE, 0.0, cv2.THRESH_TOZERO, dst=mask)
     return mask
+
+
+def _within_cap(
+    soft: Callable[[float], tuple[np.ndarray, float]],
+    sinks: np.ndarray,
+    threshold: float,
+    share: float,
+    over: tuple[np.ndarray, float],
+    cap: float,
+) -> tuple[np.ndarray, float]:
+    """A mask (and its coverage) near ``cap`` for sinks whose mask at ``threshold`` covers more (``over``).
+
+    Coverage grows about in step with the thresholded ``share``: that share aimed at the cap once keeps the
+    strongest sinks at full blur. Where that leaves under half the cap, because scattered specks (text, a
+    fine weave) fall to speckle removal and ``min_area`` or because scores saturate at 1.0, thresholds in
+    between are searched. If none comes near the cap from below, the tightest mask found over it is returned
+    (and weakened evenly by the caller): the detail a frame has most of is never the one left unblurred.
+    """
+    raised = max(threshold, float(np.quantile(sinks, 1.0 - share * cap / over[1])))
+    mask, covered = soft(raised)
+    if covered >= cap * _NEAR_CAP:
+        return mask, covered
+    low, high = threshold, raised
+    for _ in range(_SEARCH_STEPS):
+        middle = 0.5 * (low + high)
+        candidate = soft(middle)
+        if candidate[1] > cap:
+            low, over = middle, candidate
+        else:
+            high = middle
+            if candidate[1] > covered:
+                mask, covered = candidate
+    return (mask, covered) if covered >= cap * _NEAR_CAP else over
 
 
 def support_box(values: np.ndarray, *, margin: int = 0, align: int = 1) -> tuple[int, int, int, int] | None:

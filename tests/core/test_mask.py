@@ -81,6 +81,25 @@ def test_the_guard_keeps_the_strongest_sinks() -> None:
     assert mask[:, :300].max() == 0.0  # the weak one gave way
 
 
+def test_sinks_saturated_over_more_than_the_cap_are_blurred_up_to_it_not_dropped() -> None:
+    # A fine weave over 40% of the frame scores 1.0 everywhere in it: no threshold takes a share of it.
+    score = sinks((slice(0, 96), slice(0, 416), 1.0), (slice(150, 200), slice(100, 300), 0.5))
+    for params in (PLAIN, MaskParams()):
+        mask = build_mask(score, shape=SHAPE, params=params)
+        assert params.max_coverage / 2 <= mask.mean(dtype=np.float64) <= params.max_coverage
+        assert mask[:192].mean() > mask[300:400, 200:600].mean(), "the saturated sinks are blurred the most"
+
+
+def test_a_scattered_texture_left_in_specks_by_a_tighter_threshold_is_not_dropped() -> None:
+    # Over half the frame, scores alternate pixel by pixel: the threshold that would take the cap's share
+    # keeps single pixels only, which speckle removal deletes.
+    yy, xx = np.mgrid[0:240, 0:416]
+    score = np.where(yy < 140, np.where((yy + xx) % 2 == 0, 0.3, 0.6), 0.0).astype(np.float32)
+    mask = build_mask(score, shape=SHAPE, params=PLAIN)
+    assert PLAIN.max_coverage / 2 <= mask.mean(dtype=np.float64) <= PLAIN.max_coverage
+    assert mask[300:].max() == 0.0
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     score=arrays(np.float32, st.tuples(st.integers(4, 60), st.integers(4, 60)), elements=st.floats(0, 1, width=32)),

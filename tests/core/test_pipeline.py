@@ -104,6 +104,20 @@ def test_an_outline_beside_real_texture(photos: dict[str, np.ndarray]) -> None:
     assert (result.mask[170:310, 240:380] >= 0.5).mean() > 0.5
 
 
+@pytest.mark.parametrize("share", [0.3, 0.6])
+def test_a_fine_weave_over_much_of_a_photo_is_blurred_up_to_the_cap(
+    photos: dict[str, np.ndarray], share: float
+) -> None:
+    image = cv2.resize(photos["astronaut"], (1216, 832), interpolation=cv2.INTER_LANCZOS4)
+    rows = int(832 * share)
+    yy, xx = np.mgrid[0:rows, 0:1216]
+    weave = np.where(np.sin(xx * 2 * np.pi / 5) * np.sin(yy * 2 * np.pi / 5) > 0, 200, 50)
+    image[832 - rows :] = weave[..., None].astype(np.uint8)
+    scores = run(image, DEFAULT).scores
+    cap = DEFAULT.mask.max_coverage
+    assert cap / 2 <= scores.mask_coverage <= cap and scores.sink_energy_reduction > 0.1, scores
+
+
 def test_every_real_photo_meets_the_acceptance_scores(results: dict[str, PipelineResult]) -> None:
     for name, result in results.items():
         s = result.scores

@@ -150,8 +150,9 @@ def ssim(first: np.ndarray, second: np.ndarray, *, changed: Box | None = None) -
     touched = 0.0
     area = 0
     for (r0, r1, c0, c1), at in zip(runs, offsets, strict=False):
-        touched += cv2.sumElems(local[_RADIUS : _RADIUS + r1 - r0, at + _RADIUS : at + _RADIUS + c1 - c0])[0]
-        area += (r1 - r0) * (c1 - c0)
+        run_area = (r1 - r0) * (c1 - c0)
+        touched += cv2.mean(local[_RADIUS : _RADIUS + r1 - r0, at + _RADIUS : at + _RADIUS + c1 - c0])[0] * run_area
+        area += run_area
     averaged = (h - 2 * _RADIUS) * (w - 2 * _RADIUS)
     return float((touched + averaged - area) / averaged)
 
@@ -248,4 +249,6 @@ def _ssim_map(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def _weighted_mean(values: np.ndarray, weight: np.ndarray, total: float) -> float:
     if total <= 0.0:
         return 0.0
-    return float(cv2.sumElems(cv2.multiply(values, weight))[0] / (total * values.size))
+    # Not cv2.sumElems: its float sum depends on where the array lies in memory (the last bit of a score
+    # changes from run to run, and with it the frame's bytes, which carry the scores).
+    return float(cv2.mean(cv2.multiply(values, weight))[0] / total)

@@ -156,3 +156,16 @@ def test_mismatched_maps_are_refused() -> None:
 def test_scores_are_plain_data() -> None:
     scores = Scores(1, 2, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.9)
     assert scores.as_dict()["ssim"] == 0.9 and scores.as_dict()["highlight_coverage"] == 0.0
+
+
+def test_scores_do_not_depend_on_where_the_maps_lie_in_memory(photos: dict[str, np.ndarray]) -> None:
+    # The frame carries its scores, and each run allocates its maps elsewhere: a sum whose last bit followed
+    # the allocation changed the frame's bytes from run to run (cv2.sumElems did, on this frame).
+    from PIL import Image
+
+    from core.pipeline import run
+    from service.rules import load_rules
+
+    image = np.asarray(Image.fromarray(photos["rocket"]).resize((1216, 832), Image.Resampling.LANCZOS))
+    params = load_rules(None).get("wan22-5b").to_params()
+    assert len({run(image, params).scores for _ in range(40)}) == 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -97,16 +98,22 @@ def main(args: argparse.Namespace) -> int:
 def expand(paths: list[Path], settings: Settings) -> Iterator[tuple[Path, str]]:
     """(file, name label) for every image file named or inside a named folder."""
     for path in paths:
-        if path.is_dir():
+        try:
+            mode = os.stat(path).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            raise ConfigError("no such file or folder", path=path) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot reach it: {exc.strerror}", path=path) from exc
+        if stat.S_ISDIR(mode):
             selection = Selection(path, include=settings.include, ignore=settings.ignore, recursive=settings.recursive)
             for found in selection.scan():
                 label = selection.relpath(found)
                 if label is not None:
                     yield found, label
-        elif path.is_file():
+        elif stat.S_ISREG(mode):
             yield path, path.name
         else:
-            raise ConfigError("no such file or folder", path=path)
+            raise ConfigError("neither a file nor a folder", path=path)
 
 
 def _choose_rule(choice: str, rules: RuleSet) -> Rule:

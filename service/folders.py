@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,19 +52,44 @@ def prepare_folders(
     if state is not None and state.expanduser().resolve().is_relative_to(watch):
         # The source folder is never written to, and the ledger would watch itself.
         raise ConfigError(f"the state folder {state} is the watch folder or inside it: keep them apart")
-    if not watch.exists():
+    found = _look_up(watch)
+    if found is None:
         if if_watch_missing == "refuse":
             raise ConfigError("the watch folder does not exist (check --watch)", path=watch)
         if if_watch_missing == "create":
             _make(watch, "watch")
             logger.info("created the watch folder {}", watch)
-    if watch.exists():
-        if not watch.is_dir():
+            found = _look_up(watch)
+    if found is not None:
+        if not stat.S_ISDIR(found.st_mode):
             raise ConfigError("the watch folder is not a folder", path=watch)
         if not os.access(watch, os.R_OK | os.X_OK):
             raise ConfigError("the watch folder cannot be read (permissions)", path=watch)
     queue, state = prepare_queue(queue, state)
     return Folders(watch=watch, queue=queue, state=state)
+
+
+def is_folder(path: Path) -> bool:
+    """Whether `path` is a folder now; not when it is missing, or out of reach whatever the reason (a parent
+    folder made private, a network mount not answering): there is nothing to watch there for now."""
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _look_up(watch: Path) -> os.stat_result | None:
+    """The watch folder's stat; None while it is missing (or a network mount does not answer)."""
+    try:
+        return os.stat(watch)
+    except PermissionError as exc:
+        raise ConfigError(
+            f"cannot reach the watch folder: {exc.strerror} (a folder above it is closed to this user; "
+            "under systemd, ProtectHome= hides /home)",
+            path=watch,
+        ) from exc
+    except OSError:
+        return None
 
 
 def prepare_queue(queue: Path, state: Path | None) -> tuple[Path, Path]:

@@ -6,13 +6,20 @@ Real ledger and engine on tmp folders; every case here ends without a job, so no
 
 from __future__ import annotations
 
+import os
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from service.batch import _run
+from service.batch import _run, expand
 from service.engine import Candidate, Engine
+from service.errors import ConfigError
+from service.settings import Settings
 from tests.service.conftest import IdleEngine, file_stamp
+from tests.service.test_publish import open_tmp, where_permissions_bind
+
+__all__ = ["open_tmp"]  # the fixture, shared with test_publish
 
 CONTENT = b"judged by size and mtime; a worker would refuse it, and none is started"
 MAX_ATTEMPTS = 3
@@ -55,3 +62,22 @@ def test_the_daemons_due_retry_is_left_to_the_daemon(engine: Engine, watch: Path
     assert stuck is not None and (stuck.state, stuck.attempts) == ("retry", 1), "process retried the daemon's file"
     assert engine.counts == {"published": 0, "rejected": 0, "retried": 0, "skipped": 0}
     assert already == 1
+
+
+def test_paths_given_to_process_that_cannot_be_taken_are_clear_errors(open_tmp: Path) -> None:
+    (open_tmp / "private").mkdir()
+    (open_tmp / "private" / "cat.png").write_bytes(b"\x89PNG")
+    (open_tmp / "private").chmod(0o700)
+    os.mkfifo(open_tmp / "pipe.png")
+
+    def take(path: Path) -> list[tuple[Path, str]]:
+        return list(expand([path], Settings()))
+
+    for path, message in (
+        (open_tmp / "missing.png", "no such file or folder"),
+        (open_tmp / "private" / "cat.png", "cannot reach it: Permission denied"),
+        (open_tmp / "pipe.png", "neither a file nor a folder"),
+    ):
+        with pytest.raises(ConfigError, match=message) as raised:
+            where_permissions_bind(open_tmp, partial(take, path))
+        assert raised.value.path == str(path)

@@ -11,7 +11,10 @@ from typing import NoReturn
 import pytest
 
 from service.errors import ConfigError, PublishError
-from service.folders import prepare_folders
+from service.folders import is_folder, prepare_folders
+from tests.service.test_publish import open_tmp, where_permissions_bind
+
+__all__ = ["open_tmp"]  # the fixture, shared with test_publish
 
 
 def test_the_default_watch_folder_is_created(tmp_path: Path) -> None:
@@ -62,3 +65,19 @@ def test_a_queue_below_a_file_is_a_configuration_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot create the queue folder") as caught:
         prepare_folders(tmp_path / "watch", tmp_path / "file" / "queue", None, if_watch_missing="create")
     assert not caught.value.transient
+
+
+def test_a_watch_folder_behind_a_closed_parent_is_a_clear_configuration_error(open_tmp: Path) -> None:
+    # A home folder of mode 700 (or /home under the unit's ProtectHome=): looking the watch folder up fails with
+    # EACCES, which Path.exists() raised as a traceback.
+    home = open_tmp / "home"
+    (home / "me" / "output").mkdir(parents=True)
+    home.chmod(0o700)
+    queue = open_tmp / "queue"
+    queue.mkdir(mode=0o777)
+    queue.chmod(0o777)
+    watch = home / "me" / "output"
+    with pytest.raises(ConfigError, match=r"cannot reach the watch folder: Permission denied.*ProtectHome"):
+        where_permissions_bind(open_tmp, lambda: prepare_folders(watch, queue, None, if_watch_missing="wait"))
+    assert where_permissions_bind(open_tmp, lambda: is_folder(watch)) is False
+    assert is_folder(watch) is True

@@ -222,13 +222,19 @@ def load_rules(directory: Path | None = None) -> RuleSet:
     return _rule_set(_toml_files(directory), source=str(directory))
 
 
-def rule_files(directory: Path | None = None) -> list[tuple[str, str]]:
-    """``(label, text)`` of each rule file of a folder (or the presets), for checking them one by one."""
-    if directory is None:
-        return [(label, text) for label, text in _toml_files(resources.files("rules"))]
-    if not directory.is_dir():
+def rule_files(directory: Path | None = None) -> list[tuple[str, str | RuleError]]:
+    """``(label, text)`` of each rule file of a folder (or the presets), for checking them one by one; the
+    text of a file that cannot be read is the error saying so (it must not hide the others)."""
+    folder: Traversable | Path = resources.files("rules") if directory is None else directory
+    if directory is not None and not directory.is_dir():
         raise RuleError("rules folder does not exist or is not a folder", file=directory)
-    return list(_toml_files(directory))
+    files: list[tuple[str, str | RuleError]] = []
+    for entry, label in _rule_entries(folder):
+        try:
+            files.append((label, _read(entry, label)))
+        except RuleError as exc:
+            files.append((label, exc))
+    return files
 
 
 def is_rule_file(name: str) -> bool:
@@ -237,17 +243,24 @@ def is_rule_file(name: str) -> bool:
 
 
 def _toml_files(folder: Traversable | Path) -> Iterable[tuple[str, str]]:
+    for entry, label in _rule_entries(folder):
+        yield label, _read(entry, label)
+
+
+def _rule_entries(folder: Traversable | Path) -> list[tuple[Traversable | Path, str]]:
+    """The rule files of a folder by name, each with the label that names it in messages."""
     try:
         entries = sorted((entry for entry in folder.iterdir() if is_rule_file(entry.name)), key=lambda e: e.name)
     except OSError as exc:
         raise RuleError(f"cannot list the rules folder: {exc.strerror or exc}", file=str(folder)) from exc
-    for entry in entries:
-        label = str(entry) if isinstance(entry, Path) else f"rules/{entry.name}"
-        try:
-            text = entry.read_text(encoding=_ENCODING)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise RuleError(f"cannot read rule file: {exc}", file=label) from exc
-        yield label, text
+    return [(entry, str(entry) if isinstance(entry, Path) else f"rules/{entry.name}") for entry in entries]
+
+
+def _read(entry: Traversable | Path, label: str) -> str:
+    try:
+        return entry.read_text(encoding=_ENCODING)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RuleError(f"cannot read rule file: {exc}", file=label) from exc
 
 
 def _rule_set(files: Iterable[tuple[str, str]], *, source: str) -> RuleSet:

@@ -1,9 +1,10 @@
-"""`sinkwatch rules check [DIR]`: validate every rule file, one line per file.
+"""`sinkwatch rules check [DIR|FILE]`: validate every rule file, one line per file.
 
 Without DIR the shipped presets are checked. Each file is validated on its
-own (so one broken file does not hide the others), then the folder as a set
-(duplicate names, a ``default`` rule). Exit status 0 when all is well, 1
-otherwise; every error names the file and the field.
+own (so one broken or unreadable file does not hide the others), then the
+folder as a set (duplicate names, a ``default`` rule). A FILE is validated on
+its own. Exit status 0 when all is well, 1 otherwise; every error names the
+file and the field.
 """
 
 from __future__ import annotations
@@ -13,17 +14,23 @@ import sys
 from pathlib import Path
 
 from service.errors import RuleError
-from service.rules import Rule, load_rules, parse_rule, rule_files
+from service.rules import Rule, load_rule_file, load_rules, parse_rule, rule_files
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["check"], help="what to do with the rules (only 'check')")
     parser.add_argument(
-        "directory", nargs="?", type=Path, metavar="DIR", help="rule folder (default: the shipped presets)"
+        "directory",
+        nargs="?",
+        type=Path,
+        metavar="DIR|FILE",
+        help="rule folder (default: the shipped presets), or one rule file",
     )
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.directory is not None and args.directory.is_file():
+        return _check_file(args.directory)
     try:
         files = rule_files(args.directory)
     except RuleError as exc:
@@ -35,6 +42,8 @@ def main(args: argparse.Namespace) -> int:
     failures = 0
     for label, text in files:
         try:
+            if isinstance(text, RuleError):
+                raise text
             rule = parse_rule(text, file=label)
         except RuleError as exc:
             failures += 1
@@ -52,6 +61,18 @@ def main(args: argparse.Namespace) -> int:
         print(f"sinkwatch rules check: {failures} problem(s) in {where}", file=sys.stderr)
         return 1
     print(f"sinkwatch rules check: {len(files)} rule file(s) in {where} are valid", file=sys.stderr)
+    return 0
+
+
+def _check_file(path: Path) -> int:
+    try:
+        rule = load_rule_file(path)
+    except RuleError as exc:
+        print(f"FAIL {exc}")
+        print(f"sinkwatch rules check: {path} is not a valid rule", file=sys.stderr)
+        return 1
+    print(f"ok   {path}: {_summary(rule)}")
+    print(f"sinkwatch rules check: {path} is a valid rule (a folder of rules also needs a default)", file=sys.stderr)
     return 0
 
 

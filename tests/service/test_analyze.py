@@ -121,6 +121,32 @@ def test_rules_check_a_broken_folder(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "2 problem(s)" in err
 
 
+def test_rules_check_an_unreadable_file_hides_no_other(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "default.toml").write_text('name = "default"\n')
+    (tmp_path / "latin1.toml").write_bytes('name = "caf\xe9"\n'.encode("latin-1"))
+    (tmp_path / "dangling.toml").symlink_to(tmp_path / "nowhere.toml")
+    (tmp_path / "folder.toml").mkdir()
+    (tmp_path / "wide.toml").write_text('name = "w"\n[resize]\nwidth = 830\n')
+    code, out, err = run_cli(capsys, "rules", "check", str(tmp_path))
+    lines = dict(line.split(str(tmp_path) + "/", 1)[1].split(":", 1) for line in out.splitlines())
+    assert code == 1 and sorted(lines) == ["dangling.toml", "default.toml", "folder.toml", "latin1.toml", "wide.toml"]
+    assert [name for name, line in lines.items() if "cannot read rule file" in line] == [
+        "dangling.toml",
+        "folder.toml",
+        "latin1.toml",
+    ]
+    assert out.count("FAIL") == 4 and "4 problem(s)" in err
+
+
+def test_rules_check_one_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "portraits.toml").write_text('name = "portraits"\nmatch = ["portraits/**"]\n')
+    (tmp_path / "wide.toml").write_text('name = "w"\n[resize]\nwidth = 830\n')
+    code, out, err = run_cli(capsys, "rules", "check", str(tmp_path / "portraits.toml"))
+    assert code == 0 and out.startswith(f"ok   {tmp_path / 'portraits.toml'}: portraits 832x480") and "valid" in err
+    code, out, _err = run_cli(capsys, "rules", "check", str(tmp_path / "wide.toml"))
+    assert code == 1 and out.startswith(f"FAIL {tmp_path / 'wide.toml'}: resize.width: must be a multiple")
+
+
 def test_rules_check_finds_set_problems(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "a.toml").write_text('name = "portraits"\n')
     (tmp_path / "b.toml").write_text('name = "portraits"\n')

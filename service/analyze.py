@@ -18,7 +18,7 @@ import numpy as np
 
 from core import pipeline
 from service.encode import encode_png
-from service.errors import RuleError, SinkwatchError
+from service.errors import ConfigError, RuleError, SinkwatchError
 from service.rules import Rule, load_rule_file, load_rules
 from service.runner import decode_source
 from service.settings import Settings
@@ -43,9 +43,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rule",
         metavar="NAME|PATH",
-        help="rule name (from --rules or the presets) or a rule file; default: the rule selected for FILE's name",
+        help="rule name (from --rules or the presets) or a rule file; default: the rule selected for FILE's name "
+        "(its path in --watch, when given)",
     )
     parser.add_argument("--rules", type=Path, metavar="DIR", help="rule folder (default: the shipped presets)")
+    parser.add_argument(
+        "--watch",
+        type=Path,
+        metavar="DIR",
+        help="the watch folder FILE is in: the rule is selected for its path there, as the daemon selects it "
+        "(rules matching folders, such as the presets' 5b/**, need it)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a report")
     parser.add_argument("--heatmap", type=Path, metavar="OUT.png", help="write the Matrix Vision heatmap")
     parser.add_argument("--mask", type=Path, metavar="OUT.png", help="write the soft sink mask as 8-bit grey")
@@ -56,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    rule = choose_rule(args.rule, args.rules, args.file)
+    rule = choose_rule(args.rule, args.rules, args.file, watch=args.watch)
     limits = Settings.model_fields
     try:
         decoded = decode_source(
@@ -120,15 +128,22 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def choose_rule(choice: str | None, folder: Path | None, file: Path) -> Rule:
-    """A rule file, a rule by name, or the rule the set selects for the file's name."""
+def choose_rule(choice: str | None, folder: Path | None, file: Path, *, watch: Path | None = None) -> Rule:
+    """A rule file, a rule by name, or the rule the set selects for the file's name (its path in `watch`)."""
     if choice is not None and (choice.endswith(".toml") or Path(choice).is_file()):
         return load_rule_file(choice)
     rules = load_rules(folder)
     if choice is None:
-        return rules.select(file.name)
+        return rules.select(file.name if watch is None else _in_watch(file, watch))
     try:
         return rules.get(choice)
     except KeyError:
         known = ", ".join(rules.names)
         raise RuleError(f"no rule named {choice!r}; known: {known}", file=rules.source, field="name") from None
+
+
+def _in_watch(file: Path, watch: Path) -> str:
+    try:
+        return file.resolve().relative_to(watch.resolve()).as_posix()
+    except ValueError:
+        raise ConfigError(f"{file} is not inside the watch folder {watch}", path=file) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -84,6 +85,21 @@ def test_a_rule_folder_selects_by_file_name(
     code, out, _err = run_cli(capsys, "analyze", str(image), "--json", "--rules", str(rules))
     report = json.loads(out)
     assert code == 0 and report["rule"] == "portrait" and report["mask_coverage"] == 0.0
+
+
+def test_with_its_watch_folder_a_file_gets_the_rule_the_daemon_selects_for_its_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    watch = tmp_path / "watch"
+    (watch / "5b").mkdir(parents=True)
+    shutil.copyfile(photo_file("coffee"), watch / "5b" / "coffee.png")
+    code, out, _err = run_cli(capsys, "analyze", str(watch / "5b" / "coffee.png"), "--json", "--watch", str(watch))
+    report = json.loads(out)
+    assert code == 0 and report["rule"] == "wan22-5b" and (report["width"], report["height"]) == (1280, 704)
+    code, out, _err = run_cli(capsys, "analyze", str(watch / "5b" / "coffee.png"), "--json")
+    assert code == 0 and json.loads(out)["rule"] == "default", "without it, the file's name alone"
+    code, _out, err = run_cli(capsys, "analyze", str(photo_file("coffee")), "--watch", str(watch))
+    assert code == 2 and "is not inside the watch folder" in err
 
 
 def test_an_unknown_rule_is_a_configuration_error(capsys: pytest.CaptureFixture[str]) -> None:

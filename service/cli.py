@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 from collections.abc import Sequence
 
 from service import __version__
 from service.errors import ConfigError, FolderBusy, SinkwatchError
+from service.logs import last_word
 
 # sysexits.h EX_TEMPFAIL: not the settings' fault, starting again later may work. The systemd unit's
 # Restart=on-failure restarts it, while exit 2 (RestartPreventExitStatus=2) stays down until fixed.
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FolderBusy as exc:
         return _may_pass(exc)
     except ConfigError as exc:
-        print(f"sinkwatch: {exc}", file=sys.stderr)
+        last_word(f"sinkwatch: {exc}")
         return 2
     except SinkwatchError as exc:
         if not exc.transient:
@@ -64,5 +64,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _may_pass(exc: SinkwatchError) -> int:
-    print(f"sinkwatch: {exc} (this may pass: try again later)", file=sys.stderr)
+    last_word(f"sinkwatch: {exc} (this may pass: try again later)")
     return EX_TEMPFAIL

@@ -10,6 +10,9 @@ from loguru import logger
 
 TEXT_FORMAT = "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> <level>{level: <7}</level> {message}"
 
+# Whether the log is a stream of JSON lines, where a last word must be one of them too.
+_json = False
+
 
 def configure_logging(*, log_format: str = "auto", level: str = "INFO", stream: TextIO | None = None) -> None:
     """Route every log line to `stream` (stderr by default) in the chosen format.
@@ -19,6 +22,8 @@ def configure_logging(*, log_format: str = "auto", level: str = "INFO", stream: 
     """
     stream = stream if stream is not None else sys.stderr
     as_json = log_format == "json" or (log_format == "auto" and not stream.isatty())
+    global _json
+    _json = as_json
     logger.remove()
     if as_json:
         logger.add(stream, level=level, serialize=True, backtrace=False, diagnose=False)
@@ -40,3 +45,11 @@ class _ToLoguru(logging.Handler):
         except ValueError:
             level = record.levelno
         logger.bind(library=record.name).opt(exception=record.exc_info).log(level, record.getMessage())
+
+
+def last_word(message: str) -> None:
+    """What ends a command (a configuration error): an ERROR line when the log is JSON, else a plain line."""
+    if _json:
+        logger.error(message)
+    else:
+        print(message, file=sys.stderr)

@@ -46,6 +46,13 @@ def records(stderr: str) -> list[dict[str, Any]]:
     return out
 
 
+def last_word(stderr: str) -> str:
+    """The message a command ended with: its last log line, an ERROR, in JSON as the rest (not on a terminal)."""
+    record = json.loads(stderr.strip().splitlines()[-1])["record"]
+    assert record["level"]["name"] == "ERROR", record
+    return str(record["message"])
+
+
 def corrupt_png() -> bytes:
     """A PNG signature and header followed by nonsense."""
     return b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + b"nonsense" * 64
@@ -178,7 +185,7 @@ def test_process_is_refused_a_queue_another_sinkwatch_publishes_into_whatever_it
     with QueueLock(queue):
         done = run_sinkwatch("process", str(source), "--queue", str(queue), cwd=tmp_path)
     assert done.returncode == 75, done.stderr[-4000:]
-    message = done.stderr.strip().splitlines()[-1]
+    message = last_word(done.stderr)
     busy = f"another sinkwatch (pid {os.getpid()}) already uses the queue folder {queue}"
     assert message == f"sinkwatch: {busy} (this may pass: try again later)"
     assert frames(queue) == [], "it published into a queue another sinkwatch writes"
@@ -195,7 +202,7 @@ def test_a_queue_inside_the_watch_folder_is_refused(tmp_path: Path, where: str) 
     done = run_sinkwatch("run", "--watch", str(watch), "--queue", str(queue), "--metrics-port", "0", cwd=tmp_path)
 
     assert done.returncode == 2, done.stderr
-    message = done.stderr.strip().splitlines()[-1]
+    message = last_word(done.stderr)
     assert message.startswith("sinkwatch: ") and str(queue) in message, message
     assert "is the watch folder or inside it" in message and "its own output" in message, message
     assert "Traceback" not in done.stderr
@@ -212,7 +219,7 @@ def test_a_metrics_port_in_use_is_a_clear_startup_error(tmp_path: Path) -> None:
             "--metrics-port", str(port), cwd=tmp_path,
         )  # fmt: skip
     assert done.returncode == 2, done.stderr[-4000:]
-    message = done.stderr.strip().splitlines()[-1]
+    message = last_word(done.stderr)
     assert message.startswith("sinkwatch: metrics listener: ") and f"127.0.0.1:{port} is already in use" in message
     assert "--metrics-port" in message and "Traceback" not in done.stderr, done.stderr
 

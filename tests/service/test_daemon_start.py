@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import subprocess
 import urllib.error
@@ -19,6 +20,7 @@ import pytest
 from service import cli, daemon, http
 from service.daemon import Daemon
 from service.errors import ConfigError, PublishError, SinkwatchError
+from service.logs import configure_logging
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -42,6 +44,22 @@ def test_a_start_that_may_pass_exits_75_and_a_configuration_error_2(
     monkeypatch.setattr(daemon, "main", fail)
     assert cli.main(["run"]) == code
     assert capsys.readouterr().err.startswith(f"sinkwatch: {error}")
+
+
+def test_with_a_json_log_the_last_word_is_a_json_line_too(
+    monkeypatch: pytest.MonkeyPatch, restored_logging: None
+) -> None:
+    # The daemon set the log up before it met the error (a metrics port in use): a log shipper parses every line.
+    stream = io.StringIO()
+
+    def fail(_args: argparse.Namespace) -> NoReturn:
+        configure_logging(log_format="json", stream=stream)
+        raise ConfigError("metrics listener: 127.0.0.1:18416 is already in use")
+
+    monkeypatch.setattr(daemon, "main", fail)
+    assert cli.main(["run"]) == 2
+    [record] = [json.loads(line)["record"] for line in stream.getvalue().splitlines()]
+    assert record["level"]["name"] == "ERROR" and record["message"].startswith("sinkwatch: metrics listener")
 
 
 def test_an_error_that_is_neither_is_not_hidden(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,7 +1,8 @@
 """The worker pool: one process per worker, so decoding and the pipeline use every core.
 
 Workers are spawned (never forked: the parent runs observer and HTTP threads),
-ignore SIGINT/SIGTERM so that a stop drains them instead of killing them, and
+ignore SIGINT/SIGTERM/SIGHUP from their first instant so that a stop (or a
+Ctrl-C sent to the whole process group) drains them instead of killing them, and
 die with the parent on Linux so that a killed daemon leaves no orphan
 publishing behind its back. A worker that dies (OOM killer, segfault in a
 codec) breaks the executor; the pool replaces it and the daemon retries the
@@ -31,6 +32,8 @@ _MMAP_ABOVE = 64 << 20
 
 # This worker's stderr around each job (see service.codec_messages); None outside a worker.
 _codec_messages: CodecMessages | None = None
+# What a terminal sends the whole process group (Ctrl-C, a hangup) and a stop: for the daemon, not its workers.
+_DAEMONS_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 
 def init_worker(parent: int) -> None:
@@ -46,9 +49,10 @@ def init_worker(parent: int) -> None:
     import cv2
     from loguru import logger
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    for signum in _DAEMONS_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    # Blocked since the spawn (see WorkerPool.submit); one that came meanwhile is dropped now, being ignored.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _DAEMONS_SIGNALS)
     # One image per process: OpenCV's own threads would only fight the other workers.
     cv2.setNumThreads(1)
     logger.remove()
@@ -78,7 +82,13 @@ class WorkerPool:
         )
 
     def submit(self, job: Job) -> Future[Outcome]:
-        return self._executor.submit(run_job, job)
+        # A submit may spawn a worker, which inherits the signal mask: blocked, a Ctrl-C in the terminal during
+        # its second of imports no longer kills it before init_worker ignores it. The daemon gets it on return.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _DAEMONS_SIGNALS)
+        try:
+            return self._executor.submit(run_job, job)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def replace(self) -> None:
         """Start a fresh executor after a worker died; the broken one is discarded."""

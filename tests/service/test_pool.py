@@ -1,0 +1,31 @@
+"""The worker pool's processes: a Ctrl-C in the terminal reaches every process of the group, workers included."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+from service.pool import WorkerPool
+from service.rules import load_rules
+from service.runner import Job
+from tests.conftest import photo_file
+
+
+def test_a_ctrl_c_while_a_worker_starts_leaves_it_working_and_the_daemons_mask_as_it_was(tmp_path: Path) -> None:
+    source = tmp_path / "coffee.png"
+    shutil.copyfile(photo_file("coffee"), source)
+    job = Job(source=source, key=source.name, name="coffee", rule=load_rules(None).get("default"),
+              queue=tmp_path / "queue", max_bytes=1 << 30, max_pixels=1 << 30)  # fmt: skip
+    pool = WorkerPool(1)
+    try:
+        future = pool.submit(job)
+        # Just spawned: the worker is still starting Python and importing numpy and OpenCV.
+        [worker] = list(pool._executor._processes)
+        os.kill(worker, signal.SIGINT)
+        outcome = future.result(timeout=120)
+    finally:
+        pool.close()
+    assert outcome.status == "published" and (tmp_path / "queue" / "coffee.png").is_file()
+    assert not {signal.SIGINT, signal.SIGTERM, signal.SIGHUP} & signal.pthread_sigmask(signal.SIG_BLOCK, set())

@@ -152,6 +152,12 @@ class Metrics:
             "Rule reloads that failed; the last good rules stayed in force.",
             registry=reg,
         )
+        self.rules_reload_ok = Gauge(
+            "sinkwatch_rules_last_reload_successful",
+            "1 if the last load of the rules succeeded; 0 while the rules folder is broken (the last good rules "
+            "stay in force).",
+            registry=reg,
+        )
         self.watcher_up = Gauge("sinkwatch_watcher_up", "1 while the folder observer is alive, else 0.", registry=reg)
         self.watcher_restarts = Counter(
             "sinkwatch_watcher_restarts_total",

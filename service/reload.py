@@ -57,10 +57,12 @@ class RuleReloader:
             rules = load_rules(self.directory)
         except RuleError as exc:
             metrics.rule_reload_failures.inc()
+            metrics.rules_reload_ok.set(0)
             logger.bind(file=exc.file, field=exc.field).error("rules not reloaded, keeping the last good ones: {}", exc)
             return None
         except Exception as exc:  # any other: see the module docstring; logged with its traceback
             metrics.rule_reload_failures.inc()
+            metrics.rules_reload_ok.set(0)
             where = logger.bind(file=str(self.directory) if self.directory else "presets", field=None)
             where.opt(exception=exc).error(
                 "rules not reloaded (unexpected {}), keeping the last good ones: {}", type(exc).__name__, exc
@@ -88,4 +90,5 @@ def record_rules(metrics: Metrics, rules: RuleSet) -> None:
     for name in rules.names:
         metrics.add_rule(name)
     metrics.rules_loaded.set(len(rules.names))
+    metrics.rules_reload_ok.set(1)
     metrics.set_build_info(__version__, rules.fingerprint)

@@ -19,7 +19,13 @@ from service.settings import DEFAULT_METRICS_PORT, Settings
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 PROMETHEUS = DEPLOY / "prometheus"
-ALERTS = ("SinkwatchStalled", "SinkwatchRejectionRatioHigh", "SinkwatchWatcherDown", "SinkwatchTargetDown")
+ALERTS = (
+    "SinkwatchStalled",
+    "SinkwatchRejectionRatioHigh",
+    "SinkwatchWatcherDown",
+    "SinkwatchRulesBroken",
+    "SinkwatchTargetDown",
+)
 
 # PromQL words that are neither metrics nor functions (functions are followed by "(").
 PROMQL_WORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}

@@ -151,12 +151,14 @@ def test_a_broken_file_keeps_the_last_good_rules_fails_once_and_recovers_when_fi
     assert failures(metrics) == 1, "one broken state is one failure, however often it is checked"
     assert [(r["extra"]["file"], r["extra"]["field"]) for r in errors] == [(str(path), "resize.width")]
     assert fingerprint_shown(metrics) == good and metrics.registry.get_sample_value("sinkwatch_rules_loaded") == 1
+    assert metrics.registry.get_sample_value("sinkwatch_rules_last_reload_successful") == 0
 
     path.write_text(DEFAULT + "[resize]\nwidth = 640\n", encoding="utf-8")
     rules = reloader.poll(5.0, metrics=metrics)
     assert rules is not None and rules.get("default").resize.width == 640
     assert fingerprint_shown(metrics) == rules.fingerprint != good
     assert failures(metrics) == 1 and len(errors) == 1
+    assert metrics.registry.get_sample_value("sinkwatch_rules_last_reload_successful") == 1
 
 
 def test_a_removed_rule_folder_keeps_the_rules_until_it_is_back(

@@ -13,7 +13,7 @@ import os
 import re
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from loguru import logger
@@ -28,6 +28,8 @@ class Selection:
     include: tuple[str, ...]
     ignore: tuple[str, ...] = ()
     recursive: bool = False
+    # Folders a scan could not read (not vanished): each is said once, and again once it can be read.
+    unreadable: set[str] = field(default_factory=set, compare=False, repr=False)
 
     def relpath(self, path: Path) -> str | None:
         """The source key of `path` if it is selected, else None.
@@ -67,10 +69,19 @@ class Selection:
         try:
             with os.scandir(folder) as listing:
                 entries = sorted(listing, key=lambda entry: entry.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return  # vanished: gone with its images
         except OSError as exc:
-            # Vanished or unreadable: the next reconciliation scan tries again.
-            logger.debug("scan skips {}: {}", folder, exc.strerror)
+            # Closed to this user, or a mount not answering: its images wait, and the user must hear why.
+            if folder not in self.unreadable:
+                self.unreadable.add(folder)
+                logger.bind(folder=folder).warning(
+                    "cannot read the folder {} ({}): its images wait until it can be read", folder, exc.strerror
+                )
             return
+        if self.unreadable and folder in self.unreadable:
+            self.unreadable.discard(folder)
+            logger.bind(folder=folder).info("the folder {} can be read again", folder)
         for entry in entries:
             parts = (*prefix, entry.name)
             try:

@@ -9,9 +9,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from loguru import logger
 
 from service.selection import Selection
 from service.settings import DEFAULT_INCLUDE
+from tests.service.test_publish import open_tmp, where_permissions_bind
+
+__all__ = ["open_tmp"]  # the fixture, shared with test_publish
 
 ImageFile = Callable[[str], Path]
 
@@ -240,3 +244,33 @@ def test_scan_and_relpath_agree_on_a_mixed_tree(tmp_path: Path, watch: Path, ima
     sel = selection(watch, recursive=True)
     by_event = sorted(key for rel in rels if (key := sel.relpath(watch / rel)) is not None)
     assert scanned(sel) == by_event == ["a.png", "d/e.png", "j/k/l.JPG"]
+
+
+def test_a_folder_a_scan_cannot_read_is_said_once_and_again_when_it_can_be(open_tmp: Path) -> None:
+    # A subfolder made private: its images are not seen, and a scan a minute must neither hide why nor repeat it.
+    watch = open_tmp / "watch"
+    watch.mkdir()
+    (watch / "b.png").write_bytes(b"png")
+    watch.chmod(0o777)
+    private = watch / "private"
+
+    def scans() -> tuple[list[list[str]], list[str]]:
+        # As the user whose permissions bind (made here, so that it may change the folder's mode).
+        private.mkdir()
+        (private / "a.png").write_bytes(b"png")
+        messages: list[str] = []
+        sink = logger.add(lambda message: messages.append(message.record["message"]), level="INFO")
+        selection = Selection(watch, include=("*.png",), recursive=True)
+        found = []
+        for mode in (0o000, 0o000, 0o755):
+            private.chmod(mode)
+            found.append([key for key, _path in selection.scan_keys()])
+        logger.remove(sink)
+        return found, messages
+
+    found, messages = where_permissions_bind(open_tmp, scans)
+    assert found == [["b.png"], ["b.png"], ["b.png", "private/a.png"]]
+    assert messages == [
+        f"cannot read the folder {private} (Permission denied): its images wait until it can be read",
+        f"the folder {private} can be read again",
+    ]

@@ -183,7 +183,7 @@ class Engine:
         """Dispatch what fits, collect what finished; returns outcomes handled."""
         if not self.in_flight and not self.pool.alive():
             # A worker died with nothing in flight (the OOM killer, say): no future reports it.
-            self.pool.replace()
+            self._replace_pool()
         while self.pending and len(self.in_flight) < 2 * self.pool.workers:
             if self.in_flight and (next(iter(self.pending)) in self.suspects or self._suspect_running()):
                 break  # a suspect runs alone
@@ -321,7 +321,7 @@ class Engine:
             crashed += [self.in_flight.pop(future) for future in list(self.in_flight)]
             for candidate, job in crashed:
                 self._worker_died(candidate, job, alone=len(crashed) == 1)
-            self.pool.replace()
+            self._replace_pool()
         if failure is not None:
             raise failure
         return len(done)
@@ -331,6 +331,12 @@ class Engine:
         while self.in_flight:
             self._collect(timeout=0.5)
         self.metrics.in_flight.set(0)
+
+    def _replace_pool(self) -> None:
+        for pid, lines in self.pool.replace().items():
+            for line in lines:
+                # Often what a codec said before it crashed the worker: the only clue there is.
+                logger.bind(worker=pid).warning("worker {} printed, in a job it did not finish: {}", pid, line)
 
     def _worker_died(self, candidate: Candidate, job: Job, *, alone: bool) -> None:
         self.recheck.pop(job.key, None)  # tried again anyway, or rejected

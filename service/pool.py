@@ -15,11 +15,14 @@ import contextlib
 import ctypes
 import multiprocessing
 import os
+import shutil
 import signal
+import tempfile
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 
-from service.codec_messages import CodecMessages
+from service.codec_messages import CodecMessages, last_words
 from service.runner import Job, Outcome, process_job
 
 _PR_SET_PDEATHSIG = 1
@@ -36,7 +39,7 @@ _codec_messages: CodecMessages | None = None
 _DAEMONS_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 
-def init_worker(parent: int) -> None:
+def init_worker(parent: int, spool: str) -> None:
     # Not Linux/glibc: no prctl or mallopt; orphans then end when their pipe to the parent closes.
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
@@ -57,8 +60,8 @@ def init_worker(parent: int) -> None:
     cv2.setNumThreads(1)
     logger.remove()
     global _codec_messages
-    with contextlib.suppress(OSError, AttributeError):  # no memfd_create (not Linux): stderr as it is
-        _codec_messages = CodecMessages()
+    with contextlib.suppress(OSError):  # the pool's folder is gone (a temp cleaner): stderr as it is
+        _codec_messages = CodecMessages(Path(spool))
 
 
 def run_job(job: Job) -> Outcome:
@@ -73,12 +76,18 @@ class WorkerPool:
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self._context = multiprocessing.get_context("spawn")
+        # The workers' stderr during their jobs (see service.codec_messages), in the temp folder: not the
+        # user's folders (under the systemd unit, a private /tmp).
+        self.spool = Path(tempfile.mkdtemp(prefix="sinkwatch-workers-"))
         self._executor = self._new_executor()
         self.restarts = 0
 
     def _new_executor(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
-            max_workers=self.workers, mp_context=self._context, initializer=init_worker, initargs=(os.getpid(),)
+            max_workers=self.workers,
+            mp_context=self._context,
+            initializer=init_worker,
+            initargs=(os.getpid(), str(self.spool)),
         )
 
     def submit(self, job: Job) -> Future[Outcome]:
@@ -90,11 +99,14 @@ class WorkerPool:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
-    def replace(self) -> None:
-        """Start a fresh executor after a worker died; the broken one is discarded."""
+    def replace(self) -> dict[int, tuple[str, ...]]:
+        """Start a fresh executor after a worker died; the broken one is discarded. Returns what its workers
+        printed in the jobs they did not finish, by pid (the dead one's last words among them)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+        said = last_words(self.spool)
         self._executor = self._new_executor()
         self.restarts += 1
+        return said
 
     def alive(self) -> bool:
         # The executor keeps its processes private; a broken pool is the signal we need.
@@ -103,3 +115,4 @@ class WorkerPool:
     def close(self) -> None:
         """Let in-flight jobs finish, then stop the workers."""
         self._executor.shutdown(wait=True, cancel_futures=False)
+        shutil.rmtree(self.spool, ignore_errors=True)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import io
 import json
 import os
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
+from service import pool
 from service.codec_messages import MAX_LINES, CodecMessages
 from service.ledger import Ledger
 from service.logs import configure_logging
@@ -28,9 +30,9 @@ from tests.conftest import load_photo
 
 
 def test_what_is_printed_on_fd_2_during_a_call_is_returned_and_stderr_is_restored_after(
-    capfd: pytest.CaptureFixture[str],
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    messages = CodecMessages()
+    messages = CodecMessages(tmp_path)
     result, said = messages.run(lambda: os.write(2, b"libpng warning: iCCP: known incorrect sRGB profile\n\n") and 7)
     assert (result, said) == (7, ("libpng warning: iCCP: known incorrect sRGB profile",))
     assert messages.run(lambda: None) == (None, ()), "the last call's lines are not said again"
@@ -38,10 +40,46 @@ def test_what_is_printed_on_fd_2_during_a_call_is_returned_and_stderr_is_restore
     assert capfd.readouterr().err == "after the call\n"
 
 
-def test_a_flood_of_lines_is_cut_to_the_first_ones() -> None:
-    _, said = CodecMessages().run(lambda: os.write(2, b"".join(b"warning %d\n" % n for n in range(100))))
+def test_a_call_that_raises_leaves_nothing_for_the_next(tmp_path: Path) -> None:
+    messages = CodecMessages(tmp_path)
+
+    def fail() -> None:
+        os.write(2, b"warning before the failure\n")
+        raise SystemExit(3)
+
+    with pytest.raises(SystemExit):
+        messages.run(fail)
+    assert messages.run(lambda: None) == (None, ())
+
+
+def test_a_flood_of_lines_is_cut_to_the_first_ones(tmp_path: Path) -> None:
+    flood = b"".join(b"warning %d\n" % n for n in range(20000))
+    _, said = CodecMessages(tmp_path).run(lambda: os.write(2, flood))
     assert said[:2] == ("warning 0", "warning 1") and len(said) == MAX_LINES + 1
-    assert said[-1] == f"... and {100 - MAX_LINES} more lines"
+    assert said[-1] == f"... {len(flood)} bytes in all"
+
+
+def _print_then_die() -> None:
+    """In a worker: a codec warns, then kills the process (a segfault, the OOM killer)."""
+    def codec() -> None:
+        os.write(2, b"codec: fatal oddity, about to die\n")
+        os.kill(os.getpid(), 9)
+
+    assert pool._codec_messages is not None
+    pool._codec_messages.run(codec)
+
+
+def test_what_a_worker_printed_before_it_died_mid_job_is_handed_over_when_the_pool_is_replaced() -> None:
+    workers = WorkerPool(1)
+    try:
+        with pytest.raises(BrokenProcessPool):
+            workers._executor.submit(_print_then_die).result(timeout=120)
+        said = workers.replace()
+        assert list(said.values()) == [("codec: fatal oddity, about to die",)]
+        assert workers.replace() == {}, "said once"
+    finally:
+        workers.close()
+    assert not workers.spool.exists()
 
 
 def test_a_worker_keeps_what_libpng_printed_and_the_daemon_logs_it_about_the_source(

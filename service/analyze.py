@@ -143,7 +143,8 @@ def choose_rule(choice: str | None, folder: Path | None, file: Path, *, watch: P
 
 
 def _in_watch(file: Path, watch: Path) -> str:
+    # The file's own name, not its target's: the daemon keys a symlinked source by the link.
     try:
-        return file.resolve().relative_to(watch.resolve()).as_posix()
+        return (file.parent.resolve() / file.name).relative_to(watch.resolve()).as_posix()
     except ValueError:
-        raise ConfigError(f"{file} is not inside the watch folder {watch}", path=file) from None
+        raise ConfigError(f"not inside the watch folder {watch}", path=file) from None

@@ -26,7 +26,7 @@ from service.comfyui_uploads import owed, settled, uploads_for
 from service.discovery import Discovery
 from service.engine import Engine, Limits
 from service.errors import ConfigError, PublishError, SinkwatchError
-from service.folders import Folders, is_folder, prepare_folders
+from service.folders import Folders, folder_problem, prepare_folders
 from service.http import serve
 from service.ledger import Ledger
 from service.lock import InstanceLock, QueueLock
@@ -97,8 +97,9 @@ class Daemon:
         # waits for it (logged, and /healthz says so), while a `--once` run has nothing to wait for.
         missing: Literal["create", "wait", "refuse"] = "create" if not s.watch_given else "refuse" if once else "wait"
         self.folders: Folders = prepare_folders(s.watch, s.queue_folder, s.state_dir, if_watch_missing=missing)
-        if not is_folder(self.folders.watch):
-            logger.warning("the watch folder {} does not exist; waiting for it (check --watch)", self.folders.watch)
+        problem = folder_problem(self.folders.watch)
+        if problem:
+            logger.warning("the watch folder {} {}; waiting for it (check --watch)", self.folders.watch, problem)
             self.watch_missing = True
         self.lock = InstanceLock(self.folders.state)
         self.lock.acquire()
@@ -276,9 +277,14 @@ class Daemon:
                 self.metrics.watcher_up.set(1)
             return
         self.metrics.watcher_up.set(0)
-        if not is_folder(self.folders.watch):
+        problem = folder_problem(self.folders.watch)
+        if problem:
             if not self.watch_missing:
-                logger.error("the watch folder {} disappeared; waiting for it to come back", self.folders.watch)
+                logger.error(
+                    "the watch folder {} disappeared from view: it {}; waiting for it to come back",
+                    self.folders.watch,
+                    problem,
+                )
                 self.watch_missing = True
             return
         if self.watch_missing:

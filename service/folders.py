@@ -69,13 +69,16 @@ def prepare_folders(
     return Folders(watch=watch, queue=queue, state=state)
 
 
-def is_folder(path: Path) -> bool:
-    """Whether `path` is a folder now; not when it is missing, or out of reach whatever the reason (a parent
-    folder made private, a network mount not answering): there is nothing to watch there for now."""
+def folder_problem(path: Path) -> str | None:
+    """None if `path` is a folder now; else what keeps it from being watched for now: it does not exist, or is
+    out of reach (a parent folder made private, a network mount not answering)."""
     try:
-        return stat.S_ISDIR(os.stat(path).st_mode)
-    except OSError:
-        return False
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "does not exist"
+    except OSError as exc:
+        return f"cannot be reached ({exc.strerror})"
+    return None if stat.S_ISDIR(mode) else "is not a folder"
 
 
 def _look_up(watch: Path) -> os.stat_result | None:

@@ -127,25 +127,31 @@ def check_name_glob(glob: str) -> None:
     reads braces literally and turns a reversed range into a class that
     matches nothing, so ``[z-a]*.png`` or ``*.{png,jpg}`` would select no file
     without a word. They are matched lower-cased, so ``[Z-a]`` is reversed too.
-    A comma or a space at an end is a list written as one glob (``*.png,*.jpg``).
+    Globs joined by commas (``*.png,*.jpg``, as a list is written on one line)
+    or a glob with a space at an end are a list mistaken for one glob; a comma
+    in a name (``a cat, sitting_*.png``, ``*[,]*``) is a glob of its own.
     """
-    if "{" not in glob and ("," in glob or glob != glob.strip()):
-        raise ValueError(
-            f"glob {glob!r} holds a comma or a space at an end: write one glob per pattern, "
-            'e.g. --include "*.png" --include "*.jpg" (a comma or space in a file name: ?)'
-        )
     lowered = glob.lower()
+    outside = []  # the glob without its [...] classes
     i = 0
     while i < len(lowered):
         if lowered[i] in "{}":
             raise ValueError(_brace_message(glob))
         if lowered[i] != "[":
+            outside.append(lowered[i])
             i += 1
             continue
         try:
             _regex, i = _char_class(lowered, i, glob)
         except _Unclosed:  # fnmatch reads an unclosed '[' literally, and so may the user
+            outside.append("[")
             i += 1
+    parts = [part.strip() for part in "".join(outside).split(",")]
+    if glob != glob.strip() or (len(parts) > 1 and all("*" in part or "." in part for part in parts)):
+        raise ValueError(
+            f"glob {glob!r} looks like a list written as one glob (commas between globs, or a space at an end): "
+            "give each glob on its own (the flag once per glob, or a list in the config file)"
+        )
 
 
 class _Unclosed(ValueError):

@@ -98,8 +98,13 @@ def test_with_its_watch_folder_a_file_gets_the_rule_the_daemon_selects_for_its_p
     assert code == 0 and report["rule"] == "wan22-5b" and (report["width"], report["height"]) == (1280, 704)
     code, out, _err = run_cli(capsys, "analyze", str(watch / "5b" / "coffee.png"), "--json")
     assert code == 0 and json.loads(out)["rule"] == "default", "without it, the file's name alone"
+    (watch / "plain").mkdir()
+    shutil.copyfile(photo_file("coffee"), watch / "plain" / "coffee.png")
+    (watch / "5b" / "link.png").symlink_to(watch / "plain" / "coffee.png")
+    code, out, _err = run_cli(capsys, "analyze", str(watch / "5b" / "link.png"), "--json", "--watch", str(watch))
+    assert code == 0 and json.loads(out)["rule"] == "wan22-5b", "a link is selected by its own path, as the daemon does"
     code, _out, err = run_cli(capsys, "analyze", str(photo_file("coffee")), "--watch", str(watch))
-    assert code == 2 and "is not inside the watch folder" in err
+    assert code == 2 and err == f"sinkwatch: {photo_file('coffee')}: not inside the watch folder {watch}\n"
 
 
 def test_an_unknown_rule_is_a_configuration_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,7 +11,7 @@ from typing import NoReturn
 import pytest
 
 from service.errors import ConfigError, PublishError
-from service.folders import is_folder, prepare_folders
+from service.folders import folder_problem, prepare_folders
 from tests.service.test_publish import open_tmp, where_permissions_bind
 
 __all__ = ["open_tmp"]  # the fixture, shared with test_publish
@@ -79,5 +79,6 @@ def test_a_watch_folder_behind_a_closed_parent_is_a_clear_configuration_error(op
     watch = home / "me" / "output"
     with pytest.raises(ConfigError, match=r"cannot reach the watch folder: Permission denied.*ProtectHome"):
         where_permissions_bind(open_tmp, lambda: prepare_folders(watch, queue, None, if_watch_missing="wait"))
-    assert where_permissions_bind(open_tmp, lambda: is_folder(watch)) is False
-    assert is_folder(watch) is True
+    assert where_permissions_bind(open_tmp, lambda: folder_problem(watch)) == "cannot be reached (Permission denied)"
+    assert folder_problem(watch) is None
+    assert folder_problem(watch / "gone") == "does not exist"

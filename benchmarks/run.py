@@ -84,7 +84,7 @@ def run(
         report["corpus"] = {s.path.name: {"group": s.group, "mb": round(s.megabytes, 3)} for s in sources}
         pngs = [s for s in sources if s.format == "PNG"]
         if {"single", "peers", "codecs"} & set(sections):
-            with _worker() as worker:
+            with _worker(root / "spool") as worker:
                 _in_worker(worker, config, sections, sources, rule, root, report, step)
         if "daemon" in sections:
             report["daemon"] = _daemon(config, root, pngs, step)
@@ -96,14 +96,15 @@ def run(
 
 
 @contextmanager
-def _worker() -> Iterator[ProcessPoolExecutor]:
+def _worker(spool: Path) -> Iterator[ProcessPoolExecutor]:
     """One process set up exactly as the daemon's workers are (spawned; one OpenCV thread; malloc tuning)."""
     context = multiprocessing.get_context("spawn")
+    spool.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(
         max_workers=1,
         mp_context=context,
         initializer=pool.init_worker,  # exactly what WorkerPool gives its executor
-        initargs=(os.getpid(),),
+        initargs=(os.getpid(), str(spool)),
     ) as executor:
         yield executor
 

@@ -61,6 +61,7 @@ def test_a_flood_of_lines_is_cut_to_the_first_ones(tmp_path: Path) -> None:
 
 def _print_then_die() -> None:
     """In a worker: a codec warns, then kills the process (a segfault, the OOM killer)."""
+
     def codec() -> None:
         os.write(2, b"codec: fatal oddity, about to die\n")
         os.kill(os.getpid(), 9)

@@ -35,6 +35,8 @@ _MMAP_ABOVE = 64 << 20
 
 # This worker's stderr around each job (see service.codec_messages); None outside a worker.
 _codec_messages: CodecMessages | None = None
+# The pool's folder in the temp folder: this prefix, the daemon's pid, a dash, a random part.
+_SPOOL = "sinkwatch-workers-"
 # What a terminal sends the whole process group (Ctrl-C, a hangup) and a stop: for the daemon, not its workers.
 _DAEMONS_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
@@ -78,7 +80,8 @@ class WorkerPool:
         self._context = multiprocessing.get_context("spawn")
         # The workers' stderr during their jobs (see service.codec_messages), in the temp folder: not the
         # user's folders (under the systemd unit, a private /tmp).
-        self.spool = Path(tempfile.mkdtemp(prefix="sinkwatch-workers-"))
+        _remove_stale_spools()
+        self.spool = Path(tempfile.mkdtemp(prefix=f"{_SPOOL}{os.getpid()}-"))
         self._executor = self._new_executor()
         self.restarts = 0
 
@@ -116,3 +119,21 @@ class WorkerPool:
         """Let in-flight jobs finish, then stop the workers."""
         self._executor.shutdown(wait=True, cancel_futures=False)
         shutil.rmtree(self.spool, ignore_errors=True)
+
+
+def _remove_stale_spools() -> None:
+    """The pool folders of daemons that are gone (killed with SIGKILL: a stopped one removes its own)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{_SPOOL}*-*"):
+        pid = folder.name[len(_SPOOL) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True

@@ -1,11 +1,15 @@
-"""The worker pool's processes: a Ctrl-C in the terminal reaches every process of the group, workers included."""
+"""The worker pool: its processes, which a Ctrl-C in the terminal reaches too, and its temp folder."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import signal
+import subprocess
+import tempfile
 from pathlib import Path
+
+import pytest
 
 from service.pool import WorkerPool
 from service.rules import load_rules
@@ -29,3 +33,20 @@ def test_a_ctrl_c_while_a_worker_starts_leaves_it_working_and_the_daemons_mask_a
         pool.close()
     assert outcome.status == "published" and (tmp_path / "queue" / "coffee.png").is_file()
     assert not {signal.SIGINT, signal.SIGTERM, signal.SIGHUP} & signal.pthread_sigmask(signal.SIG_BLOCK, set())
+
+
+def test_a_pool_removes_the_folders_of_pools_whose_daemon_was_killed_and_a_closed_one_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ended = subprocess.Popen(["true"])  # a pid whose process is gone, as a daemon killed with SIGKILL
+    ended.wait()
+    stale = tmp_path / f"sinkwatch-workers-{ended.pid}-x1"
+    live = tmp_path / f"sinkwatch-workers-{os.getppid()}-x2"  # another sinkwatch, running
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "123.stderr").write_bytes(b"")
+    workers = WorkerPool(1)
+    assert not stale.exists() and live.exists() and workers.spool.parent == tmp_path
+    workers.close()
+    assert not workers.spool.exists()

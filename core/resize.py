@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Literal
 
 import cv2
@@ -90,9 +91,13 @@ def target_size(width: int, height: int, params: ResizeParams) -> tuple[int, int
     if params.square:
         side = max(params.multiple, round(math.sqrt(long_side * short_side) / params.multiple) * params.multiple)
         candidates.append((side, side))
-    source = math.log(width / height)
-    # min() keeps the first of equals, so a square source prefers landscape unless a square is offered.
-    return min(candidates, key=lambda size: abs(source - math.log(size[0] / size[1])))
+    # How far apart two aspect ratios are (w/h over W/H or its inverse), exact: min() keeps the first of equals,
+    # so a square source prefers landscape unless a square is offered. (Logarithms tied only to the last bit.)
+    return min(candidates, key=lambda size: _apart(width * size[1], height * size[0]))
+
+
+def _apart(a: int, b: int) -> Fraction:
+    return Fraction(max(a, b), min(a, b))
 
 
 def resize(image: np.ndarray, *, params: ResizeParams) -> np.ndarray:

@@ -49,6 +49,27 @@ def test_target_size(source: tuple[int, int], params: ResizeParams, expected: tu
     assert target_size(*source, params) == expected
 
 
+@pytest.mark.parametrize("size", [(1024, 640), (640, 1024), (704, 400), (1152, 640), (720, 1280), (832, 480)])
+def test_a_square_source_gets_a_landscape_frame_whatever_the_size(size: tuple[int, int]) -> None:
+    # Both orientations are equally far from 1:1; the tie must not be broken by the last bit of a logarithm.
+    landscape = (max(size), min(size))
+    assert target_size(1024, 1024, ResizeParams(width=size[0], height=size[1])) == landscape
+
+
+def test_every_landscape_target_given_as_portrait_gives_a_square_source_a_landscape_frame() -> None:
+    every = [(w, h) for w in range(16, 2049, 16) for h in range(16, w, 16)]
+    assert [(w, h) for w, h in every if target_size(1000, 1000, ResizeParams(width=h, height=w)) != (w, h)] == []
+
+
+def test_cover_crops_the_centre_of_a_wide_source() -> None:
+    # Red encodes the column: 1600x480 to 832x480 keeps columns 384..1215.
+    image = np.zeros((480, 1600, 3), np.uint8)
+    image[:, :, 0] = (np.arange(1600)[None, :] * 255 // 1599).astype(np.uint8)
+    out = resize(image, params=ResizeParams())
+    assert abs(int(out[240, 0, 0]) - 384 * 255 // 1599) <= 1
+    assert abs(int(out[240, -1, 0]) - 1215 * 255 // 1599) <= 1
+
+
 def test_near_square_boundary_is_where_the_crop_is_equal() -> None:
     # 832x480 vs 624x624: the crop is the same for an aspect of sqrt(832/480) ~ 1.3166.
     params = ResizeParams(square=True)

@@ -176,3 +176,11 @@ def test_bad_inputs_are_refused() -> None:
         build_mask(np.zeros((10, 10), np.float64), shape=(20, 20), params=PLAIN)
     with pytest.raises(ValueError, match="shape"):
         build_mask(np.zeros((10, 10), np.float32), shape=(5, 5), params=PLAIN)
+
+
+def test_a_region_of_exactly_min_area_is_kept_and_a_smaller_one_dropped() -> None:
+    params = MaskParams(blots=False, speckle=0, min_area=256, dilate=0, feather=0.0, max_coverage=1.0)
+    # On the work grid (half the output size) 8x8 pixels are 256 output pixels; 8x7 are 224.
+    kept = build_mask(sinks((slice(40, 48), slice(40, 48), 0.9)), shape=SHAPE, params=params)
+    dropped = build_mask(sinks((slice(40, 48), slice(40, 47), 0.9)), shape=SHAPE, params=params)
+    assert kept.max() == 1.0 and dropped.max() == 0.0

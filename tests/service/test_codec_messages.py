@@ -17,7 +17,7 @@ import pytest
 from PIL import Image, ImageCms
 
 from service import pool
-from service.codec_messages import MAX_LINES, CodecMessages
+from service.codec_messages import MAX_LINE, MAX_LINES, CodecMessages
 from service.ledger import Ledger
 from service.logs import configure_logging
 from service.metrics import Metrics
@@ -111,3 +111,9 @@ def test_a_worker_keeps_what_libpng_printed_and_the_daemon_logs_it_about_the_sou
     [said] = [r for r in records if "the codec said" in r["message"]]
     assert said["level"]["name"] == "WARNING" and said["extra"]["source"] == source.name
     assert "iCCP" in said["message"]
+
+
+def test_lines_beyond_what_is_read_are_summed_up_by_the_size(tmp_path: Path) -> None:
+    long_lines = b"x" * 40000 + b"\n" + b"y" * 40000 + b"\n"
+    _, said = CodecMessages(tmp_path).run(lambda: os.write(2, long_lines))
+    assert said == ("x" * MAX_LINE + "...", "y" * MAX_LINE + "...", f"... {len(long_lines)} bytes in all")

@@ -253,3 +253,19 @@ def test_a_webp_being_filled_in_its_metadata_is_incomplete() -> None:
     exif = data.index(b"EXIF")
     with pytest.raises(IncompleteImage, match="no name"):
         decode(data[: exif + 12] + bytes(len(data) - exif - 12))
+
+
+def test_a_file_that_grows_while_it_is_read_is_incomplete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "a.png"
+    path.write_bytes(encoded(Image.fromarray(photo()), "PNG"))
+    real_fstat = os.fstat
+
+    def fstat_then_append(fd: int) -> os.stat_result:
+        st = real_fstat(fd)
+        with path.open("ab") as more:  # the writer goes on meanwhile
+            more.write(b"\x89PNG more bytes")
+        return st
+
+    monkeypatch.setattr(os, "fstat", fstat_then_append)
+    with pytest.raises(IncompleteImage, match="changed size while it was read"):
+        decode_file(path, max_bytes=1 << 26, max_pixels=1 << 26)

@@ -199,7 +199,10 @@ def test_a_silent_client_does_not_hold_close_forever(
         silent = socket.create_connection(("127.0.0.1", running.port))
         # The request thread exists once the connection is accepted.
         wait_for(lambda: len(set(threading.enumerate()) - before) >= 2)
+        started = time.monotonic()
+    closing = time.monotonic() - started
     silent.close()
+    assert closing < 30 * http.REQUEST_TIMEOUT, f"close waited {closing:.1f} s for a client that says nothing"
 
 
 def test_a_client_trickling_its_request_does_not_hold_close(metrics: Metrics, probe: Probe) -> None:

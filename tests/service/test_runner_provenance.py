@@ -7,6 +7,7 @@ with ``prompt`` and ``workflow`` text chunks); the job runs in-process.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from service import runner
 from service.rules import Rule, parse_rule
 from service.runner import Job, Outcome, process_job
 from tests.conftest import load_photo, photo_file
@@ -132,3 +134,24 @@ def test_a_source_without_generator_chunks_gets_only_the_sinkwatch_chunk(tmp_pat
     run(source, rule(keep=True), tmp_path / "queue")
     assert set(frame_text(tmp_path / "queue")) == {"sinkwatch"}
     assert "prompt" not in sidecar(tmp_path / "queue")["source"]["metadata"]
+
+
+def test_a_source_changed_while_it_was_decoded_is_retried_not_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = comfyui_source(tmp_path)
+    real = runner.decode_source
+
+    def decode_then_edit(*args: Any, **kwargs: Any) -> Any:
+        decoded = real(*args, **kwargs)
+        st = os.stat(source)
+        os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # an edit lands meanwhile
+        return decoded
+
+    monkeypatch.setattr(runner, "decode_source", decode_then_edit)
+    queue = tmp_path / "queue"
+    job = Job(source=source, key=source.name, name="frame", rule=rule(keep=False), queue=queue,
+              max_bytes=1 << 26, max_pixels=50_000_000)  # fmt: skip
+    outcome = process_job(job)
+    assert outcome.status == "retry" and "changed while it was read" in str(outcome.error)
+    assert not (queue / "frame.png").exists()

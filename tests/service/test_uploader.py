@@ -621,3 +621,20 @@ def test_a_result_for_a_frame_a_worker_is_publishing_waits_and_the_others_do_not
     uploads.pump()
     assert sidecar(publisher, "c")["comfyui"] == {"upload": "sinkwatch/c.png", "prompt_id": None}
     assert getattr(ledger.get_upload("c"), "state", None) == "done"
+
+
+def test_a_frame_republished_while_its_prompt_waits_for_a_retry_drops_the_older_prompt(
+    comfy: FakeComfyUI, make_uploads: Callable[..., Uploads], ledger: Ledger, publisher: Publisher, metrics: Metrics
+) -> None:
+    uploads = make_uploads(comfy.url, workflow=SIZED_WORKFLOW, retry_base=2.0, retry_cap=2.0)
+    publish(publisher, "a", "rocket")
+    comfy.fail_next(503, path="/prompt")  # generation 1 is uploaded, its prompt waits 2 s for a retry...
+    uploads.enqueue("a", "a.png", 832, 480)
+    pump_until(uploads, lambda: value(metrics, "sinkwatch_comfyui_prompts_total", "retried") == 1)
+    newest = publish(publisher, "a", "motorcycle_left")  # ...while the frame is republished, portrait now
+    uploads.enqueue("a", "a.png", 480, 832)
+    settle(uploads, ledger, ["a"])
+
+    assert sizes(comfy) == [("sinkwatch/a.png", 480, 832)], "generation 1's stale prompt was queued too"
+    assert (comfy.input_dir / "sinkwatch" / "a.png").read_bytes() == newest
+    assert value(metrics, "sinkwatch_comfyui_prompts_total", "queued") == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import signal
 import sqlite3
 import time
@@ -38,6 +39,7 @@ from service.rules import RuleSet
 from service.selection import Selection
 from service.settings import Settings, add_flags, settings_from_args, warn_unknown_environment
 from service.stability import StabilityTracker
+from service.upgrade import CodeWatch
 from service.watch_limit import WatchLimit
 from service.watcher import EventQueue, FolderWatcher
 
@@ -88,6 +90,8 @@ class Daemon:
         self.ledger_paused = False
         self.stop_signal: int | None = None
         self.resources = contextlib.ExitStack()
+        self.code = CodeWatch()
+        self.upgraded = False
 
     # -- initialize -----------------------------------------------------------
 
@@ -216,6 +220,13 @@ class Daemon:
     def tick(self, *, once: bool = False) -> bool:
         """One turn of the loop; True when a `--once` run has nothing left to do."""
         now = self.clock()
+        if self.code.changed(now):
+            logger.warning(
+                "sinkwatch was changed on disk (an upgrade?): stopping, so that it starts again on the new code "
+                "(exit 75); a worker started now would run the new code beside this old process"
+            )
+            self.upgraded = self.stopping = True
+            return False
         if not once:
             self.discovery.take_events()
             self._check_watcher()
@@ -370,6 +381,8 @@ class Daemon:
             unfinished = once and (bool(self.ledger.entries("retry")) or bool(self.uploads and owed(self.uploads)))
         finally:
             self.shutdown()
+        if self.upgraded:
+            return os.EX_TEMPFAIL  # as FolderBusy: a supervisor starts it again
         if interrupted:  # the backlog is not done: say so, as a shell does for a signal
             return 128 + (self.stop_signal or signal.SIGTERM)
         refused = self.uploads is not None and self.uploads.refused

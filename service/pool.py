@@ -41,7 +41,8 @@ _SPOOL = "sinkwatch-workers-"
 _DAEMONS_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 
-def init_worker(parent: int, spool: str) -> None:
+def init_worker(parent: int, spool: str | None = None) -> None:
+    # `spool` may be missing: a daemon from before it (upgraded on disk under it) starting a new worker.
     # Not Linux/glibc: no prctl or mallopt; orphans then end when their pipe to the parent closes.
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
@@ -62,8 +63,9 @@ def init_worker(parent: int, spool: str) -> None:
     cv2.setNumThreads(1)
     logger.remove()
     global _codec_messages
-    with contextlib.suppress(OSError):  # the pool's folder is gone (a temp cleaner): stderr as it is
-        _codec_messages = CodecMessages(Path(spool))
+    if spool is not None:
+        with contextlib.suppress(OSError):  # the pool's folder is gone (a temp cleaner): stderr as it is
+            _codec_messages = CodecMessages(Path(spool))
 
 
 def run_job(job: Job) -> Outcome:

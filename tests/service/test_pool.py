@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -50,3 +51,10 @@ def test_a_pool_removes_the_folders_of_pools_whose_daemon_was_killed_and_a_close
     assert not stale.exists() and live.exists() and workers.spool.parent == tmp_path
     workers.close()
     assert not workers.spool.exists()
+
+
+def test_a_worker_started_by_a_daemon_from_before_the_temp_folder_still_starts() -> None:
+    # Upgraded on disk under a running older daemon: its new workers load this code, and it calls with one argument.
+    script = "import os; from service import pool; pool.init_worker(os.getppid()); print(pool._codec_messages)"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "None\n", "")

@@ -239,7 +239,8 @@ class Ledger(UploadLedger, StampLedger):
         ctime_ns: int | None = None,
     ) -> int:
         """Processing begins: one more attempt, counted afresh for a new file or for content that had reached a
-        final state; returns which attempt this is."""
+        final state; returns which attempt this is. An inode or ctime the row does not know (a ledger from before
+        them) tells no new file."""
         with self._transaction() as db:
             row = db.execute(
                 """INSERT INTO sources (relpath, state, size, mtime_ns, ino, ctime_ns, sha256, rule, fingerprint,
@@ -249,7 +250,8 @@ class Ledger(UploadLedger, StampLedger):
                    attempts = CASE
                        WHEN state IN ('published', 'rejected') THEN 1
                        WHEN size IS NOT excluded.size OR mtime_ns IS NOT excluded.mtime_ns
-                            OR ino IS NOT excluded.ino OR ctime_ns IS NOT excluded.ctime_ns THEN 1
+                            OR (ino IS NOT NULL AND ino IS NOT excluded.ino)
+                            OR (ctime_ns IS NOT NULL AND ctime_ns IS NOT excluded.ctime_ns) THEN 1
                        ELSE attempts + 1
                    END,
                    reason = CASE WHEN state IN ('published', 'rejected') THEN NULL ELSE reason END,

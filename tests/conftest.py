@@ -12,6 +12,8 @@ from types import ModuleType
 import numpy as np
 import pytest
 
+from service import logs
+
 # The fault suite's helper modules assert too: pytest explains their failures only if it rewrites them.
 pytest.register_assert_rewrite("tests.faults", "tests.fake_comfyui")
 
@@ -97,6 +99,13 @@ def wait_for(predicate: Callable[[], object], *, timeout: float = 30.0, interval
         if time.monotonic() > deadline:
             pytest.fail(f"condition not met within {timeout:.0f}s: {predicate!r}")
         time.sleep(interval)
+
+
+@pytest.fixture(autouse=True)
+def log_not_set_up() -> None:
+    """A command an earlier test ran (cli.main) set its log up as JSON, not being on a terminal: each test starts
+    with the log as a fresh process has it (a failing start's last word is then plain text)."""
+    logs._json = False
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,6 @@ import pytest
 from loguru import logger
 from prometheus_client import CollectorRegistry
 
-from service import logs
 from service.engine import Engine, Limits
 from service.ledger import Ledger
 from service.metrics import Metrics
@@ -134,14 +133,12 @@ def replace_keeping_mtime(path: Path, content: bytes) -> None:
 
 @pytest.fixture
 def restored_logging() -> Iterator[None]:
-    """Undo configure_logging after a test: the root logger's handlers, loguru's default sink, the log's format."""
+    """Undo configure_logging after a test: the root logger's handlers and loguru's default sink."""
     handlers = list(logging.getLogger().handlers)
-    as_json = logs._json
     yield
     logging.getLogger().handlers[:] = handlers
     logger.remove()
     logger.add(sys.stderr)
-    logs._json = as_json
 
 
 @pytest.fixture

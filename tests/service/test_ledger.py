@@ -182,6 +182,24 @@ def test_another_file_of_the_same_size_and_mtime_counts_attempts_afresh(ledger: 
     assert entry is not None and entry.attempts == 1
 
 
+def test_a_retry_row_from_before_inodes_goes_on_counting_its_attempts(db_path: Path) -> None:
+    # Upgraded from a version 2 ledger: the retry row knows size and mtime only.
+    old_ledger(db_path, 2)
+    with sqlite3.connect(db_path) as raw:
+        raw.execute(
+            "INSERT INTO sources (relpath, state, size, mtime_ns, attempts, next_attempt, updated)"
+            " VALUES (?, 'retry', 10, 20, 2, 5.0, 1.0)",
+            (b"trunc.png",),
+        )
+    with Ledger(db_path) as ledger:
+        start(ledger, "trunc.png")
+        entry = ledger.get("trunc.png")
+        assert entry is not None and entry.attempts == 3
+        start(ledger, "trunc.png", ino=31)
+        entry = ledger.get("trunc.png")
+        assert entry is not None and entry.attempts == 1, "once known, another inode is another file"
+
+
 def test_rejected_keeps_what_start_recorded_unless_told(ledger: Ledger) -> None:
     start(ledger, "a.png", size=10, mtime_ns=20)
     ledger.rejected("a.png", reason="bomb", message="too many pixels")

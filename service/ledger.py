@@ -261,17 +261,7 @@ class Ledger(UploadLedger, StampLedger):
                    sha256 = excluded.sha256, rule = excluded.rule, fingerprint = excluded.fingerprint,
                    next_attempt = NULL, updated = excluded.updated
                RETURNING attempts""",
-                (
-                    db_key(relpath),
-                    size,
-                    mtime_ns,
-                    ino,
-                    ctime_ns,
-                    db_text(sha256),
-                    db_text(rule),
-                    db_text(fingerprint),
-                    self.clock(),
-                ),
+                self._source_values(relpath, size, mtime_ns, ino, ctime_ns, sha256, rule, fingerprint),
             ).fetchone()
         return int(row[0])
 
@@ -301,18 +291,24 @@ class Ledger(UploadLedger, StampLedger):
                    frame_sha256 = COALESCE(excluded.frame_sha256, frame_sha256),
                    next_attempt = NULL, reason = NULL, message = NULL, updated = excluded.updated""",
             (
-                db_key(relpath),
-                size,
-                mtime_ns,
-                ino,
-                ctime_ns,
-                db_text(sha256),
-                db_text(rule),
-                db_text(fingerprint),
-                self.clock(),
+                *self._source_values(relpath, size, mtime_ns, ino, ctime_ns, sha256, rule, fingerprint),
                 db_text(frame_sha256),
             ),
         )
+
+    def _source_values(
+        self,
+        relpath: str,
+        size: int | None,
+        mtime_ns: int | None,
+        ino: int | None,
+        ctime_ns: int | None,
+        sha256: str | None,
+        *texts: str,
+    ) -> tuple[object, ...]:
+        """The values of a ``sources`` row: key, file stamp, hash, the statement's two text columns (rule and
+        fingerprint, or reason and message), then `updated` (now)."""
+        return (db_key(relpath), size, mtime_ns, ino, ctime_ns, db_text(sha256), *map(db_text, texts), self.clock())
 
     def rejected(
         self,
@@ -337,17 +333,7 @@ class Ledger(UploadLedger, StampLedger):
                    ctime_ns = COALESCE(excluded.ctime_ns, ctime_ns), sha256 = COALESCE(excluded.sha256, sha256),
                    reason = excluded.reason, message = excluded.message, next_attempt = NULL,
                    updated = excluded.updated""",
-            (
-                db_key(relpath),
-                size,
-                mtime_ns,
-                ino,
-                ctime_ns,
-                db_text(sha256),
-                db_text(reason),
-                db_text(message),
-                self.clock(),
-            ),
+            self._source_values(relpath, size, mtime_ns, ino, ctime_ns, sha256, reason, message),
         )
 
     def retry(self, relpath: str, *, reason: str, message: str, next_attempt: float) -> None:

@@ -11,6 +11,16 @@ soft mask of high-frequency detail) and a Matrix Vision heatmap, as PNG files.
 - Pillow: a short script at Pillow's defaults (``ImageOps.fit``,
   ``ImageFilter.GaussianBlur``, ``ImageChops.difference``, ``point``,
   ``Image.composite``, ``save``), in-process, so it pays no start-up per image.
+
+Each way does an image a few times in a row, as it would go through a folder,
+and the first time is not in its median (it is kept, as ``sinkwatch_first``
+for sinkwatch). On the shared virtual machines this runs on, memory a process
+left alone for a fraction of a second is slow to touch again: one
+``cv2.GaussianBlur`` of a 1024x1024 frame takes 32 ms back to back, 44 to 53 ms
+after a 250 ms pause, sleeping or busy elsewhere. That falls on what reuses its
+memory (sinkwatch's worker, 1.3x to 1.6x slower on the first image after a
+peer) and not on what maps it afresh (a ``convert`` process, Pillow's new
+images): ways taken in turn image by image, as before, measured the pause.
 """
 
 from __future__ import annotations
@@ -87,8 +97,9 @@ def measure(
     reps: int,
 ) -> dict[str, dict[str, Any]]:
     """Per source: median seconds of sinkwatch (one `process_job`; with the `fast` extra installed, also
-    as a plain install with OpenCV codecs: "sinkwatch_opencv") and of each peer, run in turn so that the
-    load of a shared machine falls on all alike; and what each peer wrote (checked)."""
+    as a plain install with OpenCV codecs: "sinkwatch_opencv") and of each peer, each ``reps`` times in a
+    row after one more (see the module's doc), the ways in turn source by source so that the load of a
+    shared machine falls on all alike; and what each peer wrote (checked)."""
     folder.mkdir(parents=True, exist_ok=True)
     params = rule.to_params().resize
     convert = shutil.which("convert") if imagemagick_version() else None
@@ -97,22 +108,27 @@ def measure(
     for source in sources:
         size = output_size(source, params)
         ours = ("sinkwatch", "sinkwatch_opencv") if fast_codecs() else ("sinkwatch",)
-        times: dict[str, list[float]] = {name: [] for name in (*ours, *peers)}
-        for rep in range(reps):
-            for name in ours:
-                opencv = name == "sinkwatch_opencv"
-                tag = f"peer{rep}{'-cv' if opencv else ''}"
-                times[name].append(job_seconds(source, rule=rule, queue=folder / "queue", tag=tag, opencv=opencv))
-            for peer in peers:
-                frame, heatmap = _outputs(folder, source, peer)
+        times: dict[str, list[float]] = {}
+        for name in ours:
+            opencv = name == "sinkwatch_opencv"
+            times[name] = [
+                job_seconds(
+                    source, rule=rule, queue=folder / "queue", tag=f"peer{rep}{'-cv' if opencv else ''}", opencv=opencv
+                )
+                for rep in range(reps + 1)
+            ]
+        for peer in peers:
+            frame, heatmap = _outputs(folder, source, peer)
+            times[peer] = []
+            for _rep in range(reps + 1):
                 started = time.perf_counter()
                 if peer == "pillow":
                     pillow_job(source.path, frame, heatmap, size)
                 else:
                     magick_job(str(convert), source.path, frame, heatmap, size)
                 times[peer].append(time.perf_counter() - started)
-        row: dict[str, Any] = {"group": source.group, "size": list(size)}
-        row |= {name: statistics.median(values) for name, values in times.items()}
+        row: dict[str, Any] = {"group": source.group, "size": list(size), "sinkwatch_first": times["sinkwatch"][0]}
+        row |= {name: statistics.median(values[1:]) for name, values in times.items()}
         row |= {f"{peer}_outputs": _checked_outputs(*_outputs(folder, source, peer), size) for peer in peers}
         results[source.path.name] = row
     return results

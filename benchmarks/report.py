@@ -150,7 +150,8 @@ def _peers(rows_by_source: dict[str, Any]) -> list[str]:
     rows = []
     for group, items in groups.items():
         sw = statistics.median(r["sinkwatch"] for r in items)
-        row: list[Any] = [group, len(items), round(1000 * sw, 1)]
+        first = round(1000 * statistics.median(r["sinkwatch_first"] for r in items), 1)
+        row: list[Any] = [group, len(items), round(1000 * sw, 1), first]
         if all("sinkwatch_opencv" in r for r in items):
             row += [round(1000 * statistics.median(r["sinkwatch_opencv"] for r in items), 1)]
         else:
@@ -164,10 +165,11 @@ def _peers(rows_by_source: dict[str, Any]) -> list[str]:
                 row += ["n/a", "n/a"]
         rows.append(row)
     out = [
-        "Peers: the same job per image (ms; x = peer time / sinkwatch time with the codecs in use, median per image;",
-        "'OpenCV codecs': sinkwatch as a plain install without the `fast` extra)",
+        "Peers: the same job per image, each way a few times in a row (ms; x = peer time / sinkwatch time with the",
+        "codecs in use, median per image; 'first': sinkwatch's first job after the peers, not in its median, see",
+        "benchmarks/peers.py; 'OpenCV codecs': sinkwatch as a plain install without the `fast` extra)",
     ]
-    heads = ["source", "n", "sinkwatch job", "OpenCV codecs", "Pillow", "x", "ImageMagick", "x"]
+    heads = ["source", "n", "sinkwatch job", "first", "OpenCV codecs", "Pillow", "x", "ImageMagick", "x"]
     return out + table(heads, rows)
 
 

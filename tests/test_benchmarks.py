@@ -15,8 +15,9 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 import benchmarks.__main__ as cli
-from benchmarks import corpus, machine, report
+from benchmarks import corpus, machine, peers, report
 from benchmarks.run import Config
+from service.rules import load_rules
 
 TINY = Config(
     photos=("astronaut",),
@@ -107,6 +108,33 @@ def test_peers_do_the_same_job_at_the_published_size(run_once: tuple[dict[str, A
             assert positive(row[peer]) and positive(row["sinkwatch"])
             outputs = row[f"{peer}_outputs"]
             assert outputs["frame"]["mode"] == "RGB" and outputs["heatmap"]["bytes"] > 0
+        assert positive(row["sinkwatch_first"])
+
+
+def test_peers_leave_each_ways_first_run_out_of_its_median(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Each way runs reps + 1 times in a row, source by source; the first is only reported (sinkwatch's)."""
+    source = corpus.build_corpus(tmp_path / "corpus", photos=("astronaut",), sizes=((320, 320),), other_formats=())[0]
+    calls: list[str] = []
+    seconds = iter([9.0, 1.0, 3.0, 8.0, 2.0, 2.0])  # sinkwatch, then sinkwatch with OpenCV codecs
+
+    def ours(*_args: Any, opencv: bool = False, **_kwargs: Any) -> float:
+        calls.append("opencv" if opencv else "fast")
+        return next(seconds)
+
+    def pillow(source_path: Path, frame: Path, heatmap: Path, size: tuple[int, int]) -> None:
+        calls.append("pillow")
+        for path in (frame, heatmap):
+            Image.new("RGB", size).save(path)
+
+    monkeypatch.setattr(peers, "job_seconds", ours)
+    monkeypatch.setattr(peers, "fast_codecs", lambda: True)
+    monkeypatch.setattr(peers, "imagemagick_version", lambda: None)
+    monkeypatch.setattr(peers, "pillow_job", pillow)
+    rule = load_rules(None).get("default")
+    row = peers.measure([source], rule=rule, folder=tmp_path / "peers", reps=2)[source.path.name]
+    assert calls == ["fast"] * 3 + ["opencv"] * 3 + ["pillow"] * 3
+    assert (row["sinkwatch_first"], row["sinkwatch"], row["sinkwatch_opencv"]) == (9.0, 2.0, 2.0)
+    assert positive(row["pillow"]) and "imagemagick" not in row
 
 
 def test_codec_section_checks_the_alternatives_pixels(run_once: tuple[dict[str, Any], str]) -> None:

@@ -32,6 +32,7 @@ from service.lock import InstanceLock, QueueLock
 from service.logs import configure_logging
 from service.metrics import Metrics
 from service.pool import WorkerPool
+from service.publish import Publisher
 from service.rules import Rule, RuleSet, load_rule_file, load_rules
 from service.selection import Selection
 from service.settings import Settings, add_flags, settings_from_args, warn_unknown_environment
@@ -48,16 +49,16 @@ def main(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     configure_logging(log_format=settings.log_format, level=settings.log_level)
     warn_unknown_environment()
-    keys = _Keys(settings)
-    found = (keys.candidate(path, label) for path, label in expand(args.paths, settings))
-    # One candidate per key: a file named twice, or also inside a named folder, is one file, counted once.
-    sources = list({candidate.key: candidate for candidate in found}.values())
-    if not sources:
+    found = list(expand(args.paths, settings))
+    if not found:
         raise ConfigError("no image files found in the given paths")
     rules = load_rules(settings.rules)
     forced = _choose_rule(args.rule, rules) if args.rule else None
     queue, state = prepare_queue(settings.queue_folder, settings.state_dir)
     with InstanceLock(state), QueueLock(queue), Ledger(state / "ledger.sqlite3") as ledger:
+        keys = _Keys(settings, daemons_root=Publisher(queue).watch_folder())
+        # One candidate per key: a file named twice, or also inside a named folder, is one file, counted once.
+        sources = list({c.key: c for c in (keys.candidate(path, label) for path, label in found)}.values())
         pool = WorkerPool(min(settings.workers, len(sources)))
         engine = Engine(
             queue=queue,
@@ -127,22 +128,35 @@ def _choose_rule(choice: str, rules: RuleSet) -> Rule:
 
 
 class _Keys:
-    """Ledger keys as the daemon makes them for files in its watch folder, absolute paths otherwise."""
+    """Ledger keys as the daemon makes them for files in its watch folder, absolute paths otherwise.
 
-    def __init__(self, settings: Settings) -> None:
-        self.watch = settings.watch
+    The daemon's watch folder is --watch, or else the one of the daemon last started on the ledger
+    publishing into the queue (`daemons_root`, a real path ending in a separator): there a file gets the
+    key that daemon's start would give its absolute one (see `Ledger.adopt`), so that `process` run
+    without the daemon's --watch does not take a file the daemon made for a new source.
+    """
+
+    def __init__(self, settings: Settings, *, daemons_root: str | None) -> None:
         self.daemon = Selection(
             settings.watch, include=settings.include, ignore=settings.ignore, recursive=settings.recursive
         )
+        self.daemons_root = daemons_root
+        self.paths: dict[str, Path] = {}
 
     def candidate(self, path: Path, label: str) -> Candidate:
-        relpath = self.daemon.relpath(path)
-        if relpath is not None:
-            return Candidate(relpath, path, "batch", 0.0)  # named and matched by its key, as the daemon does
-        return Candidate(str(path.resolve()), path, "batch", 0.0, label=label)
+        key = self.daemon.relpath(path)
+        if key is None:
+            key = str(path.resolve())
+            if self.daemons_root is None or not key.startswith(self.daemons_root):
+                self.paths[key] = path
+                return Candidate(key, path, "batch", 0.0, label=label)
+            key = Path(key).relative_to(self.daemons_root).as_posix()
+        self.paths[key] = path
+        return Candidate(key, path, "batch", 0.0)  # named and matched by its key, as the daemon does
 
     def resolve(self, key: str) -> Path:
-        return Path(key) if os.path.isabs(key) else self.watch / key
+        """The file of one of the candidates' keys (the engine resolves only those)."""
+        return self.paths[key]
 
 
 def _run(engine: Engine, sources: list[Candidate], max_attempts: int) -> int:

@@ -74,7 +74,8 @@ def own_sidecar(publisher: Publisher, name: str, key: str, source: Path | None =
     """The sidecar of output `name` if it exists and was written for source `key` (or the file `source`).
 
     ``sinkwatch process`` keys a file outside the watch folder by its resolved path and records the
-    path as it was given (relative, say): either names `source`.
+    path as it was given (relative, say); the daemon records the absolute path, which is `source` when
+    both lead to one file (a `process` on a ledger of its own, given the daemon's file): any names `source`.
     """
     sidecar = _read_json(publisher.sidecar_path(name))
     try:
@@ -83,10 +84,11 @@ def own_sidecar(publisher: Publisher, name: str, key: str, source: Path | None =
         written_for = sidecar["source"]
         if written_for["key"] == key:
             return sidecar
-        if source is not None and (
-            written_for["path"] == str(source) or written_for["key"] == os.path.realpath(source)
-        ):
-            return sidecar
+        if source is not None:
+            path, real = written_for["path"], os.path.realpath(source)
+            same_file = os.path.isabs(path) and os.path.realpath(path) == real
+            if path == str(source) or written_for["key"] == real or same_file:
+                return sidecar
     except (KeyError, TypeError):
         pass
     return None

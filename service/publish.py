@@ -24,6 +24,8 @@ MATRIX_DIR = "matrix"
 REJECTED_DIR = "rejected"
 TEMP_DIR = Path(".sinkwatch") / "tmp"
 TEMP_SUFFIX = ".tmp"
+# The real path of the watch folder of the daemon publishing into the queue (see Publisher.record_watch_folder).
+WATCH_FOLDER_FILE = Path(".sinkwatch") / "watch-folder"
 
 
 class Publisher:
@@ -81,6 +83,27 @@ class Publisher:
         path = self.sidecar_path(name)
         self._write(path, json_bytes(sidecar))
         return path
+
+    def record_watch_folder(self, watch: Path) -> None:
+        """Record `watch` as the folder the source keys in this queue's sidecars (and ledger) are paths in.
+
+        A daemon keys a source by its path in its watch folder. `sinkwatch process` given one of its files
+        without that --watch (a shell user's, with the daemon's state folder or one of its own) would take
+        the file for a new source and publish it again under a second name; it reads this instead.
+        """
+        data = os.fsencode(os.path.join(os.path.realpath(watch), ""))
+        path = self.queue / WATCH_FOLDER_FILE
+        with contextlib.suppress(OSError):
+            if path.read_bytes() == data:
+                return
+        self._write(path, data)
+
+    def watch_folder(self) -> str | None:
+        """The real path :meth:`record_watch_folder` recorded, ending in a separator; None if there is none."""
+        try:
+            return os.fsdecode((self.queue / WATCH_FOLDER_FILE).read_bytes()) or None
+        except OSError:
+            return None
 
     def clean_temp(self) -> int:
         """Remove temp files a crashed run left behind; returns how many.

@@ -136,6 +136,38 @@ def test_process_and_run_on_one_state_never_make_a_frame_twice(tmp_path: Path, f
     check_outputs_complete(queue)
 
 
+@pytest.mark.parametrize("state", ["the daemon's", "one of its own"])
+def test_process_given_the_daemons_files_without_its_watch_folder_makes_no_second_frame(
+    tmp_path: Path, state: str
+) -> None:
+    watch, queue = tmp_path / "watch", tmp_path / "queue"
+    (watch / "sub").mkdir(parents=True)
+    names = ["one.png", "sub/two.png"]
+    for index, name in enumerate(names):
+        write_photo(watch / name, small_photo(index, height=120, width=180))
+    # As the systemd unit with SINKWATCH_STATE_DIR=/var/lib/sinkwatch; `process` keeps its state in the queue.
+    daemons_state = ("--state-dir", str(tmp_path / "state")) if state == "one of its own" else ()
+    done = run_sinkwatch(
+        "run", "--once", "--watch", str(watch), "--queue", str(queue), "--recursive", *daemons_state, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    made = snapshot(queue / "matrix") | {frame.name: snapshot(queue)[frame.name] for frame in frames(queue)}
+    assert sorted(frame.name for frame in frames(queue)) == ["one.png", "sub__two.png"]
+
+    # A shell user away from the watch folder names the daemon's files, one by a relative path, and no --watch.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    again = run_sinkwatch(
+        "process", "../watch/one.png", str(watch / "sub" / "two.png"), "--queue", str(queue), cwd=elsewhere
+    )
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert logged(records(again.stderr), "published") == [], "`process` made the daemon's frames a second time"
+    assert "0 published, 2 unchanged, 0 rejected, 0 unfinished" in again.stderr, again.stderr[-2000:]
+    now = snapshot(queue / "matrix") | {frame.name: snapshot(queue)[frame.name] for frame in frames(queue)}
+    assert now == made
+    check_outputs_complete(queue)
+
+
 @pytest.mark.parametrize("first", ["run", "process"])
 def test_a_lost_ledger_keeps_the_outputs_of_unchanged_sources_and_makes_only_the_changed_one_again(
     tmp_path: Path, first: str

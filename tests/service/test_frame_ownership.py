@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from service.engine import Engine
 from service.ledger import Ledger
+from service.ownership import own_sidecar
+from service.publish import Publisher
 from service.rules import load_rules
 from service.runner import Job, Outcome, process_job
 from tests.conftest import load_photo
@@ -110,6 +113,23 @@ def test_a_sidecar_written_under_the_absolute_key_of_sinkwatch_process_is_its_ow
     outcome = run_job(write_png("watch/cat.png", load_photo(PHOTOS[1])), queue, key="cat.png")
 
     assert outcome.status == "published"
+
+
+def test_the_daemons_sidecar_is_its_own_for_sinkwatch_process_given_the_same_file_by_another_path(
+    tmp_path: Path, write_png: WritePng, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`process` on a ledger of its own, given the daemon's file by a relative path (no --watch, a queue whose
+    daemon has not recorded its watch folder yet): the frame is that file's, not someone else's."""
+    queue = tmp_path / "queue"
+    source = write_png("watch/cat.png", load_photo(PHOTOS[0]))
+    assert run_job(source, queue, key="cat.png").status == "published"  # by the daemon, its path absolute
+    publisher = Publisher(queue)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    given = Path("../watch/cat.png")
+
+    assert own_sidecar(publisher, "cat", str(source.resolve()), given) is not None
+    assert own_sidecar(publisher, "cat", str(tmp_path / "other.png"), tmp_path / "other.png") is None
 
 
 def test_a_touched_source_after_an_edit_keeps_its_name_and_publishes_nothing(

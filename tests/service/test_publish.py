@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from service.errors import PublishError
-from service.publish import Publisher, json_bytes
+from service.publish import WATCH_FOLDER_FILE, Publisher, json_bytes
 
 T = TypeVar("T")
 NOBODY = 65534
@@ -456,3 +456,20 @@ def test_a_reader_polling_the_queue_only_ever_sees_complete_pngs(queue: Path, fr
     assert checked[0] > 0, "the reader must actually have read frames"
     assert top_level_files(queue) == sorted(f"{name}.png" for name in names)
     assert temp_files(queue) == []
+
+
+def test_the_daemons_watch_folder_is_recorded_in_the_queue_once_as_its_real_path(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    publisher = Publisher(tmp_path / "queue")
+    assert publisher.watch_folder() is None
+
+    publisher.record_watch_folder(tmp_path / "link")
+    recorded = tmp_path / "queue" / WATCH_FOLDER_FILE
+    written = recorded.stat()
+    publisher.record_watch_folder(tmp_path / "real")
+
+    assert publisher.watch_folder() == f"{tmp_path / 'real'}{os.sep}"
+    assert recorded.stat().st_ino == written.st_ino, "the same folder was written again"
+    publisher.record_watch_folder(tmp_path)
+    assert Publisher(tmp_path / "queue").watch_folder() == f"{tmp_path}{os.sep}"

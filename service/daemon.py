@@ -142,8 +142,11 @@ class Daemon:
         removed = self.engine.publisher.clean_temp()
         if removed:
             logger.warning("removed {} temp files left by an interrupted run", removed)
-        # So that `sinkwatch process`, given our files without our --watch, keys them as we do.
-        self.engine.publisher.record_watch_folder(self.folders.watch)
+        try:
+            # So that `sinkwatch process`, given our files without our --watch, keys them as we do.
+            self.engine.publisher.record_watch_folder(self.folders.watch)
+        except PublishError as exc:  # a full queue, say: publications wait for room, this for the next start
+            logger.warning("{}", exc)
         self.discovery = Discovery(
             selection=self.selection,
             events=self.events,

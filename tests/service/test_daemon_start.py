@@ -22,6 +22,7 @@ from service.daemon import Daemon
 from service.errors import ConfigError, PublishError, SinkwatchError
 from service.logs import configure_logging
 from service.metrics import Metrics
+from service.publish import Publisher
 from service.settings import Settings
 
 # -- exit codes ------------------------------------------------------------------------------------
@@ -99,6 +100,18 @@ def test_a_ledger_on_a_full_disk_at_start_is_a_transient_error(tmp_path: Path) -
     with full_tmpfs(tmp_path / "state") as state, pytest.raises(PublishError, match="cannot open the ledger") as caught:
         daemon._open_ledger(state / "ledger.sqlite3")
     assert caught.value.transient
+
+
+def test_a_full_queue_at_start_does_not_stop_the_daemon_for_its_record_of_the_watch_folder(tmp_path: Path) -> None:
+    (tmp_path / "watch").mkdir()
+    with full_tmpfs(tmp_path / "queue") as queue:
+        settings = Settings(watch=tmp_path / "watch", queue=queue, state_dir=tmp_path / "state", metrics_port=0)
+        running = Daemon(settings)
+        try:
+            running.initialize(once=True)  # publications wait for room, as they would later
+        finally:
+            running.resources.close()
+        assert Publisher(queue).watch_folder() is None
 
 
 def test_a_ledger_path_that_cannot_be_a_database_stays_a_configuration_error(tmp_path: Path) -> None:

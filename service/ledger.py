@@ -347,6 +347,14 @@ class Ledger(UploadLedger, StampLedger):
             (db_key(relpath), db_text(reason), db_text(message), next_attempt, self.clock()),
         )
 
+    def interrupted(self, relpath: str) -> None:
+        """The attempt in progress ended through no fault of the source (its daemon was killed, or a worker it
+        shared with other images died): it is not counted, so that such ends never add up to a rejection."""
+        self._write(
+            "UPDATE sources SET attempts = attempts - 1 WHERE relpath = ? AND state = 'processing' AND attempts > 0",
+            (db_key(relpath),),
+        )
+
     def forget(self, relpath: str) -> None:
         """Drop the source's entry (it vanished); its output name stays reserved for it."""
         self._write("DELETE FROM sources WHERE relpath = ?", (db_key(relpath),))

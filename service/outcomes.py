@@ -65,7 +65,8 @@ class Outcomes:
         """A worker process died while `job` ran; True to try it again.
 
         A dead worker fails every job in flight, so only a job that ran `alone` is known to have
-        killed it; that one is rejected once it happened too often. The others are tried again.
+        killed it; that one is rejected once it happened too often. The others are tried again, and
+        the attempt is not counted for them.
         """
         entry = self.ledger.get(job.key)
         attempts = entry.attempts if entry else 1
@@ -81,6 +82,7 @@ class Outcomes:
         if alone:
             logger.bind(source=job.key).warning("a worker died while processing {}; trying again", job.key)
         else:
+            self.ledger.interrupted(job.key)
             logger.bind(source=job.key).warning(
                 "a worker died while {} was in flight with others; trying it again on its own", job.key
             )

@@ -59,5 +59,6 @@ def recover(
                 published(str(entry.output_name), entry.relpath, width, height)
             recovered += 1
         else:
+            ledger.interrupted(entry.relpath)  # the run died, not the image: restarts must not reject it
             requeue(entry.relpath, path)
     return recovered

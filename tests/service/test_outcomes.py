@@ -313,5 +313,8 @@ def test_a_bystander_of_a_worker_death_is_never_rejected_for_it(bench: Bench) ->
     for attempt in range(1, 2 * MAX_ATTEMPTS):
         assert bench.outcomes.worker_died(bench.start(source), alone=False) is True, attempt
     entry = bench.entry("cat.png")
-    assert (entry.state, entry.attempts) == ("processing", 2 * MAX_ATTEMPTS - 1)
+    assert (entry.state, entry.attempts) == ("processing", 0), "the others' crashes were counted as its attempts"
     assert bench.counted() == {} and not bench.queue.exists()
+    # Nor do they bring its own first crash closer to the limit.
+    assert bench.outcomes.worker_died(bench.start(source), alone=True) is True
+    assert bench.entry("cat.png").attempts == 1

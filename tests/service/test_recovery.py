@@ -61,6 +61,18 @@ def test_a_damaged_frame_is_made_again(crashed: Crashed) -> None:
     assert _recover(crashed) == (0, ["cat.png"])
 
 
+def test_an_image_the_crash_cut_short_is_made_again_without_counting_that_attempt(crashed: Crashed) -> None:
+    ledger, publisher, source = crashed
+    publisher.frame_path("cat").unlink()  # the run died before its frame was written
+    attempts = ledger.get("cat.png").attempts  # type: ignore[union-attr]
+    assert _recover(crashed) == (0, ["cat.png"])
+    st = source.stat()
+    again = ledger.start(
+        "cat.png", size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=None, rule="default", fingerprint="f"
+    )
+    assert again == attempts, "each restart of a killed daemon counted against the image as an attempt"
+
+
 def test_a_source_changed_since_its_frame_is_made_again(crashed: Crashed) -> None:
     source = crashed[2]
     source.write_bytes(source.read_bytes() + b"\0")

@@ -118,6 +118,7 @@ class Daemon:
         self.metrics.workers.set(s.workers)
         self.ledger = _open_ledger(self.folders.state / "ledger.sqlite3")
         self.resources.callback(self.ledger.close)
+        self.metrics.ledger_writable.set(1)
         # `sinkwatch process` keys a file outside its own --watch folder by absolute path: those in ours become ours.
         adopted = self.ledger.adopt(self.folders.watch)
         if adopted:
@@ -216,11 +217,13 @@ class Daemon:
                         "cannot record progress, pausing until it can: {}", exc
                     )
                     self.ledger_paused = True
+                    self.metrics.ledger_writable.set(0)
                 time.sleep(1.0)
                 continue
             if self.ledger_paused:
                 logger.info("the ledger records progress again")
                 self.ledger_paused = False
+                self.metrics.ledger_writable.set(1)
 
     def tick(self, *, once: bool = False) -> bool:
         """One turn of the loop; True when a `--once` run has nothing left to do."""
@@ -338,6 +341,7 @@ class Daemon:
             "watcher": self.watcher.alive(),
             "workers": self.pool.alive(),
             "scan_recent": self.discovery.scanning or scan_age < 3 * self.settings.rescan_interval,
+            "ledger": not self.ledger_paused,
         }
         failed = [name for name, ok in checks.items() if not ok]
         if self.watch_missing:

@@ -159,6 +159,11 @@ class Metrics:
             registry=reg,
         )
         self.watcher_up = Gauge("sinkwatch_watcher_up", "1 while the folder observer is alive, else 0.", registry=reg)
+        self.ledger_writable = Gauge(
+            "sinkwatch_ledger_writable",
+            "1 while the ledger records progress; 0 while its disk is full or read-only (no image is processed).",
+            registry=reg,
+        )
         self.watcher_restarts = Counter(
             "sinkwatch_watcher_restarts_total",
             "Times a dead folder observer was restarted.",

@@ -24,6 +24,7 @@ ALERTS = (
     "SinkwatchRejectionRatioHigh",
     "SinkwatchWatcherDown",
     "SinkwatchRulesBroken",
+    "SinkwatchLedgerPaused",
     "SinkwatchTargetDown",
 )
 

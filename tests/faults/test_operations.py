@@ -12,6 +12,7 @@ queue folder does not lose the single-instance lock or the ledger.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import socket
@@ -319,9 +320,14 @@ def test_a_full_ledger_disk_is_logged_once_and_keeps_the_watchdog_fed(
     before = notes.pings()
     kept_feeding = notes.receive_until(lambda: notes.pings() >= before + 3, timeout=6)
     during = pauses() - first
+    # Nothing is processed meanwhile: the health check and a metric say so, not only one log line.
+    status, body = daemon.get("/healthz")
+    assert (status, json.loads(body)["reason"]) == (503, "failed: ledger"), body
+    assert metric(daemon, "sinkwatch_ledger_writable") == 0
     filler.unlink()
     wait_for((queue / "during.png").is_file, timeout=60)
     assert health(daemon) == 200
+    assert metric(daemon, "sinkwatch_ledger_writable") == 1
     assert kept_feeding and during <= 1, (
         f"while the ledger's disk was full: watchdog fed: {kept_feeding}; "
         f"{during} more 'cannot record progress' lines in about 6 s (one a second for the whole outage)"

@@ -160,6 +160,13 @@ def test_healthz_is_ok_when_only_the_informational_watch_limit_is_reached(tmp_pa
     assert "reason" not in body
 
 
+def test_a_paused_ledger_is_a_failed_check(tmp_path: Path) -> None:
+    running = probed_daemon(tmp_path, watch_missing=False, watcher=True, watch_limit_reached=False)
+    running.ledger_paused = True  # its disk full: nothing is processed until it records progress again
+    status, body = healthz(running)
+    assert (status, body["reason"], body["ledger"]) == (503, "failed: ledger", False)
+
+
 def test_a_dead_watcher_on_a_present_folder_is_the_only_reason(tmp_path: Path) -> None:
     status, body = healthz(probed_daemon(tmp_path, watch_missing=False, watcher=False, watch_limit_reached=False))
     assert (status, body["reason"]) == (503, "failed: watcher")

@@ -29,13 +29,12 @@ from service.errors import ConfigError, RuleError
 from service.folders import prepare_queue
 from service.ledger import Ledger
 from service.lock import InstanceLock, QueueLock
-from service.logs import configure_logging
 from service.metrics import Metrics
 from service.pool import WorkerPool
 from service.publish import Publisher
 from service.rules import Rule, RuleSet, load_rule_file, load_rules
 from service.selection import Selection
-from service.settings import Settings, add_flags, settings_from_args, warn_unknown_environment
+from service.settings import Settings, add_flags, logged_settings, warn_unknown_environment
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,8 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
-    configure_logging(log_format=settings.log_format, level=settings.log_level)
+    settings = logged_settings(args)
     warn_unknown_environment()
     found = list(expand(args.paths, settings))
     if not found:

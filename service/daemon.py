@@ -31,13 +31,12 @@ from service.folders import Folders, folder_problem, prepare_folders
 from service.http import serve
 from service.ledger import Ledger
 from service.lock import InstanceLock, QueueLock
-from service.logs import configure_logging
 from service.metrics import Metrics
 from service.pool import WorkerPool
 from service.reload import RuleReloader, record_rules
 from service.rules import RuleSet
 from service.selection import Selection
-from service.settings import Settings, add_flags, settings_from_args, warn_unknown_environment
+from service.settings import Settings, add_flags, logged_settings, warn_unknown_environment
 from service.stability import StabilityTracker
 from service.upgrade import CodeWatch
 from service.watch_limit import WatchLimit
@@ -64,8 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
-    configure_logging(log_format=settings.log_format, level=settings.log_level)
+    settings = logged_settings(args)
     warn_unknown_environment()
     # The *_created series double the exposition and no dashboard or alert uses them.
     disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated

@@ -27,6 +27,7 @@ from pydantic_settings import (
 
 from service.comfyui import DEFAULT_SUBFOLDER, ComfyClient
 from service.errors import ConfigError
+from service.logs import configure_logging
 from service.rule_globs import check_name_glob
 
 ENV_PREFIX = "SINKWATCH_"
@@ -311,6 +312,19 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action="append", metavar="GLOB", **kwargs)
         else:
             parser.add_argument(flag, metavar=name.split("_")[-1].upper(), **kwargs)
+
+
+def logged_settings(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Settings:
+    """The settings of a command, and its log set up by them.
+
+    The log is set up first as the flag or the environment asks (a config file may be what fails): an
+    error in the settings is then a line of that log, a JSON line under systemd or Docker, not bare text.
+    """
+    asked = getattr(args, "log_format", None) or environ.get(f"{ENV_PREFIX}LOG_FORMAT", "")
+    configure_logging(log_format=asked if asked in ("text", "json") else "auto")
+    settings = settings_from_args(args, environ)
+    configure_logging(log_format=settings.log_format, level=settings.log_level)
+    return settings
 
 
 def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Settings:

@@ -256,6 +256,24 @@ def test_a_metrics_port_in_use_is_a_clear_startup_error(tmp_path: Path) -> None:
     assert "--metrics-port" in message and "Traceback" not in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize(
+    ("flags", "env"),
+    [
+        ((), {"SINKWATCH_LOG_FORMAT": "json", "SINKWATCH_WORKERS": "two"}),  # the Docker image's way
+        (("--log-format", "json", "--workers", "0"), {}),
+        (("--workers", "0"), {}),  # auto, not on a terminal: as under systemd
+    ],
+)
+def test_a_bad_setting_is_a_json_line_when_the_log_is_to_be_json(
+    tmp_path: Path, flags: tuple[str, ...], env: dict[str, str]
+) -> None:
+    done = run_sinkwatch("run", "--once", "--metrics-port", "0", *flags, cwd=tmp_path, env=env)
+    assert done.returncode == 2, done.stderr[-4000:]
+    message = last_word(done.stderr)  # the only line, and JSON: a log shipper parses every line
+    assert message.startswith("sinkwatch: setting 'workers': "), message
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
 def test_startup_with_no_flags_in_an_empty_folder_creates_watch_and_queue_and_says_where(tmp_path: Path) -> None:
     cwd = tmp_path / "empty"
     cwd.mkdir()

@@ -186,7 +186,7 @@ class Outcomes:
             self.metrics.publish_errors.labels(reason=str(error.get("publish_reason", "other"))).inc()
         self._count(outcome.rule, "retried")
         logger.bind(source=job.key, reason=error.get("reason")).warning(
-            "retrying {} in {:.0f}s (attempt {}): {}", job.key, delay, attempts, error.get("message")
+            "retrying {} in {:.1f}s (attempt {}): {}", job.key, delay, attempts, error.get("message")
         )
 
     def _delay(self, attempts: int) -> float:

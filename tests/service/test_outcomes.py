@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from loguru import logger
 from prometheus_client import CollectorRegistry
 
 from service.ledger import Entry, Ledger
@@ -221,6 +222,17 @@ def test_a_transient_failure_is_retried_with_doubling_delays_then_rejected(bench
     assert (record["key"], record["source"], record["rule"]) == ("cat.png", str(source), "default")
     assert bench.counted() == {"retried": MAX_ATTEMPTS - 1, "rejected": 1}
     assert bench.sample("sinkwatch_rejections_total", reason="incomplete") == 1
+
+
+def test_a_retry_under_a_second_away_is_not_said_to_be_0s_away(bench: Bench) -> None:
+    bench.outcomes.retry_base = 0.2
+    said: list[str] = []
+    handler = logger.add(lambda message: said.append(message.record["message"]), level="WARNING")
+    try:
+        assert bench.run(bench.photo("cat.png", cut=5000)).status == "retry"
+    finally:
+        logger.remove(handler)
+    assert [line for line in said if line.startswith("retrying cat.png in 0.2s (attempt 1): ")], said
 
 
 def test_a_permanent_failure_is_rejected_at_once(bench: Bench) -> None:

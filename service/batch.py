@@ -128,10 +128,10 @@ def _choose_rule(choice: str, rules: RuleSet) -> Rule:
 class _Keys:
     """Ledger keys as the daemon makes them for files in its watch folder, absolute paths otherwise.
 
-    The daemon's watch folder is --watch, or else the one of the daemon last started on the ledger
-    publishing into the queue (`daemons_root`, a real path ending in a separator): there a file gets the
-    key that daemon's start would give its absolute one (see `Ledger.adopt`), so that `process` run
-    without the daemon's --watch does not take a file the daemon made for a new source.
+    The daemon's watch folder is --watch, or else that of the daemon last started on the queue
+    (`daemons_root`, a real path ending in a separator): there a file gets the key that daemon's start
+    would give its absolute one (see `Ledger.adopt`), so that `process` run without the daemon's --watch
+    does not take a file the daemon made for a new source.
     """
 
     def __init__(self, settings: Settings, *, daemons_root: str | None) -> None:

@@ -21,7 +21,7 @@ from loguru import logger
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
-from watchdog.observers.polling import PollingObserver
+from watchdog.observers.polling import PollingObserverVFS
 
 from service.errors import ConfigError
 
@@ -105,7 +105,11 @@ class FolderWatcher:
 
     def start(self) -> None:
         identity = _identity(self.root)
-        observer: BaseObserver = PollingObserver(timeout=self.poll_interval) if self.polling else Observer()
+        observer: BaseObserver = (
+            PollingObserverVFS(_polled_stat, os.scandir, polling_interval=self.poll_interval)
+            if self.polling
+            else Observer()
+        )
         observer.schedule(EnqueueHandler(self.events), str(self.root), recursive=self.recursive)
         try:
             observer.start()
@@ -136,6 +140,19 @@ class FolderWatcher:
             observer.stop()
             if observer.is_alive():
                 observer.join(timeout=10)
+
+
+def _polled_stat(path: str) -> os.stat_result:
+    """What the polling observer compares from one look at the folder to the next.
+
+    The link itself, not what it leads to: the observer walks into whatever looks like a folder, and a
+    link to a folder above (``ln -s . latest``) had it walk the same files 40 levels deep at every poll,
+    two such links without end (no new file seen, no stop). And the inode's change time in place of the
+    modification time: new content copied in with its old size and mtime (``cp -p``, ``rsync -t``) is a
+    change, as inotify's close of the file is, instead of waiting for the next reconciliation scan.
+    """
+    st = os.lstat(path)
+    return os.stat_result((*st[:8], st.st_ctime, st.st_ctime))
 
 
 def _identity(folder: Path) -> tuple[int, int] | None:

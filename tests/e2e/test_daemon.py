@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import io
 import json
 import os
 import signal
@@ -20,7 +21,9 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image, PngImagePlugin
 from watchdog.events import FileSystemEvent
 
 from service.ledger import Ledger
@@ -440,6 +443,42 @@ def test_a_source_overwritten_with_new_content_is_processed_again_and_a_resaved_
     assert snapshot(queue)["resaved.png"] == resaved, "the re-saved source's frame was written again"
     check_outputs_complete(queue)
     check_watch_unchanged(watch, before, added=(SENTINEL,))
+
+
+def png_with_note(pixels: np.ndarray, note: str) -> bytes:
+    """A PNG of `pixels` with a text chunk: other notes of one length give other bytes of one size."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("note", note)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG", pnginfo=info)
+    return out.getvalue()
+
+
+def test_with_polling_new_images_and_new_content_under_an_old_size_and_mtime_are_seen_past_a_link_loop(
+    daemon: DaemonProcess, folders: tuple[Path, Path]
+) -> None:
+    watch, queue = folders
+    (watch / "sub").mkdir()
+    (watch / "latest").symlink_to(".")  # followed, it made every poll endless
+    (watch / "sub" / "up").symlink_to("..")
+    # Nothing but the poller can find the change in time: the reconciliation scan is minutes away.
+    daemon.args += ["--polling", "--poll-interval", "0.2", "--recursive", "--rescan-interval", "600"]
+    daemon.start()
+    pixels = small_photo(0, height=120, width=180)
+    image = watch / "sub" / "image.png"
+    image.write_bytes(png_with_note(pixels, "take 1"))
+    wait_for(lambda: "sub/image.png" in logged(daemon.records(), "published"), timeout=60)
+    st = image.stat()
+
+    # What cp -p or rsync -t --inplace leave: other bytes, in the same file, of the same size and mtime.
+    with image.open("r+b") as handle:
+        handle.write(png_with_note(pixels, "take 2"))
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+    now = image.stat()
+    assert (now.st_size, now.st_mtime_ns, now.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+    wait_for(lambda: logged(daemon.records(), "published").count("sub/image.png") == 2, timeout=60)
+    assert sidecars(queue)["sub__image"]["source"]["sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
+    check_outputs_complete(queue)
 
 
 def test_a_resaved_source_skipped_after_a_rule_change_keeps_the_rule_that_made_its_outputs_in_the_ledger(

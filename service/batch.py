@@ -55,8 +55,7 @@ def main(args: argparse.Namespace) -> int:
     queue, state = prepare_queue(settings.queue_folder, settings.state_dir)
     with InstanceLock(state), QueueLock(queue), Ledger(state / "ledger.sqlite3") as ledger:
         keys = _Keys(settings, daemons_root=Publisher(queue).watch_folder())
-        # One candidate per key: a file named twice, or also inside a named folder, is one file, counted once.
-        sources = list({c.key: c for c in (keys.candidate(path, label) for path, label in found)}.values())
+        sources = keys.candidates(found)
         pool = WorkerPool(min(settings.workers, len(sources)))
         engine = Engine(
             queue=queue,
@@ -140,6 +139,20 @@ class _Keys:
         )
         self.daemons_root = daemons_root
         self.paths: dict[str, Path] = {}
+
+    def candidates(self, found: list[tuple[Path, str]]) -> list[Candidate]:
+        """One candidate per key: a file named twice, or also inside a named folder, is one file, counted once.
+        Two files of one key (one in --watch, one in the daemon's folder) are refused, not one dropped."""
+        by_key: dict[str, Candidate] = {}
+        for path, label in found:
+            candidate = self.candidate(path, label)
+            known = by_key.setdefault(candidate.key, candidate)
+            if os.path.realpath(known.path) != os.path.realpath(path):
+                raise ConfigError(
+                    f"{known.path} and {path} would both be {candidate.key!r} in the ledger (one in --watch, one in "
+                    f"the watch folder of the daemon on the queue, {self.daemons_root}): process them separately"
+                )
+        return list(by_key.values())
 
     def candidate(self, path: Path, label: str) -> Candidate:
         key = self.daemon.relpath(path)

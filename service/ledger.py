@@ -348,11 +348,22 @@ class Ledger(UploadLedger, StampLedger):
         )
 
     def interrupted(self, relpath: str) -> None:
-        """The attempt in progress ended through no fault of the source (its daemon was killed, or a worker it
-        shared with other images died): it is not counted, so that such ends never add up to a rejection."""
+        """The attempt in progress ended through no fault of the source (its daemon was killed): it is not
+        counted, so that such ends never add up to a rejection."""
         self._write(
             "UPDATE sources SET attempts = attempts - 1 WHERE relpath = ? AND state = 'processing' AND attempts > 0",
             (db_key(relpath),),
+        )
+
+    def worker_died(self, relpath: str, *, counted: bool, message: str, next_attempt: float) -> None:
+        """A worker died during the source's attempt, to be tried again from `next_attempt`; the attempt is
+        `counted` only when the source ran alone (it may be what kills workers). No longer "processing", the
+        row is not taken for one cut short by a stop before the retry (see :meth:`interrupted`)."""
+        self._write(
+            """UPDATE sources SET state = 'retry', reason = 'crashed', message = ?, next_attempt = ?, updated = ?,
+                   attempts = MAX(attempts - ?, 0)
+               WHERE relpath = ? AND state = 'processing'""",
+            (db_text(message), next_attempt, self.clock(), 0 if counted else 1, db_key(relpath)),
         )
 
     def forget(self, relpath: str) -> None:

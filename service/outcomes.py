@@ -80,12 +80,11 @@ class Outcomes:
             self._reject(job, error, Outcome(job.key, job.name, job.rule.name, job.rule.fingerprint, "rejected"))
             return False
         if alone:
-            logger.bind(source=job.key).warning("a worker died while processing {}; trying again", job.key)
+            message = f"a worker died while processing {job.key}; trying again"
         else:
-            self.ledger.interrupted(job.key)
-            logger.bind(source=job.key).warning(
-                "a worker died while {} was in flight with others; trying it again on its own", job.key
-            )
+            message = f"a worker died while {job.key} was in flight with others; trying it again on its own"
+        self.ledger.worker_died(job.key, counted=alone, message=message, next_attempt=self.clock())
+        logger.bind(source=job.key).warning("{}", message)
         return True
 
     def _published(self, job: Job, outcome: Outcome, seen_at: float | None) -> None:

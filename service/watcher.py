@@ -147,12 +147,14 @@ def _polled_stat(path: str) -> os.stat_result:
 
     The link itself, not what it leads to: the observer walks into whatever looks like a folder, and a
     link to a folder above (``ln -s . latest``) had it walk the same files 40 levels deep at every poll,
-    two such links without end (no new file seen, no stop). And the inode's change time in place of the
-    modification time: new content copied in with its old size and mtime (``cp -p``, ``rsync -t``) is a
-    change, as inotify's close of the file is, instead of waiting for the next reconciliation scan.
+    two such links without end (no new file seen, no stop). And, as the modification time it compares,
+    a number that changes with the inode's change time too: new content copied in with its old size and
+    mtime (``cp -p``, ``rsync -t``) is a change, as inotify's close of the file is, instead of waiting for
+    the next reconciliation scan (a file system whose ctime never changes still has the mtime).
     """
     st = os.lstat(path)
-    return os.stat_result((*st[:8], st.st_ctime, st.st_ctime))
+    changed = st.st_mtime_ns + st.st_ctime_ns
+    return os.stat_result((*st[:8], changed, st.st_ctime))
 
 
 def _identity(folder: Path) -> tuple[int, int] | None:

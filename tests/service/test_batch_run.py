@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from service.batch import _run, expand
+from service.batch import _Keys, _run, expand
 from service.engine import Candidate, Engine
 from service.errors import ConfigError
 from service.settings import Settings
@@ -81,3 +81,17 @@ def test_paths_given_to_process_that_cannot_be_taken_are_clear_errors(open_tmp: 
         with pytest.raises(ConfigError, match=message) as raised:
             where_permissions_bind(open_tmp, partial(take, path))
         assert raised.value.path == str(path)
+
+
+def test_two_files_of_one_key_are_refused_and_one_file_named_twice_is_one_candidate(tmp_path: Path) -> None:
+    """With --watch `other` and the daemon's folder `daemons`, other/a.png and daemons/a.png are both 'a.png'."""
+    for folder in ("other", "daemons"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "a.png").write_bytes(CONTENT)
+    keys = _Keys(Settings(watch=tmp_path / "other"), daemons_root=f"{tmp_path / 'daemons'}{os.sep}")
+    daemons = tmp_path / "daemons" / "a.png"
+
+    [candidate] = keys.candidates([(daemons, "a.png"), (tmp_path / "daemons" / ".." / "daemons" / "a.png", "a.png")])
+    assert (candidate.key, candidate.path) == ("a.png", daemons)
+    with pytest.raises(ConfigError, match=r"would both be 'a\.png' in the ledger"):
+        keys.candidates([(tmp_path / "other" / "a.png", "a.png"), (daemons, "a.png")])

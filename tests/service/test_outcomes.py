@@ -21,6 +21,7 @@ from service.ledger import Entry, Ledger
 from service.metrics import OUTCOMES, Metrics
 from service.outcomes import MAX_PUBLISH_RETRY_DELAY, Outcomes
 from service.publish import Publisher
+from service.recovery import recover
 from service.rules import load_rules
 from service.runner import Job, Outcome, process_job
 from tests.conftest import photo_file
@@ -296,7 +297,8 @@ def test_a_worker_dying_is_tried_again_then_rejected_as_crashed(bench: Bench) ->
     source = bench.photo("cat.png")
     for attempt in range(1, MAX_ATTEMPTS):
         assert bench.outcomes.worker_died(bench.start(source), alone=True) is True, attempt
-        assert bench.entry("cat.png").state == "processing"
+        entry = bench.entry("cat.png")
+        assert (entry.state, entry.reason, entry.attempts, entry.next_attempt) == ("retry", "crashed", attempt, NOW)
     assert bench.counted() == {} and not bench.queue.exists()
 
     assert bench.outcomes.worker_died(bench.start(source), alone=True) is False
@@ -312,6 +314,22 @@ def test_a_worker_dying_is_tried_again_then_rejected_as_crashed(bench: Bench) ->
     assert bench.sample("sinkwatch_rejections_total", reason="crashed") == 1
 
 
+def test_a_stop_before_the_retry_of_an_image_that_killed_its_worker_leaves_that_crash_counted(bench: Bench) -> None:
+    """Recovery gives back attempts a killed daemon cut short, not a crash (systemd's OOMPolicy=stop: the OOM
+    killer takes the worker, systemd stops the daemon before it retried the image, and starts it again)."""
+    source = bench.photo("cat.png")
+    requeued: list[str] = []
+    for attempt in range(1, MAX_ATTEMPTS):
+        assert bench.outcomes.worker_died(bench.start(source), alone=True) is True, attempt
+        recover(
+            bench.ledger, Publisher(bench.queue), resolve=bench.watch.joinpath, requeue=lambda k, _p: requeued.append(k)
+        )
+        assert requeued == [] and bench.entry("cat.png").attempts == attempt, "the crash was given back"
+
+    assert bench.outcomes.worker_died(bench.start(source), alone=True) is False
+    assert bench.entry("cat.png").state == "rejected"
+
+
 def test_a_worker_dying_on_a_source_the_ledger_lost_counts_as_a_first_attempt(bench: Bench) -> None:
     job = bench.start(bench.photo("cat.png"))
     bench.ledger.forget("cat.png")
@@ -325,7 +343,7 @@ def test_a_bystander_of_a_worker_death_is_never_rejected_for_it(bench: Bench) ->
     for attempt in range(1, 2 * MAX_ATTEMPTS):
         assert bench.outcomes.worker_died(bench.start(source), alone=False) is True, attempt
     entry = bench.entry("cat.png")
-    assert (entry.state, entry.attempts) == ("processing", 0), "the others' crashes were counted as its attempts"
+    assert (entry.state, entry.attempts) == ("retry", 0), "the others' crashes were counted as its attempts"
     assert bench.counted() == {} and not bench.queue.exists()
     # Nor do they bring its own first crash closer to the limit.
     assert bench.outcomes.worker_died(bench.start(source), alone=True) is True

@@ -33,6 +33,10 @@ _M_MMAP_THRESHOLD = -3
 _HEAP_KEEP = 256 << 20
 _MMAP_ABOVE = 64 << 20
 
+# The OOM killer's preference for a worker (-1000..1000, added to its share of memory): a worker is the daemon's to
+# replace and its image is tried again, where the daemon, or ComfyUI beside it with hours of work in memory, is not.
+_OOM_SCORE_ADJ = 500
+
 # This worker's stderr around each job (see service.codec_messages); None outside a worker.
 _codec_messages: CodecMessages | None = None
 # The pool's folder in the temp folder: this prefix, the daemon's pid, a dash, a random part.
@@ -49,6 +53,7 @@ def init_worker(parent: int, spool: str | None = None) -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_ABOVE)
         libc.mallopt(_M_TRIM_THRESHOLD, _HEAP_KEEP)
+    _offer_to_oom_killer()
     # The daemon died while this worker was starting, before the death signal was armed: leave now.
     if os.getppid() != parent:
         os._exit(1)
@@ -66,6 +71,14 @@ def init_worker(parent: int, spool: str | None = None) -> None:
     if spool is not None:
         with contextlib.suppress(OSError):  # the pool's folder is gone (a temp cleaner): stderr as it is
             _codec_messages = CodecMessages(Path(spool))
+
+
+def _offer_to_oom_killer() -> None:
+    # Raising one's own score needs no privilege; one set higher already (by a container) is left alone.
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/oom_score_adj", "r+") as score:
+        if int(score.read()) < _OOM_SCORE_ADJ:
+            score.seek(0)
+            score.write(str(_OOM_SCORE_ADJ))
 
 
 def run_job(job: Job) -> Outcome:

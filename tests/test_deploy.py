@@ -265,6 +265,7 @@ def test_unit_has_the_required_directives() -> None:
         "Restart": "on-failure",
         "ExecReload": "/bin/kill -HUP $MAINPID",
         "KillMode": "mixed",
+        "OOMPolicy": "continue",
         "ProtectSystem": "strict",
         "NoNewPrivileges": "yes",
         "PrivateTmp": "yes",

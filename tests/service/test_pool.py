@@ -18,11 +18,15 @@ from service.runner import Job
 from tests.conftest import photo_file
 
 
-def test_a_ctrl_c_while_a_worker_starts_leaves_it_working_and_the_daemons_mask_as_it_was(tmp_path: Path) -> None:
+def coffee_job(tmp_path: Path) -> Job:
     source = tmp_path / "coffee.png"
     shutil.copyfile(photo_file("coffee"), source)
-    job = Job(source=source, key=source.name, name="coffee", rule=load_rules(None).get("default"),
-              queue=tmp_path / "queue", max_bytes=1 << 30, max_pixels=1 << 30)  # fmt: skip
+    return Job(source=source, key=source.name, name="coffee", rule=load_rules(None).get("default"),
+               queue=tmp_path / "queue", max_bytes=1 << 30, max_pixels=1 << 30)  # fmt: skip
+
+
+def test_a_ctrl_c_while_a_worker_starts_leaves_it_working_and_the_daemons_mask_as_it_was(tmp_path: Path) -> None:
+    job = coffee_job(tmp_path)
     pool = WorkerPool(1)
     try:
         future = pool.submit(job)
@@ -34,6 +38,19 @@ def test_a_ctrl_c_while_a_worker_starts_leaves_it_working_and_the_daemons_mask_a
         pool.close()
     assert outcome.status == "published" and (tmp_path / "queue" / "coffee.png").is_file()
     assert not {signal.SIGINT, signal.SIGTERM, signal.SIGHUP} & signal.pthread_sigmask(signal.SIG_BLOCK, set())
+
+
+def test_the_oom_killer_is_offered_a_worker_before_the_daemon(tmp_path: Path) -> None:
+    job = coffee_job(tmp_path)
+    own = Path("/proc/self/oom_score_adj").read_text()
+    pool = WorkerPool(1)
+    try:
+        assert pool.submit(job).result(timeout=120).status == "published"
+        [worker] = list(pool._executor._processes)
+        assert int(Path(f"/proc/{worker}/oom_score_adj").read_text()) == 500
+    finally:
+        pool.close()
+    assert Path("/proc/self/oom_score_adj").read_text() == own, "the daemon's own score changed"
 
 
 def test_a_pool_removes_the_folders_of_pools_whose_daemon_was_killed_and_a_closed_one_its_own(

@@ -55,7 +55,8 @@ def main(args: argparse.Namespace) -> int:
     queue, state = prepare_queue(settings.queue_folder, settings.state_dir)
     with InstanceLock(state), QueueLock(queue), Ledger(state / "ledger.sqlite3") as ledger:
         keys = _Keys(settings, daemons_root=Publisher(queue).watch_folder())
-        sources = keys.candidates(found)
+        # One candidate per key: a file named twice, or also inside a named folder, is one file, counted once.
+        sources = list({c.key: c for c in (keys.candidate(path, label) for path, label in found)}.values())
         pool = WorkerPool(min(settings.workers, len(sources)))
         engine = Engine(
             queue=queue,
@@ -134,28 +135,21 @@ class _Keys:
     """
 
     def __init__(self, settings: Settings, *, daemons_root: str | None) -> None:
+        self.watch = settings.watch
         self.daemon = Selection(
             settings.watch, include=settings.include, ignore=settings.ignore, recursive=settings.recursive
         )
         self.daemons_root = daemons_root
         self.paths: dict[str, Path] = {}
 
-    def candidates(self, found: list[tuple[Path, str]]) -> list[Candidate]:
-        """One candidate per key: a file named twice, or also inside a named folder, is one file, counted once.
-        Two files of one key (one in --watch, one in the daemon's folder) are refused, not one dropped."""
-        by_key: dict[str, Candidate] = {}
-        for path, label in found:
-            candidate = self.candidate(path, label)
-            known = by_key.setdefault(candidate.key, candidate)
-            if os.path.realpath(known.path) != os.path.realpath(path):
-                raise ConfigError(
-                    f"{known.path} and {path} would both be {candidate.key!r} in the ledger (one in --watch, one in "
-                    f"the watch folder of the daemon on the queue, {self.daemons_root}): process them separately"
-                )
-        return list(by_key.values())
-
     def candidate(self, path: Path, label: str) -> Candidate:
         key = self.daemon.relpath(path)
+        if key is not None and self.daemons_root not in (None, os.path.join(os.path.realpath(self.watch), "")):
+            # Keys are paths in the daemon's folder: paths in another would take the names of its sources.
+            raise ConfigError(
+                f"{path} is in --watch {self.watch}, but the daemon on this queue watches {self.daemons_root}: "
+                "give the daemon's --watch, or a --queue of its own"
+            )
         if key is None:
             key = str(path.resolve())
             if self.daemons_root is None or not key.startswith(self.daemons_root):

@@ -159,6 +159,8 @@ class Engine:
                 continue
             if not self.has_room():
                 return
+            if entry.reason == "crashed":  # a worker died under it: it runs alone, after a restart too
+                self.suspects.add(entry.relpath)
             path = self.resolve(entry.relpath)
             if not _regular(path):
                 # Deleted or replaced by a folder (or the like) while it waited: nothing is left to retry. `offer`

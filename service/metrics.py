@@ -117,7 +117,7 @@ class Metrics:
         )
         self.retries_waiting = Gauge(
             "sinkwatch_retries_waiting",
-            "Sources waiting for a retry: a file still being written, a full or read-only queue folder.",
+            "Sources waiting for a retry: a file still being written, a full or read-only queue, a worker crash.",
             registry=reg,
         )
         self.workers = Gauge(

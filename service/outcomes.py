@@ -84,6 +84,7 @@ class Outcomes:
         else:
             message = f"a worker died while {job.key} was in flight with others; trying it again on its own"
         self.ledger.worker_died(job.key, counted=alone, message=message, next_attempt=self.clock())
+        self._count(job.rule.name, "retried")
         logger.bind(source=job.key).warning("{}", message)
         return True
 

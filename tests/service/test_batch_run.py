@@ -83,15 +83,26 @@ def test_paths_given_to_process_that_cannot_be_taken_are_clear_errors(open_tmp: 
         assert raised.value.path == str(path)
 
 
-def test_two_files_of_one_key_are_refused_and_one_file_named_twice_is_one_candidate(tmp_path: Path) -> None:
-    """With --watch `other` and the daemon's folder `daemons`, other/a.png and daemons/a.png are both 'a.png'."""
+def test_a_file_in_a_watch_folder_other_than_the_daemons_is_refused(tmp_path: Path) -> None:
+    """Keys are paths in the daemon's folder: other/a.png keyed 'a.png' would take the name of daemons/a.png."""
     for folder in ("other", "daemons"):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "a.png").write_bytes(CONTENT)
-    keys = _Keys(Settings(watch=tmp_path / "other"), daemons_root=f"{tmp_path / 'daemons'}{os.sep}")
-    daemons = tmp_path / "daemons" / "a.png"
+    daemons = f"{tmp_path / 'daemons'}{os.sep}"
+    refused = _Keys(Settings(watch=tmp_path / "other"), daemons_root=daemons)
 
-    [candidate] = keys.candidates([(daemons, "a.png"), (tmp_path / "daemons" / ".." / "daemons" / "a.png", "a.png")])
-    assert (candidate.key, candidate.path) == ("a.png", daemons)
-    with pytest.raises(ConfigError, match=r"would both be 'a\.png' in the ledger"):
-        keys.candidates([(tmp_path / "other" / "a.png", "a.png"), (daemons, "a.png")])
+    with pytest.raises(ConfigError, match=r"is in --watch .*other, but the daemon on this queue watches .*daemons/"):
+        refused.candidate(tmp_path / "other" / "a.png", "a.png")
+    assert refused.candidate(tmp_path / "daemons" / "a.png", "a.png").key == "a.png"  # the daemon's own, keyed so
+    assert (
+        _Keys(Settings(watch=tmp_path / "daemons"), daemons_root=daemons)
+        .candidate(tmp_path / "daemons" / "a.png", "a.png")
+        .key
+        == "a.png"
+    )
+    assert (
+        _Keys(Settings(watch=tmp_path / "other"), daemons_root=None)
+        .candidate(tmp_path / "other" / "a.png", "a.png")
+        .key
+        == "a.png"
+    )  # no daemon on the queue yet

@@ -43,6 +43,21 @@ def test_a_due_retry_of_a_regular_file_is_offered_again(engine: Engine, watch: P
     assert engine.pending["a.png"].source == "retry"
 
 
+def test_a_retry_after_a_worker_crash_runs_alone_also_after_a_restart(engine: Engine, watch: Path) -> None:
+    """Which images run alone lived only in the stopped daemon: a poison image crashing beside others after each
+    restart was never counted (no crash of its own), and was never rejected."""
+    path = watch / "poison.png"
+    path.write_bytes(CONTENT)
+    st = path.stat()
+    engine.ledger.start("poison.png", size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=None, rule="d", fingerprint="f")
+    engine.ledger.worker_died("poison.png", counted=False, message="in flight with others", next_attempt=0.0)
+    waiting(engine, watch, "incomplete.png")
+    assert not engine.suspects  # as a new daemon starts
+
+    engine.requeue_due()
+    assert set(engine.pending) == {"poison.png", "incomplete.png"} and engine.suspects == {"poison.png"}
+
+
 def test_a_retry_not_due_yet_is_left_waiting(engine: Engine, watch: Path) -> None:
     waiting(engine, watch, "later.png", due=False)
     engine.requeue_due()

@@ -299,7 +299,7 @@ def test_a_worker_dying_is_tried_again_then_rejected_as_crashed(bench: Bench) ->
         assert bench.outcomes.worker_died(bench.start(source), alone=True) is True, attempt
         entry = bench.entry("cat.png")
         assert (entry.state, entry.reason, entry.attempts, entry.next_attempt) == ("retry", "crashed", attempt, NOW)
-    assert bench.counted() == {} and not bench.queue.exists()
+    assert bench.counted() == {"retried": MAX_ATTEMPTS - 1} and not bench.queue.exists()
 
     assert bench.outcomes.worker_died(bench.start(source), alone=True) is False
     entry = bench.entry("cat.png")
@@ -310,7 +310,7 @@ def test_a_worker_dying_is_tried_again_then_rejected_as_crashed(bench: Bench) ->
     record = bench.reject_record("cat")
     assert (record["error"], record["reason"], record["transient"]) == ("WorkerCrashed", "crashed", False)
     assert (record["key"], record["source"], record["rule"]) == ("cat.png", str(source), "default")
-    assert bench.counted() == {"rejected": 1}
+    assert bench.counted() == {"retried": MAX_ATTEMPTS - 1, "rejected": 1}
     assert bench.sample("sinkwatch_rejections_total", reason="crashed") == 1
 
 
@@ -334,7 +334,7 @@ def test_a_worker_dying_on_a_source_the_ledger_lost_counts_as_a_first_attempt(be
     job = bench.start(bench.photo("cat.png"))
     bench.ledger.forget("cat.png")
     assert bench.outcomes.worker_died(job, alone=True) is True
-    assert bench.ledger.get("cat.png") is None and bench.counted() == {}
+    assert bench.ledger.get("cat.png") is None and bench.counted() == {"retried": 1}
 
 
 def test_a_bystander_of_a_worker_death_is_never_rejected_for_it(bench: Bench) -> None:
@@ -344,7 +344,7 @@ def test_a_bystander_of_a_worker_death_is_never_rejected_for_it(bench: Bench) ->
         assert bench.outcomes.worker_died(bench.start(source), alone=False) is True, attempt
     entry = bench.entry("cat.png")
     assert (entry.state, entry.attempts) == ("retry", 0), "the others' crashes were counted as its attempts"
-    assert bench.counted() == {} and not bench.queue.exists()
+    assert bench.counted() == {"retried": 2 * MAX_ATTEMPTS - 1} and not bench.queue.exists()
     # Nor do they bring its own first crash closer to the limit.
     assert bench.outcomes.worker_died(bench.start(source), alone=True) is True
     assert bench.entry("cat.png").attempts == 1

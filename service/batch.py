@@ -144,7 +144,7 @@ class _Keys:
 
     def candidate(self, path: Path, label: str) -> Candidate:
         key = self.daemon.relpath(path)
-        if key is not None and self.daemons_root not in (None, os.path.join(os.path.realpath(self.watch), "")):
+        if key is not None and self._other_than_the_daemons():
             # Keys are paths in the daemon's folder: paths in another would take the names of its sources.
             raise ConfigError(
                 f"{path} is in --watch {self.watch}, but the daemon on this queue watches {self.daemons_root}: "
@@ -158,6 +158,14 @@ class _Keys:
             key = Path(key).relative_to(self.daemons_root).as_posix()
         self.paths[key] = path
         return Candidate(key, path, "batch", 0.0)  # named and matched by its key, as the daemon does
+
+    def _other_than_the_daemons(self) -> bool:
+        """Whether --watch is another folder than the daemon's; not when the daemon's path is not one here
+        (it runs in a container, where the folder is mounted elsewhere) or leads to the same folder."""
+        try:
+            return self.daemons_root is not None and not os.path.samefile(self.daemons_root, self.watch)
+        except OSError:
+            return False
 
     def resolve(self, key: str) -> Path:
         """The file of one of the candidates' keys (the engine resolves only those)."""

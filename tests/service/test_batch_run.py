@@ -94,15 +94,11 @@ def test_a_file_in_a_watch_folder_other_than_the_daemons_is_refused(tmp_path: Pa
     with pytest.raises(ConfigError, match=r"is in --watch .*other, but the daemon on this queue watches .*daemons/"):
         refused.candidate(tmp_path / "other" / "a.png", "a.png")
     assert refused.candidate(tmp_path / "daemons" / "a.png", "a.png").key == "a.png"  # the daemon's own, keyed so
-    assert (
-        _Keys(Settings(watch=tmp_path / "daemons"), daemons_root=daemons)
-        .candidate(tmp_path / "daemons" / "a.png", "a.png")
-        .key
-        == "a.png"
-    )
-    assert (
-        _Keys(Settings(watch=tmp_path / "other"), daemons_root=None)
-        .candidate(tmp_path / "other" / "a.png", "a.png")
-        .key
-        == "a.png"
-    )  # no daemon on the queue yet
+    (tmp_path / "link").symlink_to(tmp_path / "daemons")
+    for watch in ("daemons", "link"):  # the daemon's folder, by its path or through a link
+        keys = _Keys(Settings(watch=tmp_path / watch), daemons_root=daemons)
+        assert keys.candidate(tmp_path / watch / "a.png", "a.png").key == "a.png"
+    # No daemon on the queue yet; one in a container, its folder mounted here under another path.
+    for recorded in (None, "/data/output/"):
+        keys = _Keys(Settings(watch=tmp_path / "other"), daemons_root=recorded)
+        assert keys.candidate(tmp_path / "other" / "a.png", "a.png").key == "a.png"

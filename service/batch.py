@@ -140,11 +140,12 @@ class _Keys:
             settings.watch, include=settings.include, ignore=settings.ignore, recursive=settings.recursive
         )
         self.daemons_root = daemons_root
+        self.other_than_the_daemons = _other_folder(settings.watch, daemons_root)
         self.paths: dict[str, Path] = {}
 
     def candidate(self, path: Path, label: str) -> Candidate:
         key = self.daemon.relpath(path)
-        if key is not None and self._other_than_the_daemons():
+        if key is not None and self.other_than_the_daemons:
             # Keys are paths in the daemon's folder: paths in another would take the names of its sources.
             raise ConfigError(
                 f"{path} is in --watch {self.watch}, but the daemon on this queue watches {self.daemons_root}: "
@@ -159,17 +160,18 @@ class _Keys:
         self.paths[key] = path
         return Candidate(key, path, "batch", 0.0)  # named and matched by its key, as the daemon does
 
-    def _other_than_the_daemons(self) -> bool:
-        """Whether --watch is another folder than the daemon's; not when the daemon's path is not one here
-        (it runs in a container, where the folder is mounted elsewhere) or leads to the same folder."""
-        try:
-            return self.daemons_root is not None and not os.path.samefile(self.daemons_root, self.watch)
-        except OSError:
-            return False
-
     def resolve(self, key: str) -> Path:
         """The file of one of the candidates' keys (the engine resolves only those)."""
         return self.paths[key]
+
+
+def _other_folder(watch: Path, daemons_root: str | None) -> bool:
+    """Whether `watch` is another folder than the daemon's; not when the daemon's path is not one here
+    (it runs in a container, where the folder is mounted elsewhere) or leads to the same folder."""
+    try:
+        return daemons_root is not None and not os.path.samefile(daemons_root, watch)
+    except OSError:
+        return False
 
 
 def _run(engine: Engine, sources: list[Candidate], max_attempts: int) -> int:

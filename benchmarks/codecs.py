@@ -30,7 +30,7 @@ from PIL import Image
 
 from benchmarks.corpus import Source, at_size, encode, load_photo
 from benchmarks.machine import median_ms
-from benchmarks.single import opencv_codecs
+from benchmarks.single import cv2_decode, opencv_codecs
 from core import pipeline
 from core.resize import ResizeParams, resize
 from service.decode import decode_bytes
@@ -53,11 +53,11 @@ def measure(sources: Sequence[Source], *, rule: Rule, folder: Path, reps: int) -
     sizes: list[float] = []
     for source in sources:
         data = source.path.read_bytes()
-        rgb = _cv2_decode(data)
+        rgb = cv2_decode(data)
         result = pipeline.run(rgb, params)
         outputs = (result.cleaned, result.heatmap)
         candidates: dict[str, Callable[[], object]] = {
-            "decode opencv": partial(_cv2_decode, data),
+            "decode opencv": partial(cv2_decode, data),
             "decode sinkwatch": partial(decode_bytes, data, path=source.path, max_pixels=MAX_PIXELS),
             "decode sinkwatch, OpenCV codecs": partial(
                 _plain, decode_bytes, data, path=source.path, max_pixels=MAX_PIXELS
@@ -123,13 +123,6 @@ def _plain(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """`call` as a plain install (OpenCV for every PNG) runs it."""
     with opencv_codecs():
         return call(*args, **kwargs)
-
-
-def _cv2_decode(data: bytes) -> np.ndarray:
-    rgb = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
-    if rgb is None:
-        raise ValueError("OpenCV cannot decode a corpus image")
-    return rgb
 
 
 def _each(encoder: Callable[[np.ndarray], bytes], images: Sequence[np.ndarray]) -> list[bytes]:

@@ -35,6 +35,8 @@ from benchmarks.machine import percentile
 
 REPO = Path(__file__).resolve().parents[1]
 POLL = 0.05
+# Whose memory and files the backlog judges: the daemon's own process, its workers together.
+ROLES = ("daemon", "worker")
 
 
 class DaemonRun:
@@ -162,7 +164,7 @@ def burst(
             "workers": workers,
             "images": len(payloads),
             "seconds": round(wall, 3),
-            "images_per_second": round(len(payloads) / wall, 2),
+            "images_per_second": len(payloads) / wall,
             # CPU the daemon and its workers got, in cores: on a shared machine, what the burst could use.
             "cores_used": round(used / wall, 2),
             # Throughput per CPU second: flat from 1 to 2 workers means scaling is bounded by free cores only.
@@ -202,12 +204,12 @@ def _latency(daemon: DaemonRun, payloads: Sequence[tuple[str, bytes]], *, rate: 
     return {
         "images": len(payloads),
         "rate_per_second": rate,
-        "p50_ms": round(1000 * percentile(latencies, 50), 1),
+        "p50_ms": 1000 * percentile(latencies, 50),
         "p99_ms": round(1000 * percentile(latencies, 99), 1),
         "max_ms": round(1000 * latencies[-1], 1),
         # The daemon's own view (from the event it took to the publication), for comparison.
         "daemon_mean_ms": round(1000 * (hist_after[0] - hist_before[0]) / count, 1) if count else None,
-        "worker_p50_ms": round(percentile(worked, 50), 1),
+        "worker_p50_ms": percentile(worked, 50),
     }
 
 
@@ -273,26 +275,37 @@ def backlog(
 
 
 def _growth(samples: list[dict[str, Any]], *, count: int, start_at: int) -> dict[str, Any]:
-    """Peak of the first quarter after `start_at` against the peak of the last quarter, for RSS and fds.
+    """RSS and fds at image `start_at` against image `count`: the peak of each over the tenth of the run that
+    starts there and the tenth that ends there, for the daemon's own process and for its workers together.
 
-    Peaks, not single samples: RSS swings by tens of MB within one image.
+    Peaks, not single samples: a worker's RSS swings by tens of MB within one image. Short windows at both
+    ends, so that a steady leak shows in full (the peak of a long window sits at its end); each role on its
+    own, so that the daemon's growth is not lost in the workers' larger, flat RSS.
     """
-    quarter = max(1, (count - start_at) // 4)
+    window = max(1, (count - start_at) // 10)
     after = [s for s in samples if s["published"] >= start_at]
-    # A short backlog may pass the first quarter between two samples: then the first sample after it.
-    early = [s for s in after if s["published"] < start_at + quarter] or after[:1]
-    late = [s for s in samples if s["published"] >= count - quarter]
-    out: dict[str, Any] = {"images": count, "from_image": start_at}
+    # A short backlog may pass the first window between two samples: then the first sample after it.
+    early = [s for s in after if s["published"] < start_at + window] or after[:1]
+    late = [s for s in samples if s["published"] >= count - window]
+    out: dict[str, Any] = {"images": count, "from_image": start_at, "window": window}
     for key in ("rss_kb", "fds"):
-        first = max((s[key] for s in early), default=None)
-        last = max((s[key] for s in late), default=None)
-        out[key] = {
-            "peak": max(s[key] for s in samples),
-            "early_peak": first,
-            "late_peak": last,
-            "growth": round(last / first - 1, 4) if first and last else None,
-        }
+        out[key] = {}
+        for role in ROLES:
+            first = max((_of_role(s, role, key) for s in early), default=None)
+            last = max((_of_role(s, role, key) for s in late), default=None)
+            out[key][role] = {
+                "peak": max(_of_role(s, role, key) for s in samples),
+                "early_peak": first,
+                "late_peak": last,
+                "growth": last / first - 1 if first and last else None,
+            }
     return out
+
+
+def _of_role(sample: dict[str, Any], role: str, key: str) -> int:
+    """RSS or fds of the processes of one role in one sample."""
+    column = 1 if key == "rss_kb" else 2
+    return sum(member[column] for member in sample["processes"] if member[0] == role)
 
 
 def _family_cpu(pid: int) -> float:

@@ -21,7 +21,7 @@ from service.encode import encode_png
 from service.errors import ConfigError, RuleError, SinkwatchError
 from service.rules import Rule, load_rule_file, load_rules
 from service.runner import decode_source
-from service.settings import Settings
+from service.settings import shared_settings
 
 # Score lines of the human-readable report: (key, label, format).
 _REPORT = (
@@ -46,7 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="rule name (from --rules or the presets) or a rule file; default: the rule selected for FILE's name "
         "(its path in --watch, when given)",
     )
-    parser.add_argument("--rules", type=Path, metavar="DIR", help="rule folder (default: the shipped presets)")
+    parser.add_argument(
+        "--rules",
+        type=Path,
+        metavar="DIR",
+        help="rule folder (default: SINKWATCH_RULES or the config file's, else the presets)",
+    )
     parser.add_argument(
         "--watch",
         type=Path,
@@ -64,15 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    rule = choose_rule(args.rule, args.rules, args.file, watch=args.watch)
-    limits = Settings.model_fields
+    settings = shared_settings()  # the daemon's rules and limits, unless the flags say otherwise
+    rule = choose_rule(args.rule, args.rules or settings.rules, args.file, watch=args.watch)
     try:
-        decoded = decode_source(
-            args.file,
-            rule,
-            max_bytes=int(limits["max_bytes"].default),
-            max_pixels=int(limits["max_pixels"].default),
-        )
+        decoded = decode_source(args.file, rule, max_bytes=settings.max_bytes, max_pixels=settings.max_pixels)
     except SinkwatchError as exc:
         print(f"sinkwatch analyze: {exc} ({exc.reason})", file=sys.stderr)
         return 1

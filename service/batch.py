@@ -117,7 +117,7 @@ def expand(paths: list[Path], settings: Settings) -> Iterator[tuple[Path, str]]:
 
 def _choose_rule(choice: str, rules: RuleSet) -> Rule:
     path = Path(choice)
-    if path.suffix == ".toml" or path.exists():
+    if path.suffix == ".toml" or path.is_file():  # a folder of that name (a preset's subfolder) is no rule
         return load_rule_file(path)
     try:
         return rules.get(choice)

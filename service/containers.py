@@ -190,9 +190,9 @@ def _inspect_webp(data: bytes, path: str | Path) -> Header:
         elif kind == b"VP8L" and size is None and length >= 5:
             bits = int.from_bytes(body[1:5], "little")
             size = ((bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1)
-        elif kind == b"EXIF":
+        elif kind == b"EXIF" and exif is None:  # the first, as libwebp's demuxer (and so Pillow) reads it
             exif = body
-        elif kind == b"XMP ":
+        elif kind == b"XMP " and xmp is None:
             xmp = body
         lossy |= kind == b"VP8 " or (kind == b"ANMF" and b"VP8 " in body)
         pos += 8 + length + (length & 1)

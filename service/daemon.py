@@ -324,7 +324,7 @@ class Daemon:
             self.metrics.watcher_restarts.inc()
             logger.warning("the folder watcher had stopped; restarted it and rescanning")
         self.watcher_started = True  # a watch folder missing at start: its first watch is no restart
-        self.discovery.start_scan("scan")
+        self.discovery.start_scan("scan", mark=True)  # files may have left while nothing watched
 
     def _watch_folder_back(self) -> None:
         logger.info("the watch folder {} is back; watching again", self.folders.watch)

@@ -21,8 +21,9 @@ from service.selection import Selection
 from service.stability import StabilityTracker
 from service.watcher import EventQueue
 
-# A scan records what it finds in the ledger at most this often (wall seconds): enough to tell a source gone for
-# --forget-after-days, at the cost of one write per chunk of a scan a day.
+# A scan records what it finds in the ledger at most this often (wall seconds), and at start and after the watch
+# was lost: enough to tell a source gone for --forget-after-days, and the sources that left their paths while no
+# event told (see `Ledger.mark_gone`), at the cost of one write per chunk of a scan a day.
 MARK_EVERY = 86400.0
 EVENTS_PER_TURN = 4096  # so that an event storm cannot starve the rest of the loop
 # Files a scan looks at per loop turn: a folder of processed files is walked over many turns, not in one.
@@ -56,6 +57,7 @@ class Discovery:
         self.forget_after = forget_after
         self.wall = wall
         self.marking = False  # this scan records what it finds (see MARK_EVERY)
+        self.rescan_marks = False  # the scan asked for behind the running one is to mark
         self.marked_at: float | None = None  # wall time of the last scan that did
         self.scan_wall = 0.0  # wall time the running scan started
         self.scanned = 0  # files the running scan has found so far
@@ -67,39 +69,47 @@ class Discovery:
     def take_events(self) -> None:
         self.events.rearm()
         wall = time.time()
+        gone: list[str] = []
         for _ in range(EVENTS_PER_TURN):
             try:
                 kind, path = self.events.get_nowait()
             except queue.Empty:
                 break
-            if kind == "rescan":
-                self.start_scan("scan")
+            if kind in ("rescan", "rescan-gone"):
+                self.start_scan("scan", mark=kind == "rescan-gone")
                 continue
             key = self.selection.relpath(path)
             if key is None:
                 continue
-            if kind == "closed":
+            if kind == "deleted":
+                # Even if a file is there again by now: that one is the new image. (A poll that finds another
+                # inode at a path reports it deleted too: with --polling, an edit saved by a rename is one.)
+                gone.append(key)
+            elif kind == "closed":
                 self.tracker.forget(path)
                 if not self.engine.offer(Candidate(key, path, "event", wall)):
                     self.events.overflowed = True
             else:
                 self.tracker.observe(path)
+        if gone:
+            self.engine.ledger.mark_gone(gone)
         for path, held in self.tracker.ready():
             key = self.selection.relpath(path)
             # The latency runs from the file's last change, so that it takes in the settle delay.
             if key is not None and not self.engine.offer(Candidate(key, path, "event", wall - held)):
                 self.events.overflowed = True
 
-    def start_scan(self, source: str) -> None:
+    def start_scan(self, source: str, *, mark: bool = False) -> None:
+        """Walk the watch folder; `mark`: record what it finds, and so which sources are gone (see MARK_EVERY)."""
         if self.scan is None:
             self.scan = self.selection.scan_keys()
             self.scan_source = source
             self.scan_wall, self.scanned = self.wall(), 0
-            due = self.marked_at is None or self.scan_wall - self.marked_at >= MARK_EVERY
-            self.marking = self.forget_after > 0 and due
+            self.marking = mark or self.marked_at is None or self.scan_wall - self.marked_at >= MARK_EVERY
         else:
             # Events may have been dropped behind the running scan's position: scan again after it.
             self.rescan_requested = True
+            self.rescan_marks = self.rescan_marks or mark
 
     def feed_scan(self) -> None:
         """Move scanned files into the engine while it has room: backpressure, not memory.
@@ -138,16 +148,20 @@ class Discovery:
             self.scan = None
             self.last_scan_done = self.clock()
             if self.marking:
-                self._forget_gone()
+                self._settle_gone()
             if self.rescan_requested:
-                self.rescan_requested = False
-                self.start_scan("scan")
+                mark, self.rescan_requested, self.rescan_marks = self.rescan_marks, False, False
+                self.start_scan("scan", mark=mark)
 
-    def _forget_gone(self) -> None:
-        """After a scan that marked what it found: drop the rows of sources gone for `forget_after`."""
+    def _settle_gone(self) -> None:
+        """After a scan that marked what it found: the sources it did not find are gone (events can be lost, and
+        none come while the daemon is stopped); drop the rows of those gone for `forget_after`."""
         self.marked_at = self.scan_wall
         if not self.scanned:
             return  # an empty listing (a mount not up yet) tells nothing about what is gone
+        self.engine.ledger.mark_unseen_gone(self.scan_wall)
+        if self.forget_after <= 0:
+            return
         forgotten = self.engine.ledger.forget_gone(self.scan_wall - self.forget_after)
         if forgotten:
             logger.info(

@@ -232,6 +232,18 @@ class Engine:
         except OSError:
             return
         entry = self.ledger.get(candidate.key)
+        # No row: nothing tells that the file there is the image the source's frame was made from.
+        gone = entry is None or entry.gone is not None
+        if (
+            entry is not None
+            and not gone
+            and candidate.source in ("startup", "scan")
+            and entry.ino not in (None, st.st_ino)
+        ):
+            # Another file at the path, and no event told how it came (stopped, events lost): it may be another
+            # image as well as an edit saved by a rename, and only the former's frame must not be replaced.
+            self.ledger.mark_gone([candidate.key])
+            gone = True
         rule = self.forced_rule or self.rules.select(candidate.name_source)
         name = self._output_name(candidate)
         known = entry.sha256 if entry and entry.state == "published" and not self.force else None
@@ -259,6 +271,7 @@ class Engine:
             max_pixels=self.limits.max_pixels,
             known_sha256=known,
             frame_sha256=entry.frame_sha256 if entry is not None and entry.output_name == name else None,
+            gone=gone,
             adopt=not self.force,
             last_try=attempt >= self.limits.max_attempts,
         )

@@ -22,7 +22,7 @@ import sqlite3
 import threading
 import time
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +56,7 @@ FINAL_STATES = ("published", "rejected")
 # The columns in the order of Entry's fields.
 _SELECT_ENTRY = """
     SELECT s.relpath, s.size, s.mtime_ns, s.sha256, s.rule, s.fingerprint, s.state, n.name,
-           s.attempts, s.next_attempt, s.reason, s.message, s.updated, s.frame_sha256
+           s.attempts, s.next_attempt, s.reason, s.message, s.updated, s.frame_sha256, s.gone, s.ino
     FROM sources AS s LEFT JOIN names AS n ON n.relpath = s.relpath
 """
 
@@ -77,6 +77,8 @@ class Entry:
     message: str | None
     updated: float
     frame_sha256: str | None = None  # of the frame last published under output_name
+    gone: float | None = None  # when the source was found deleted or moved away, until published again
+    ino: int | None = None  # of the file last started or published
 
 
 class Ledger(UploadLedger, StampLedger):
@@ -192,8 +194,8 @@ class Ledger(UploadLedger, StampLedger):
         queue is already this source's (``own(name)``) goes first: a ledger lost or moved must not hand
         `stem` to another source whose name differs only in case and send both to new names.
 
-        `instead_of`: the name it has is lost to it (someone else's file is there now), so a
-        new one is chosen, never that one again.
+        `instead_of`: the name it has is lost to it (someone else's file is there now, or the frame of an
+        earlier image at its path), so a new one is chosen; the lost name is retired, never handed out again.
         """
         key = db_key(relpath)
         lost = None if instead_of is None else _fold(instead_of)
@@ -202,7 +204,12 @@ class Ledger(UploadLedger, StampLedger):
             if row and row[1] != lost:
                 return str(row[0])
             if row:
-                # The recorded frame hash was of the lost name's frame.
+                # Its file stays in the queue, and this source could take the name again (the frame of an earlier
+                # image at its path is its "own"): retired for good. The recorded frame hash was of that frame.
+                db.execute(
+                    "INSERT OR IGNORE INTO retired (folded, name, relpath, retired) VALUES (?, ?, ?, ?)",
+                    (row[1], row[0], key, self.clock()),
+                )
                 db.execute("DELETE FROM names WHERE relpath = ?", (key,))
                 db.execute("UPDATE sources SET frame_sha256 = NULL WHERE relpath = ?", (key,))
             candidates = itertools.chain(
@@ -215,7 +222,8 @@ class Ledger(UploadLedger, StampLedger):
                 folded = _fold(name)
                 if folded == lost:
                     continue
-                if db.execute("SELECT 1 FROM names WHERE folded = ?", (folded,)).fetchone() or exists(name):
+                taken = "SELECT 1 FROM names WHERE folded = ? UNION ALL SELECT 1 FROM retired WHERE folded = ?"
+                if db.execute(taken, (folded, folded)).fetchone() or exists(name):
                     continue
                 db.execute("INSERT INTO names (relpath, name, folded) VALUES (?, ?, ?)", (key, name, folded))
                 return name
@@ -279,7 +287,8 @@ class Ledger(UploadLedger, StampLedger):
         frame_sha256: str | None = None,
     ) -> None:
         """The source's outputs are in place; `frame_sha256` is the frame's hash when it was written just now
-        (None: the frame on disk is still the one recorded before, as for unchanged content)."""
+        (None: the frame on disk is still the one recorded before, as for unchanged content). The source is no
+        longer gone (see `mark_gone`), unless it left its path again after this attempt started."""
         self._write(
             """INSERT INTO sources (relpath, state, size, mtime_ns, ino, ctime_ns, sha256, rule, fingerprint,
                                     attempts, updated, frame_sha256)
@@ -289,6 +298,7 @@ class Ledger(UploadLedger, StampLedger):
                    ino = excluded.ino, ctime_ns = excluded.ctime_ns,
                    sha256 = excluded.sha256, rule = excluded.rule, fingerprint = excluded.fingerprint,
                    frame_sha256 = COALESCE(excluded.frame_sha256, frame_sha256),
+                   gone = CASE WHEN gone >= updated THEN gone END,
                    next_attempt = NULL, reason = NULL, message = NULL, updated = excluded.updated""",
             (
                 *self._source_values(relpath, size, mtime_ns, ino, ctime_ns, sha256, rule, fingerprint),
@@ -365,6 +375,14 @@ class Ledger(UploadLedger, StampLedger):
                WHERE relpath = ? AND state = 'processing'""",
             (db_text(message), next_attempt, self.clock(), 0 if counted else 1, db_key(relpath)),
         )
+
+    def mark_gone(self, relpaths: Sequence[str]) -> None:
+        """The sources at `relpaths` were deleted or moved away (those without a row: nothing)."""
+        keys = [db_key(relpath) for relpath in relpaths]
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE sources SET gone = ? WHERE relpath = ? AND gone IS NULL", [(self.clock(), k) for k in keys]
+            )
 
     def forget(self, relpath: str) -> None:
         """Drop the source's entry (it vanished); its output name stays reserved for it."""

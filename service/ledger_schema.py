@@ -15,7 +15,7 @@ from pathlib import Path
 
 from service.errors import ConfigError
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # Statements that bring a ledger from version N-1 to N; a new version appends an entry.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
@@ -69,6 +69,18 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # When a scan last found the source in the watch folder (wall time): a row whose source has been gone for
     # --forget-after-days is deleted, so the ledger does not grow for ever. NULL: not seen by a scan yet.
     5: ("ALTER TABLE sources ADD COLUMN seen REAL",),
+    # When the source was found deleted or moved away (wall time), until its path is published again: a file
+    # that then appears at the path is another image (ComfyUI counts its names up again from the highest left),
+    # and the frame of the one before is kept. Names a source lost are retired, never handed out again.
+    6: (
+        "ALTER TABLE sources ADD COLUMN gone REAL",
+        """CREATE TABLE retired (
+            folded TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            relpath BLOB NOT NULL,
+            retired REAL NOT NULL
+        )""",
+    ),
 }
 
 

@@ -178,7 +178,8 @@ class Metrics:
         self.frames_renamed = Counter(
             "sinkwatch_frames_renamed_total",
             "Sources moved to a new output name because a file sinkwatch did not write (a user's edit, "
-            "their own image, a link) sat at theirs; that file was left as it is.",
+            "their own image, a link), or the frame of another image once at their path, sat at theirs; "
+            "that file was left as it is.",
             registry=reg,
         )
         self.comfyui_uploads = Counter(

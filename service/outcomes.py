@@ -138,12 +138,13 @@ class Outcomes:
             fingerprint=fingerprint,
             frame_sha256=outcome.frame_sha256,
         )
-        self._count(outcome.rule, counted)
+        self._count(rule, counted)
 
     def _skipped(self, job: Job, outcome: Outcome) -> None:
         entry = self.ledger.get(job.key)
         if outcome.sha256 is None or entry is None:
-            self.ledger.forget(job.key)  # vanished before it could be read
+            self.ledger.forget(job.key)
+            logger.bind(source=job.key).info("{} was deleted before it could be read: nothing to do", job.key)
             return
         if entry.rule is None or entry.fingerprint is None:
             # The engine's Ledger.start recorded both before it dispatched the job.
@@ -185,8 +186,11 @@ class Outcomes:
         if is_publish:  # counted once the retry is recorded, like processed{outcome="retried"}
             self.metrics.publish_errors.labels(reason=str(error.get("publish_reason", "other"))).inc()
         self._count(outcome.rule, "retried")
-        logger.bind(source=job.key, reason=error.get("reason")).warning(
-            "retrying {} in {:.1f}s (attempt {}): {}", job.key, delay, attempts, error.get("message")
+        # A file cut short at its first try with this content is one still being written (a slow share): every
+        # pause of its writer longer than --settle-seconds says so once. Cut short again unchanged, it is news.
+        level = "INFO" if error.get("reason") == "incomplete" and attempts == 1 else "WARNING"
+        logger.bind(source=job.key, reason=error.get("reason")).log(
+            level, "retrying {} in {:.1f}s (attempt {}): {}", job.key, delay, attempts, error.get("message")
         )
 
     def _delay(self, attempts: int) -> float:

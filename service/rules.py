@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import stat
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -191,13 +192,7 @@ class RuleSet:
 
 def load_rule_file(path: str | Path) -> Rule:
     """Read and validate one rule file; any problem is a :class:`RuleError` naming file and field."""
-    try:
-        text = Path(path).read_text(encoding=_ENCODING)
-    except OSError as exc:
-        raise RuleError(f"cannot read rule file: {exc.strerror or exc}", file=path) from exc
-    except UnicodeDecodeError as exc:
-        raise RuleError(f"not UTF-8 text: {exc.reason}", file=path) from exc
-    return parse_rule(text, file=str(path))
+    return parse_rule(_read(Path(path), str(path)), file=str(path))
 
 
 def parse_rule(text: str, *, file: str) -> Rule:
@@ -258,9 +253,14 @@ def _rule_entries(folder: Traversable | Path) -> list[tuple[Traversable | Path, 
 
 def _read(entry: Traversable | Path, label: str) -> str:
     try:
+        # A FIFO (or a device) named *.toml would block the read for good, and the daemon with it.
+        if isinstance(entry, Path) and not stat.S_ISREG(entry.stat().st_mode):
+            raise RuleError("cannot read rule file: not a regular file", file=label)
         return entry.read_text(encoding=_ENCODING)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RuleError(f"cannot read rule file: {exc}", file=label) from exc
+    except OSError as exc:
+        raise RuleError(f"cannot read rule file: {exc.strerror or exc}", file=label) from exc
+    except UnicodeDecodeError as exc:
+        raise RuleError(f"cannot read rule file: not UTF-8 text ({exc.reason})", file=label) from exc
 
 
 def _rule_set(files: Iterable[tuple[str, str]], *, source: str) -> RuleSet:

@@ -1,6 +1,8 @@
 """`sinkwatch rules check [DIR|FILE]`: validate every rule file, one line per file.
 
-Without DIR the shipped presets are checked. Each file is validated on its
+Without DIR the rules folder the settings name (``SINKWATCH_RULES``, or
+``rules`` in the config file ``SINKWATCH_CONFIG`` names) is checked, else the
+shipped presets: the rules `run` would load. Each file is validated on its
 own (so one broken or unreadable file does not hide the others), then the
 folder as a set (duplicate names, a ``default`` rule). A FILE is validated on
 its own. Exit status 0 when all is well, 1 otherwise; every error names the
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from service.errors import RuleError
 from service.rules import Rule, load_rule_file, load_rules, parse_rule, rule_files
+from service.settings import shared_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,20 +27,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="?",
         type=Path,
         metavar="DIR|FILE",
-        help="rule folder (default: the shipped presets), or one rule file",
+        help="rule folder (default: SINKWATCH_RULES or the config file's, else the shipped presets), or one rule file",
     )
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.directory is not None and args.directory.is_file():
-        return _check_file(args.directory)
+    directory = args.directory if args.directory is not None else shared_settings().rules
+    if directory is not None and directory.is_file():
+        return _check_file(directory)
     try:
-        files = rule_files(args.directory)
+        files = rule_files(directory)
     except RuleError as exc:
         print(f"FAIL {exc}")
         return 1
     if not files:
-        print(f"FAIL {args.directory}: no rule files (*.toml)")
+        print(f"FAIL {directory}: no rule files (*.toml)")
         return 1
     failures = 0
     for label, text in files:
@@ -52,11 +56,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"ok   {label}: {_summary(rule)}")
     if not failures:
         try:
-            load_rules(args.directory)
+            load_rules(directory)
         except RuleError as exc:
             failures += 1
             print(f"FAIL {exc}")
-    where = args.directory or "presets"
+    where = directory or "presets"
     if failures:
         print(f"sinkwatch rules check: {failures} problem(s) in {where}", file=sys.stderr)
         return 1

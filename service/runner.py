@@ -30,7 +30,8 @@ from service.ownership import Foreign, describes, own_frame, own_sidecar
 from service.publish import Publisher
 from service.rules import Rule
 
-# name_taken: the frame at the job's name is no longer one sinkwatch wrote; nothing was published.
+# name_taken: the frame at the job's name is no longer one sinkwatch wrote, or is the frame of an image once at
+# the source's path (see `Job.gone`); nothing was published.
 # adopted: the outputs of the source's current bytes were in the queue already (see `Job.adopt`); nothing was made.
 Status = Literal["published", "rejected", "retry", "skipped", "name_taken", "adopted"]
 
@@ -49,6 +50,10 @@ class Job:
     max_pixels: int
     known_sha256: str | None = None
     frame_sha256: str | None = None  # the ledger's hash of the frame last published under `name`
+    # The source left its path since its frame was published (see `Ledger.mark_gone`), or the ledger has no row
+    # to tell (lost, forgotten): the file there now may be another image, and the frame at `name`, if made from
+    # other bytes, stays as it is.
+    gone: bool = False
     # Outputs in the queue that the sidecar proves were made from the source's current bytes are taken over
     # rather than made, and sent, again, where the unchanged-content check has nothing to go by: a ledger
     # lost or moved with --state-dir, a retry, a rejected version since put back. Off with --force.
@@ -110,10 +115,11 @@ def process_job(job: Job) -> Outcome:
     """Clean one source into the queue; report what happened, never raise."""
     base = _Identity(key=job.key, name=job.name, rule=job.rule.name, fingerprint=job.rule.fingerprint)
     timings: dict[str, float] = {}
+    vanished = Outcome(**base, status="skipped", error={"reason": "vanished", "transient": False})
     try:
         before = os.stat(job.source)
     except FileNotFoundError:
-        return Outcome(**base, status="skipped", error={"reason": "vanished", "transient": False})
+        return vanished
     except OSError as exc:
         error = IncompleteImage(f"cannot stat source: {exc.strerror}", path=job.source, rule=job.rule.name)
         return Outcome(**base, status="retry", error=error.as_record())
@@ -154,6 +160,8 @@ def process_job(job: Job) -> Outcome:
         # Checked last, just before writing: an edit made while the image was in the pool counts too.
         try:
             replaces = own_frame(publisher, job.name, job.key, recorded=job.frame_sha256, source=job.source)
+            if replaces and not _may_replace(job, publisher, decoded.sha256):
+                raise Foreign(f"{publisher.frame_path(job.name)} is the frame of another image once at this path")
         except Foreign as exc:
             taken = {"reason": "name_taken", "message": str(exc), "transient": True}
             return Outcome(**base, **stat_fields, status="name_taken", timings=timings, error=taken)
@@ -161,6 +169,8 @@ def process_job(job: Job) -> Outcome:
             sidecar["output"]["replaces_frame_sha256"] = replaces
         paths = publisher.publish(job.name, frame=frame, heatmap=heatmap, sidecar=sidecar)
         timings["publish"] = time.perf_counter() - started
+    except _Vanished:
+        return vanished  # deleted while it was read: nothing to try again
     except SinkwatchError as exc:
         exc.path = exc.path or str(job.source)
         exc.rule = exc.rule or job.rule.name
@@ -238,12 +248,25 @@ def _adopted(job: Job, before: os.stat_result, stat_fields: _SourceStat) -> Outc
     )
 
 
+def _may_replace(job: Job, publisher: Publisher, sha256: str) -> bool:
+    """Whether the source's own frame at its name may give way to one made from its bytes `sha256`: the
+    source stayed at its path since (an edit), or the frame was made from these very bytes (another rule)."""
+    if not job.gone:
+        return True
+    sidecar = own_sidecar(publisher, job.name, job.key, job.source)
+    return sidecar is not None and sidecar["source"].get("sha256") == sha256
+
+
+class _Vanished(Exception):
+    """The source was deleted while it was read."""
+
+
 def _check_unchanged(job: Job, before: os.stat_result) -> None:
     """A source that changed while it was read is still being written: try again later."""
     try:
         after = os.stat(job.source)
     except FileNotFoundError as exc:
-        raise IncompleteImage("source vanished while it was read", path=job.source) from exc
+        raise _Vanished from exc
     # The whole stamp: a replacement of the same size and mtime (rsync -t) changes only inode and ctime.
     if file_stamp(after) != file_stamp(before):
         raise IncompleteImage("source changed while it was read", path=job.source)

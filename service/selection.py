@@ -18,8 +18,12 @@ from pathlib import Path
 
 from loguru import logger
 
-# Always ignored: partial downloads, editor and OS litter, Synology thumbnails.
-BUILTIN_IGNORE = ("*.tmp", "*.part", ".ds_store", "thumbs.db", "@eadir")
+# Always ignored: partial downloads, editor and OS litter, Synology thumbnails, and the recycle bins and
+# snapshots of NAS shares and Windows (an image deleted over SMB lands there: it is no new image).
+BUILTIN_IGNORE = (
+    "*.tmp", "*.part", ".ds_store", "thumbs.db", "@eadir",
+    "#recycle", "#snapshot", "@recycle", "@recently-snapshot", "$recycle.bin", "system volume information",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,8 @@ class Selection:
     recursive: bool = False
     # Folders a scan could not read (not vanished): each is said once, and again once it can be read.
     unreadable: set[str] = field(default_factory=set, compare=False, repr=False)
+    # Files passed over for what they are (a link leading out, a FIFO): each is said once.
+    passed_over: set[str] = field(default_factory=set, compare=False, repr=False)
 
     def relpath(self, path: Path) -> str | None:
         """The source key of `path` if it is selected, else None.
@@ -50,7 +56,7 @@ class Selection:
             return None
         if not self._file_selected(parts) or _through_linked_folder(root, parts):
             return None
-        return "/".join(parts) if _acceptable_file(os.path.join(root, *parts), root) else None
+        return "/".join(parts) if self._acceptable(os.path.join(root, *parts), root) else None
 
     def scan(self) -> Iterator[Path]:
         """Every selected regular file present now, in sorted order.
@@ -86,17 +92,23 @@ class Selection:
             parts = (*prefix, entry.name)
             try:
                 is_folder = entry.is_dir(follow_symlinks=False)
-                is_link = entry.is_symlink()
                 is_file = entry.is_file(follow_symlinks=False)
             except OSError:
                 continue
             if is_folder:
                 if self.recursive and not self._folder_excluded(parts):
                     yield from self._scan_folder(entry.path, parts, root)
-            elif (is_file or is_link) and self._file_selected(parts):
+            elif self._file_selected(parts):
                 path = entry.path
-                if is_file or _acceptable_file(path, root):
+                if is_file or self._acceptable(path, root):
                     yield "/".join(parts), path
+
+    def _acceptable(self, path: str, root: str) -> bool:
+        reason = _passed_over(path, root)
+        if reason is not None and path not in self.passed_over:
+            self.passed_over.add(path)
+            logger.bind(source=path).info("{} is {}: not taken", path, reason)
+        return reason is None
 
     def _folder_excluded(self, parts: tuple[str, ...]) -> bool:
         name = parts[-1]
@@ -125,20 +137,21 @@ def _through_linked_folder(root: str, parts: tuple[str, ...]) -> bool:
     return False
 
 
-def _acceptable_file(path: str, root: str) -> bool:
-    """A regular file, or nothing (any more); a symlink only if its target is a file inside the root."""
+def _passed_over(path: str, root: str) -> str | None:
+    """Why `path` is no source, or None: a regular file, or nothing (any more); a symlink only if its target is
+    a file inside the root."""
     try:
         mode = os.lstat(path).st_mode
     except OSError:
-        return True
+        return None
     if stat.S_ISLNK(mode):
         if _parts_under(os.path.realpath(path), os.path.realpath(root)) is None:
-            return False
+            return "a link leading outside the watch folder (not followed)"
         try:
             mode = os.stat(path).st_mode
         except OSError:
-            return False  # dangling
-    return stat.S_ISREG(mode)
+            return "a link leading nowhere"
+    return None if stat.S_ISREG(mode) else "not a regular file"
 
 
 def _parts_under(path: str, root: str) -> tuple[str, ...] | None:

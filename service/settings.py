@@ -145,8 +145,18 @@ class Settings(BaseSettings):
     @classmethod
     def _check_globs(cls, globs: tuple[str, ...]) -> tuple[str, ...]:
         for glob in globs:
+            if not glob:
+                raise ValueError("an empty glob matches no file")
             check_name_glob(glob)
         return globs
+
+    @field_validator("watch", "queue", "rules", "state_dir", "comfyui_input", "comfyui_workflow", mode="before")
+    @classmethod
+    def _no_empty_path(cls, value: object) -> object:
+        # Path("") is the working directory: an unset shell variable (`--watch "$DIR"`) must not mean that.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("empty; give a path, or leave the setting out for its default")
+        return value
 
     @field_validator("include")
     @classmethod
@@ -325,6 +335,12 @@ def logged_settings(args: argparse.Namespace, environ: Mapping[str, str] = os.en
     settings = settings_from_args(args, environ)
     configure_logging(log_format=settings.log_format, level=settings.log_level)
     return settings
+
+
+def shared_settings(environ: Mapping[str, str] = os.environ) -> Settings:
+    """The settings of a command that takes no setting flags (`rules check`, `analyze`): the environment and the
+    config file SINKWATCH_CONFIG names, as `run` reads them, so that it looks at the daemon's rules."""
+    return settings_from_args(argparse.Namespace(), environ)
 
 
 def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Settings:

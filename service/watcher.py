@@ -1,7 +1,8 @@
 """Watching the generator's folder: a watchdog observer whose handler only enqueues.
 
 inotify's close-after-write (``closed``) is the fast path; ``created``,
-``modified`` and ``moved`` go to the stability tracker; a polling observer
+``modified`` and ``moved`` go to the stability tracker, ``deleted`` (and the
+old path of a move) tells the ledger a source left its path; a polling observer
 serves network mounts and Docker Desktop, where inotify sees nothing. The
 daemon checks `alive()` and calls `restart()`; events lost on an inotify
 overflow are found by its reconciliation scan.
@@ -27,7 +28,8 @@ from service.errors import ConfigError
 
 Event = tuple[str, Path]
 
-# Kinds the daemon acts on; "rescan" asks for a scan (a folder appeared, events were dropped).
+# Kinds the daemon acts on besides "deleted" (a file left its path); "rescan" asks for a scan (a folder
+# appeared, events were dropped), "rescan-gone" for one that also tells which sources left (a folder went).
 FILE_EVENTS = frozenset({"closed", "created", "modified", "moved"})
 
 
@@ -76,9 +78,14 @@ class EnqueueHandler(FileSystemEventHandler):
             kind = event.event_type
             path = event.dest_path if kind == "moved" else event.src_path
             if event.is_directory:
-                if kind in ("created", "moved"):
+                if kind == "created":
                     self._put("rescan", Path(str(path)))
+                elif kind in ("moved", "deleted"):
+                    # Its images left their paths (no event each): a scan that marks what it finds tells which.
+                    self._put("rescan-gone", Path(str(path)))
                 return
+            if kind in ("deleted", "moved"):
+                self._put("deleted", Path(str(event.src_path)))  # moved out of the folder: "deleted" too
             if kind in FILE_EVENTS:
                 self._put(kind, Path(str(path)))
         except Exception:  # a handler error must never kill the observer thread

@@ -445,6 +445,45 @@ def test_a_source_overwritten_with_new_content_is_processed_again_and_a_resaved_
     check_watch_unchanged(watch, before, added=(SENTINEL,))
 
 
+def test_comfyui_counting_its_names_up_again_leaves_the_earlier_frames_in_the_queue(
+    daemon: DaemonProcess, folders: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """ComfyUI names an image after the highest counter left in its output folder: cleared, it writes
+    ComfyUI_00001_.png again, another image. Cleared while the daemon runs, then while it is stopped."""
+    watch, queue = folders
+    names = ("ComfyUI_00001_.png", "ComfyUI_00002_.png")
+    daemon.start()
+    for index, name in enumerate(names):
+        write_photo(watch / name, small_photo(index, height=120, width=180))
+    wait_published(queue, 2)
+    earlier = {frame.name: frame.read_bytes() for frame in frames(queue)}
+
+    for name in names:
+        (watch / name).unlink()  # the user clears the output folder, ComfyUI starts again from 00001
+    write_photo(watch / names[0], small_photo(2, height=120, width=180))
+    wait_published(queue, 3)
+    assert daemon.stop() == 0
+
+    # Stopped: cleared again, and a new image made (here away from the folder first, so that it is sure to
+    # be another inode; ext4 may give a file made right after a deletion the inode just freed).
+    fresh = write_photo(tmp_path / "fresh.png", small_photo(3, height=120, width=180))
+    (watch / names[0]).unlink()
+    os.replace(fresh, watch / names[0])
+    daemon.start()
+    wait_published(queue, 4)
+    sentinel(watch, queue, daemon=daemon)
+
+    made = {name: sidecar["source"]["sha256"] for name, sidecar in sidecars(queue).items()}
+    assert len(made) == 5, made  # the two earlier frames, two new images, the sentinel
+    assert {name: (queue / name).read_bytes() for name in earlier} == earlier, "an earlier frame was replaced"
+    assert hashlib.sha256((watch / names[0]).read_bytes()).hexdigest() in made.values()
+    renamed = [r for r in daemon.records() if "is the frame of another image once at this path" in str(r["message"])]
+    assert len(renamed) == 2, [r["message"] for r in renamed]
+    _status, text = daemon.get("/metrics")
+    assert metric_sum(text, "sinkwatch_frames_renamed_total") == 1, "counted since the restart"
+    check_outputs_complete(queue)
+
+
 def png_with_note(pixels: np.ndarray, note: str) -> bytes:
     """A PNG of `pixels` with a text chunk: other notes of one length give other bytes of one size."""
     info = PngImagePlugin.PngInfo()

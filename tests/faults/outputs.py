@@ -23,13 +23,14 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sidecars(queue: Path) -> dict[str, dict[str, Any]]:
-    """Every sidecar of the queue by the source key it names."""
-    found: dict[str, dict[str, Any]] = {}
+def sidecars(queue: Path, *, per_image: bool = False) -> dict[Any, dict[str, Any]]:
+    """Every sidecar of the queue by the source key it names; `per_image`: by (key, source sha256), for a
+    path one image followed another at (whose frame stays, see `service.runner.Job.gone`). Never two of one."""
+    found: dict[Any, dict[str, Any]] = {}
     matrix = queue / "matrix"
     for path in sorted(matrix.glob("*.json")) if matrix.is_dir() else []:
         sidecar = json.loads(path.read_text(encoding="utf-8"))
-        key = sidecar["source"]["key"]
+        key = (sidecar["source"]["key"], sidecar["source"]["sha256"]) if per_image else sidecar["source"]["key"]
         assert key not in found, f"two sidecars name the source {key!r}: {path.name}"
         found[key] = sidecar
     return found
@@ -57,17 +58,17 @@ def decodes_completely(path: Path) -> bool:
 
 
 def check_published_set(
-    queue: Path, *, checked: dict[str, tuple[int, int, int]] | None = None
-) -> dict[str, dict[str, Any]]:
+    queue: Path, *, checked: dict[str, tuple[int, int, int]] | None = None, per_image: bool = False
+) -> dict[Any, dict[str, Any]]:
     """What ComfyUI could see right now is consistent: only frames at the top, each with its set.
 
-    Returns the sidecars by source key. Fails on any visible file that is not a
+    Returns the sidecars by source key (`per_image`: see `sidecars`). Fails on any visible file that is not a
     finished frame, a frame without heatmap or sidecar, a frame whose bytes are
     not the ones its sidecar names, or one that does not decode completely.
     `checked` (name -> inode, size, mtime) spares decoding a frame again that
     has not changed since an earlier call.
     """
-    by_key = sidecars(queue)
+    by_key = sidecars(queue, per_image=per_image)
     by_frame = {sidecar["output"]["frame"]: sidecar for sidecar in by_key.values()}
     for path in frames(queue) if queue.exists() else []:
         assert path.suffix == ".png" and not path.name.startswith("."), f"not a frame at the top: {path.name!r}"

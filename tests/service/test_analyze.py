@@ -127,6 +127,23 @@ def test_rules_check_presets(capsys: pytest.CaptureFixture[str]) -> None:
     assert "5 rule file(s)" in err
 
 
+def test_without_a_folder_given_rules_check_and_analyze_take_the_rules_and_limits_run_would(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "rules"
+    folder.mkdir()
+    (folder / "default.toml").write_text('name = "default"\n[resize]\nwidth = 1280\nheight = 720\n')
+    monkeypatch.setenv("SINKWATCH_RULES", str(folder))
+    code, out, err = run_cli(capsys, "rules", "check")
+    assert code == 0 and len(out.splitlines()) == 1 and f"1 rule file(s) in {folder}" in err
+    code, out, _err = run_cli(capsys, "analyze", str(photo_file("coffee")), "--json")
+    assert code == 0 and (json.loads(out)["width"], json.loads(out)["height"]) == (1280, 720)
+
+    monkeypatch.setenv("SINKWATCH_MAX_BYTES", "10000")
+    code, _out, err = run_cli(capsys, "analyze", str(photo_file("coffee")), "--json")
+    assert code == 1 and "(too_large)" in err
+
+
 def test_rules_check_a_broken_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "default.toml").write_text('name = "default"\n')
     (tmp_path / "bad-width.toml").write_text('name = "w"\n[resize]\nwidth = 830\n')

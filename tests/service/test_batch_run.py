@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from service.batch import _Keys, _run, expand
+from service.batch import _choose_rule, _Keys, _run, expand
 from service.engine import Candidate, Engine
 from service.errors import ConfigError
+from service.rules import load_rules
 from service.settings import Settings
 from tests.service.conftest import IdleEngine, file_stamp
 from tests.service.test_publish import open_tmp, where_permissions_bind
@@ -102,3 +103,12 @@ def test_a_file_in_a_watch_folder_other_than_the_daemons_is_refused(tmp_path: Pa
     for recorded in (None, "/data/output/"):
         keys = _Keys(Settings(watch=tmp_path / "other"), daemons_root=recorded)
         assert keys.candidate(tmp_path / "other" / "a.png", "a.png").key == "a.png"
+
+
+def test_a_rule_named_like_a_folder_in_the_working_directory_is_the_rule_of_that_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run from the watch folder, whose gentle/ subfolder the preset `gentle` claims: `--rule gentle`."""
+    (tmp_path / "gentle").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert _choose_rule("gentle", load_rules(None)).name == "gentle"

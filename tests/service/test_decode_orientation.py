@@ -169,3 +169,14 @@ def test_an_exif_orientation_wins_over_xmp_and_an_exif_block_without_one_does_no
     with Image.open(io.BytesIO(data)) as im:
         assert im.getexif().get(0x0112) == (3 if exif == exif_block(3) else 6)
     assert_upright(decode(data), exif_transposed(data))
+
+
+def test_of_two_exif_chunks_in_a_webp_the_first_counts_as_in_pillow() -> None:
+    """Some metadata tools append a chunk rather than replace it; libwebp's demuxer reads the first."""
+    data = saved(Image.fromarray(photo()), "WEBP", exif=exif_block(6))
+    second = exif_block(1)
+    chunk = b"EXIF" + len(second).to_bytes(4, "little") + second + b"\0" * (len(second) & 1)
+    data = data[:4] + (len(data) - 8 + len(chunk)).to_bytes(4, "little") + data[8:] + chunk
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.getexif().get(0x0112) == 6
+    assert_upright(decode(data), exif_transposed(data))

@@ -135,7 +135,7 @@ def test_a_row_waiting_for_a_retry_is_left_to_the_retries(
     assert names(ledger) == {"present.png", "waiting.png"}
 
 
-def test_forget_after_0_keeps_every_row_and_marks_nothing(
+def test_forget_after_0_keeps_every_row_and_still_tells_what_is_gone(
     watch: Path, ledger: Ledger, idle_engine: IdleEngine, clock: Clock
 ) -> None:
     finished(ledger, watch, "present.png", present=True)
@@ -144,7 +144,8 @@ def test_forget_after_0_keeps_every_row_and_marks_nothing(
     clock.now += 400 * DAY
     scan(found)
     assert names(ledger) == {"present.png", "gone.png"}
-    assert found.marked_at is None
+    assert found.marked_at == clock.now
+    assert [getattr(ledger.get(key), "gone", "no row") for key in ("present.png", "gone.png")] == [None, clock.now]
 
 
 def test_a_scan_marks_what_it_finds_once_a_day_at_most(

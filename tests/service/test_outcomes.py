@@ -63,13 +63,11 @@ class Bench:
         entry = self.ledger.get(key)
         known = entry.sha256 if entry is not None and entry.state == "published" else None
         st = source.stat()
+        made_by = (self.rule.name, self.rule.fingerprint)
+        if known is not None and entry is not None and entry.rule and entry.fingerprint:
+            made_by = (entry.rule, entry.fingerprint)  # unchanged content keeps the rule that made its outputs
         self.ledger.start(
-            key,
-            size=st.st_size,
-            mtime_ns=st.st_mtime_ns,
-            sha256=known,
-            rule=self.rule.name,
-            fingerprint=self.rule.fingerprint,
+            key, size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=known, rule=made_by[0], fingerprint=made_by[1]
         )
         name = self.ledger.name_for(key, source.stem, exists=lambda _name: False)
         return Job(
@@ -190,6 +188,20 @@ def test_the_same_content_under_a_new_mtime_is_skipped_and_keeps_its_outputs(ben
     assert announced == []
 
 
+def test_a_skip_after_a_rule_change_counts_for_the_rule_that_made_the_outputs(bench: Bench) -> None:
+    source = bench.photo("cat.png")
+    bench.run(source)
+    made = bench.rule.name
+    bench.rule = load_rules(None).get("strong")  # a rule now matches it that made nothing
+    st = source.stat()
+    os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+    assert bench.run(source).status == "skipped"
+    assert bench.entry("cat.png").rule == made
+    assert bench.sample("sinkwatch_images_processed_total", rule=made, outcome="skipped") == 1
+    assert bench.sample("sinkwatch_images_processed_total", rule="strong", outcome="skipped") in (None, 0)
+
+
 def test_a_source_gone_before_it_was_read_is_forgotten_but_keeps_its_name(bench: Bench) -> None:
     source = bench.photo("cat.png")
     job = bench.start(source)
@@ -227,13 +239,20 @@ def test_a_transient_failure_is_retried_with_doubling_delays_then_rejected(bench
 
 def test_a_retry_under_a_second_away_is_not_said_to_be_0s_away(bench: Bench) -> None:
     bench.outcomes.retry_base = 0.2
-    said: list[str] = []
-    handler = logger.add(lambda message: said.append(message.record["message"]), level="WARNING")
+    said: list[tuple[str, str]] = []
+    handler = logger.add(lambda m: said.append((m.record["level"].name, m.record["message"])), level="INFO")
     try:
-        assert bench.run(bench.photo("cat.png", cut=5000)).status == "retry"
+        source = bench.photo("cat.png", cut=5000)
+        for _ in range(2):
+            assert bench.run(source).status == "retry"
     finally:
         logger.remove(handler)
-    assert [line for line in said if line.startswith("retrying cat.png in 0.2s (attempt 1): ")], said
+    retries = [(level, line.split(": ")[0]) for level, line in said if line.startswith("retrying cat.png")]
+    # Cut short at the first try, a file is being written still; the same file cut short again is news.
+    assert retries == [
+        ("INFO", "retrying cat.png in 0.2s (attempt 1)"),
+        ("WARNING", "retrying cat.png in 0.4s (attempt 2)"),
+    ]
 
 
 def test_a_permanent_failure_is_rejected_at_once(bench: Bench) -> None:

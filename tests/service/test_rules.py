@@ -145,6 +145,16 @@ def test_an_unreadable_file(tmp_path: Path) -> None:
     assert caught.value.file == str(tmp_path / "missing.toml")
 
 
+def test_a_fifo_named_like_a_rule_file_is_refused_without_reading_it(tmp_path: Path) -> None:
+    """Read, it would block until something writes to it: the daemon stuck for good, deaf to SIGTERM."""
+    write(tmp_path, "default.toml", 'name = "default"\n')
+    os.mkfifo(tmp_path / "pipe.toml")
+    for load in (load_rules, lambda folder: load_rule_file(folder / "pipe.toml")):
+        with pytest.raises(RuleError) as caught:
+            load(tmp_path)
+        assert caught.value.file == str(tmp_path / "pipe.toml") and "not a regular file" in caught.value.message
+
+
 def test_a_minimal_rule_takes_every_default(tmp_path: Path) -> None:
     rule = load_rule_file(write(tmp_path, "x.toml", 'name = "x"\n'))
     assert rule.to_params() == PipelineParams()

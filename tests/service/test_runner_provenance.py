@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -136,22 +137,33 @@ def test_a_source_without_generator_chunks_gets_only_the_sinkwatch_chunk(tmp_pat
     assert "prompt" not in sidecar(tmp_path / "queue")["source"]["metadata"]
 
 
-def test_a_source_changed_while_it_was_decoded_is_retried_not_published(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def edit(source: Path) -> None:
+    st = os.stat(source)
+    os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+
+@pytest.mark.parametrize(
+    ("meanwhile", "status", "said"),
+    [(edit, "retry", "changed while it was read"), (Path.unlink, "skipped", "vanished")],
+    ids=["edited", "deleted"],
+)
+def test_a_source_changed_while_it_was_decoded_is_not_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, meanwhile: Callable[[Path], None], status: str, said: str
 ) -> None:
+    """Edited, it is tried again; deleted, it is let go (a retry would only find it gone: the old "retrying ...
+    vanished" warning promised one that never came)."""
     source = comfyui_source(tmp_path)
     real = runner.decode_source
 
-    def decode_then_edit(*args: Any, **kwargs: Any) -> Any:
+    def decode_then(*args: Any, **kwargs: Any) -> Any:
         decoded = real(*args, **kwargs)
-        st = os.stat(source)
-        os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # an edit lands meanwhile
+        meanwhile(source)
         return decoded
 
-    monkeypatch.setattr(runner, "decode_source", decode_then_edit)
+    monkeypatch.setattr(runner, "decode_source", decode_then)
     queue = tmp_path / "queue"
     job = Job(source=source, key=source.name, name="frame", rule=rule(keep=False), queue=queue,
               max_bytes=1 << 26, max_pixels=50_000_000)  # fmt: skip
     outcome = process_job(job)
-    assert outcome.status == "retry" and "changed while it was read" in str(outcome.error)
+    assert outcome.status == status and said in str(outcome.error)
     assert not (queue / "frame.png").exists()

@@ -112,7 +112,9 @@ def test_subfolders_only_when_recursive(watch: Path, image: ImageFile) -> None:
     assert scanned(rec) == ["a/b/deep.png", "top.png"]
 
 
-@pytest.mark.parametrize("folder", [".cache", "@eaDir", "@EADIR", ".sinkwatch"])
+@pytest.mark.parametrize(
+    "folder", [".cache", "@eaDir", "@EADIR", ".sinkwatch", "#recycle", "#snapshot", "@Recycle", "$RECYCLE.BIN"]
+)
 def test_hidden_and_thumbnail_folders_are_never_entered(watch: Path, image: ImageFile, folder: str) -> None:
     path = image(f"{folder}/a.png")
     image("ok/b.png")
@@ -149,6 +151,24 @@ def test_symlinks_leaving_the_root_are_not_followed(tmp_path: Path, watch: Path,
     assert sel.relpath(watch / "linked_dir" / "private.png") is None
     assert sel.relpath(watch / "alias.png") == "alias.png", "a link that stays inside is a file like any other"
     assert scanned(sel) == ["alias.png", "real.png"]
+
+
+def test_a_file_passed_over_for_what_it_is_is_said_once(tmp_path: Path, watch: Path) -> None:
+    (tmp_path / "outside.png").write_bytes(b"png")
+    (watch / "escape.png").symlink_to(tmp_path / "outside.png")
+    os.mkfifo(watch / "pipe.png")
+    messages: list[str] = []
+    sink = logger.add(lambda message: messages.append(message.record["message"]), level="INFO")
+    try:
+        sel = selection(watch)
+        for _ in range(2):  # a scan, then events and the next scan: said once all the same
+            assert scanned(sel) == [] and sel.relpath(watch / "escape.png") is None
+    finally:
+        logger.remove(sink)
+    assert sorted(messages) == [
+        f"{watch / 'escape.png'} is a link leading outside the watch folder (not followed): not taken",
+        f"{watch / 'pipe.png'} is not a regular file: not taken",
+    ]
 
 
 def test_symlinked_folders_inside_the_root_are_not_entered(watch: Path, image: ImageFile) -> None:

@@ -314,6 +314,24 @@ def test_no_float_setting_takes_inf_or_nan_from_any_source(
         load_settings()
 
 
+@pytest.mark.parametrize("name", ["watch", "queue", "rules", "state_dir", "comfyui_input", "comfyui_workflow"])
+def test_an_empty_path_is_refused_not_taken_for_the_working_directory(tmp_path: Path, name: str) -> None:
+    """`--watch "$DIR"` with DIR unset, or `rules = ""` in a config file: not ".", where sinkwatch would then
+    watch, keep its ledger or read every TOML file (its own config among them) as a rule."""
+    with pytest.raises(ConfigError, match=f"setting '{name}'.*empty"):
+        parse(f"--{name.replace('_', '-')}", "")
+    with pytest.raises(ConfigError, match=f"setting '{name}'.*empty"):
+        load_settings(config_file=config(tmp_path, f'{name} = ""\n'))
+
+
+@pytest.mark.parametrize("name", ["include", "ignore"])
+def test_an_empty_glob_is_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ConfigError, match=f"setting '{name}'.*empty glob"):
+        parse(f"--{name}", "")
+    with pytest.raises(ConfigError, match=f"setting '{name}'.*empty glob"):
+        load_settings(config_file=config(tmp_path, f'{name} = ["*.png", ""]\n'))
+
+
 @pytest.mark.parametrize("name", FLOAT_SETTINGS)
 def test_no_duration_is_longer_than_a_day(name: str) -> None:
     # 1e10 s is finite, but waiting that long raises OverflowError in the waiting thread.

@@ -134,6 +134,7 @@ class Daemon:
             limits=Limits(s.max_bytes, s.max_pixels, s.max_attempts, s.retry_base, s.queue_size),
             resolve=lambda key: self.folders.watch / key,
             wakeup=self.events.arrived,
+            events_tell_departures=not s.polling,
         )
         self.uploads = uploads_for(s, ledger=self.ledger, engine=self.engine, metrics=self.metrics)
         if self.uploads is not None:

@@ -8,6 +8,7 @@ engine has room, so a huge backlog costs no memory.
 from __future__ import annotations
 
 import itertools
+import os
 import queue
 import time
 from collections.abc import Callable, Iterator
@@ -134,8 +135,8 @@ class Discovery:
                 if not self.engine.has_room():
                     self.held = found[position:]
                     return
-                if key in settled:
-                    continue
+                if key in settled or self.tracker.holds(Path(path)):
+                    continue  # a file an event told of waits for the event: it may explain a new inode
                 # The listing may be old by now: judge the file as it is, as for an event.
                 source = Path(path)
                 checked = self.selection.relpath(source)
@@ -156,12 +157,15 @@ class Discovery:
     def _settle_gone(self) -> None:
         """After a scan that marked what it found: the sources it did not find are gone (events can be lost, and
         none come while the daemon is stopped); drop the rows of those gone for `forget_after`."""
+        root = self.selection.root
+        if not self.scanned and not (os.path.isdir(root) and os.access(root, os.R_OK | os.X_OK)):
+            return  # no folder to list, or none readable: this says nothing of what left it
+        # An empty folder does: its images were cleared (a mount not up yet looks the same, and costs only that
+        # each source's next edit goes to a new name, as another image would).
         self.marked_at = self.scan_wall
-        if not self.scanned:
-            return  # an empty listing (a mount not up yet) tells nothing about what is gone
         self.engine.ledger.mark_unseen_gone(self.scan_wall)
-        if self.forget_after <= 0:
-            return
+        if self.forget_after <= 0 or not self.scanned:
+            return  # nor does it tell that they are gone for good
         forgotten = self.engine.ledger.forget_gone(self.scan_wall - self.forget_after)
         if forgotten:
             logger.info(

@@ -23,8 +23,9 @@ from typing import Any
 from loguru import logger
 
 from service import ownership, recovery, unchanged
+from service.birth import birth_ns
 from service.errors import SinkwatchError
-from service.ledger import Ledger
+from service.ledger import Entry, Ledger
 from service.metrics import Metrics
 from service.naming import safe_stem
 from service.outcomes import OnPublished, Outcomes
@@ -71,6 +72,7 @@ class Engine:
         force: bool = False,
         clock: Callable[[], float] = time.time,
         wakeup: Callable[[], Future[None]] | None = None,
+        events_tell_departures: bool = True,
     ) -> None:
         self.queue = queue
         self.rules = rules
@@ -84,6 +86,9 @@ class Engine:
         self.clock = clock
         # A future that completes when there is new work to offer (the daemon's watch events): waits end early.
         self.wakeup = wakeup
+        # inotify reports a deletion as such; a poll reports another file at a path, its inode or birth time
+        # changed, as deleted and created alike, and an edit saved by a rename looks the same as another image.
+        self.events_tell_departures = events_tell_departures
         self.publisher = Publisher(queue)
         self.outcomes = Outcomes(
             ledger=ledger,
@@ -232,16 +237,13 @@ class Engine:
         except OSError:
             return
         entry = self.ledger.get(candidate.key)
+        born = birth_ns(candidate.path)
         # No row: nothing tells that the file there is the image the source's frame was made from.
         gone = entry is None or entry.gone is not None
-        if (
-            entry is not None
-            and not gone
-            and candidate.source in ("startup", "scan")
-            and entry.ino not in (None, st.st_ino)
-        ):
-            # Another file at the path, and no event told how it came (stopped, events lost): it may be another
-            # image as well as an edit saved by a rename, and only the former's frame must not be replaced.
+        told = candidate.source == "event" and self.events_tell_departures
+        if entry is not None and not gone and not told and _another_file(entry, st, born):
+            # Another file at the path, and no event told how it came (stopped, events lost, a poll): it may be
+            # another image as well as an edit saved by a rename, and only the former's frame must not be replaced.
             self.ledger.mark_gone([candidate.key])
             gone = True
         rule = self.forced_rule or self.rules.select(candidate.name_source)
@@ -257,6 +259,7 @@ class Engine:
             mtime_ns=st.st_mtime_ns,
             ino=st.st_ino,
             ctime_ns=st.st_ctime_ns,
+            born=born,
             sha256=known,
             rule=made_by[0],
             fingerprint=made_by[1],
@@ -360,6 +363,14 @@ class Engine:
             self.pending[job.key] = candidate
         else:
             self.suspects.discard(job.key)
+
+
+def _another_file(entry: Entry, st: os.stat_result, born: int | None) -> bool:
+    """Whether the file at the source's path is not the one its processing last started on: by birth time, else
+    (a file system that keeps none) by inode, which ext4 may hand the next file made after a deletion."""
+    if entry.born is not None and born is not None:
+        return entry.born != born
+    return entry.ino is not None and entry.ino != st.st_ino
 
 
 def _regular(path: Path) -> bool:

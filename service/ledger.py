@@ -56,7 +56,7 @@ FINAL_STATES = ("published", "rejected")
 # The columns in the order of Entry's fields.
 _SELECT_ENTRY = """
     SELECT s.relpath, s.size, s.mtime_ns, s.sha256, s.rule, s.fingerprint, s.state, n.name,
-           s.attempts, s.next_attempt, s.reason, s.message, s.updated, s.frame_sha256, s.gone, s.ino
+           s.attempts, s.next_attempt, s.reason, s.message, s.updated, s.frame_sha256, s.gone, s.ino, s.born
     FROM sources AS s LEFT JOIN names AS n ON n.relpath = s.relpath
 """
 
@@ -79,6 +79,7 @@ class Entry:
     frame_sha256: str | None = None  # of the frame last published under output_name
     gone: float | None = None  # when the source was found deleted or moved away, until published again
     ino: int | None = None  # of the file last started or published
+    born: int | None = None  # birth time (ns) of the file last started, where the file system tells it
 
 
 class Ledger(UploadLedger, StampLedger):
@@ -245,6 +246,7 @@ class Ledger(UploadLedger, StampLedger):
         fingerprint: str,
         ino: int | None = None,
         ctime_ns: int | None = None,
+        born: int | None = None,
     ) -> int:
         """Processing begins: one more attempt, counted afresh for a new file or for content that had reached a
         final state; returns which attempt this is. An inode or ctime the row does not know (a ledger from before
@@ -271,6 +273,7 @@ class Ledger(UploadLedger, StampLedger):
                RETURNING attempts""",
                 self._source_values(relpath, size, mtime_ns, ino, ctime_ns, sha256, rule, fingerprint),
             ).fetchone()
+            db.execute("UPDATE sources SET born = ? WHERE relpath = ?", (born, db_key(relpath)))
         return int(row[0])
 
     def published(
@@ -378,11 +381,11 @@ class Ledger(UploadLedger, StampLedger):
 
     def mark_gone(self, relpaths: Sequence[str]) -> None:
         """The sources at `relpaths` were deleted or moved away (those without a row: nothing)."""
-        keys = [db_key(relpath) for relpath in relpaths]
+        now = self.clock()
+        # The latest departure: one during an attempt must outlast that attempt's publication (see `published`).
+        rows = [(now, db_key(relpath)) for relpath in relpaths]
         with self._transaction() as db:
-            db.executemany(
-                "UPDATE sources SET gone = ? WHERE relpath = ? AND gone IS NULL", [(self.clock(), k) for k in keys]
-            )
+            db.executemany("UPDATE sources SET gone = max(coalesce(gone, 0), ?) WHERE relpath = ?", rows)
 
     def forget(self, relpath: str) -> None:
         """Drop the source's entry (it vanished); its output name stays reserved for it."""

@@ -82,9 +82,10 @@ class StampLedger:
     def mark_unseen_gone(self, scan_started: float) -> int:
         """After a scan that marked what it found (started at wall time `scan_started`): the sources it did not
         find, and that were not processed since it started, are gone (see `Ledger.mark_gone`); returns how many."""
-        unseen = "gone IS NULL AND max(coalesce(seen, updated), updated) < ?"
+        unseen = "max(coalesce(seen, updated), updated) < ?"
+        update = f"UPDATE sources SET gone = max(coalesce(gone, 0), ?) WHERE {unseen}"
         with self._transaction() as db:
-            return int(db.execute(f"UPDATE sources SET gone = ? WHERE {unseen}", (scan_started, scan_started)).rowcount)
+            return int(db.execute(update, (scan_started, scan_started)).rowcount)
 
     def forget_gone(self, before: float) -> int:
         """Delete the finished rows of sources neither found by a scan nor processed since `before`; returns how

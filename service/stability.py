@@ -65,6 +65,10 @@ class StabilityTracker:
     def forget(self, path: Path) -> None:
         self._candidates.pop(path, None)
 
+    def holds(self, path: Path) -> bool:
+        """Whether `path` waits to hold still (an event told of it)."""
+        return path in self._candidates
+
     def pending(self) -> int:
         return len(self._candidates)
 

@@ -464,12 +464,10 @@ def test_comfyui_counting_its_names_up_again_leaves_the_earlier_frames_in_the_qu
     wait_published(queue, 3)
     assert daemon.stop() == 0
 
-    # Stopped: cleared again, and a new image made (here away from the folder first, so that it is sure to
-    # be another inode; ext4 may give a file made right after a deletion the inode just freed).
-    fresh = write_photo(tmp_path / "fresh.png", small_photo(3, height=120, width=180))
+    # Stopped, the folder cleared: the daemon starts on an empty folder, and then ComfyUI writes 00001 again.
     (watch / names[0]).unlink()
-    os.replace(fresh, watch / names[0])
     daemon.start()
+    write_photo(watch / names[0], small_photo(3, height=120, width=180))
     wait_published(queue, 4)
     sentinel(watch, queue, daemon=daemon)
 

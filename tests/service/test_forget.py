@@ -188,3 +188,33 @@ def test_names_and_settled_uploads_go_with_their_sources_and_an_owed_upload_stay
     assert ledger.name_for("later/vanished.png", "vanished", exists=lambda _name: False) == "vanished"
     assert ledger.name_for("later/gone.png", "gone", exists=lambda _name: False) == "gone"
     assert ledger.name_for("kept.png", "other", exists=lambda _name: True) == "kept"
+
+
+def test_a_scan_of_an_empty_folder_tells_that_its_sources_left_and_one_of_no_folder_does_not(
+    tmp_path: Path, watch: Path, ledger: Ledger, idle_engine: IdleEngine, clock: Clock
+) -> None:
+    """Cleared while the daemon was stopped, ComfyUI then counting from 1 again: an empty listing is news.
+    A folder that is not there (a mount not up) tells nothing, and nothing is forgotten either way."""
+    finished(ledger, watch, "a.png", present=False)
+    missing = discovery(tmp_path / "not-mounted", ledger, idle_engine, clock, forget=FORGET_AFTER)
+    clock.now += 40 * DAY
+    scan(missing)
+    assert getattr(ledger.get("a.png"), "gone", "no row") is None and missing.marked_at is None
+
+    empty = discovery(watch, ledger, idle_engine, clock, forget=FORGET_AFTER)
+    scan(empty)
+    assert getattr(ledger.get("a.png"), "gone", "no row") == clock.now and empty.marked_at == clock.now
+
+
+def test_a_scan_leaves_a_file_an_event_told_of_to_that_event(
+    watch: Path, ledger: Ledger, idle_engine: IdleEngine, clock: Clock
+) -> None:
+    """An editor's save by a rename: the scan would see a new inode where the event, once the file settles,
+    tells an edit."""
+    found = discovery(watch, ledger, idle_engine, clock, forget=0.0)
+    edited = watch / "edited.png"
+    shutil.copyfile(photo_file("chelsea"), edited)
+    found.tracker.observe(edited)
+    shutil.copyfile(photo_file("coffee"), watch / "other.png")
+    scan(found)
+    assert list(found.engine.pending) == ["other.png"]

@@ -130,6 +130,9 @@ class Discovery:
             if self.marking and found:
                 self.engine.ledger.mark_seen([key for key, _path in found], self.scan_wall)
             settled = self.engine.settled(found, source=self.scan_source)
+            if self.marking and (unchanged := settled - self.engine.pending.keys()):
+                # Found as recorded, they never left: a folder mounted only after the daemon's first scan.
+                self.engine.ledger.mark_present(sorted(unchanged))
             wall = time.time()
             for position, (key, path) in enumerate(found):
                 if not self.engine.has_room():

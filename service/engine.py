@@ -124,9 +124,10 @@ class Engine:
     def offer(self, candidate: Candidate) -> bool:
         """Queue a candidate unless it is already queued, running or done; False when full."""
         if candidate.key in self.pending:
+            self.pending[candidate.key] = _told_first(self.pending[candidate.key], candidate)
             return True
         if self._running(candidate.key):
-            self.recheck[candidate.key] = candidate
+            self.recheck[candidate.key] = _told_first(self.recheck.get(candidate.key), candidate)
             return True
         if not self.force and self._already_done(candidate):
             return True
@@ -363,6 +364,12 @@ class Engine:
             self.pending[job.key] = candidate
         else:
             self.suspects.discard(job.key)
+
+
+def _told_first(known: Candidate | None, offered: Candidate) -> Candidate:
+    """Of two offers of one source, the one a watch event made: it tells how the file came (an edit saved by a
+    rename), where a scan that found it too would see only another file at the path."""
+    return known if known is not None and known.source == "event" and offered.source != "event" else offered
 
 
 def _another_file(entry: Entry, st: os.stat_result, born: int | None) -> bool:

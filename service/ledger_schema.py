@@ -15,7 +15,7 @@ from pathlib import Path
 
 from service.errors import ConfigError
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 # Statements that bring a ledger from version N-1 to N; a new version appends an entry.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
@@ -71,11 +71,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     5: ("ALTER TABLE sources ADD COLUMN seen REAL",),
     # When the source was found deleted or moved away (wall time), until its path is published again: a file
     # that then appears at the path is another image (ComfyUI counts its names up again from the highest left),
-    # and the frame of the one before is kept. The birth time of the file last started tells another file at the
-    # path where no event did (see service.birth). Names a source lost are retired, never handed out again.
+    # and the frame of the one before is kept. Names a source lost are retired, never handed out again.
     6: (
         "ALTER TABLE sources ADD COLUMN gone REAL",
-        "ALTER TABLE sources ADD COLUMN born INTEGER",
         """CREATE TABLE retired (
             folded TEXT PRIMARY KEY,
             name TEXT NOT NULL,
@@ -83,6 +81,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             retired REAL NOT NULL
         )""",
     ),
+    # The birth time of the file last started: it tells another file at the path where no event did (see
+    # service.birth).
+    7: ("ALTER TABLE sources ADD COLUMN born INTEGER",),
 }
 
 

@@ -79,6 +79,15 @@ class StampLedger:
                 marks = ", ".join("?" * len(chunk))
                 db.execute(f"UPDATE sources SET seen = ? WHERE relpath IN ({marks})", [now, *chunk])
 
+    def mark_present(self, relpaths: Sequence[str]) -> None:
+        """The files at `relpaths` were found as the ledger recorded them (stamp unchanged): never gone."""
+        keys = [db_key(relpath) for relpath in relpaths]
+        with self._transaction() as db:
+            for start in range(0, len(keys), KEYS_PER_QUERY):
+                chunk = keys[start : start + KEYS_PER_QUERY]
+                marks = ", ".join("?" * len(chunk))
+                db.execute(f"UPDATE sources SET gone = NULL WHERE gone IS NOT NULL AND relpath IN ({marks})", chunk)
+
     def mark_unseen_gone(self, scan_started: float) -> int:
         """After a scan that marked what it found (started at wall time `scan_started`): the sources it did not
         find, and that were not processed since it started, are gone (see `Ledger.mark_gone`); returns how many."""

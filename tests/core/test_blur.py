@@ -134,8 +134,11 @@ def test_a_stronger_blur_never_raises_energy(
             energy(mode="target", sigma=sigma, target=targets[0])
             <= energy(mode="target", sigma=sigma, target=targets[1]) + exact
         )
-    # A wider Gaussian: never more energy, down to the floor that rounding to uint8 leaves (about 0.3 grey levels).
-    floor = 0.02
+    # A wider Gaussian: never more energy, down to a floor. Rounding to uint8 leaves about 0.3 grey levels (0.0125),
+    # and the kernel, cut at +-3 sigma to whole pixels, grows by two at once where 3 sigma crosses an integer: from
+    # sigma 2.55 to 2.73 the energy in the disc rose by up to 0.030 on these textures (seeds 0-5, sigma steps of 0.05,
+    # strengths 0.5 to 1; measured). Hypothesis found 0.022 against the 0.02 allowed before.
+    floor = 0.04
     assert energy(mode="gaussian", sigma=sigmas[1], strength=strengths[1]) <= (
         energy(mode="gaussian", sigma=sigmas[0], strength=strengths[1]) + floor
     )

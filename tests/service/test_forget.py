@@ -218,3 +218,22 @@ def test_a_scan_leaves_a_file_an_event_told_of_to_that_event(
     shutil.copyfile(photo_file("coffee"), watch / "other.png")
     scan(found)
     assert list(found.engine.pending) == ["other.png"]
+
+
+def test_a_folder_mounted_after_the_first_scan_brings_its_sources_back(
+    tmp_path: Path, watch: Path, ledger: Ledger, idle_engine: IdleEngine, clock: Clock
+) -> None:
+    """Started on the empty mount point, every source looked gone; found as recorded once mounted, none is."""
+    finished(ledger, watch, "a.png", present=True)
+    mount_point = tmp_path / "mount-point"
+    mount_point.mkdir()
+    clock.now += 60
+    scan(discovery(mount_point, ledger, idle_engine, clock, forget=FORGET_AFTER))
+    assert getattr(ledger.get("a.png"), "gone", "no row") == clock.now
+
+    clock.now += 60
+    mounted = discovery(watch, ledger, idle_engine, clock, forget=FORGET_AFTER)
+    mounted.start_scan("scan", mark=True)
+    while mounted.scanning:
+        mounted.feed_scan()
+    assert getattr(ledger.get("a.png"), "gone", "no row") is None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 from service.discovery import Discovery
-from service.engine import Engine
+from service.engine import Candidate, Engine
 from service.ledger import Ledger
 from service.selection import Selection
 from service.stability import StabilityTracker
@@ -108,6 +109,18 @@ def test_an_edit_in_place_found_by_a_scan_is_an_edit(engine: Engine, watch: Path
 
     assert run(engine, source, "startup") == first
     assert frames(engine.queue) == [first]
+
+
+def test_a_watch_event_outranks_a_scan_that_found_the_same_file(
+    engine: Engine, watch: Path, write_png: WritePng
+) -> None:
+    """The event tells how the file came (an editor's save by a rename); the scan would see only a new file."""
+    path = write_png(f"watch/{SOURCE}", load_photo(PHOTOS[0]))
+    for first, second in (("scan", "event"), ("event", "scan")):
+        engine.pending.clear()
+        assert engine.offer(Candidate(SOURCE, path, first, time.time()))
+        assert engine.offer(Candidate(SOURCE, path, second, time.time()))
+        assert [candidate.source for candidate in engine.pending.values()] == ["event"], (first, second)
 
 
 def test_a_deleted_event_marks_the_source_gone_even_when_a_new_file_is_there_already(

@@ -81,6 +81,26 @@ def old_ledger(db_path: Path, version: int) -> None:
         raw.execute(f"PRAGMA user_version = {version}")
 
 
+@pytest.mark.parametrize("version", range(1, SCHEMA_VERSION))
+def test_a_ledger_of_every_earlier_schema_opens_and_answers_every_query(db_path: Path, version: int) -> None:
+    """Version 6 among them, as 8604538 wrote it: the birth-time column, first added to migration 6 after that
+    had shipped, was then missing from such ledgers, no migration ran, and every query failed."""
+    old_ledger(db_path, version)
+    with Ledger(db_path) as ledger:
+        entry = ledger.get("old.png")
+        assert entry is not None and (entry.state, entry.sha256, entry.gone, entry.born) == (
+            "published",
+            SHA,
+            None,
+            None,
+        )
+        assert [e.relpath for e in ledger.entries()] == ["old.png"] and ledger.due(0.0) == []
+        ledger.mark_gone(["old.png"])
+        assert ledger.name_for("old.png", "old", exists=lambda _name: False) == "old"
+        publish(ledger, "new.png")
+        assert ledger.stamps(["new.png"]) == {"new.png": Stamp("published", 10, 20, 30, 40)}
+
+
 def test_a_version_2_ledger_is_migrated_and_its_rows_have_an_unknown_inode_and_ctime(db_path: Path) -> None:
     old_ledger(db_path, 2)
     with Ledger(db_path) as ledger:
@@ -88,7 +108,7 @@ def test_a_version_2_ledger_is_migrated_and_its_rows_have_an_unknown_inode_and_c
         publish(ledger, "new.png")
         assert ledger.stamps(["new.png"]) == {"new.png": Stamp("published", 10, 20, 30, 40)}
     with sqlite3.connect(db_path) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
         # Not seen by a scan yet: forgotten only once gone for --forget-after-days after its last update.
         assert raw.execute("SELECT seen FROM sources WHERE relpath = ?", (b"old.png",)).fetchone() == (None,)
 

@@ -95,6 +95,9 @@ class Daemon:
 
     def initialize(self, *, once: bool = False) -> None:
         s = self.settings
+        # Broken rules are the settings' fault (exit 2): said before anything is made or locked, even when another
+        # sinkwatch holds the queue (which would make it exit 75, "try again later").
+        self.rules: RuleSet = self.reloader.load()
         # A named watch folder that is missing may be a mount not up yet at boot, or a typo: the daemon
         # waits for it (logged, and /healthz says so), while a `--once` run has nothing to wait for.
         missing: Literal["create", "wait", "refuse"] = "create" if not s.watch_given else "refuse" if once else "wait"
@@ -110,7 +113,6 @@ class Daemon:
         self.queue_lock = QueueLock(self.folders.queue)
         self.queue_lock.acquire()
         self.resources.callback(self.queue_lock.release)
-        self.rules: RuleSet = self.reloader.load()
         self.metrics = Metrics(self.registry, rules=self.rules.names)
         record_rules(self.metrics, self.rules)
         self.metrics.workers.set(s.workers)

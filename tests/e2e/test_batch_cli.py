@@ -86,6 +86,19 @@ def test_run_once_exits_0_after_the_backlog_and_1_when_something_was_rejected(tm
     check_watch_unchanged(watch, before)
 
 
+def test_broken_rules_refuse_the_start_before_anything_is_made(tmp_path: Path) -> None:
+    watch, queue, rules = tmp_path / "watch", tmp_path / "queue", tmp_path / "rules"
+    watch.mkdir()
+    rules.mkdir()
+    (rules / "default.toml").write_text('name = "default"\n[resize]\nwidth = 830\n')
+    done = run_sinkwatch(
+        "run", "--once", "--watch", str(watch), "--queue", str(queue), "--rules", str(rules), cwd=tmp_path
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"{rules / 'default.toml'}: resize.width" in done.stderr
+    assert not queue.exists(), "the queue (its locks, its watch-folder record) was made for a start that was refused"
+
+
 def test_process_makes_the_daemons_frames_and_exits_1_when_a_file_is_rejected(tmp_path: Path) -> None:
     watch = tmp_path / "watch"
     watch.mkdir()

@@ -254,8 +254,8 @@ class Ledger(UploadLedger, StampLedger):
         with self._transaction() as db:
             row = db.execute(
                 """INSERT INTO sources (relpath, state, size, mtime_ns, ino, ctime_ns, sha256, rule, fingerprint,
-                                    attempts, updated)
-               VALUES (?, 'processing', ?, ?, ?, ?, ?, ?, ?, 1, ?)
+                                    attempts, updated, born)
+               VALUES (?, 'processing', ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)
                ON CONFLICT (relpath) DO UPDATE SET
                    attempts = CASE
                        WHEN state IN ('published', 'rejected') THEN 1
@@ -269,11 +269,10 @@ class Ledger(UploadLedger, StampLedger):
                    state = 'processing', size = excluded.size, mtime_ns = excluded.mtime_ns,
                    ino = excluded.ino, ctime_ns = excluded.ctime_ns,
                    sha256 = excluded.sha256, rule = excluded.rule, fingerprint = excluded.fingerprint,
-                   next_attempt = NULL, updated = excluded.updated
+                   next_attempt = NULL, updated = excluded.updated, born = excluded.born
                RETURNING attempts""",
-                self._source_values(relpath, size, mtime_ns, ino, ctime_ns, sha256, rule, fingerprint),
+                (*self._source_values(relpath, size, mtime_ns, ino, ctime_ns, sha256, rule, fingerprint), born),
             ).fetchone()
-            db.execute("UPDATE sources SET born = ? WHERE relpath = ?", (born, db_key(relpath)))
         return int(row[0])
 
     def published(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import NamedTuple
 
@@ -56,9 +56,7 @@ class StampLedger:
         keys = list(wanted)
         found: dict[str, Stamp] = {}
         with self._transaction(write=False) as db:
-            for start in range(0, len(keys), KEYS_PER_QUERY):
-                chunk = keys[start : start + KEYS_PER_QUERY]
-                marks = ", ".join("?" * len(chunk))
+            for chunk, marks in _in_chunks(keys):
                 query = f"SELECT relpath, state, size, mtime_ns, ino, ctime_ns FROM sources WHERE relpath IN ({marks})"
                 for key, *stamp in db.execute(query, chunk):
                     found[wanted[bytes(key)]] = Stamp(*stamp)
@@ -72,20 +70,14 @@ class StampLedger:
 
     def mark_seen(self, relpaths: Sequence[str], now: float) -> None:
         """Record that a scan found `relpaths` in the watch folder at wall time `now` (unknown ones: nothing)."""
-        keys = [db_key(relpath) for relpath in relpaths]
         with self._transaction() as db:
-            for start in range(0, len(keys), KEYS_PER_QUERY):
-                chunk = keys[start : start + KEYS_PER_QUERY]
-                marks = ", ".join("?" * len(chunk))
+            for chunk, marks in _in_chunks([db_key(relpath) for relpath in relpaths]):
                 db.execute(f"UPDATE sources SET seen = ? WHERE relpath IN ({marks})", [now, *chunk])
 
     def mark_present(self, relpaths: Sequence[str]) -> None:
         """The files at `relpaths` were found as the ledger recorded them (stamp unchanged): never gone."""
-        keys = [db_key(relpath) for relpath in relpaths]
         with self._transaction() as db:
-            for start in range(0, len(keys), KEYS_PER_QUERY):
-                chunk = keys[start : start + KEYS_PER_QUERY]
-                marks = ", ".join("?" * len(chunk))
+            for chunk, marks in _in_chunks([db_key(relpath) for relpath in relpaths]):
                 db.execute(f"UPDATE sources SET gone = NULL WHERE gone IS NOT NULL AND relpath IN ({marks})", chunk)
 
     def mark_unseen_gone(self, scan_started: float) -> int:
@@ -110,3 +102,10 @@ class StampLedger:
             db.execute("DELETE FROM names WHERE relpath NOT IN (SELECT relpath FROM sources)")
             db.execute("DELETE FROM uploads WHERE state != 'pending' AND relpath NOT IN (SELECT relpath FROM sources)")
             return forgotten
+
+
+def _in_chunks(keys: list[bytes]) -> Iterator[tuple[list[bytes], str]]:
+    """`keys` in chunks of at most KEYS_PER_QUERY, each with the placeholders of its ``IN (...)``."""
+    for start in range(0, len(keys), KEYS_PER_QUERY):
+        chunk = keys[start : start + KEYS_PER_QUERY]
+        yield chunk, ", ".join("?" * len(chunk))

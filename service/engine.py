@@ -181,9 +181,25 @@ class Engine:
             self.ledger,
             self.publisher,
             resolve=self.resolve,
-            requeue=lambda key, path: self.offer(Candidate(key, path, "retry", self.clock())),
+            requeue=self._cut_short,
             published=self.on_published,
         )
+
+    def _cut_short(self, entry: Entry, path: Path, alone: bool) -> None:
+        """`entry` was in flight when the whole run died: as for a worker death, it runs alone from now on,
+        and a death while it already did (`alone`, and it was a suspect) counts."""
+        candidate = Candidate(entry.relpath, path, "retry", self.clock())
+        rule = self.forced_rule or self.rules.select(candidate.name_source)
+        job = Job(
+            source=path,
+            key=entry.relpath,
+            name=entry.output_name or self._output_name(candidate),
+            rule=rule,
+            queue=self.queue,
+            max_bytes=self.limits.max_bytes,
+            max_pixels=self.limits.max_pixels,
+        )
+        self._worker_died(candidate, job, alone=alone and entry.reason == "crashed", whole=True)
 
     # -- dispatch -------------------------------------------------------------
 
@@ -357,9 +373,9 @@ class Engine:
                 # Often what a codec said before it crashed the worker: the only clue there is.
                 logger.bind(worker=pid).warning("worker {} printed, in a job it did not finish: {}", pid, line)
 
-    def _worker_died(self, candidate: Candidate, job: Job, *, alone: bool) -> None:
+    def _worker_died(self, candidate: Candidate, job: Job, *, alone: bool, whole: bool = False) -> None:
         self.recheck.pop(job.key, None)  # tried again anyway, or rejected
-        if self.outcomes.worker_died(job, alone=alone):
+        if self.outcomes.worker_died(job, alone=alone, whole=whole):
             self.suspects.add(job.key)
             self.pending[job.key] = candidate
         else:

@@ -359,18 +359,10 @@ class Ledger(UploadLedger, StampLedger):
             (db_key(relpath), db_text(reason), db_text(message), next_attempt, self.clock()),
         )
 
-    def interrupted(self, relpath: str) -> None:
-        """The attempt in progress ended through no fault of the source (its daemon was killed): it is not
-        counted, so that such ends never add up to a rejection."""
-        self._write(
-            "UPDATE sources SET attempts = attempts - 1 WHERE relpath = ? AND state = 'processing' AND attempts > 0",
-            (db_key(relpath),),
-        )
-
     def worker_died(self, relpath: str, *, counted: bool, message: str, next_attempt: float) -> None:
         """A worker died during the source's attempt, to be tried again from `next_attempt`; the attempt is
         `counted` only when the source ran alone (it may be what kills workers). No longer "processing", the
-        row is not taken for one cut short by a stop before the retry (see :meth:`interrupted`)."""
+        row is not taken for one cut short by a stop before the retry (see `service.recovery`)."""
         self._write(
             """UPDATE sources SET state = 'retry', reason = 'crashed', message = ?, next_attempt = ?, updated = ?,
                    attempts = MAX(attempts - ?, 0)

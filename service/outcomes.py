@@ -61,8 +61,8 @@ class Outcomes:
         else:
             self._reject(job, outcome.error or {}, outcome)
 
-    def worker_died(self, job: Job, *, alone: bool) -> bool:
-        """A worker process died while `job` ran; True to try it again.
+    def worker_died(self, job: Job, *, alone: bool, whole: bool = False) -> bool:
+        """A worker process died while `job` ran (with the daemon too, when `whole`); True to try it again.
 
         A dead worker fails every job in flight, so only a job that ran `alone` is known to have
         killed it; that one is rejected once it happened too often. The others are tried again, and
@@ -70,17 +70,20 @@ class Outcomes:
         """
         entry = self.ledger.get(job.key)
         attempts = entry.attempts if entry else 1
+        killed = "sinkwatch was killed" if whole else "a worker process died"
         if alone and attempts >= self.max_attempts:
             error: dict[str, object] = {
-                "error": "WorkerCrashed",
+                "error": "ServiceKilled" if whole else "WorkerCrashed",
                 "reason": "crashed",
                 "transient": False,
-                "message": f"a worker process died on this image (attempt {attempts} of {self.max_attempts})",
+                "message": f"{killed} on this image (attempt {attempts} of {self.max_attempts})",
             }
             self._reject(job, error, Outcome(job.key, job.name, job.rule.name, job.rule.fingerprint, "rejected"))
             return False
         if alone:
-            message = f"a worker died while processing {job.key}; trying again"
+            message = f"{killed} while processing {job.key}; trying again"
+        elif whole:
+            message = f"sinkwatch was killed while {job.key} was in flight; trying it again on its own"
         else:
             message = f"a worker died while {job.key} was in flight with others; trying it again on its own"
         self.ledger.worker_died(job.key, counted=alone, message=message, next_attempt=self.clock())

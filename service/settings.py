@@ -99,8 +99,8 @@ class Settings(BaseSettings):
         5,
         ge=1,
         description=(
-            "Tries for an incomplete file before it is rejected "
-            "(a full or read-only queue is retried until it recovers)."
+            "Tries for an incomplete file, or an image that kills its worker or the whole service, before "
+            "it is rejected (a full or read-only queue is retried until it recovers)."
         ),
     )
     retry_base: float = Field(

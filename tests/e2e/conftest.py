@@ -42,11 +42,14 @@ def free_port() -> int:
 class DaemonProcess:
     """`sinkwatch run` as a user starts it, with JSON logs captured to a file."""
 
-    def __init__(self, watch: Path, queue: Path, log: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, watch: Path, queue: Path, log: Path, *args: str, env: dict[str, str] | None = None, main: str = "service"
+    ) -> None:
+        """`main` is the module run as the program: a test's own wrapper of `service.cli.main`, say."""
         self.watch, self.queue, self.log = watch, queue, log
         self.port = free_port()
         self.args = [
-            sys.executable, "-m", "service", "run",
+            sys.executable, "-m", main, "run",
             "--watch", str(watch), "--queue", str(queue),
             "--metrics-port", str(self.port), "--log-format", "json", "--log-level", "DEBUG",
             "--workers", "2", "--settle-seconds", "0.3",

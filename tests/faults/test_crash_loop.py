@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import random
 import signal
@@ -191,6 +192,60 @@ def test_workers_die_with_a_daemon_killed_while_they_start(
         survivors += reap(workers, grace=5.0)
     counts(rounds=rounds, orphaned_workers=len(survivors))
     assert survivors == [], f"{len(survivors)} worker processes outlived their killed daemon"
+
+
+def test_an_image_that_gets_the_whole_service_killed_is_rejected_not_restarted_for_ever(
+    tmp_path: Path, images: Images, daemons: list[DaemonProcess], counts: Callable[..., None]
+) -> None:
+    """An out-of-memory kill of the whole control group takes the daemon with the worker (systemd's
+    OOMPolicy=kill, a Kubernetes container); each start here is the restart that follows. Before, each start's
+    recovery gave the attempt back, and the service was killed and restarted for ever."""
+    max_attempts = 2
+    watch, queue = tmp_path / "watch", tmp_path / "queue"
+    watch.mkdir()
+    good = [f"good_{i}.png" for i in range(4)]
+    for i, name in enumerate(good):
+        (watch / name).write_bytes(images.make(i, side=128))
+    (watch / "poison.png").write_bytes(images.make(len(good), side=128))
+    before = snapshot(watch)
+    rejected = queue / "rejected" / "poison.json"
+    daemon = None
+    while not rejected.is_file():
+        assert len(daemons) <= max_attempts + 2, "the service is killed and restarted for ever"
+        daemon = DaemonProcess(
+            watch,
+            queue,
+            tmp_path / f"daemon-{len(daemons)}.log",
+            "--max-attempts",
+            str(max_attempts),
+            main="tests.faults.service_killer",
+        )
+        daemons.append(daemon)
+        daemon.start(wait_ready=False)
+
+        def ended(started: DaemonProcess = daemon) -> bool:
+            assert started.proc is not None
+            return started.proc.poll() is not None or rejected.is_file()
+
+        wait_for(ended, timeout=60)
+    assert daemon is not None and daemon.proc is not None
+    killed = [d for d in daemons if d.proc is not None and d.proc.returncode == -signal.SIGKILL]
+    counts(starts=len(daemons), killed=len(killed))
+    # The kill that caught it in a burst counts for no image; then each kill while it ran on its own counts.
+    assert killed == daemons[:-1] and len(killed) == max_attempts + 1
+    assert daemon.proc.poll() is None, "the start that rejected the image did not stay up"
+    wait_for(lambda: all((queue / name).is_file() for name in good), timeout=60)
+    assert daemon.stop() == 0, daemon.log.read_text()[-3000:]
+
+    record = json.loads(rejected.read_text(encoding="utf-8"))
+    assert (record["error"], record["reason"], record["key"]) == ("ServiceKilled", "crashed", "poison.png")
+    assert record["message"] == f"sinkwatch was killed on this image (attempt {max_attempts} of {max_attempts})"
+    assert not (queue / "poison.png").exists()
+    with Ledger(queue / ".sinkwatch" / "state" / "ledger.sqlite3") as ledger:
+        states = {entry.relpath: (entry.state, entry.reason) for entry in ledger.entries()}
+    assert states == {"poison.png": ("rejected", "crashed")} | {name: ("published", None) for name in good}
+    check_published_set(queue)
+    assert snapshot(watch) == before
 
 
 def reap(pids: list[int], *, grace: float) -> list[int]:

@@ -341,7 +341,10 @@ def test_a_stop_before_the_retry_of_an_image_that_killed_its_worker_leaves_that_
     for attempt in range(1, MAX_ATTEMPTS):
         assert bench.outcomes.worker_died(bench.start(source), alone=True) is True, attempt
         recover(
-            bench.ledger, Publisher(bench.queue), resolve=bench.watch.joinpath, requeue=lambda k, _p: requeued.append(k)
+            bench.ledger,
+            Publisher(bench.queue),
+            resolve=bench.watch.joinpath,
+            requeue=lambda e, _p, _a: requeued.append(e.relpath),
         )
         assert requeued == [] and bench.entry("cat.png").attempts == attempt, "the crash was given back"
 

@@ -43,7 +43,10 @@ def _recover(crashed: Crashed) -> tuple[int, list[str]]:
     ledger, publisher, source = crashed
     requeued: list[str] = []
     settled = recover(
-        ledger, publisher, resolve=lambda key: source.parent / key, requeue=lambda key, _path: requeued.append(key)
+        ledger,
+        publisher,
+        resolve=lambda key: source.parent / key,
+        requeue=lambda entry, _path, _alone: requeued.append(entry.relpath),
     )
     return settled, requeued
 
@@ -61,16 +64,30 @@ def test_a_damaged_frame_is_made_again(crashed: Crashed) -> None:
     assert _recover(crashed) == (0, ["cat.png"])
 
 
-def test_an_image_the_crash_cut_short_is_made_again_without_counting_that_attempt(crashed: Crashed) -> None:
+@pytest.mark.parametrize("others", [0, 1, 3])
+def test_an_image_cut_short_is_handed_back_alone_only_when_the_run_left_no_other(
+    crashed: Crashed, write_png: Callable[[str, np.ndarray], Path], others: int
+) -> None:
+    """Only then may the run have died of it (an out-of-memory kill of the whole service)."""
     ledger, publisher, source = crashed
     publisher.frame_path("cat").unlink()  # the run died before its frame was written
-    attempts = ledger.get("cat.png").attempts  # type: ignore[union-attr]
-    assert _recover(crashed) == (0, ["cat.png"])
-    st = source.stat()
-    again = ledger.start(
-        "cat.png", size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=None, rule="default", fingerprint="f"
+    for i in range(others):
+        other = write_png(f"watch/other_{i}.png", load_photo("coffee")[::8, ::8])
+        st = other.stat()
+        ledger.start(other.name, size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=None, rule="d", fingerprint="f")
+    handed: dict[str, bool] = {}
+    assert (
+        recover(
+            ledger,
+            publisher,
+            resolve=lambda key: source.parent / key,
+            requeue=lambda entry, _path, alone: handed.setdefault(entry.relpath, alone),
+        )
+        == 0
     )
-    assert again == attempts, "each restart of a killed daemon counted against the image as an attempt"
+    assert handed == {"cat.png": others == 0} | {f"other_{i}.png": False for i in range(others)}
+    # The engine decides what the kill counts for (tests/service/test_engine_recovery.py).
+    assert {entry.relpath for entry in ledger.entries("processing")} == set(handed)
 
 
 def test_a_source_changed_since_its_frame_is_made_again(crashed: Crashed) -> None:
@@ -102,7 +119,7 @@ def test_a_settled_frame_is_owed_what_a_publication_is_owed_its_upload(crashed: 
         ledger,
         publisher,
         resolve=lambda key: source.parent / key,
-        requeue=lambda key, _path: None,
+        requeue=lambda _entry, _path, _alone: None,
         published=lambda *upload: owed.append(upload),
     )
     assert settled == 1

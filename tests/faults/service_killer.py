@@ -1,0 +1,34 @@
+"""`sinkwatch run` whose workers, on a source named *poison*, kill the whole service: the daemon first, then
+themselves, as an out-of-memory kill of its control group does (systemd's ``OOMPolicy=kill``, a Kubernetes
+container). Every other job is the real one. Run as ``python -m tests.faults.service_killer run ...``; the
+spawned workers import this module again, under another name, for its job function.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from concurrent.futures import Future
+from pathlib import Path
+
+from service import daemon
+from service.cli import main
+from service.pool import WorkerPool, run_job
+from service.runner import Job, Outcome
+
+
+def run_or_kill_service(job: Job) -> Outcome:
+    if "poison" in Path(job.key).name:
+        os.kill(os.getppid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return run_job(job)
+
+
+class ServiceKillingPool(WorkerPool):
+    def submit(self, job: Job) -> Future[Outcome]:
+        return self._executor.submit(run_or_kill_service, job)
+
+
+if __name__ == "__main__":
+    daemon.WorkerPool = ServiceKillingPool  # type: ignore[attr-defined]
+    raise SystemExit(main())

@@ -25,7 +25,7 @@ from loguru import logger
 from service import ownership, recovery, unchanged
 from service.birth import birth_ns
 from service.errors import SinkwatchError
-from service.ledger import Entry, Ledger
+from service.ledger import FINAL_STATES, Entry, Ledger
 from service.metrics import Metrics
 from service.naming import safe_stem
 from service.outcomes import OnPublished, Outcomes
@@ -134,9 +134,15 @@ class Engine:
         if len(self.pending) >= self.limits.queue_size:
             return False
         self.pending[candidate.key] = candidate
-        if candidate.source in ("event", "scan", "startup"):
+        if candidate.source in ("event", "scan", "startup") and not self._unsettled(candidate.key):
             self.metrics.discovered.labels(source=candidate.source).inc()
         return True
+
+    def _unsettled(self, key: str) -> bool:
+        """Whether the source was found before and has not settled yet (a slow writer's file between its tries,
+        one waiting for a retry): found again, it is no other image."""
+        entry = self.ledger.get(key)
+        return entry is not None and entry.state not in FINAL_STATES
 
     def has_room(self) -> bool:
         return len(self.pending) < self.limits.queue_size

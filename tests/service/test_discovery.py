@@ -18,7 +18,7 @@ from service.selection import Selection
 from service.stability import StabilityTracker
 from service.watcher import EventQueue
 from tests.conftest import photo_file
-from tests.service.conftest import IdleEngine
+from tests.service.conftest import IdleEngine, file_stamp
 
 QUEUE_SIZE = 3
 SETTLE = 1.0
@@ -68,6 +68,30 @@ def drop(found: Found, *names: str) -> list[Path]:
 
 
 # --- watch events -------------------------------------------------------------------------------
+
+
+def test_a_file_found_again_between_the_tries_of_its_slow_writer_counts_as_one_image(found: Found) -> None:
+    """Each pause of a slow writer made a closed event, a try that found the file cut short, and one more image
+    discovered: 43 for 3 images in a review."""
+    [path] = drop(found, "a.png")
+    ledger = found.engine.ledger
+    for pause in range(4):
+        found.events.put(("closed", path))
+        found.discovery.take_events()
+        assert found.pending() == {"a.png": "event"}, pause
+        found.engine.pending.clear()  # dispatched: the file is cut short, it waits for its retry
+        ledger.start("a.png", **file_stamp(path), sha256=None, rule="default", fingerprint="f")
+        ledger.retry("a.png", reason="incomplete", message="cut short", next_attempt=found.now + 60)
+        with path.open("ab") as more:
+            more.write(b"the writer goes on")
+    assert found.discovered("event") == 1
+    # Once settled, new content at the path is another image found.
+    ledger.published("a.png", **file_stamp(path), sha256="0" * 64, rule="default", fingerprint="f")
+    shutil.copyfile(photo_file("coffee"), path)
+    found.events.put(("closed", path))
+    found.discovery.take_events()
+    assert found.pending() == {"a.png": "event"}
+    assert found.discovered("event") == 2
 
 
 def test_a_closed_file_is_offered_at_once(found: Found) -> None:

@@ -161,12 +161,13 @@ class Discovery:
         """After a scan that marked what it found: the sources it did not find are gone (events can be lost, and
         none come while the daemon is stopped); drop the rows of those gone for `forget_after`."""
         root = self.selection.root
-        if not self.scanned and not (os.path.isdir(root) and os.access(root, os.R_OK | os.X_OK)):
+        unlisted = self.selection.unlisted
+        if "" in unlisted or (not self.scanned and not (os.path.isdir(root) and os.access(root, os.R_OK | os.X_OK))):
             return  # no folder to list, or none readable: this says nothing of what left it
         # An empty folder does: its images were cleared (a mount not up yet looks the same, and costs only that
         # each source's next edit goes to a new name, as another image would).
         self.marked_at = self.scan_wall
-        self.engine.ledger.mark_unseen_gone(self.scan_wall)
+        self.engine.ledger.mark_unseen_gone(self.scan_wall, spared=unlisted)
         if self.forget_after <= 0 or not self.scanned:
             return  # nor does it tell that they are gone for good
         forgotten = self.engine.ledger.forget_gone(self.scan_wall - self.forget_after)

@@ -34,6 +34,8 @@ class Selection:
     recursive: bool = False
     # Folders a scan could not read (not vanished): each is said once, and again once it can be read.
     unreadable: set[str] = field(default_factory=set, compare=False, repr=False)
+    # Those the latest scan could not read, as keys ("" the watch folder): it cannot tell what left them.
+    unlisted: list[str] = field(default_factory=list, compare=False, repr=False)
     # Files passed over for what they are (a link leading out, a FIFO): each is said once.
     passed_over: set[str] = field(default_factory=set, compare=False, repr=False)
 
@@ -69,6 +71,7 @@ class Selection:
     def scan_keys(self) -> Iterator[tuple[str, str]]:
         """`scan` as (key, path) pairs of strings: the key without a `relpath` per file, no Path objects."""
         root = os.path.abspath(self.root)
+        self.unlisted.clear()
         yield from self._scan_folder(root, (), root)
 
     def _scan_folder(self, folder: str, prefix: tuple[str, ...], root: str) -> Iterator[tuple[str, str]]:
@@ -79,6 +82,7 @@ class Selection:
             return  # vanished: gone with its images
         except OSError as exc:
             # Closed to this user, or a mount not answering: its images wait, and the user must hear why.
+            self.unlisted.append("/".join(prefix))
             if folder not in self.unreadable:
                 self.unreadable.add(folder)
                 logger.bind(folder=folder).warning(

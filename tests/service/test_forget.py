@@ -6,6 +6,7 @@ scan finds only files the ledger holds as finished); the ledger's rows are what 
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,9 +51,11 @@ def watch(tmp_path: Path) -> Path:
     return folder
 
 
-def discovery(watch: Path, ledger: Ledger, idle_engine: IdleEngine, clock: Clock, *, forget: float) -> Discovery:
+def discovery(
+    watch: Path, ledger: Ledger, idle_engine: IdleEngine, clock: Clock, *, forget: float, recursive: bool = False
+) -> Discovery:
     return Discovery(
-        selection=Selection(watch, include=("*.png",)),
+        selection=Selection(watch, include=("*.png",), recursive=recursive),
         events=EventQueue(maxsize=8),
         tracker=StabilityTracker(settle=1.0),
         engine=idle_engine(resolve=lambda key: watch / key, ledger=ledger),
@@ -119,6 +122,54 @@ def test_an_empty_listing_forgets_nothing(watch: Path, ledger: Ledger, idle_engi
     clock.now += 40 * DAY
     scan(discovery(watch, ledger, idle_engine, clock, forget=FORGET_AFTER))
     assert names(ledger) == {"a.png"}
+
+
+def test_the_sources_in_a_subfolder_a_scan_cannot_read_are_neither_gone_nor_forgotten(
+    watch: Path, ledger: Ledger, idle_engine: IdleEngine, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subfolder closed to the daemon's user, or a mount in it not answering (injected at os.scandir: tests may
+    run as root). Marked gone, each of its sources' next edit went to a new name; after 30 days, forgotten."""
+    for folder in ("locked", "open"):
+        (watch / folder).mkdir()
+    finished(ledger, watch, "locked/a.png", present=True)
+    finished(ledger, watch, "open/b.png", present=False)
+    finished(ledger, watch, "top.png", present=True)
+    listing = os.scandir
+
+    def scandir(path: str) -> Iterator[os.DirEntry[str]]:
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", path)
+        return listing(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    found = discovery(watch, ledger, idle_engine, clock, forget=FORGET_AFTER, recursive=True)
+    clock.now += 60.0
+    scan(found)
+    gone = {entry.relpath: entry.gone is not None for entry in ledger.entries()}
+    assert gone == {"locked/a.png": False, "open/b.png": True, "top.png": False}
+
+    clock.now += 40 * DAY
+    scan(found)
+    assert names(ledger) == {"locked/a.png", "top.png"}
+
+
+def test_a_watch_folder_that_cannot_be_listed_says_nothing_of_what_left_it(
+    watch: Path, ledger: Ledger, idle_engine: IdleEngine, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A network share answering its mount point's stat but not a listing (EIO, ESTALE)."""
+    finished(ledger, watch, "a.png", present=True)
+    listing = os.scandir
+
+    def scandir(path: str) -> Iterator[os.DirEntry[str]]:
+        if Path(path) == watch:
+            raise OSError(5, "Input/output error", path)
+        return listing(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    clock.now += 40 * DAY
+    scan(discovery(watch, ledger, idle_engine, clock, forget=FORGET_AFTER))
+    entry = ledger.get("a.png")
+    assert entry is not None and entry.gone is None
 
 
 def test_a_row_waiting_for_a_retry_is_left_to_the_retries(

@@ -330,7 +330,7 @@ def test_a_crash_while_taking_over_outputs_made_by_process_is_settled_by_recover
         queue.ledger,
         queue.publisher,
         resolve=lambda key: queue.watch / key,
-        requeue=lambda key, _path: requeued.append(key),
+        requeue=lambda entry, _path, _alone: requeued.append(entry.relpath),
     )
     assert (name, settled, requeued) == ("cat", 1, [])
     assert queue.entry("cat.png").state == "published"

@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
-from service.comfyui_transport import MAX_REPLY, Reply, exchange
+from service.comfyui_transport import MAX_REPLY, Cutoff, Reply, exchange
 from service.errors import ComfyPending, ComfyRejected, ComfyUnavailable, ConfigError
 
 DEFAULT_SUBFOLDER = "sinkwatch"
@@ -124,6 +124,11 @@ class ComfyClient:
         self.timeout = timeout
         self.client_id = client_id or f"sinkwatch-{uuid.uuid4().hex}"
         self.subfolder = _checked_subfolder(subfolder)
+        self.cutoff = Cutoff()  # `stop_requests`
+
+    def stop_requests(self) -> None:
+        """End the requests in progress at once, and refuse any later one (:class:`ComfyUnavailable`)."""
+        self.cutoff.cut_all()
 
     def upload_image(
         self, data: bytes, *, name: str, subfolder: str | None = None, overwrite: bool | None = None
@@ -232,7 +237,9 @@ class ComfyClient:
             headers["Authorization"] = self._authorization
         if content_type is not None:
             headers["Content-Type"] = content_type
-        reply = exchange(method, url, body=body, headers=headers, timeout=self.timeout, max_reply=max_reply)
+        reply = exchange(
+            method, url, body=body, headers=headers, timeout=self.timeout, max_reply=max_reply, cutoff=self.cutoff
+        )
         if reply.status in REJECTED_STATUSES:
             raise _rejection(method, route, url, reply.status, reply.body)
         if not 200 <= reply.status < 300:

@@ -61,11 +61,15 @@ def exchange(
     headers: Mapping[str, str] | None = None,
     timeout: float,
     max_reply: int = MAX_REPLY,
+    cutoff: Cutoff | None = None,
 ) -> Reply:
-    """Send one request and read its whole answer within ``timeout`` seconds, whatever the status."""
+    """Send one request and read its whole answer within ``timeout`` seconds, whatever the status; ``cutoff``
+    may end it sooner."""
     parts = urllib.parse.urlsplit(url)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     guard = _Deadline()
+    if cutoff is not None:
+        cutoff.join(guard)
     connection = _connection(parts, timeout=timeout, guard=guard)
     timer = threading.Timer(timeout, guard.expire)
     timer.name, timer.daemon = "sinkwatch-comfyui-deadline", True
@@ -79,6 +83,8 @@ def exchange(
         headers_in = {name.lower(): value for name, value in response.getheaders()}
         return Reply(response.status, response.reason, headers_in, data, truncated)
     except Exception as error:
+        if cutoff is not None and cutoff.cut:
+            raise ComfyUnavailable(f"{method} {path} cut short: sinkwatch is stopping", url=url) from error
         if guard.expired or isinstance(error, TimeoutError):
             # Whatever the shutdown made the read or write raise, the cause is the deadline; a socket
             # operation timing out (connecting, or a read racing the timer) means the same.
@@ -89,10 +95,38 @@ def exchange(
             raise ComfyUnavailable(f"ComfyUI at {parts.scheme}://{parts.netloc} unreachable: {why}", url=url) from error
         raise
     finally:
+        if cutoff is not None:
+            cutoff.leave(guard)
         guard.disarm()
         timer.cancel()
         timer.join()
         connection.close()
+
+
+class Cutoff:
+    """Ends the exchanges in progress at once, and any begun after: a stopping daemon does not wait out a
+    request whose answer it would not use (what it was for stays owed, and is sent again at the next start)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._guards: set[_Deadline] = set()
+        self.cut = False
+
+    def cut_all(self) -> None:
+        with self._lock:
+            self.cut = True
+            for guard in self._guards:
+                guard.expire()
+
+    def join(self, guard: _Deadline) -> None:
+        with self._lock:
+            self._guards.add(guard)
+            if self.cut:
+                guard.expire()
+
+    def leave(self, guard: _Deadline) -> None:
+        with self._lock:
+            self._guards.discard(guard)
 
 
 class _Deadline:

@@ -83,9 +83,10 @@ class UploadLedger:
         )
 
     def prompt_tried(self, name: str, *, generation: int, prompt_id: str) -> None:
-        """A try to queue the workflow of that generation failed without an answer: ComfyUI may hold `prompt_id`.
+        """The workflow of that generation is about to be queued under `prompt_id` (or a try failed without an
+        answer): from now on ComfyUI may hold it.
 
-        The row stays pending; a later run looks the id up before it sends the workflow again.
+        The row stays pending; a later try, in this run or the next, looks the id up before it sends the workflow.
         """
         with self._transaction() as db:
             db.execute(

@@ -15,10 +15,12 @@ republished while ComfyUI was down is sent once, with its newest size. A stop
 event cuts any wait short.
 
 A workflow is queued under a ``prompt_id`` of sinkwatch's own, the same for
-every try of one task (see :func:`prompt_id_for`). A try that failed without a
-clear answer (a timeout, a lost connection, a 5xx) may have queued it all the
-same, so before trying again the sender asks ComfyUI for that id, and takes a
-prompt it finds as queued rather than queueing the video twice.
+every try of one task (see :func:`prompt_id_for`), and written to the ledger
+before the first try. A try that failed without a clear answer (a timeout, a
+lost connection, a 5xx), or one a killed run never heard the answer of, may
+have queued it all the same, so before trying again the sender asks ComfyUI
+for that id, and takes a prompt it finds as queued rather than queueing the
+video twice.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from service.workflow import prepare
 
 T = TypeVar("T")
 
+# How often a wait for the main thread looks whether the sender is stopping (seconds).
+_APPLY_POLL = 0.05
 _PROMPT_IDS = uuid.UUID("5b0e3f1c-8f43-4d55-9a3e-2f6c1d7a9b20")  # the uuid5 namespace of sinkwatch's prompt ids
 
 Kind = Literal[
@@ -67,6 +71,8 @@ class Result:
     node_errors: Mapping[str, Any] = field(default_factory=dict)
     error: BaseException | None = None
     delay: float = 0.0
+    # Set by the main thread once it has applied the result (see `Sender._send`).
+    applied: threading.Event | None = None
 
 
 def is_final(result: Result, *, workflow: bool) -> bool:
@@ -100,9 +106,13 @@ class Sender:
         self._thread.start()
 
     def stop(self, *, timeout: float) -> bool:
-        """Stop taking tasks, cut a backoff short, wait up to ``timeout`` s; True if the thread ended."""
+        """Stop taking tasks, cut a backoff or a request short, wait up to ``timeout`` s; True if the thread ended.
+
+        A request cut short leaves its task pending, to be sent at the next start; a workflow that ComfyUI may
+        have queued meanwhile is looked up first then (its prompt_id is in the ledger before it is sent)."""
         self._stop.set()
         self.tasks.close()
+        self.client.stop_requests()
         self._thread.join(timeout=timeout)
         return not self._thread.is_alive()
 
@@ -138,17 +148,24 @@ class Sender:
             return
         reference, sha256 = sent
         uploaded = Result(task, "uploaded", reference=reference, frame_sha256=sha256)
-        self.results.put(uploaded)
         if self.workflow is None:
+            self.results.put(uploaded)
             return
         # Every later result names what was sent, from `uploaded`.
         try:
             prompt = prepare(self.workflow, image=reference, width=task.width, height=task.height)
         except (SinkwatchError, ValueError) as exc:
+            self.results.put(uploaded)
             self.results.put(replace(uploaded, kind="prompt_failed", error=exc))
             return
 
         prompt_id = prompt_id_for(prompt, generation=task.generation, frame_sha256=sha256)
+        # The ledger learns the id before ComfyUI does: a run killed after ComfyUI queued the prompt, before the
+        # answer was recorded, looks it up at its restart rather than queueing the video twice.
+        uploaded = replace(uploaded, prompt_id=prompt_id, applied=threading.Event())
+        self.results.put(uploaded)
+        if not self._applied(uploaded):
+            return  # stopping: the task stays pending
         tried = task.look_first
 
         def submit() -> QueuedPrompt | None:
@@ -172,6 +189,14 @@ class Sender:
             return
         self.results.put(replace(uploaded, kind="queued", prompt_id=queued.prompt_id, node_errors=queued.node_errors))
 
+    def _applied(self, result: Result) -> bool:
+        """Wait until the main thread has applied `result`; False once stopping."""
+        assert result.applied is not None
+        while not result.applied.wait(_APPLY_POLL):
+            if self._stop.is_set():
+                return False
+        return True
+
     def _retrying(self, task: Task, kind: Kind, call: Callable[[], T], *, prompt_id: str | None = None) -> T:
         """Call until ComfyUI answers, reporting each failure as a `kind` result (with the `prompt_id` a try
         may have queued); raises once stopping."""
@@ -181,8 +206,11 @@ class Sender:
             base=self.retry_base,
             cap=self.retry_cap,
             stop=self._stop,
-            failed=lambda error, delay: self.results.put(
-                Result(task, kind, error=error, delay=delay, prompt_id=prompt_id)
+            # A failure once stopping is a request cut short by the stop: no outage of ComfyUI.
+            failed=lambda error, delay: (
+                None
+                if self._stop.is_set()
+                else self.results.put(Result(task, kind, error=error, delay=delay, prompt_id=prompt_id))
             ),
         )
 

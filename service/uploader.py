@@ -20,9 +20,10 @@ the ledger said so). For the frame that is harmless: in sinkwatch's own
 subfolder an upload overwrites its own file, at the top level ComfyUI answers
 the same content with the existing name (see service/comfyui.py). A workflow
 is another matter (ComfyUI's cache keeps only the last prompt's outputs, so a
-second one renders the video again): a try that failed without an answer is
-looked up by its prompt_id before it is sent again (service/upload_sender.py),
-in the same run or, through the ledger, in the next.
+second one renders the video again): its prompt_id is in the ledger before the
+workflow is sent, and a try after one that may have reached ComfyUI (no answer,
+or a run that ended first) looks that id up before it sends the workflow again
+(service/upload_sender.py), in the same run or in the next.
 
 The sidecar note is a read-modify-write of ``QUEUE/matrix/<name>.json`` on the
 main thread, while a worker process may be publishing a newer frame and
@@ -225,6 +226,8 @@ class Uploads:
 
     def _apply(self, result: Result) -> None:
         self._apply_kind(result)
+        if result.applied is not None:
+            result.applied.set()
         if is_final(result, workflow=self.workflow is not None):
             self._tasks.release(result.task)
             self._recount_at = None
@@ -246,6 +249,8 @@ class Uploads:
         elif kind == "uploaded":
             if self.workflow is None:
                 self._settle(result, {"upload": result.reference, "prompt_id": None})
+            elif result.prompt_id is not None:
+                self.ledger.prompt_tried(task.name, generation=task.generation, prompt_id=result.prompt_id)
             self.metrics.comfyui_uploads.labels(outcome="ok").inc()
         elif kind == "queued":
             self._settle(result, {"upload": result.reference, "prompt_id": result.prompt_id})

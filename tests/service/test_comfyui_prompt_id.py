@@ -16,6 +16,7 @@ from service.publish import Publisher
 from service.upload_sender import prompt_id_for
 from service.uploader import Uploads
 from service.workflow import load_workflow, prepare
+from tests.conftest import wait_for
 from tests.fake_comfyui import FakeComfyUI
 from tests.service.test_uploader import png_of, publish, pump_until, settle, sidecar, value
 
@@ -146,14 +147,14 @@ def test_the_first_try_asks_nothing_before_it_sends(
 
 
 def test_a_run_stopped_while_an_unanswered_prompt_waits_to_be_tried_again_does_not_queue_it_twice_at_restart(
-    comfy: FakeComfyUI, start_uploads: Callable[..., Uploads], ledger: Ledger, publisher: Publisher
+    comfy: FakeComfyUI, start_uploads: Callable[..., Uploads], ledger: Ledger, publisher: Publisher, metrics: Metrics
 ) -> None:
     # ComfyUI queues the workflow but answers too late; the run stops during the backoff before its next try.
     comfy.answer_prompts_late(LATE)
     first = start_uploads(timeout=SHORT_TIMEOUT, retry_base=60.0, retry_cap=60.0)
     publish(publisher, "a", "astronaut")
     first.enqueue("a", "a.png", 832, 480)
-    pump_until(first, lambda: getattr(ledger.get_upload("a"), "prompt_id", None) is not None)
+    pump_until(first, lambda: value(metrics, PROMPTS, "retried") == 1)
     first.close()
     tried = ledger.get_upload("a")
     assert tried is not None and tried.state == "pending" and len(comfy.prompts) == 1
@@ -164,3 +165,25 @@ def test_a_run_stopped_while_an_unanswered_prompt_waits_to_be_tried_again_does_n
     done = ledger.get_upload("a")
     assert done is not None and done.state == "done" and done.prompt_id == tried.prompt_id
     assert len(comfy.prompts) == 1, "the next run queued the workflow again"
+
+
+def test_a_run_killed_after_comfyui_queued_the_prompt_before_it_recorded_that_does_not_queue_it_twice_at_restart(
+    comfy: FakeComfyUI, start_uploads: Callable[..., Uploads], ledger: Ledger, publisher: Publisher
+) -> None:
+    """ComfyUI answered; the daemon was killed before its main thread applied the answer (SIGKILL, the OOM
+    killer, systemd's stop timeout): the ledger row is still pending. ComfyUI does not refuse a prompt_id it
+    already holds, so sending the workflow again would render the video twice."""
+    killed = start_uploads()
+    publish(publisher, "a", "astronaut")
+    killed.enqueue("a", "a.png", 832, 480)
+    pump_until(killed, lambda: bool(comfy.prompts) or getattr(ledger.get_upload("a"), "prompt_id", None) is not None)
+    wait_for(lambda: len(comfy.prompts) == 1, timeout=30)  # the main thread applies nothing more: it was killed
+    pending = ledger.get_upload("a")
+    assert pending is not None and pending.state == "pending"
+
+    restarted = start_uploads()
+    assert restarted.resume() == 1
+    settle(restarted, ledger, ["a"])
+    done = ledger.get_upload("a")
+    assert done is not None and done.state == "done" and done.prompt_id == pending.prompt_id
+    assert len(comfy.prompts) == 1, "the restarted run queued the workflow again"

@@ -7,6 +7,7 @@ import io
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -277,6 +278,30 @@ def test_close_cuts_a_long_backoff_short(
     uploads.close()
     assert not [thread.name for thread in threading.enumerate() if thread.name == "sinkwatch-comfyui"]
     assert getattr(ledger.get_upload("a"), "state", None) == "pending"
+
+
+def test_close_cuts_a_request_comfyui_holds_short_and_leaves_its_upload_pending(
+    comfy: FakeComfyUI,
+    make_uploads: Callable[..., Uploads],
+    ledger: Ledger,
+    publisher: Publisher,
+    metrics: Metrics,
+    logs: list[Record],
+) -> None:
+    """Waiting out the request's timeout bought nothing (the upload stays owed either way), and with a
+    --comfyui-timeout over the systemd unit's TimeoutStopSec of 60 s the stop ended in a SIGKILL."""
+    comfy.stall()
+    uploads = make_uploads(comfy.url, timeout=120.0)
+    publish(publisher, "a", "astronaut")
+    uploads.enqueue("a", "a.png", 832, 480)
+    wait_for(lambda: ("POST", "/upload/image") in comfy.requests, timeout=30)
+    started = time.monotonic()
+    uploads.close()
+    assert time.monotonic() - started < 60, "the stop waited out the request's timeout"
+    assert not [thread.name for thread in threading.enumerate() if thread.name == "sinkwatch-comfyui"]
+    assert getattr(ledger.get_upload("a"), "state", None) == "pending"
+    assert value(metrics, "sinkwatch_comfyui_uploads_total", "retried") == 0
+    assert not messages(logs, "WARNING"), "a stop is no outage of ComfyUI"
 
 
 def test_a_hung_comfyui_times_out_and_is_retried(

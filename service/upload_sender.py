@@ -32,6 +32,7 @@ import threading
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from service.comfyui import ComfyClient, QueuedPrompt
@@ -135,8 +136,9 @@ class Sender:
             if self.tasks.superseded(task):
                 return None
             data = frame.read_bytes()  # read at each try: a republished frame is sent as it is now
-            stored = self.client.upload_image(data, name=frame.name)  # overwrites only in its own subfolder
-            return stored.reference, hashlib.sha256(data).hexdigest()
+            sha256 = hashlib.sha256(data).hexdigest()
+            stored = self.client.upload_image(data, name=self._upload_name(frame, sha256))
+            return stored.reference, sha256
 
         try:
             sent = self._retrying(task, "upload_retry", upload)
@@ -188,6 +190,16 @@ class Sender:
             self.results.put(replace(uploaded, kind="superseded"))
             return
         self.results.put(replace(uploaded, kind="queued", prompt_id=queued.prompt_id, node_errors=queued.node_errors))
+
+    def _upload_name(self, frame: Path, sha256: str) -> str:
+        """The frame's name in ComfyUI, where an upload overwrites its own earlier one (in its subfolder).
+
+        With a workflow, each version of a frame gets a name of its own: a prompt loads its frame when it runs,
+        maybe minutes after it was queued, and must find the one it was queued for, not a newer one.
+        """
+        if self.workflow is None:
+            return frame.name
+        return f"{frame.stem}-{sha256[:8]}{frame.suffix}"
 
     def _applied(self, result: Result) -> bool:
         """Wait until the main thread has applied `result`; False once stopping."""

@@ -25,6 +25,7 @@ from tests import fake_comfyui
 from tests.conftest import PHOTO_NAMES, wait_for
 from tests.e2e.conftest import DaemonProcess, frames, free_port, run_sinkwatch, wait_published
 from tests.fake_comfyui import FakeComfyUI
+from tests.service.test_uploader import stored
 
 SMOKE = Path(__file__).resolve().parents[2] / "deploy" / "comfyui" / "loadimage-save-api.json"
 FRAME_NAME = re.compile(r"[^.].*\.png")  # what may appear at the top of the queue: finished frames only
@@ -114,8 +115,9 @@ def start_daemon(folders: tuple[Path, Path], tmp_path: Path) -> Iterator[Callabl
 def uploaded(comfy: FakeComfyUI, queue: Path, expected: list[Path]) -> bool:
     """Every frame is in ComfyUI's input/sinkwatch/ byte for byte, and its sidecar names the queued prompt."""
     for frame in expected:
-        stored = comfy.input_dir / "sinkwatch" / frame.name
-        if not stored.exists() or stored.read_bytes() != frame.read_bytes():
+        data = frame.read_bytes()
+        copy = comfy.input_dir / "sinkwatch" / stored(frame.stem, data)
+        if not copy.exists() or copy.read_bytes() != data:
             return False
         if not sidecar(queue, frame).get("comfyui", {}).get("prompt_id"):
             return False
@@ -126,10 +128,11 @@ def check_prompts_ran_on_their_frames(comfy: FakeComfyUI, queue: Path, expected:
     client = ComfyClient(comfy.url)
     for frame in expected:
         note = sidecar(queue, frame)["comfyui"]
-        assert note["upload"] == f"sinkwatch/{frame.name}"
+        name = f"sinkwatch/{stored(frame.stem, frame.read_bytes())}"
+        assert note["upload"] == name
         assert client.wait(note["prompt_id"], timeout=10, poll=0.02) == "success"
         entry = client.history(note["prompt_id"])
-        assert entry is not None and entry["prompt"][2]["1"]["inputs"]["image"] == f"sinkwatch/{frame.name}"
+        assert entry is not None and entry["prompt"][2]["1"]["inputs"]["image"] == name
 
 
 # -- input/ is never seen half written --------------------------------------------------

@@ -103,6 +103,16 @@ def publish(publisher: Publisher, name: str, photo: str) -> bytes:
     return frame
 
 
+def pixels(png: bytes) -> bytes:
+    with Image.open(io.BytesIO(png)) as image:
+        return image.convert("RGB").tobytes()
+
+
+def stored(name: str, frame: bytes) -> str:
+    """The name a frame goes under in ComfyUI with a workflow: one per version (see `Sender._upload_name`)."""
+    return f"{name}-{hashlib.sha256(frame).hexdigest()[:8]}.png"
+
+
 def settle(uploads: Uploads, ledger: Ledger, names: list[str]) -> None:
     """Pump until none of `names` is pending any more."""
     pump_until(uploads, lambda: all(getattr(ledger.get_upload(n), "state", None) in ("done", "failed") for n in names))
@@ -154,17 +164,17 @@ def test_every_frame_is_uploaded_and_its_workflow_queued_with_the_prompt_id_in_t
 
     client = ComfyClient(comfy.url)
     for name, data in frames.items():
-        assert (comfy.input_dir / "sinkwatch" / f"{name}.png").read_bytes() == data
+        assert (comfy.input_dir / "sinkwatch" / stored(name, data)).read_bytes() == data
         upload = ledger.get_upload(name)
-        assert upload is not None and upload.state == "done" and upload.reference == f"sinkwatch/{name}.png"
+        assert upload is not None and upload.state == "done" and upload.reference == f"sinkwatch/{stored(name, data)}"
         assert upload.prompt_id
         note = sidecar(publisher, name)
-        assert note["comfyui"] == {"upload": f"sinkwatch/{name}.png", "prompt_id": upload.prompt_id}
+        assert note["comfyui"] == {"upload": f"sinkwatch/{stored(name, data)}", "prompt_id": upload.prompt_id}
         assert note["output"]["frame_sha256"] == hashlib.sha256(data).hexdigest(), "the rest is kept"
         # The queued workflow really loads the uploaded frame, and it runs.
         assert client.wait(upload.prompt_id, timeout=10, poll=0.01) == "success"
         entry = client.history(upload.prompt_id)
-        assert entry is not None and entry["prompt"][2]["1"]["inputs"]["image"] == f"sinkwatch/{name}.png"
+        assert entry is not None and entry["prompt"][2]["1"]["inputs"]["image"] == f"sinkwatch/{stored(name, data)}"
     assert value(metrics, "sinkwatch_comfyui_uploads_total", "ok") == 2
     assert value(metrics, "sinkwatch_comfyui_prompts_total", "queued") == 2
     assert value(metrics, "sinkwatch_comfyui_uploads_total", "retried") == 0
@@ -328,7 +338,7 @@ def test_a_rejected_prompt_is_logged_with_node_errors_counted_and_not_retried(
     logs: list[Record],
 ) -> None:
     uploads = make_uploads(comfy.url, workflow=BROKEN_WORKFLOW)
-    publish(publisher, "a", "chelsea")
+    frame = publish(publisher, "a", "chelsea")
     uploads.enqueue("a", "a.png", 832, 480)
     settle(uploads, ledger, ["a"])
 
@@ -341,7 +351,7 @@ def test_a_rejected_prompt_is_logged_with_node_errors_counted_and_not_retried(
     assert errors[0]["extra"]["node_errors"] == ["node 2 (SaveImage): filename_prefix"]
     upload = ledger.get_upload("a")
     assert upload is not None and upload.state == "failed" and upload.reason == "comfyui_rejected"
-    assert upload.reference == "sinkwatch/a.png"
+    assert upload.reference == f"sinkwatch/{stored('a', frame)}"
     note = sidecar(publisher, "a")["comfyui"]
     assert note["prompt_id"] is None and "node 2 (SaveImage): filename_prefix" in note["prompt_error"]
 
@@ -447,7 +457,7 @@ def test_a_frame_republished_while_its_upload_waits_is_sent_once_with_its_newest
     comfy: FakeComfyUI, make_uploads: Callable[..., Uploads], ledger: Ledger, publisher: Publisher
 ) -> None:
     uploads = make_uploads(comfy.url, workflow=SIZED_WORKFLOW)
-    publish(publisher, "x", "chelsea")
+    first = publish(publisher, "x", "chelsea")
     publish(publisher, "a", "rocket")
     comfy.stall()
     uploads.enqueue("x", "x.png", 832, 480)
@@ -459,10 +469,36 @@ def test_a_frame_republished_while_its_upload_waits_is_sent_once_with_its_newest
     settle(uploads, ledger, ["x", "a"])
 
     assert uploads_sent(comfy) == 2
-    assert sizes(comfy) == [("sinkwatch/x.png", 832, 480), ("sinkwatch/a.png", 480, 832)]
-    assert (comfy.input_dir / "sinkwatch" / "a.png").read_bytes() == newest
+    assert sizes(comfy) == [
+        (f"sinkwatch/{stored('x', first)}", 832, 480),
+        (f"sinkwatch/{stored('a', newest)}", 480, 832),
+    ]
+    assert (comfy.input_dir / "sinkwatch" / stored("a", newest)).read_bytes() == newest
     upload = ledger.get_upload("a")
     assert upload is not None and (upload.state, upload.generation) == ("done", 2)
+
+
+def test_a_prompt_still_in_comfyuis_queue_loads_the_frame_it_was_queued_for_though_the_frame_was_republished(
+    comfy: FakeComfyUI, make_uploads: Callable[..., Uploads], ledger: Ledger, publisher: Publisher
+) -> None:
+    """ComfyUI's Load Image reads its file when the prompt runs, minutes after it was queued behind other videos.
+    An upload over the same name gave the waiting prompt the newer frame (and the first video never came)."""
+    uploads = make_uploads(comfy.url, workflow=load_workflow(SMOKE))
+    queued: list[tuple[str, bytes]] = []
+    for photo in ("chelsea", "coffee"):  # a generator writing latest.png again and again
+        frame = publish(publisher, "latest", photo)
+        uploads.enqueue("latest", "latest.png", 832, 480)
+        settle(uploads, ledger, ["latest"])
+        prompt_id = ledger.get_upload("latest").prompt_id  # type: ignore[union-attr]
+        assert prompt_id is not None and prompt_id not in [p for p, _frame in queued]
+        queued.append((prompt_id, frame))
+
+    client = ComfyClient(comfy.url)
+    for prompt_id, frame in queued:  # ComfyUI runs them now, in order
+        assert client.wait(prompt_id, timeout=10, poll=0.01) == "success"
+        output = client.history(prompt_id)["outputs"]["2"]["images"][0]  # type: ignore[index]
+        rendered = comfy.output_dir / output["subfolder"] / output["filename"]
+        assert pixels(rendered.read_bytes()) == pixels(frame), "it rendered another frame"
 
 
 def test_a_frame_republished_between_two_attempts_drops_the_older_task(
@@ -480,8 +516,8 @@ def test_a_frame_republished_between_two_attempts_drops_the_older_task(
     settle(uploads, ledger, ["a"])
 
     assert uploads_sent(comfy) == 2, "the failed attempt and generation 2's"
-    assert sizes(comfy) == [("sinkwatch/a.png", 480, 832)]
-    assert (comfy.input_dir / "sinkwatch" / "a.png").read_bytes() == newest
+    assert sizes(comfy) == [(f"sinkwatch/{stored('a', newest)}", 480, 832)]
+    assert (comfy.input_dir / "sinkwatch" / stored("a", newest)).read_bytes() == newest
     assert value(metrics, "sinkwatch_comfyui_uploads_total", "ok") == 1
     assert value(metrics, "sinkwatch_comfyui_prompts_total", "queued") == 1
 
@@ -532,19 +568,21 @@ def test_resume_lines_up_a_page_and_sends_every_pending_upload_once(
 def test_at_the_top_level_a_users_file_is_kept_and_the_name_comfyui_gave_is_used(
     comfy: FakeComfyUI, make_uploads: Callable[..., Uploads], ledger: Ledger, publisher: Publisher
 ) -> None:
-    users = comfy.input_dir / "a.png"
+    name = stored("a", png_of("rocket"))
+    users = comfy.input_dir / name
     users.write_bytes(png_of("coffee"))  # uploaded by hand through Load Image, long ago
     uploads = make_uploads(comfy.url, workflow=SIZED_WORKFLOW, subfolder="")
     frame = publish(publisher, "a", "rocket")
     uploads.enqueue("a", "a.png", 832, 480)
     settle(uploads, ledger, ["a"])
 
+    given = name.replace(".png", " (1).png")
     assert users.read_bytes() == png_of("coffee")
-    assert (comfy.input_dir / "a (1).png").read_bytes() == frame
+    assert (comfy.input_dir / given).read_bytes() == frame
     upload = ledger.get_upload("a")
-    assert upload is not None and (upload.state, upload.reference) == ("done", "a (1).png")
-    assert sidecar(publisher, "a")["comfyui"]["upload"] == "a (1).png"
-    assert sizes(comfy) == [("a (1).png", 832, 480)]
+    assert upload is not None and (upload.state, upload.reference) == ("done", given)
+    assert sidecar(publisher, "a")["comfyui"]["upload"] == given
+    assert sizes(comfy) == [(given, 832, 480)]
 
 
 # -- metrics ------------------------------------------------------------------------------------
@@ -660,6 +698,8 @@ def test_a_frame_republished_while_its_prompt_waits_for_a_retry_drops_the_older_
     uploads.enqueue("a", "a.png", 480, 832)
     settle(uploads, ledger, ["a"])
 
-    assert sizes(comfy) == [("sinkwatch/a.png", 480, 832)], "generation 1's stale prompt was queued too"
-    assert (comfy.input_dir / "sinkwatch" / "a.png").read_bytes() == newest
+    assert sizes(comfy) == [(f"sinkwatch/{stored('a', newest)}", 480, 832)], (
+        "generation 1's stale prompt was queued too"
+    )
+    assert (comfy.input_dir / "sinkwatch" / stored("a", newest)).read_bytes() == newest
     assert value(metrics, "sinkwatch_comfyui_prompts_total", "queued") == 1

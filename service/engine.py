@@ -300,6 +300,7 @@ class Engine:
             gone=gone,
             adopt=not self.force,
             last_try=attempt >= self.limits.max_attempts,
+            rejected_as=_rejected_as(entry) if not self.force else None,
         )
         self.in_flight[self.pool.submit(job)] = (candidate, job)
 
@@ -400,6 +401,12 @@ def _another_file(entry: Entry, st: os.stat_result, born: int | None) -> bool:
     if entry.born is not None and born is not None:
         return entry.born != born
     return entry.ino is not None and entry.ino != st.st_ino
+
+
+def _rejected_as(entry: Entry | None) -> tuple[str, str] | None:
+    if entry is None or entry.state != "rejected" or entry.reason is None or entry.sha256 is None:
+        return None
+    return entry.reason, entry.sha256
 
 
 def _regular(path: Path) -> bool:

@@ -230,6 +230,11 @@ class Outcomes:
             ctime_ns=outcome.ctime_ns,
             sha256=outcome.sha256,
         )
+        if outcome.sha256 is not None and job.rejected_as == (reason, outcome.sha256):
+            # Only its stamp changed (a touch, a chmod, a restore from a backup): no new rejection to count or tell.
+            self._count(job.rule.name, "skipped")
+            logger.bind(source=job.key, reason=reason).debug("unchanged content, rejected again: {}", job.key)
+            return
         self._count(job.rule.name, "rejected")
         self.metrics.rejected.labels(reason=reason).inc()
         logger.bind(source=job.key, reason=reason).error("rejected {} ({}): {}", job.key, reason, error.get("message"))

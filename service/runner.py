@@ -61,6 +61,9 @@ class Job:
     # The source's last try before an incomplete file is rejected: a hole at the file's end that stayed through
     # every retry is no write in progress (ZFS with compression stores written zero blocks as holes).
     last_try: bool = False
+    # (reason, sha256) of the rejection the ledger holds for the source: the same bytes rejected for the same
+    # reason again (its stamp changed: a touch, a chmod, a restore from a backup) is no new rejection.
+    rejected_as: tuple[str, str] | None = None
 
 
 class _Identity(TypedDict):
@@ -178,7 +181,8 @@ def process_job(job: Job) -> Outcome:
         record = exc.as_record()
         if isinstance(exc, PublishError):
             record["publish_reason"] = publish_error_reason(exc)
-        return Outcome(**base, **stat_fields, status=status, timings=timings, error=record)
+        sha256 = _rejected_sha256(job, before) if status == "rejected" else None
+        return Outcome(**base, **stat_fields, status=status, timings=timings, error=record, sha256=sha256)
     except Exception as exc:  # a bug must cost one image, never the worker
         record = {
             "error": type(exc).__name__,
@@ -189,7 +193,8 @@ def process_job(job: Job) -> Outcome:
             "rule": job.rule.name,
             "transient": False,
         }
-        return Outcome(**base, **stat_fields, status="rejected", timings=timings, error=record)
+        sha256 = _rejected_sha256(job, before)
+        return Outcome(**base, **stat_fields, status="rejected", timings=timings, error=record, sha256=sha256)
     return Outcome(
         **base,
         **stat_fields,
@@ -277,6 +282,17 @@ def _sha256(path: Path) -> str | None:
         return sha256_file(path)
     except OSError as exc:  # vanished, locked, unreadable for now: worth another try
         raise IncompleteImage(f"cannot read the file: {exc.strerror or exc}", path=path) from exc
+
+
+def _rejected_sha256(job: Job, before: os.stat_result) -> str | None:
+    """The hash of a rejected source, which tells the same bytes rejected again; None for a file over the size
+    limit (not read at all: raising the limit and touching the file tries it again) or one that cannot be read."""
+    if before.st_size > job.max_bytes:
+        return None
+    try:
+        return sha256_file(job.source)
+    except OSError:
+        return None
 
 
 def _frame_text(rule: Rule, scores: Mapping[str, float], source_text: Mapping[str, str]) -> dict[str, str]:

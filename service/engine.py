@@ -214,24 +214,26 @@ class Engine:
         if not self.in_flight and not self.pool.alive():
             # A worker died with nothing in flight (the OOM killer, say): no future reports it.
             self._replace_pool()
-        while self.pending and len(self.in_flight) < 2 * self.pool.workers:
-            if self.in_flight and (next(iter(self.pending)) in self.suspects or self._suspect_running()):
-                break  # a suspect runs alone
-            _key, candidate = self.pending.popitem(last=False)
-            try:
-                self._dispatch(candidate)
-            except BrokenProcessPool:
-                # A worker died since the last collect: the futures in flight report it and replace the pool.
-                self._put_back(candidate)
-                break
-            except SinkwatchError:
-                # The ledger could not record the start (its disk is full): keep the work for later.
-                self._put_back(candidate)
-                raise
-        handled = self._collect(timeout)
-        self.metrics.queue_depth.set(len(self.pending))
-        self.metrics.in_flight.set(len(self.in_flight))
-        return handled
+        try:
+            while self.pending and len(self.in_flight) < 2 * self.pool.workers:
+                if self.in_flight and (next(iter(self.pending)) in self.suspects or self._suspect_running()):
+                    break  # a suspect runs alone
+                _key, candidate = self.pending.popitem(last=False)
+                try:
+                    self._dispatch(candidate)
+                except BrokenProcessPool:
+                    # A worker died since the last collect: the futures in flight report it and replace the pool.
+                    self._put_back(candidate)
+                    break
+                except SinkwatchError:
+                    # The ledger could not record the start (its disk is full): keep the work for later.
+                    self._put_back(candidate)
+                    raise
+            return self._collect(timeout)
+        finally:
+            # Also while the ledger pauses the work: what waits is shown waiting.
+            self.metrics.queue_depth.set(len(self.pending))
+            self.metrics.in_flight.set(len(self.in_flight))
 
     def _put_back(self, candidate: Candidate) -> None:
         self.pending[candidate.key] = candidate

@@ -177,9 +177,9 @@ class Metrics:
         )
         self.frames_renamed = Counter(
             "sinkwatch_frames_renamed_total",
-            "Sources moved to a new output name because a file sinkwatch did not write (a user's edit, "
-            "their own image, a link), or the frame of another image once at their path, sat at theirs; "
-            "that file was left as it is.",
+            "Sources moved from the output name they had to a new one because a file sinkwatch did not write "
+            "(a user's edit, their own image, a link), or the frame of another image once at their path, sat "
+            "at theirs; that file was left as it is. A name taken before a source's first frame is not counted.",
             registry=reg,
         )
         self.comfyui_uploads = Counter(

@@ -25,6 +25,8 @@ ALERTS = (
     "SinkwatchWatcherDown",
     "SinkwatchRulesBroken",
     "SinkwatchLedgerPaused",
+    "SinkwatchComfyUIDown",
+    "SinkwatchComfyUIRefused",
     "SinkwatchTargetDown",
 )
 
@@ -41,9 +43,9 @@ def promtool(*args: str, cwd: Path = PROMETHEUS) -> subprocess.CompletedProcess[
 
 
 def exported_names() -> set[str]:
-    """Every series name a fresh Metrics() registry exposes, plus Prometheus' own ``up``."""
+    """Every series name a fresh Metrics() registry exposes once it talked to a ComfyUI, plus Prometheus' own ``up``."""
     registry = CollectorRegistry()
-    Metrics(registry)
+    Metrics(registry).set_comfyui_up(True)
     return {sample.name for family in registry.collect() for sample in family.samples} | {"up"}
 
 

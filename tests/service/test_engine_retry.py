@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from service.engine import Engine
+from service.engine import Candidate, Engine
+from service.errors import PublishError
 from tests.service.conftest import IdleEngine
 
 CONTENT = b"the engine judges the file's kind, size and mtime; it never reads it here"
@@ -106,3 +107,22 @@ def test_only_the_given_keys_are_requeued_and_waited_for(engine: Engine, watch: 
     assert engine.retrying(MAX_ATTEMPTS, {"later.png"})
     assert not engine.retrying(MAX_ATTEMPTS, {"elsewhere.png"}), "another source's retry held the run open"
     assert engine.retrying(MAX_ATTEMPTS), "without keys every waiting source counts, as the daemon needs"
+
+
+def test_what_waits_while_the_ledger_cannot_record_a_start_is_shown_waiting(
+    engine: Engine, watch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state folder's disk is full: nothing starts, and the queue gauge must not freeze at its last value."""
+    for name in ("a.png", "b.png"):
+        (watch / name).write_bytes(CONTENT)
+        assert engine.offer(Candidate(name, watch / name, "event", time.time()))
+
+    def full(*_args: object, **_kwargs: object) -> int:
+        raise PublishError("ledger: database or disk is full", path=engine.ledger.path, stage="ledger")
+
+    monkeypatch.setattr(engine.ledger, "start", full)
+    with pytest.raises(PublishError):
+        engine.pump(timeout=0.0)
+    assert list(engine.pending) == ["a.png", "b.png"]
+    assert engine.metrics.registry.get_sample_value("sinkwatch_queue_depth") == 2
+    assert engine.metrics.registry.get_sample_value("sinkwatch_in_flight") == 0

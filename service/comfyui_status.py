@@ -32,9 +32,12 @@ class ComfyStatus:
         self.metrics.set_comfyui_up(False)
         if self.down_since is None:
             self.down_since = self.clock()
-            logger.bind(url=self.url, reason=getattr(error, "reason", None)).warning(
-                "ComfyUI is down ({}); uploads stay pending and are retried with backoff, frames keep publishing",
+            # The frame too: a ComfyUI that answers 5xx to that one frame only holds up every upload behind it.
+            logger.bind(url=self.url, reason=getattr(error, "reason", None), frame=name).warning(
+                "ComfyUI is down ({}, sending {}); uploads stay pending and are retried with backoff, "
+                "frames keep publishing",
                 error,
+                name,
             )
         else:
             logger.debug("ComfyUI still down, retrying {} in {:.1f}s: {}", name, delay, error)

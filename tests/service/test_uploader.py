@@ -233,8 +233,8 @@ def test_comfyui_down_then_back_is_logged_once_each_and_retries_are_counted(
     assert (comfy.input_dir / "sinkwatch" / "a.png").read_bytes() == data
     assert value(metrics, "sinkwatch_comfyui_uploads_total", "retried") == 3
     assert value(metrics, "sinkwatch_comfyui_uploads_total", "ok") == 1
-    assert [m for m in messages(logs, "WARNING") if "ComfyUI is down" in m] != []
-    assert len([m for m in messages(logs, "WARNING") if "ComfyUI is down" in m]) == 1
+    down = [m for m in messages(logs, "WARNING") if "ComfyUI is down" in m]
+    assert len(down) == 1 and "sending a" in down[0], "the line names the frame held up at the head of the line"
     assert len([m for m in messages(logs, "INFO") if "ComfyUI is back" in m]) == 1
     assert not uploads.down
 

@@ -156,15 +156,8 @@ def test_a_run_stopped_while_an_unanswered_prompt_waits_to_be_tried_again_does_n
     first.enqueue("a", "a.png", 832, 480)
     pump_until(first, lambda: value(metrics, PROMPTS, "retried") == 1)
     first.close()
-    tried = ledger.get_upload("a")
-    assert tried is not None and tried.state == "pending" and len(comfy.prompts) == 1
-
-    second = start_uploads()
-    assert second.resume() == 1
-    settle(second, ledger, ["a"])
-    done = ledger.get_upload("a")
-    assert done is not None and done.state == "done" and done.prompt_id == tried.prompt_id
-    assert len(comfy.prompts) == 1, "the next run queued the workflow again"
+    assert len(comfy.prompts) == 1
+    restart_queues_nothing_again(comfy, start_uploads, ledger)
 
 
 def test_a_run_killed_after_comfyui_queued_the_prompt_before_it_recorded_that_does_not_queue_it_twice_at_restart(
@@ -178,12 +171,17 @@ def test_a_run_killed_after_comfyui_queued_the_prompt_before_it_recorded_that_do
     killed.enqueue("a", "a.png", 832, 480)
     pump_until(killed, lambda: bool(comfy.prompts) or getattr(ledger.get_upload("a"), "prompt_id", None) is not None)
     wait_for(lambda: len(comfy.prompts) == 1, timeout=30)  # the main thread applies nothing more: it was killed
+    restart_queues_nothing_again(comfy, start_uploads, ledger)
+
+
+def restart_queues_nothing_again(comfy: FakeComfyUI, start_uploads: Callable[..., Uploads], ledger: Ledger) -> None:
+    """Upload "a", whose prompt ComfyUI holds already, is still pending: the next run settles it under that prompt
+    and queues no second one."""
     pending = ledger.get_upload("a")
     assert pending is not None and pending.state == "pending"
-
     restarted = start_uploads()
     assert restarted.resume() == 1
     settle(restarted, ledger, ["a"])
     done = ledger.get_upload("a")
     assert done is not None and done.state == "done" and done.prompt_id == pending.prompt_id
-    assert len(comfy.prompts) == 1, "the restarted run queued the workflow again"
+    assert len(comfy.prompts) == 1, "the next run queued the workflow again"

@@ -38,7 +38,8 @@ SOURCES = ("event", "scan", "startup")
 OUTCOMES = ("published", "rejected", "retried", "skipped")
 STAGES = ("decode", "resize", "analysis", "blur", "heatmap", "scores", "encode", "publish")
 PUBLISH_ERROR_REASONS = ("no_space", "permission", "read_only", "other")
-UPLOAD_OUTCOMES = ("ok", "failed", "retried")
+# "gone": the frame left the queue (cleared, replaced) before it could be sent, no fault of ComfyUI's.
+UPLOAD_OUTCOMES = ("ok", "failed", "retried", "gone")
 PROMPT_OUTCOMES = ("queued", "rejected", "failed", "retried")
 
 # fmt: off

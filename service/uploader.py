@@ -261,7 +261,8 @@ class Uploads:
                 )
         elif kind == "upload_failed":
             self._fail(result, "comfyui_upload")
-            self.metrics.comfyui_uploads.labels(outcome="failed").inc()
+            gone = isinstance(result.error, FileNotFoundError)
+            self.metrics.comfyui_uploads.labels(outcome="gone" if gone else "failed").inc()
             # A failure that is neither ComfyUI's answer nor the file system's is a bug: keep its traceback.
             known = isinstance(result.error, ComfyRejected | OSError)
             logger.bind(frame=task.name).opt(exception=None if known else result.error).error(

@@ -26,7 +26,7 @@ ALERTS = (
     "SinkwatchRulesBroken",
     "SinkwatchLedgerPaused",
     "SinkwatchComfyUIDown",
-    "SinkwatchComfyUIRefused",
+    "SinkwatchComfyUIFailed",
     "SinkwatchTargetDown",
 )
 

@@ -379,7 +379,9 @@ def test_a_frame_that_is_gone_fails_without_a_request(
     settle(uploads, ledger, ["never-published"])
 
     assert comfy.requests == []
-    assert value(metrics, "sinkwatch_comfyui_uploads_total", "failed") == 1
+    # Not ComfyUI's doing, and nothing to page about (SinkwatchComfyUIFailed counts "failed" only).
+    assert value(metrics, "sinkwatch_comfyui_uploads_total", "gone") == 1
+    assert value(metrics, "sinkwatch_comfyui_uploads_total", "failed") == 0
     upload = ledger.get_upload("never-published")
     assert upload is not None and upload.state == "failed" and upload.reason == "comfyui_upload"
 

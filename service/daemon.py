@@ -30,6 +30,7 @@ from service.errors import ConfigError, PublishError, SinkwatchError
 from service.folders import Folders, folder_problem, prepare_folders
 from service.http import serve
 from service.ledger import Ledger
+from service.ledger_runs import current_boot, kill_may_count
 from service.lock import InstanceLock, QueueLock
 from service.metrics import Metrics
 from service.pool import WorkerPool
@@ -174,7 +175,8 @@ class Daemon:
                 self.watcher.start()
                 self.watcher_started = True
                 self.metrics.watcher_up.set(1)
-        recovered = self.engine.recover()
+        boot = current_boot()
+        recovered = self.engine.recover(kills_count=kill_may_count(self.ledger.begin_run(boot), boot))
         if recovered:
             logger.info("recovered {} images published just before an interrupted run ended", recovered)
         self.discovery.start_scan("startup")
@@ -368,6 +370,10 @@ class Daemon:
         notify.notify("STOPPING=1")
         self.watcher.stop()
         logger.info("stopping: finishing {} images in flight", len(self.engine.in_flight))
+        # A kill while the images in flight finish is the stop's timeout, not theirs (see service.ledger_runs);
+        # a ledger that cannot record it (its disk full) leaves such a kill counted, as before.
+        with contextlib.suppress(SinkwatchError):
+            self.ledger.run_stopping()
         self.engine.drain()
         self.resources.close()
         logger.info("stopped")

@@ -181,17 +181,21 @@ class Engine:
                 continue
             self.offer(Candidate(entry.relpath, path, "retry", self.clock()))
 
-    def recover(self) -> int:
-        """After a crash: settle the rows a dead run left in "processing"; returns how many (see `service.recovery`)."""
+    def recover(self, *, kills_count: bool) -> int:
+        """After a crash: settle the rows a dead run left in "processing"; returns how many (see `service.recovery`).
+
+        `kills_count`: the dead run was killed outright in this boot, not during its stop (see
+        `service.ledger_runs`), so an image that ran alone may have been what killed it.
+        """
         return recovery.recover(
             self.ledger,
             self.publisher,
             resolve=self.resolve,
-            requeue=self._cut_short,
+            requeue=lambda entry, path, alone: self._cut_short(entry, path, alone=alone and kills_count),
             published=self.on_published,
         )
 
-    def _cut_short(self, entry: Entry, path: Path, alone: bool) -> None:
+    def _cut_short(self, entry: Entry, path: Path, *, alone: bool) -> None:
         """`entry` was in flight when the whole run died: as for a worker death, it runs alone from now on,
         and a death while it already did (`alone`, and it was a suspect) counts."""
         candidate = Candidate(entry.relpath, path, "retry", self.clock())

@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import Any
 
 from service.errors import ConfigError, PublishError
+from service.ledger_runs import RunLedger
 from service.ledger_schema import MIGRATIONS, SCHEMA_VERSION, db_key, db_relpath, db_text, migrate
 from service.ledger_stamps import Stamp, StampLedger
 from service.ledger_uploads import UPLOAD_STATES, Upload, UploadLedger
@@ -82,7 +83,7 @@ class Entry:
     born: int | None = None  # birth time (ns) of the file last started, where the file system tells it
 
 
-class Ledger(UploadLedger, StampLedger):
+class Ledger(UploadLedger, StampLedger, RunLedger):
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self.clock = clock

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from service.errors import ConfigError
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 # Statements that bring a ledger from version N-1 to N; a new version appends an entry.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
@@ -84,6 +84,15 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # The birth time of the file last started: it tells another file at the path where no event did (see
     # service.birth).
     7: ("ALTER TABLE sources ADD COLUMN born INTEGER",),
+    # The daemon run that last started: the boot it ran in, and when its stop began. Images a run left in
+    # flight count a kill against themselves only if it came in the same boot and not during a stop.
+    8: (
+        """CREATE TABLE runs (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            boot_id TEXT,
+            stopping REAL
+        )""",
+    ),
 }
 
 

@@ -29,11 +29,13 @@ from tests.e2e.conftest import DaemonProcess, frames, snapshot
 from tests.faults.images import Images
 from tests.faults.outputs import assert_same_outputs, check_published_set, reference_run, sha256, temp_files
 from tests.faults.readings import alive, children, log_records, metric, poll, published_records
+from tests.faults.service_killer import HOLD
 from tests.faults.writers import Writer
 
 pytestmark = pytest.mark.slow
 
 SEED = 20240408
+KILLER = "tests.faults.service_killer"  # `sinkwatch run` with workers that kill it, or hold a job
 KILLS = 30  # issue 8 asks for at least 30
 SOURCES = 80
 
@@ -218,7 +220,7 @@ def test_an_image_that_gets_the_whole_service_killed_is_rejected_not_restarted_f
             tmp_path / f"daemon-{len(daemons)}.log",
             "--max-attempts",
             str(max_attempts),
-            main="tests.faults.service_killer",
+            main=KILLER,
         )
         daemons.append(daemon)
         daemon.start(wait_ready=False)
@@ -246,6 +248,49 @@ def test_an_image_that_gets_the_whole_service_killed_is_rejected_not_restarted_f
     assert states == {"poison.png": ("rejected", "crashed")} | {name: ("published", None) for name in good}
     check_published_set(queue)
     assert snapshot(watch) == before
+
+
+def test_kills_that_end_a_stop_never_reject_the_image_in_flight(
+    tmp_path: Path, images: Images, daemons: list[DaemonProcess], counts: Callable[..., None]
+) -> None:
+    """systemd's TimeoutStopSec (a Kubernetes grace period) SIGKILLs a stop whose image in flight outlasts it:
+    the stop's timeout, not the image's doing, however often it happens (before, the second such kill rejected
+    the image with --max-attempts 1)."""
+    watch, queue = tmp_path / "watch", tmp_path / "queue"
+    watch.mkdir()
+    (watch / "slow.png").write_bytes(images.make(0, side=128))
+    hold = tmp_path / "hold"
+    hold.touch()
+    args = ("--max-attempts", "1")
+    env = {HOLD: str(hold)}
+    kills = 3
+    for kill in range(kills):
+        daemon = DaemonProcess(watch, queue, tmp_path / f"daemon-{kill}.log", *args, env=env, main=KILLER)
+        daemons.append(daemon)
+        daemon.start()
+        wait_for(functools.partial(held, daemon), timeout=60)
+        daemon.signal(signal.SIGTERM)
+        wait_for(functools.partial(stopping, daemon), timeout=30)
+        daemon.kill()  # the stop's timeout
+    hold.unlink()
+    final = DaemonProcess(watch, queue, tmp_path / "daemon-final.log", *args, env=env, main=KILLER)
+    daemons.append(final)
+    final.start()
+    wait_for((queue / "slow.png").is_file, timeout=60)
+    assert final.stop() == 0, final.log.read_text()[-3000:]
+    counts(kills=kills)
+    with Ledger(queue / ".sinkwatch" / "state" / "ledger.sqlite3") as ledger:
+        entry = ledger.get("slow.png")
+    assert entry is not None and entry.state == "published", entry
+    assert not (queue / "rejected" / "slow.json").exists()
+
+
+def held(daemon: DaemonProcess) -> bool:
+    return metric(daemon, "sinkwatch_in_flight") == 1
+
+
+def stopping(daemon: DaemonProcess) -> bool:
+    return any(message.startswith("stopping:") for message in daemon.messages())
 
 
 def reap(pids: list[int], *, grace: float) -> list[int]:

@@ -31,7 +31,7 @@ def restart(watch: Path, idle_engine: IdleEngine, ledger: Ledger) -> Restart:
 
     def start() -> Engine:
         engine = idle_engine(resolve=watch.joinpath, ledger=ledger)
-        engine.recover()
+        engine.recover(kills_count=True)
         return engine
 
     return start
@@ -116,3 +116,16 @@ def test_a_changed_image_starts_its_count_afresh(watch: Path, restart: Restart, 
     entry = ledger.get("cat.png")
     assert entry is not None and (entry.state, entry.attempts) == ("retry", 1)
     assert list(engine.pending) == ["cat.png"]
+
+
+def test_kills_that_were_no_images_doing_never_count(watch: Path, idle_engine: IdleEngine, ledger: Ledger) -> None:
+    """Killed in its stop (systemd's TimeoutStopSec, a Kubernetes grace period) or by the machine going down: the
+    images in flight run alone again, but no number of such kills rejects one."""
+    path = source(watch, "slow.png")
+    for _kill in range(2 * MAX_ATTEMPTS):
+        killed_while_running(ledger, path)
+        engine = idle_engine(resolve=watch.joinpath, ledger=ledger)
+        engine.recover(kills_count=False)
+        assert list(engine.pending) == ["slow.png"] and engine.suspects == {"slow.png"}
+    entry = ledger.get("slow.png")
+    assert entry is not None and (entry.state, entry.attempts) == ("retry", 0)

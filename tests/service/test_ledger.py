@@ -487,21 +487,30 @@ def run_until_killed(db_path: Path, first_step: int, commits: int) -> tuple[int,
     )
     assert proc.stdout is not None and proc.stderr is not None
     confirmed, begun, names = first_step - 1, None, {}
+
+    def take(line: str) -> None:
+        nonlocal confirmed, begun
+        kind, step, *rest = line.split()
+        if kind == "B":
+            begun = int(step)
+        else:
+            confirmed, begun = int(step), None
+            if rest[0] != "-":
+                names[step_source(confirmed)] = rest[0]
+
     try:
         while confirmed < first_step + commits - 1:
             line = proc.stdout.readline().decode()
             if not line:
                 pytest.fail(f"writer died on its own: {proc.stderr.read().decode()}")
-            kind, step, *rest = line.split()
-            if kind == "B":
-                begun = int(step)
-            else:
-                confirmed, begun = int(step), None
-                if rest[0] != "-":
-                    names[step_source(confirmed)] = rest[0]
+            take(line)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        # On a busy machine the child runs steps ahead of this reader: what it printed before the kill (whole
+        # lines: a write that small to a pipe is atomic) is still in the pipe, and says where it was.
+        for line in proc.stdout.read().decode().splitlines():
+            take(line)
         proc.stdout.close()
         proc.stderr.close()
     # The child may have begun (and even committed) the next step before the kill.

@@ -32,7 +32,7 @@ from service.outcomes import OnPublished, Outcomes
 from service.pool import WorkerPool
 from service.publish import Publisher
 from service.rules import Rule, RuleSet
-from service.runner import Job, Outcome
+from service.runner import Job, Outcome, Rejection
 
 
 @dataclass(frozen=True)
@@ -409,10 +409,10 @@ def _another_file(entry: Entry, st: os.stat_result, born: int | None) -> bool:
     return entry.ino is not None and entry.ino != st.st_ino
 
 
-def _rejected_as(entry: Entry | None) -> tuple[str, str] | None:
+def _rejected_as(entry: Entry | None) -> Rejection | None:
     if entry is None or entry.state != "rejected" or entry.reason is None or entry.sha256 is None:
         return None
-    return entry.reason, entry.sha256
+    return Rejection(entry.reason, entry.sha256, entry.message or "")
 
 
 def _regular(path: Path) -> bool:

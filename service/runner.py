@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NamedTuple, TypedDict
 
 from core import pipeline
 from service import __version__
@@ -61,9 +61,15 @@ class Job:
     # The source's last try before an incomplete file is rejected: a hole at the file's end that stayed through
     # every retry is no write in progress (ZFS with compression stores written zero blocks as holes).
     last_try: bool = False
-    # (reason, sha256) of the rejection the ledger holds for the source: the same bytes rejected for the same
-    # reason again (its stamp changed: a touch, a chmod, a restore from a backup) is no new rejection.
-    rejected_as: tuple[str, str] | None = None
+    # The rejection the ledger holds for the source: the same bytes again (only its stamp changed: a touch, a
+    # chmod, a restore from a backup) are rejected as before without being decoded, and it is no new rejection.
+    rejected_as: Rejection | None = None
+
+
+class Rejection(NamedTuple):
+    reason: str
+    sha256: str
+    message: str
 
 
 class _Identity(TypedDict):
@@ -135,6 +141,12 @@ def process_job(job: Job) -> Outcome:
         if known is not None and before.st_size <= job.max_bytes and _sha256(job.source) == known:
             _check_unchanged(job, before)
             return Outcome(**base, **stat_fields, status="skipped", sha256=known)
+        earlier = job.rejected_as
+        if earlier is not None and before.st_size <= job.max_bytes and _sha256(job.source) == earlier.sha256:
+            # Decoding would only say it again, or crash the worker again (a `crashed` rejection).
+            _check_unchanged(job, before)
+            again = {"error": "Unchanged", "reason": earlier.reason, "message": earlier.message, "transient": False}
+            return Outcome(**base, **stat_fields, status="rejected", error=again, sha256=earlier.sha256)
         if job.adopt and (adopted := _adopted(job, before, stat_fields)) is not None:
             return adopted
         params = job.rule.to_params()

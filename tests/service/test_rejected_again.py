@@ -15,6 +15,7 @@ import pytest
 from loguru import logger
 
 from service.engine import Candidate, Engine
+from service.file_hash import sha256_file
 from tests.conftest import photo_file
 from tests.service.conftest import IdleEngine
 
@@ -79,3 +80,25 @@ def test_a_file_rejected_for_its_size_is_tried_again_after_a_touch(engine: Engin
     engine.limits = limits  # raised again
     os.utime(path)
     assert run(engine, path) == "published"
+
+
+@pytest.mark.parametrize("reason", ["incomplete", "crashed"])
+def test_the_same_bytes_are_not_decoded_again(engine: Engine, watch: Path, reason: str) -> None:
+    """A file rejected as cut short would go through every retry again, one that killed its worker (or the whole
+    service) would kill it again. Here the bytes are a good photo, so a decode would publish them."""
+    path = watch / "cat.png"
+    path.write_bytes(photo_file("chelsea").read_bytes())
+    st = path.stat()
+    engine.ledger.start(
+        "cat.png", size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=None, rule="default", fingerprint="f"
+    )
+    message = f"rejected as {reason} before"
+    engine.ledger.rejected("cat.png", reason=reason, message=message, sha256=sha256_file(path))
+    os.utime(path)  # a touch
+
+    assert run(engine, path) == "rejected"
+    entry = engine.ledger.get("cat.png")
+    assert entry is not None and (entry.reason, entry.message) == (reason, message)
+    assert not list(engine.queue.glob("*.png")), "decoded and published"
+    assert engine.counts["skipped"] == 1 and engine.counts["rejected"] == 0
+    assert engine.metrics.registry.get_sample_value("sinkwatch_rejections_total", {"reason": reason}) == 0

@@ -18,7 +18,7 @@ from service.errors import PublishError
 from service.ledger import Ledger
 from service.metrics import Metrics
 from service.publish import Publisher
-from service.runner import Job, Outcome
+from service.runner import Job, Outcome, rejection_sha256
 
 # Disk full or read-only queue: keep trying, slower and slower, but never reject an image for it.
 MAX_PUBLISH_RETRY_DELAY = 300.0
@@ -79,7 +79,11 @@ class Outcomes:
                 "transient": False,
                 "message": f"{killed} on this image (attempt {attempts} of {self.max_attempts})",
             }
-            self._reject(job, error, Outcome(job.key, job.name, job.rule.name, job.rule.fingerprint, "rejected"))
+            # Hashed here, where the worker could not: the same bytes touched again are not run again.
+            sha256 = rejection_sha256(job)
+            self._reject(
+                job, error, Outcome(job.key, job.name, job.rule.name, job.rule.fingerprint, "rejected", sha256=sha256)
+            )
             return False
         if alone:
             message = f"{killed} while processing {job.key}; trying again"

@@ -193,7 +193,7 @@ def process_job(job: Job) -> Outcome:
         record = exc.as_record()
         if isinstance(exc, PublishError):
             record["publish_reason"] = publish_error_reason(exc)
-        sha256 = _rejected_sha256(job, before) if status == "rejected" else None
+        sha256 = rejection_sha256(job) if status == "rejected" else None
         return Outcome(**base, **stat_fields, status=status, timings=timings, error=record, sha256=sha256)
     except Exception as exc:  # a bug must cost one image, never the worker
         record = {
@@ -205,7 +205,7 @@ def process_job(job: Job) -> Outcome:
             "rule": job.rule.name,
             "transient": False,
         }
-        sha256 = _rejected_sha256(job, before)
+        sha256 = rejection_sha256(job)
         return Outcome(**base, **stat_fields, status="rejected", timings=timings, error=record, sha256=sha256)
     return Outcome(
         **base,
@@ -296,12 +296,12 @@ def _sha256(path: Path) -> str | None:
         raise IncompleteImage(f"cannot read the file: {exc.strerror or exc}", path=path) from exc
 
 
-def _rejected_sha256(job: Job, before: os.stat_result) -> str | None:
+def rejection_sha256(job: Job) -> str | None:
     """The hash of a rejected source, which tells the same bytes rejected again; None for a file over the size
     limit (not read at all: raising the limit and touching the file tries it again) or one that cannot be read."""
-    if before.st_size > job.max_bytes:
-        return None
     try:
+        if os.stat(job.source).st_size > job.max_bytes:
+            return None
         return sha256_file(job.source)
     except OSError:
         return None

@@ -17,6 +17,7 @@ import pytest
 from loguru import logger
 from prometheus_client import CollectorRegistry
 
+from service.file_hash import sha256_file
 from service.ledger import Entry, Ledger
 from service.metrics import OUTCOMES, Metrics
 from service.outcomes import MAX_PUBLISH_RETRY_DELAY, Outcomes
@@ -325,6 +326,7 @@ def test_a_worker_dying_is_tried_again_then_rejected_as_crashed(bench: Bench) ->
     st = source.stat()
     assert (entry.state, entry.reason, entry.attempts) == ("rejected", "crashed", MAX_ATTEMPTS)
     assert (entry.size, entry.mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert entry.sha256 == sha256_file(source), "hashed: the same bytes, touched, are not run again"
     assert entry.message == f"a worker process died on this image (attempt {MAX_ATTEMPTS} of {MAX_ATTEMPTS})"
     record = bench.reject_record("cat")
     assert (record["error"], record["reason"], record["transient"]) == ("WorkerCrashed", "crashed", False)

@@ -84,13 +84,13 @@ class StampLedger:
         """After a scan that marked what it found (started at wall time `scan_started`): the sources it did not
         find, and that were not processed since it started, are gone (see `Ledger.mark_gone`); returns how many.
 
-        The sources in the folders `spared` (keys), which the scan could not read, count as seen: it cannot tell
-        whether they are there, nor whether they are gone for good (see `forget_gone`)."""
+        The sources at `spared` (keys), and in the folders there, which the scan could not read, count as seen: it
+        cannot tell whether they are there, nor whether they are gone for good (see `forget_gone`)."""
         unseen = "max(coalesce(seen, updated), updated) < ?"
         update = f"UPDATE sources SET gone = max(coalesce(gone, 0), ?) WHERE {unseen}"
-        within = [(scan_started, len(folder), folder) for folder in (db_key(f"{key}/") for key in spared)]
+        within = [(scan_started, db_key(key), len(db_key(f"{key}/")), db_key(f"{key}/")) for key in spared]
         with self._transaction() as db:
-            db.executemany("UPDATE sources SET seen = ? WHERE substr(relpath, 1, ?) = ?", within)
+            db.executemany("UPDATE sources SET seen = ? WHERE relpath = ? OR substr(relpath, 1, ?) = ?", within)
             return int(db.execute(update, (scan_started, scan_started)).rowcount)
 
     def forget_gone(self, before: float) -> int:

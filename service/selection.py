@@ -34,7 +34,8 @@ class Selection:
     recursive: bool = False
     # Folders a scan could not read (not vanished): each is said once, and again once it can be read.
     unreadable: set[str] = field(default_factory=set, compare=False, repr=False)
-    # Those the latest scan could not read, as keys ("" the watch folder): it cannot tell what left them.
+    # Those the latest scan could not read (or tell a file from a folder), as keys ("" the watch folder): it
+    # cannot tell what left them.
     unlisted: list[str] = field(default_factory=list, compare=False, repr=False)
     # Files passed over for what they are (a link leading out, a FIFO): each is said once.
     passed_over: set[str] = field(default_factory=set, compare=False, repr=False)
@@ -98,6 +99,7 @@ class Selection:
                 is_folder = entry.is_dir(follow_symlinks=False)
                 is_file = entry.is_file(follow_symlinks=False)
             except OSError:
+                self.unlisted.append("/".join(parts))  # a mount point not answering, say: nothing known of it
                 continue
             if is_folder:
                 if self.recursive and not self._folder_excluded(parts):

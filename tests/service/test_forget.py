@@ -6,6 +6,7 @@ scan finds only files the ledger holds as finished); the ledger's rows are what 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -151,6 +152,38 @@ def test_the_sources_in_a_subfolder_a_scan_cannot_read_are_neither_gone_nor_forg
     clock.now += 40 * DAY
     scan(found)
     assert names(ledger) == {"locked/a.png", "top.png"}
+
+
+class Unanswering:
+    """A directory entry whose kind cannot be told (a mount point whose server is gone: EIO)."""
+
+    def __init__(self, entry: os.DirEntry[str]) -> None:
+        self.name, self.path = entry.name, entry.path
+
+    def is_dir(self, *, follow_symlinks: bool = True) -> bool:
+        raise OSError(5, "Input/output error", self.path)
+
+    is_file = is_dir
+
+
+def test_the_sources_below_an_entry_a_scan_cannot_tell_a_kind_of_are_not_gone(
+    watch: Path, ledger: Ledger, idle_engine: IdleEngine, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (watch / "mnt").mkdir()
+    finished(ledger, watch, "mnt/a.png", present=True)
+    finished(ledger, watch, "gone.png", present=False)
+    listing = os.scandir
+
+    @contextlib.contextmanager
+    def scandir(path: str) -> Iterator[list[object]]:
+        with listing(path) as entries:
+            yield [Unanswering(entry) if entry.name == "mnt" else entry for entry in entries]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    clock.now += 60.0
+    scan(discovery(watch, ledger, idle_engine, clock, forget=FORGET_AFTER, recursive=True))
+    gone = {entry.relpath: entry.gone is not None for entry in ledger.entries()}
+    assert gone == {"mnt/a.png": False, "gone.png": True}
 
 
 def test_a_watch_folder_that_cannot_be_listed_says_nothing_of_what_left_it(

@@ -104,6 +104,9 @@ class Engine:
         self.suspects: set[str] = set()
         # Offered again while running: the file may have changed after the worker read it.
         self.recheck: dict[str, Candidate] = {}
+        # The rejection a job in flight when a worker died came with (`Job.rejected_as`): its retry's row no
+        # longer says it, and the same bytes must still not be decoded again.
+        self.rejected_before: dict[str, Rejection] = {}
 
     @property
     def counts(self) -> dict[str, int]:
@@ -306,7 +309,7 @@ class Engine:
             gone=gone,
             adopt=not self.force,
             last_try=attempt >= self.limits.max_attempts,
-            rejected_as=_rejected_as(entry) if not self.force else None,
+            rejected_as=None if self.force else _rejected_as(entry) or self.rejected_before.pop(candidate.key, None),
         )
         self.in_flight[self.pool.submit(job)] = (candidate, job)
 
@@ -391,6 +394,8 @@ class Engine:
         if self.outcomes.worker_died(job, alone=alone, whole=whole):
             self.suspects.add(job.key)
             self.pending[job.key] = candidate
+            if job.rejected_as is not None:
+                self.rejected_before[job.key] = job.rejected_as
         else:
             self.suspects.discard(job.key)
 

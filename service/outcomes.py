@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import TypedDict
 
 from loguru import logger
@@ -180,7 +181,9 @@ class Outcomes:
         is_publish = error.get("reason") == "publish"
         if not is_publish and attempts >= self.max_attempts:
             error["message"] = f"{error.get('message')} (gave up after {attempts} attempts)"
-            self._reject(job, error, outcome)
+            # Hashed here (a transient failure is not hashed by the worker): the same bytes touched again are not
+            # sent through their retries again.
+            self._reject(job, error, replace(outcome, sha256=outcome.sha256 or rejection_sha256(job)))
             return
         delay = self._delay(attempts)
         if is_publish:

@@ -261,8 +261,12 @@ class Uploads:
                 )
         elif kind == "upload_failed":
             self._fail(result, "comfyui_upload")
-            gone = isinstance(result.error, FileNotFoundError)
-            self.metrics.comfyui_uploads.labels(outcome="gone" if gone else "failed").inc()
+            if isinstance(result.error, FileNotFoundError):
+                # Cleared or replaced in the queue before it could be sent: nobody's fault, nothing to fix.
+                self.metrics.comfyui_uploads.labels(outcome="gone").inc()
+                logger.bind(frame=task.name).warning("{} left the queue before it was sent to ComfyUI", task.name)
+                return
+            self.metrics.comfyui_uploads.labels(outcome="failed").inc()
             # A failure that is neither ComfyUI's answer nor the file system's is a bug: keep its traceback.
             known = isinstance(result.error, ComfyRejected | OSError)
             logger.bind(frame=task.name).opt(exception=None if known else result.error).error(

@@ -236,6 +236,7 @@ def test_a_transient_failure_is_retried_with_doubling_delays_then_rejected(bench
     assert (record["key"], record["source"], record["rule"]) == ("cat.png", str(source), "default")
     assert bench.counted() == {"retried": MAX_ATTEMPTS - 1, "rejected": 1}
     assert bench.sample("sinkwatch_rejections_total", reason="incomplete") == 1
+    assert entry.sha256 == sha256_file(source), "hashed: the same bytes, touched, do not run their retries again"
 
 
 def test_a_retry_under_a_second_away_is_not_said_to_be_0s_away(bench: Bench) -> None:

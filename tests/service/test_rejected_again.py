@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from loguru import logger
 
 from service.engine import Candidate, Engine
 from service.file_hash import sha256_file
+from service.runner import Job
 from tests.conftest import photo_file
 from tests.service.conftest import IdleEngine
 
@@ -102,3 +104,30 @@ def test_the_same_bytes_are_not_decoded_again(engine: Engine, watch: Path, reaso
     assert not list(engine.queue.glob("*.png")), "decoded and published"
     assert engine.counts["skipped"] == 1 and engine.counts["rejected"] == 0
     assert engine.metrics.registry.get_sample_value("sinkwatch_rejections_total", {"reason": reason}) == 0
+
+
+def test_a_touched_rejected_file_caught_in_a_worker_death_is_still_not_decoded_again(
+    engine: Engine, watch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker died while it was in flight (another image's crash): its retry's ledger row says "retry", no longer
+    how it was rejected, and it must still not be decoded again (for an image that killed its worker: run again)."""
+    path = watch / "notes.png"
+    path.write_text("a text file saved under an image's name")
+    assert run(engine, path) == "rejected"
+    os.utime(path)  # a touch
+    submitted: list[Job] = []
+
+    def submit(job: Job) -> Future[object]:
+        submitted.append(job)
+        return Future()  # never done: the worker's fate is told below
+
+    monkeypatch.setattr(engine.pool, "submit", submit)
+    assert engine.offer(Candidate("notes.png", path, "event", time.time()))
+    engine.pump(timeout=0.0)
+    [(candidate, job)] = engine.in_flight.values()
+    assert job.rejected_as is not None
+    engine.in_flight.clear()
+    engine._worker_died(candidate, job, alone=False)  # a bystander of another job's crash
+
+    engine.pump(timeout=0.0)
+    assert len(submitted) == 2 and submitted[1].rejected_as == job.rejected_as

@@ -372,13 +372,15 @@ def test_a_size_the_video_node_cannot_take_fails_the_prompt_without_sending_it(
 
 
 def test_a_frame_that_is_gone_fails_without_a_request(
-    comfy: FakeComfyUI, make_uploads: Callable[..., Uploads], ledger: Ledger, metrics: Metrics
+    comfy: FakeComfyUI, make_uploads: Callable[..., Uploads], ledger: Ledger, metrics: Metrics, logs: list[Record]
 ) -> None:
     uploads = make_uploads(comfy.url)
     uploads.enqueue("never-published", "x.png", 832, 480)
     settle(uploads, ledger, ["never-published"])
 
     assert comfy.requests == []
+    assert messages(logs, "WARNING") == ["never-published left the queue before it was sent to ComfyUI"]
+    assert not messages(logs, "ERROR")
     # Not ComfyUI's doing, and nothing to page about (SinkwatchComfyUIFailed counts "failed" only).
     assert value(metrics, "sinkwatch_comfyui_uploads_total", "gone") == 1
     assert value(metrics, "sinkwatch_comfyui_uploads_total", "failed") == 0

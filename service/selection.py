@@ -83,12 +83,7 @@ class Selection:
             return  # vanished: gone with its images
         except OSError as exc:
             # Closed to this user, or a mount not answering: its images wait, and the user must hear why.
-            self.unlisted.append("/".join(prefix))
-            if folder not in self.unreadable:
-                self.unreadable.add(folder)
-                logger.bind(folder=folder).warning(
-                    "cannot read the folder {} ({}): its images wait until it can be read", folder, exc.strerror
-                )
+            self._unreadable(folder, prefix, f"cannot read the folder {folder} ({exc.strerror})")
             return
         if self.unreadable and folder in self.unreadable:
             self.unreadable.discard(folder)
@@ -98,8 +93,9 @@ class Selection:
             try:
                 is_folder = entry.is_dir(follow_symlinks=False)
                 is_file = entry.is_file(follow_symlinks=False)
-            except OSError:
-                self.unlisted.append("/".join(parts))  # a mount point not answering, say: nothing known of it
+            except OSError as exc:
+                # A mount point not answering, say: nothing is known of what is there.
+                self._unreadable(entry.path, parts, f"cannot tell what {entry.path} is ({exc.strerror})")
                 continue
             if is_folder:
                 if self.recursive and not self._folder_excluded(parts):
@@ -108,6 +104,13 @@ class Selection:
                 path = entry.path
                 if is_file or self._acceptable(path, root):
                     yield "/".join(parts), path
+
+    def _unreadable(self, path: str, parts: tuple[str, ...], why: str) -> None:
+        """What the scan could not read: it tells nothing of the images there, and it is said once."""
+        self.unlisted.append("/".join(parts))
+        if path not in self.unreadable:
+            self.unreadable.add(path)
+            logger.bind(folder=path).warning("{}: its images wait until it can be read", why)
 
     def _acceptable(self, path: str, root: str) -> bool:
         reason = _passed_over(path, root)

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from loguru import logger
 
 from service.discovery import MARK_EVERY, Discovery
 from service.ledger import Ledger
@@ -181,9 +182,18 @@ def test_the_sources_below_an_entry_a_scan_cannot_tell_a_kind_of_are_not_gone(
 
     monkeypatch.setattr(os, "scandir", scandir)
     clock.now += 60.0
-    scan(discovery(watch, ledger, idle_engine, clock, forget=FORGET_AFTER, recursive=True))
+    warnings: list[str] = []
+    sink = logger.add(lambda message: warnings.append(message.record["message"]), level="WARNING")
+    try:
+        found = discovery(watch, ledger, idle_engine, clock, forget=FORGET_AFTER, recursive=True)
+        scan(found)
+        scan(found)
+    finally:
+        logger.remove(sink)
     gone = {entry.relpath: entry.gone is not None for entry in ledger.entries()}
     assert gone == {"mnt/a.png": False, "gone.png": True}
+    mount = watch / "mnt"
+    assert warnings == [f"cannot tell what {mount} is (Input/output error): its images wait until it can be read"]
 
 
 def test_a_watch_folder_that_cannot_be_listed_says_nothing_of_what_left_it(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from typing import TypedDict
 
 from loguru import logger
@@ -80,8 +79,9 @@ class Outcomes:
                 "transient": False,
                 "message": f"{killed} on this image (attempt {attempts} of {self.max_attempts})",
             }
-            # Hashed here, where the worker could not: the same bytes touched again are not run again.
-            sha256 = rejection_sha256(job)
+            # Hashed here, where the worker could not (as the ledger's start recorded the file): the same bytes
+            # touched again are not run again.
+            sha256 = rejection_sha256(job, (entry.size, entry.mtime_ns)) if entry else None
             self._reject(
                 job, error, Outcome(job.key, job.name, job.rule.name, job.rule.fingerprint, "rejected", sha256=sha256)
             )
@@ -181,9 +181,7 @@ class Outcomes:
         is_publish = error.get("reason") == "publish"
         if not is_publish and attempts >= self.max_attempts:
             error["message"] = f"{error.get('message')} (gave up after {attempts} attempts)"
-            # Hashed here (a transient failure is not hashed by the worker): the same bytes touched again are not
-            # sent through their retries again.
-            self._reject(job, error, replace(outcome, sha256=outcome.sha256 or rejection_sha256(job)))
+            self._reject(job, error, outcome)
             return
         delay = self._delay(attempts)
         if is_publish:

@@ -132,6 +132,7 @@ def process_job(job: Job) -> Outcome:
     except OSError as exc:
         error = IncompleteImage(f"cannot stat source: {exc.strerror}", path=job.source, rule=job.rule.name)
         return Outcome(**base, status="retry", error=error.as_record())
+    read = (before.st_size, before.st_mtime_ns)  # what a rejection's hash must still find (rejection_sha256)
     stat_fields = _SourceStat(
         size=before.st_size, mtime_ns=before.st_mtime_ns, ino=before.st_ino, ctime_ns=before.st_ctime_ns
     )
@@ -193,7 +194,7 @@ def process_job(job: Job) -> Outcome:
         record = exc.as_record()
         if isinstance(exc, PublishError):
             record["publish_reason"] = publish_error_reason(exc)
-        sha256 = rejection_sha256(job) if status == "rejected" else None
+        sha256 = rejection_sha256(job, read) if status == "rejected" else None
         return Outcome(**base, **stat_fields, status=status, timings=timings, error=record, sha256=sha256)
     except Exception as exc:  # a bug must cost one image, never the worker
         record = {
@@ -205,7 +206,7 @@ def process_job(job: Job) -> Outcome:
             "rule": job.rule.name,
             "transient": False,
         }
-        sha256 = rejection_sha256(job)
+        sha256 = rejection_sha256(job, read)
         return Outcome(**base, **stat_fields, status="rejected", timings=timings, error=record, sha256=sha256)
     return Outcome(
         **base,
@@ -296,13 +297,21 @@ def _sha256(path: Path) -> str | None:
         raise IncompleteImage(f"cannot read the file: {exc.strerror or exc}", path=path) from exc
 
 
-def rejection_sha256(job: Job) -> str | None:
-    """The hash of a rejected source, which tells the same bytes rejected again; None for a file over the size
-    limit (not read at all: raising the limit and touching the file tries it again) or one that cannot be read."""
+def rejection_sha256(job: Job, read: tuple[int | None, int | None]) -> str | None:
+    """The hash of a rejected source, which tells the same bytes rejected again, if its (size, mtime_ns) is still
+    `read`, what it was when the attempt read it, before and after the hashing: a writer that finished meanwhile
+    made bytes nobody rejected. None for those, for a file over the size limit (not read at all: raising the
+    limit and touching the file tries it again), or for one that cannot be read."""
+
+    def unchanged() -> bool:
+        st = os.stat(job.source)
+        return (st.st_size, st.st_mtime_ns) == read
+
     try:
-        if os.stat(job.source).st_size > job.max_bytes:
+        if not unchanged() or os.stat(job.source).st_size > job.max_bytes:
             return None
-        return sha256_file(job.source)
+        sha256 = sha256_file(job.source)
+        return sha256 if unchanged() else None
     except OSError:
         return None
 

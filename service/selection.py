@@ -97,6 +97,9 @@ class Selection:
                 # A mount point not answering, say: nothing is known of what is there.
                 self._unreadable(entry.path, parts, f"cannot tell what {entry.path} is ({exc.strerror})")
                 continue
+            if self.unreadable and entry.path in self.unreadable and not is_folder:
+                self.unreadable.discard(entry.path)  # a folder says so when it is listed
+                logger.bind(folder=entry.path).info("{} can be read again", entry.path)
             if is_folder:
                 if self.recursive and not self._folder_excluded(parts):
                     yield from self._scan_folder(entry.path, parts, root)

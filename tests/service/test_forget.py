@@ -196,6 +196,33 @@ def test_the_sources_below_an_entry_a_scan_cannot_tell_a_kind_of_are_not_gone(
     assert warnings == [f"cannot tell what {mount} is (Input/output error): its images wait until it can be read"]
 
 
+def test_a_file_a_scan_cannot_tell_the_kind_of_is_said_each_time_it_cannot_and_when_it_can_again(
+    watch: Path, ledger: Ledger, idle_engine: IdleEngine, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    finished(ledger, watch, "b.png", present=True)
+    listing = os.scandir
+    failing = [True]  # whether the entry answers, scan by scan
+
+    @contextlib.contextmanager
+    def scandir(path: str) -> Iterator[list[object]]:
+        with listing(path) as entries:
+            yield [Unanswering(entry) if entry.name == "b.png" and failing[-1] else entry for entry in entries]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    said: list[str] = []
+    sink = logger.add(lambda message: said.append(message.record["message"]), level="INFO")
+    try:
+        found = discovery(watch, ledger, idle_engine, clock, forget=FORGET_AFTER)
+        for fails in (True, True, False, True):
+            failing.append(fails)
+            scan(found)
+    finally:
+        logger.remove(sink)
+    file = watch / "b.png"
+    cannot = f"cannot tell what {file} is (Input/output error): its images wait until it can be read"
+    assert [m for m in said if str(file) in m] == [cannot, f"{file} can be read again", cannot]
+
+
 def test_a_watch_folder_that_cannot_be_listed_says_nothing_of_what_left_it(
     watch: Path, ledger: Ledger, idle_engine: IdleEngine, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -13,7 +13,7 @@ import os
 import stat
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -25,7 +25,7 @@ from loguru import logger
 from service import ownership, recovery, unchanged
 from service.birth import birth_ns
 from service.errors import SinkwatchError
-from service.ledger import FINAL_STATES, Entry, Ledger
+from service.ledger import FINAL_STATES, Entry, Ledger, Stamp
 from service.metrics import Metrics
 from service.naming import safe_stem
 from service.outcomes import OnPublished, Outcomes
@@ -132,20 +132,18 @@ class Engine:
         if self._running(candidate.key):
             self.recheck[candidate.key] = _told_first(self.recheck.get(candidate.key), candidate)
             return True
-        if not self.force and self._already_done(candidate):
+        stamps = self.ledger.stamps([candidate.key])  # one ledger read for both questions below
+        if not self.force and self._already_done(candidate, stamps):
             return True
         if len(self.pending) >= self.limits.queue_size:
             return False
         self.pending[candidate.key] = candidate
-        if candidate.source in ("event", "scan", "startup") and not self._unsettled(candidate.key):
+        # Found before and not settled yet (a slow writer's file between its tries, one waiting for a retry): found
+        # again, it is no other image.
+        known = stamps.get(candidate.key)
+        if candidate.source in ("event", "scan", "startup") and (known is None or known.state in FINAL_STATES):
             self.metrics.discovered.labels(source=candidate.source).inc()
         return True
-
-    def _unsettled(self, key: str) -> bool:
-        """Whether the source was found before and has not settled yet (a slow writer's file between its tries,
-        one waiting for a retry): found again, it is no other image."""
-        entry = self.ledger.get(key)
-        return entry is not None and entry.state not in FINAL_STATES
 
     def has_room(self) -> bool:
         return len(self.pending) < self.limits.queue_size
@@ -163,8 +161,9 @@ class Engine:
         rest = [(key, path) for key, path in found if key not in queued and key not in running]
         return queued | unchanged.done(self.ledger, rest, source=source)
 
-    def _already_done(self, candidate: Candidate) -> bool:
-        return bool(unchanged.done(self.ledger, [(candidate.key, candidate.path)], source=candidate.source))
+    def _already_done(self, candidate: Candidate, stamps: Mapping[str, Stamp] | None = None) -> bool:
+        found = [(candidate.key, candidate.path)]
+        return bool(unchanged.done(self.ledger, found, source=candidate.source, stamps=stamps))
 
     def requeue_due(self, keys: Collection[str] | None = None) -> None:
         """Offer the sources whose retry is due; only those among `keys` when given (a batch's own files)."""

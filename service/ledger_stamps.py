@@ -88,7 +88,8 @@ class StampLedger:
         cannot tell whether they are there, nor whether they are gone for good (see `forget_gone`)."""
         unseen = "max(coalesce(seen, updated), updated) < ?"
         update = f"UPDATE sources SET gone = max(coalesce(gone, 0), ?) WHERE {unseen}"
-        within = [(scan_started, db_key(key), len(db_key(f"{key}/")), db_key(f"{key}/")) for key in spared]
+        keys = [db_key(key) for key in spared]
+        within = [(scan_started, key, len(key) + 1, key + b"/") for key in keys]
         with self._transaction() as db:
             db.executemany("UPDATE sources SET seen = ? WHERE relpath = ? OR substr(relpath, 1, ?) = ?", within)
             return int(db.execute(update, (scan_started, scan_started)).rowcount)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import TypedDict
 
 from loguru import logger
 
@@ -213,16 +212,13 @@ class Outcomes:
     def _reject(self, job: Job, error: Mapping[str, object], outcome: Outcome) -> None:
         reason = str(error.get("reason", "corrupt"))
         earlier = job.rejected_as
-        if earlier is not None and (reason, outcome.sha256) == (earlier.reason, earlier.sha256):
-            # Only its stamp changed (a touch, a chmod, a restore from a backup): no new rejection to record, count
-            # or tell; the ledger learns the new stamp, and its reject record stays as it was.
-            self.ledger.rejected(job.key, reason=reason, message=earlier.message, **_stamp(outcome))
-            self._count(job.rule.name, "skipped")
-            logger.bind(source=job.key, reason=reason).debug("unchanged content, rejected as before: {}", job.key)
-            return
+        # Only its stamp changed (a touch, a chmod, a restore from a backup): no new rejection to record, count or
+        # tell; the ledger learns the new stamp, and its reject record stays as it was.
+        again = earlier is not None and (reason, outcome.sha256) == (earlier.reason, earlier.sha256)
         record = {**error, "key": job.key, "source": str(job.source), "rule": job.rule.name}
         try:
-            self.publisher.reject(job.name, record)
+            if not again:
+                self.publisher.reject(job.name, record)
         except PublishError as exc:
             self.metrics.record_publish_error(exc)
             logger.bind(source=job.key, reason="publish").warning(
@@ -234,7 +230,20 @@ class Outcomes:
             )
             self._count(job.rule.name, "retried")
             return
-        self.ledger.rejected(job.key, reason=reason, message=str(error.get("message")), **_stamp(outcome))
+        self.ledger.rejected(
+            job.key,
+            reason=reason,
+            message=earlier.message if again and earlier is not None else str(error.get("message")),
+            size=outcome.size,
+            mtime_ns=outcome.mtime_ns,
+            ino=outcome.ino,
+            ctime_ns=outcome.ctime_ns,
+            sha256=outcome.sha256,
+        )
+        if again:
+            self._count(job.rule.name, "skipped")
+            logger.bind(source=job.key, reason=reason).debug("unchanged content, rejected as before: {}", job.key)
+            return
         self._count(job.rule.name, "rejected")
         self.metrics.rejected.labels(reason=reason).inc()
         logger.bind(source=job.key, reason=reason).error("rejected {} ({}): {}", job.key, reason, error.get("message"))
@@ -242,21 +251,6 @@ class Outcomes:
     def _count(self, rule: str, outcome: str) -> None:
         self.counts[outcome] += 1
         self.metrics.processed.labels(rule=rule, outcome=outcome).inc()
-
-
-class _Stamp(TypedDict):
-    size: int | None
-    mtime_ns: int | None
-    ino: int | None
-    ctime_ns: int | None
-    sha256: str | None
-
-
-def _stamp(outcome: Outcome) -> _Stamp:
-    """The source's stamp and hash as the worker saw them, for `Ledger.rejected`."""
-    return _Stamp(
-        size=outcome.size, mtime_ns=outcome.mtime_ns, ino=outcome.ino, ctime_ns=outcome.ctime_ns, sha256=outcome.sha256
-    )
 
 
 def _source_stat(outcome: Outcome) -> tuple[int, int, str]:

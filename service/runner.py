@@ -307,8 +307,10 @@ def rejection_sha256(job: Job, read: tuple[int | None, int | None]) -> str | Non
         st = os.stat(job.source)
         return (st.st_size, st.st_mtime_ns) == read
 
+    if read[0] is None or read[0] > job.max_bytes:
+        return None
     try:
-        if not unchanged() or os.stat(job.source).st_size > job.max_bytes:
+        if not unchanged():
             return None
         sha256 = sha256_file(job.source)
         return sha256 if unchanged() else None

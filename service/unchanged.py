@@ -22,15 +22,22 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from service.ledger import FINAL_STATES, Ledger, Stamp
 from service.ledger_stamps import file_stamp
 
 
-def done(ledger: Ledger, found: Sequence[tuple[str, str | Path]], *, source: str) -> set[str]:
-    """The keys among `found` (key, path) whose file needs no work, as found by `source` ("scan", "retry", ...)."""
+def done(
+    ledger: Ledger,
+    found: Sequence[tuple[str, str | Path]],
+    *,
+    source: str,
+    stamps: Mapping[str, Stamp] | None = None,
+) -> set[str]:
+    """The keys among `found` (key, path) whose file needs no work, as found by `source` ("scan", "retry", ...);
+    `stamps`: the ledger's stamps of those keys, when the caller read them already."""
     finished: set[str] = set()
     present: dict[str, os.stat_result] = {}
     for key, path in found:
@@ -44,7 +51,8 @@ def done(ledger: Ledger, found: Sequence[tuple[str, str | Path]], *, source: str
         else:
             finished.add(key)
     if present:
-        stamps = ledger.stamps(list(present))
+        if stamps is None:
+            stamps = ledger.stamps(list(present))
         legacy = {key: st for key, st in present.items() if _legacy_match(stamps.get(key), st)}
         if legacy:
             ledger.pin_stamps({key: (st.st_ino, st.st_ctime_ns) for key, st in legacy.items()})

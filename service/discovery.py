@@ -11,7 +11,7 @@ import itertools
 import os
 import queue
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Set
 from pathlib import Path
 
 from loguru import logger
@@ -50,8 +50,10 @@ class Discovery:
         self.engine = engine
         self.clock = clock
         self.scan: Iterator[tuple[str, str]] | None = None
-        # Scanned (key, path) pairs the full engine had no room for yet, at most one turn's worth.
+        # Scanned and judged (key, path) pairs the full engine had no room for yet, at most one turn's worth.
         self.held: list[tuple[str, str]] = []
+        # Taken from the scan at a turn whose ledger could not judge them: the next turn takes them first.
+        self.unjudged: list[tuple[str, str]] = []
         self.scan_source = "startup"
         self.rescan_requested = False
         self.last_scan_done = clock()
@@ -115,17 +117,21 @@ class Discovery:
     def feed_scan(self) -> None:
         """Move scanned files into the engine while it has room: backpressure, not memory.
 
-        A turn asks the engine about all the files it looks at at once (one ledger query), and
-        builds a candidate only for a file that may be work: at every rescan most of a folder is
-        processed and unchanged. What finds no room is held and judged again at the next turn.
+        A turn asks the engine about all the files it takes from the scan at once (one ledger query), and
+        builds a candidate only for a file that may be work: at every rescan most of a folder is processed
+        and unchanged. What finds no room is held, and offered first once there is room: `Engine.offer`
+        judges each again then, as it is by that time. Judging the held files together at every turn
+        instead cost half the main thread's time through a backlog, where room comes one file at a time.
         """
         if self.scan is None or not self.engine.has_room():
             return
-        self.held += itertools.islice(self.scan, SCAN_FILES_PER_TURN - len(self.held))
-        exhausted = len(self.held) < SCAN_FILES_PER_TURN
-        found, self.held = self.held, []
-        self.scanned += len(found)  # held files count again at their next turn: only "none at all" matters
-        position = 0
+        if self.held:
+            self.held = self._offer(self.held, settled=frozenset(), wall=time.time())
+            if self.held:
+                return
+        found = self.unjudged or list(itertools.islice(self.scan, SCAN_FILES_PER_TURN))
+        self.unjudged = []
+        self.scanned += len(found)
         try:
             if self.marking and found:
                 self.engine.ledger.mark_seen([key for key, _path in found], self.scan_wall)
@@ -133,11 +139,28 @@ class Discovery:
             if self.marking and (unchanged := settled - self.engine.pending.keys()):
                 # Found as recorded, they never left: a folder mounted only after the daemon's first scan.
                 self.engine.ledger.mark_present(sorted(unchanged))
-            wall = time.time()
+        except SinkwatchError:
+            # The ledger cannot answer now (its disk): the daemon pauses, and they are taken again at its next turn.
+            self.unjudged = found
+            raise
+        self.held = self._offer(found, settled=settled, wall=time.time())
+        if self.held or len(found) == SCAN_FILES_PER_TURN:
+            return
+        self.scan = None
+        self.last_scan_done = self.clock()
+        if self.marking:
+            self._settle_gone()
+        if self.rescan_requested:
+            mark, self.rescan_requested, self.rescan_marks = self.rescan_marks, False, False
+            self.start_scan("scan", mark=mark)
+
+    def _offer(self, found: list[tuple[str, str]], *, settled: Set[str], wall: float) -> list[tuple[str, str]]:
+        """Offer the scanned files that may be work until the engine is full; returns those it had no room for."""
+        position = 0
+        try:
             for position, (key, path) in enumerate(found):
                 if not self.engine.has_room():
-                    self.held = found[position:]
-                    return
+                    return found[position:]
                 if key in settled or self.tracker.holds(Path(path)):
                     continue  # a file an event told of waits for the event: it may explain a new inode
                 # The listing may be old by now: judge the file as it is, as for an event.
@@ -148,14 +171,7 @@ class Discovery:
         except SinkwatchError:
             self.held = found[position:]  # the ledger cannot answer now (its disk): the daemon pauses, they wait
             raise
-        if exhausted:
-            self.scan = None
-            self.last_scan_done = self.clock()
-            if self.marking:
-                self._settle_gone()
-            if self.rescan_requested:
-                mark, self.rescan_requested, self.rescan_marks = self.rescan_marks, False, False
-                self.start_scan("scan", mark=mark)
+        return []
 
     def _settle_gone(self) -> None:
         """After a scan that marked what it found: the sources it did not find are gone (events can be lost, and

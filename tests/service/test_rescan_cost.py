@@ -196,6 +196,28 @@ def test_files_the_full_engine_had_no_room_for_are_judged_again_when_offered(
     assert offered == ["b-new.png", "c-done.png", "e-new.png"]
 
 
+def test_a_backlog_the_engine_takes_one_file_at_a_time_is_judged_and_marked_once_per_chunk(
+    folder: Folder, idle_engine: IdleEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    small = Folder(folder.watch, idle_engine(resolve=lambda key: folder.watch / key, queue_size=2))
+    count = SCAN_FILES_PER_TURN + 40
+    for n in range(count):
+        small.file(f"{n:04d}.png")
+    calls = {"settled": 0, "mark_seen": 0}
+    monkeypatch.setattr(small.engine, "settled", counting(calls, "settled", small.engine.settled))
+    monkeypatch.setattr(small.ledger, "mark_seen", counting(calls, "mark_seen", small.ledger.mark_seen))
+    small.discovery.start_scan("startup", mark=True)
+    offered: list[str] = []
+    while small.discovery.scanning:
+        small.discovery.feed_scan()
+        offered += list(small.pending())
+        small.engine.pending.popitem(last=False)  # a worker took one: room for one more
+    offered += list(small.pending())
+    assert sorted(set(offered)) == [f"{n:04d}.png" for n in range(count)]
+    # Two chunks, and the empty end of the walk (nothing to mark, nothing to ask the ledger).
+    assert calls == {"settled": 3, "mark_seen": 2}
+
+
 def test_a_listed_file_replaced_by_a_symlink_leaving_the_folder_is_not_offered(
     tmp_path: Path, folder: Folder, idle_engine: IdleEngine
 ) -> None:

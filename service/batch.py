@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 from service.comfyui_uploads import finish, uploads_for
 from service.engine import Candidate, Engine, Limits
 from service.errors import ConfigError, RuleError
-from service.folders import prepare_queue
+from service.folders import check_layout, prepare_queue
 from service.ledger import Ledger
 from service.lock import InstanceLock, QueueLock
 from service.metrics import Metrics
@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     settings = logged_settings(args)
     warn_unknown_environment()
-    found = list(expand(args.paths, settings))
+    _watch, queue_folder = check_layout(settings.watch, settings.queue_folder, settings.state_dir)
+    found = list(expand(args.paths, settings, queue=queue_folder))
     if not found:
         raise ConfigError("no image files found in the given paths")
     rules = load_rules(settings.rules)
@@ -94,8 +95,9 @@ def main(args: argparse.Namespace) -> int:
     return 1 if counts["rejected"] or unfinished or owed or refused else 0
 
 
-def expand(paths: list[Path], settings: Settings) -> Iterator[tuple[Path, str]]:
-    """(file, name label) for every image file named or inside a named folder."""
+def expand(paths: list[Path], settings: Settings, *, queue: Path) -> Iterator[tuple[Path, str]]:
+    """(file, name label) for every image file named or inside a named folder; never one in the queue
+    folder (a real path), whose frames are sinkwatch's own output."""
     for path in paths:
         try:
             mode = os.stat(path).st_mode
@@ -103,12 +105,19 @@ def expand(paths: list[Path], settings: Settings) -> Iterator[tuple[Path, str]]:
             raise ConfigError("no such file or folder", path=path) from None
         except OSError as exc:
             raise ConfigError(f"cannot reach it: {exc.strerror}", path=path) from exc
+        if (path.resolve() if stat.S_ISDIR(mode) else _real_folder(path)).is_relative_to(queue):
+            raise ConfigError(f"it is in the queue folder {queue}: sinkwatch would process its own output", path=path)
         if stat.S_ISDIR(mode):
             selection = Selection(path, include=settings.include, ignore=settings.ignore, recursive=settings.recursive)
+            passed_over = 0
             for found in selection.scan():
                 label = selection.relpath(found)
-                if label is not None:
+                if label is not None and _real_folder(found).is_relative_to(queue):
+                    passed_over += 1
+                elif label is not None:
                     yield found, label
+            if passed_over:
+                logger.warning("{}: left out {} files in the queue folder {}: its own output", path, passed_over, queue)
         elif stat.S_ISREG(mode):
             yield path, path.name
         else:
@@ -152,7 +161,8 @@ class _Keys:
                 "give the daemon's --watch, or a --queue of its own"
             )
         if key is None:
-            key = str(path.resolve())
+            # The folder's real path, not the file's: a link and its target are two sources, as in the daemon.
+            key = str(_real_folder(path))
             if self.daemons_root is None or not key.startswith(self.daemons_root):
                 self.paths[key] = path
                 return Candidate(key, path, "batch", 0.0, label=label)
@@ -163,6 +173,11 @@ class _Keys:
     def resolve(self, key: str) -> Path:
         """The file of one of the candidates' keys (the engine resolves only those)."""
         return self.paths[key]
+
+
+def _real_folder(path: Path) -> Path:
+    """`path` with its folder's links resolved, its own name kept."""
+    return path.absolute().parent.resolve() / path.name
 
 
 def _other_folder(watch: Path, daemons_root: str | None) -> bool:

@@ -41,17 +41,7 @@ def prepare_folders(
     empty folder forever. "wait" leaves it missing for the caller; "refuse" stops before any folder
     is made.
     """
-    watch = watch.expanduser().resolve()
-    queue = queue.expanduser().resolve()
-    if queue == watch or queue.is_relative_to(watch):
-        raise ConfigError(
-            f"the queue folder {queue} is the watch folder or inside it: sinkwatch would process its own output"
-        )
-    if watch.is_relative_to(queue):
-        raise ConfigError(f"the watch folder {watch} is inside the queue folder {queue}: keep them apart")
-    if state is not None and state.expanduser().resolve().is_relative_to(watch):
-        # The source folder is never written to, and the ledger would watch itself.
-        raise ConfigError(f"the state folder {state} is the watch folder or inside it: keep them apart")
+    watch, queue = check_layout(watch, queue, state)
     found = _look_up(watch)
     if found is None:
         if if_watch_missing == "refuse":
@@ -67,6 +57,23 @@ def prepare_folders(
             raise ConfigError("the watch folder cannot be read (permissions)", path=watch)
     queue, state = prepare_queue(queue, state)
     return Folders(watch=watch, queue=queue, state=state)
+
+
+def check_layout(watch: Path, queue: Path, state: Path | None) -> tuple[Path, Path]:
+    """The watch and queue folders resolved; a ConfigError for a layout that would eat its own output or
+    write into the watch folder (`run` and `process` refuse the same layouts)."""
+    watch = watch.expanduser().resolve()
+    queue = queue.expanduser().resolve()
+    if queue == watch or queue.is_relative_to(watch):
+        raise ConfigError(
+            f"the queue folder {queue} is the watch folder or inside it: sinkwatch would process its own output"
+        )
+    if watch.is_relative_to(queue):
+        raise ConfigError(f"the watch folder {watch} is inside the queue folder {queue}: keep them apart")
+    if state is not None and state.expanduser().resolve().is_relative_to(watch):
+        # The source folder is never written to, and the ledger would watch itself.
+        raise ConfigError(f"the state folder {state} is the watch folder or inside it: keep them apart")
+    return watch, queue
 
 
 def folder_problem(path: Path) -> str | None:

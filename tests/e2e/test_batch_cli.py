@@ -239,15 +239,17 @@ def test_process_is_refused_a_queue_another_sinkwatch_publishes_into_whatever_it
     assert frames(queue) == [], "it published into a queue another sinkwatch writes"
 
 
+@pytest.mark.parametrize("command", ["run", "process"])
 @pytest.mark.parametrize("where", ["the watch folder itself", "a folder inside it"])
-def test_a_queue_inside_the_watch_folder_is_refused(tmp_path: Path, where: str) -> None:
+def test_a_queue_inside_the_watch_folder_is_refused(tmp_path: Path, where: str, command: str) -> None:
     watch = tmp_path / "watch"
     watch.mkdir()
     write_photo(watch / "image.png", small_photo(0))
     queue = watch if where == "the watch folder itself" else watch / "frames" / "out"
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    rest = ["--metrics-port", "0"] if command == "run" else [str(watch / "image.png")]
 
-    done = run_sinkwatch("run", "--watch", str(watch), "--queue", str(queue), "--metrics-port", "0", cwd=tmp_path)
+    done = run_sinkwatch(command, "--watch", str(watch), "--queue", str(queue), *rest, cwd=tmp_path)
 
     assert done.returncode == 2, done.stderr
     message = last_word(done.stderr)
@@ -255,6 +257,37 @@ def test_a_queue_inside_the_watch_folder_is_refused(tmp_path: Path, where: str) 
     assert "is the watch folder or inside it" in message and "its own output" in message, message
     assert "Traceback" not in done.stderr
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before, "it created something"
+
+
+def test_process_never_takes_the_queues_own_frames_for_sources(tmp_path: Path) -> None:
+    """`process` over ComfyUI's input folder, which is also the queue, would clean its frames again and again."""
+    comfy = tmp_path / "ComfyUI"
+    queue = comfy / "input"
+    queue.mkdir(parents=True)
+    write_photo(comfy / "image.png", small_photo(0))
+    first = run_sinkwatch("process", "--queue", str(queue), str(comfy / "image.png"), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert [frame.name for frame in frames(queue)] == ["image.png"]
+
+    def outputs() -> dict[str, tuple[str, int]]:
+        return {path: found for path, found in snapshot(queue).items() if not path.startswith(".sinkwatch")}
+
+    before = outputs()
+
+    named = run_sinkwatch("process", "--queue", str(queue), str(queue), cwd=tmp_path)
+    around = run_sinkwatch("process", "--recursive", "--queue", str(queue), str(comfy), cwd=tmp_path)
+
+    assert named.returncode == 2, named.stderr
+    assert last_word(named.stderr) == f"sinkwatch: {queue}: it is in the queue folder {queue}: " + (
+        "sinkwatch would process its own output"
+    )
+    assert around.returncode == 0, around.stderr
+    warned = [r["message"] for r in records(around.stderr) if r["level"]["name"] == "WARNING"]
+    assert warned == [f"{comfy}: left out 2 files in the queue folder {queue}: its own output"], (
+        around.stderr
+    )  # frame, heatmap
+    assert "0 published, 1 unchanged, 0 rejected" in around.stderr
+    assert outputs() == before, "a frame was made from a frame"
 
 
 def test_a_metrics_port_in_use_is_a_clear_startup_error(tmp_path: Path) -> None:

@@ -72,7 +72,7 @@ def test_paths_given_to_process_that_cannot_be_taken_are_clear_errors(open_tmp: 
     os.mkfifo(open_tmp / "pipe.png")
 
     def take(path: Path) -> list[tuple[Path, str]]:
-        return list(expand([path], Settings()))
+        return list(expand([path], Settings(), queue=open_tmp / "queue"))
 
     for path, message in (
         (open_tmp / "missing.png", "no such file or folder"),
@@ -103,6 +103,22 @@ def test_a_file_in_a_watch_folder_other_than_the_daemons_is_refused(tmp_path: Pa
     for recorded in (None, "/data/output/"):
         keys = _Keys(Settings(watch=tmp_path / "other"), daemons_root=recorded)
         assert keys.candidate(tmp_path / "other" / "a.png", "a.png").key == "a.png"
+
+
+def test_a_link_and_its_target_outside_the_watch_folder_are_two_sources(tmp_path: Path) -> None:
+    """As in the daemon, which keys a linked source by the link: one frame each, named after each."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "coffee.png").write_bytes(CONTENT)
+    (tmp_path / "real" / "in_link.png").symlink_to("coffee.png")
+    (tmp_path / "folder-link").symlink_to(tmp_path / "real")
+    keys = _Keys(Settings(watch=tmp_path / "watch"), daemons_root=None)
+
+    link = keys.candidate(tmp_path / "real" / "in_link.png", "in_link.png")
+    target = keys.candidate(tmp_path / "real" / "coffee.png", "coffee.png")
+    through = keys.candidate(tmp_path / "folder-link" / "coffee.png", "coffee.png")
+
+    assert (link.key, target.key) == (str(tmp_path / "real" / "in_link.png"), str(tmp_path / "real" / "coffee.png"))
+    assert through.key == target.key, "one file reached through a linked folder is one source"
 
 
 def test_a_rule_named_like_a_folder_in_the_working_directory_is_the_rule_of_that_name(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -70,6 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     settings = shared_settings()  # the daemon's rules and limits, unless the flags say otherwise
+    targets = {kind: getattr(args, kind) for kind in ("heatmap", "mask", "cleaned", "preview")}
+    check_targets(args.file, {kind: path for kind, path in targets.items() if path is not None})
     rule = choose_rule(args.rule, args.rules or settings.rules, args.file, watch=args.watch)
     try:
         decoded = decode_source(args.file, rule, max_bytes=settings.max_bytes, max_pixels=settings.max_pixels)
@@ -126,6 +129,31 @@ def main(args: argparse.Namespace) -> int:
     for kind, path in written.items():
         print(f"  wrote {kind:20s} {path}")
     return 0
+
+
+def check_targets(file: Path, targets: dict[str, Path]) -> None:
+    """Refuse outputs that would overwrite FILE (the source is never modified) or one another."""
+    try:
+        os.stat(file)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ConfigError("no such file", path=file) from None
+    except OSError:
+        pass  # the decoder says what keeps it from being read
+    seen: dict[Path, str] = {}
+    for kind, target in targets.items():
+        if _same_file(target, file):
+            raise ConfigError(f"--{kind} is the image analysed: sinkwatch never writes over a source", path=target)
+        where = target.resolve()
+        if where in seen:
+            raise ConfigError(f"--{seen[where]} and --{kind} name the same file", path=target)
+        seen[where] = kind
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    try:
+        return os.path.samefile(first, second)
+    except OSError:  # one of them does not exist (yet): not one file
+        return False
 
 
 def choose_rule(choice: str | None, folder: Path | None, file: Path, *, watch: Path | None = None) -> Rule:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import sys
 from collections.abc import Sequence
 
 from service import __version__
@@ -61,6 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _may_pass(exc)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (`| head -1`): nothing to say, and nowhere to say it. Python's own
+        # recipe: stdout to /dev/null, or the flush at exit fails again with a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def _may_pass(exc: SinkwatchError) -> int:

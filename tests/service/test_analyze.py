@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -195,6 +198,74 @@ def test_rules_check_finds_set_problems(tmp_path: Path, capsys: pytest.CaptureFi
 def test_rules_check_a_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _err = run_cli(capsys, "rules", "check", str(tmp_path / "nowhere"))
     assert code == 1 and "FAIL" in out and "nowhere" in out
+
+
+@pytest.mark.parametrize("spelling", ["its path", "another path to it", "a hard link to it"])
+def test_an_output_is_never_written_over_the_image_analysed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, spelling: str
+) -> None:
+    source = tmp_path / "coffee.png"
+    shutil.copyfile(photo_file("coffee"), source)
+    before = source.read_bytes()
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    target = {
+        "its path": source,
+        "another path to it": Path("../coffee.png"),
+        "a hard link to it": tmp_path / "hard.png",
+    }
+    if spelling == "a hard link to it":
+        (tmp_path / "hard.png").hardlink_to(source)
+
+    code, out, err = run_cli(capsys, "analyze", str(source), "--heatmap", "h.png", "--cleaned", str(target[spelling]))
+
+    assert code == 2 and out == ""
+    assert (
+        err == f"sinkwatch: {target[spelling]}: --cleaned is the image analysed: sinkwatch never writes over a source\n"
+    )
+    assert source.read_bytes() == before and not Path("h.png").exists(), "nothing is written before the refusal"
+
+
+def test_two_outputs_to_one_file_are_refused_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(
+        capsys,
+        "analyze",
+        str(photo_file("coffee")),
+        "--json",
+        "--heatmap",
+        "x.png",
+        "--cleaned",
+        str(tmp_path / "x.png"),
+    )
+    assert code == 2 and out == ""
+    assert err == f"sinkwatch: {tmp_path / 'x.png'}: --heatmap and --cleaned name the same file\n"
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_reader_that_goes_away_ends_the_report_quietly(tmp_path: Path) -> None:
+    """`sinkwatch analyze FILE | head -1`: the pipe is closed before the report is written."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "service", "analyze", str(photo_file("coffee"))],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (1, "")
+
+
+def test_a_missing_image_is_said_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "analyze", str(tmp_path / "typo.png"))
+    assert (code, out, err) == (2, "", f"sinkwatch: {tmp_path / 'typo.png'}: no such file\n")
 
 
 @pytest.mark.parametrize("where", ["missing folder", "a folder", "a file in a file"])

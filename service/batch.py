@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import stat
 import sys
 import time
@@ -25,7 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from service.comfyui_uploads import finish, uploads_for
 from service.engine import Candidate, Engine, Limits
-from service.errors import ConfigError, RuleError
+from service.errors import ConfigError, RuleError, Stopped
 from service.folders import check_layout, prepare_queue
 from service.ledger import Ledger
 from service.lock import InstanceLock, QueueLock
@@ -45,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    # Stopped as by Ctrl-C (`timeout`, a closed terminal): the workers finish what they hold and go.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _stop)
     settings = logged_settings(args)
     warn_unknown_environment()
     _watch, queue_folder = check_layout(settings.watch, settings.queue_folder, settings.state_dir)
@@ -93,6 +97,10 @@ def main(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 1 if counts["rejected"] or unfinished or owed or refused else 0
+
+
+def _stop(signum: int, _frame: object) -> None:
+    raise Stopped(signum)
 
 
 def expand(paths: list[Path], settings: Settings, *, queue: Path) -> Iterator[tuple[Path, str]]:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
 from service import __version__
-from service.errors import ConfigError, FolderBusy, SinkwatchError
+from service.errors import ConfigError, FolderBusy, SinkwatchError, Stopped
 from service.logs import last_word
 
 # sysexits.h EX_TEMPFAIL: not the settings' fault, starting again later may work. The systemd unit's
@@ -61,8 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not exc.transient:
             raise
         return _may_pass(exc)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:
+        return 128 + (exc.signum if isinstance(exc, Stopped) else signal.SIGINT)
     except BrokenPipeError:
         # The reader of stdout went away (`| head -1`): nothing to say, and nowhere to say it. Python's own
         # recipe: stdout to /dev/null, or the flush at exit fails again with a traceback.

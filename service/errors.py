@@ -201,3 +201,11 @@ class ComfyPending(SinkwatchError):
 
     reason = "comfyui_pending"
     transient = True
+
+
+class Stopped(KeyboardInterrupt):
+    """A one-shot command stopped by a signal (SIGTERM, SIGHUP) as by Ctrl-C; it exits with 128 + the signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

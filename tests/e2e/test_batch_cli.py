@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -288,6 +289,43 @@ def test_process_never_takes_the_queues_own_frames_for_sources(tmp_path: Path) -
     )  # frame, heatmap
     assert "0 published, 1 unchanged, 0 rejected" in around.stderr
     assert outputs() == before, "a frame was made from a frame"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_process_stopped_by_a_signal_stops_as_for_ctrl_c_and_a_second_run_does_the_rest(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """`timeout`, a CI job cancelled, a terminal closed: the workers finish what they hold, nothing is left behind."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(40):
+        write_photo(photos / f"{index:02d}.png", small_photo(index, height=120, width=180))
+    queue = tmp_path / "queue"
+    log = tmp_path / "process.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "process", "--workers", "1", "--queue", str(queue), str(photos)],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stderr=stderr,
+        )
+        try:
+            wait_for(lambda: "published" in log.read_text(), timeout=60)
+            process.send_signal(signum)
+            code = process.wait(timeout=60)
+        finally:
+            process.kill()
+            process.wait()
+    stopped = log.read_text()
+    spools = list(Path(tempfile.gettempdir()).glob(f"sinkwatch-workers-{process.pid}-*"))
+
+    rest = run_sinkwatch("process", "--queue", str(queue), str(photos), cwd=tmp_path)
+
+    assert code == 128 + signum, stopped[-3000:]
+    assert "Traceback" not in stopped and "leaked" not in stopped, stopped[-3000:]
+    assert spools == [], "its workers' folder was left behind"
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert len(frames(queue)) == 40
 
 
 def test_a_metrics_port_in_use_is_a_clear_startup_error(tmp_path: Path) -> None:

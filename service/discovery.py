@@ -146,10 +146,10 @@ class Discovery:
         self.held = self._offer(found, settled=settled, wall=time.time())
         if self.held or len(found) == SCAN_FILES_PER_TURN:
             return
+        if self.marking:
+            self._settle_gone()  # while the ledger cannot write, the scan stays open and ends at a later turn
         self.scan = None
         self.last_scan_done = self.clock()
-        if self.marking:
-            self._settle_gone()
         if self.rescan_requested:
             mark, self.rescan_requested, self.rescan_marks = self.rescan_marks, False, False
             self.start_scan("scan", mark=mark)
@@ -182,8 +182,8 @@ class Discovery:
             return  # no folder to list, or none readable: this says nothing of what left it
         # An empty folder does: its images were cleared (a mount not up yet looks the same, and costs only that
         # each source's next edit goes to a new name, as another image would).
-        self.marked_at = self.scan_wall
         self.engine.ledger.mark_unseen_gone(self.scan_wall, spared=unlisted)
+        self.marked_at = self.scan_wall
         if self.forget_after <= 0 or not self.scanned:
             return  # nor does it tell that they are gone for good
         forgotten = self.engine.ledger.forget_gone(self.scan_wall - self.forget_after)

@@ -16,6 +16,7 @@ import pytest
 from loguru import logger
 
 from service.discovery import MARK_EVERY, Discovery
+from service.errors import PublishError
 from service.ledger import Ledger
 from service.selection import Selection
 from service.stability import StabilityTracker
@@ -105,6 +106,39 @@ def test_a_source_gone_for_longer_than_forget_after_is_forgotten_with_its_name(
     assert names(ledger) == {"kept.png", "lately_gone.png"}
     assert ledger.name_for("other/gone.png", "gone", exists=lambda _name: False) == "gone", "its name is free again"
     assert ledger.name_for("kept.png", "other", exists=lambda _name: True) == "kept", "a kept one keeps its name"
+
+
+def test_a_scan_whose_gone_marks_the_ledger_could_not_write_ends_once_it_can(
+    watch: Path, ledger: Ledger, idle_engine: IdleEngine, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk at a marking scan's last write: the scan ended anyway, and no scan marked again for a day."""
+    finished(ledger, watch, "kept.png", present=True)
+    finished(ledger, watch, "gone.png", present=False)
+    found = discovery(watch, ledger, idle_engine, clock, forget=FORGET_AFTER)
+    write = ledger.mark_unseen_gone
+    failures = iter([PublishError("ledger: database or disk is full", path=ledger.path, stage="ledger")])
+
+    def full_once(*args: object, **kwargs: object) -> None:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        write(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ledger, "mark_unseen_gone", full_once)
+    clock.now += 60.0
+    found.start_scan("startup", mark=True)
+    with pytest.raises(PublishError):
+        while found.scanning:
+            found.feed_scan()
+    assert found.scanning, "the scan ended with its marks unwritten"
+    found.feed_scan()
+
+    assert not found.scanning
+    assert {entry.relpath: entry.gone is not None for entry in ledger.entries()} == {
+        "kept.png": False,
+        "gone.png": True,
+    }
+    assert found.marked_at == clock.now
 
 
 def test_a_source_present_all_along_is_kept_however_old_its_row(

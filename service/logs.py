@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from loguru import logger
 
-TEXT_FORMAT = "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> <level>{level: <7}</level> {message}"
+if TYPE_CHECKING:
+    from loguru import Record
+
+# A file name may hold any byte but / and NUL: on a terminal, an escape in one (ESC [ 31 m) would be obeyed.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_TEXT_FORMAT = (
+    "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> <level>{level: <7}</level> {extra[_printable]}\n{exception}"
+)
 
 # Whether the log is a stream of JSON lines, where a last word must be one of them too.
 _json = False
@@ -28,7 +36,7 @@ def configure_logging(*, log_format: str = "auto", level: str = "INFO", stream: 
     if as_json:
         logger.add(stream, level=level, serialize=True, backtrace=False, diagnose=False)
     else:
-        logger.add(stream, level=level, format=TEXT_FORMAT, colorize=stream.isatty(), backtrace=False, diagnose=False)
+        logger.add(stream, level=level, format=_text_format, colorize=stream.isatty(), backtrace=False, diagnose=False)
     # Libraries log through `logging` (watchdog's emitter, for one): their warnings would reach stderr
     # as bare text, breaking a stream of JSON lines. They go through loguru, in the same format.
     root = logging.getLogger()
@@ -36,6 +44,16 @@ def configure_logging(*, log_format: str = "auto", level: str = "INFO", stream: 
         root.addHandler(_ToLoguru())
     # So do Python warnings (watchdog's RuntimeWarning for a subfolder moved out and back in), through `logging`.
     logging.captureWarnings(True)
+
+
+def _text_format(record: Record) -> str:
+    record["extra"]["_printable"] = printable(record["message"])
+    return _TEXT_FORMAT
+
+
+def printable(text: str) -> str:
+    """`text` with its control characters (but newline and tab) shown as escapes, ``\\x1b``."""
+    return _CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
 
 
 class _ToLoguru(logging.Handler):
@@ -52,4 +70,4 @@ def last_word(message: str) -> None:
     if _json:
         logger.error(message)
     else:
-        print(message, file=sys.stderr)
+        print(printable(message), file=sys.stderr)

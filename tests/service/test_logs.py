@@ -8,7 +8,10 @@ import logging
 import subprocess
 import sys
 
-from service.logs import configure_logging
+import pytest
+from loguru import logger
+
+from service.logs import configure_logging, last_word
 
 
 def test_a_library_warning_is_one_json_line_with_its_logger_name(restored_logging: None) -> None:
@@ -41,3 +44,23 @@ def test_a_python_warning_is_one_json_line_too() -> None:
     record = json.loads(lines[0])["record"]
     assert "RuntimeWarning: Callback with id 7 already exists for watch 3" in record["message"]
     assert record["level"]["name"] == "WARNING" and record["extra"]["library"] == "py.warnings"
+
+
+def test_a_file_name_cannot_send_escapes_to_a_terminal(
+    restored_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Any byte but / and NUL may be in a file name; in a text log on a terminal, ESC [ 31 m turned it red."""
+    stream = io.StringIO()
+    configure_logging(log_format="text", stream=stream)
+    logger.info("published {} -> {}", "esc\x1b[31mred\rback\x9b.png", "esc_[31mred.png")
+    logger.warning("two lines\n\tand a tab")
+    last_word("sinkwatch: watch/\x07bell.png: no such file")
+
+    lines = stream.getvalue().splitlines()
+    assert lines[0].endswith(" published esc\\x1b[31mred\\x0dback\\x9b.png -> esc_[31mred.png"), lines
+    assert lines[1].endswith(" two lines") and lines[2] == "\tand a tab", lines
+    assert capsys.readouterr().err == "sinkwatch: watch/\\x07bell.png: no such file\n"
+    json_stream = io.StringIO()
+    configure_logging(log_format="json", stream=json_stream)
+    logger.info("published {}", "esc\x1b.png")
+    assert json.loads(json_stream.getvalue())["record"]["message"] == "published esc\x1b.png", "JSON escapes it itself"

@@ -18,6 +18,8 @@ _TEXT_FORMAT = (
     "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> <level>{level: <7}</level> {extra[_printable]}\n{exception}"
 )
 
+_CLEAR_LINE = "\r\x1b[K"
+
 # Whether the log is a stream of JSON lines, where a last word must be one of them too.
 _json = False
 
@@ -36,7 +38,9 @@ def configure_logging(*, log_format: str = "auto", level: str = "INFO", stream: 
     if as_json:
         logger.add(stream, level=level, serialize=True, backtrace=False, diagnose=False)
     else:
-        logger.add(stream, level=level, format=_text_format, colorize=stream.isatty(), backtrace=False, diagnose=False)
+        terminal = stream.isatty()
+        line = _terminal_format if terminal else _text_format
+        logger.add(stream, level=level, format=line, colorize=terminal, backtrace=False, diagnose=False)
     # Libraries log through `logging` (watchdog's emitter, for one): their warnings would reach stderr
     # as bare text, breaking a stream of JSON lines. They go through loguru, in the same format.
     root = logging.getLogger()
@@ -49,6 +53,12 @@ def configure_logging(*, log_format: str = "auto", level: str = "INFO", stream: 
 def _text_format(record: Record) -> str:
     record["extra"]["_printable"] = printable(record["message"])
     return _TEXT_FORMAT
+
+
+def _terminal_format(record: Record) -> str:
+    # `process` draws its progress on a line it ends with no newline: a log line takes that line's place
+    # (erased first), and the progress is drawn again below it.
+    return _CLEAR_LINE + _text_format(record)
 
 
 def printable(text: str) -> str:

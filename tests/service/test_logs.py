@@ -64,3 +64,19 @@ def test_a_file_name_cannot_send_escapes_to_a_terminal(
     configure_logging(log_format="json", stream=json_stream)
     logger.info("published {}", "esc\x1b.png")
     assert json.loads(json_stream.getvalue())["record"]["message"] == "published esc\x1b.png", "JSON escapes it itself"
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_a_log_line_takes_the_place_of_a_progress_line(restored_logging: None) -> None:
+    """`process` ends its progress line with no newline; a log line was written on after it."""
+    stream = Terminal()
+    configure_logging(log_format="auto", stream=stream)
+    stream.write("\r[3/40] published 3")
+    logger.warning("rejected {}", "broken.png")
+
+    shown = stream.getvalue()
+    assert shown.startswith("\r[3/40] published 3\r\x1b[K") and shown.endswith(" rejected broken.png\n"), shown

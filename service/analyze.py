@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 from core import pipeline
 from service.encode import encode_png
 from service.errors import ConfigError, RuleError, SinkwatchError
+from service.logs import printable
 from service.rules import Rule, load_rule_file, load_rules
 from service.runner import decode_source
 from service.settings import shared_settings
@@ -77,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         decoded = decode_source(args.file, rule, max_bytes=settings.max_bytes, max_pixels=settings.max_pixels)
     except SinkwatchError as exc:
-        print(f"sinkwatch analyze: {exc} ({exc.reason})", file=sys.stderr)
+        print(printable(f"sinkwatch analyze: {exc} ({exc.reason})"), file=sys.stderr)
         return 1
     params = rule.to_params()
     result = pipeline.run(decoded.rgb, params)
@@ -85,10 +87,10 @@ def main(args: argparse.Namespace) -> int:
     # A score that is not a number would print as NaN, which is not JSON and not a measurement.
     broken = sorted(key for key, value in scores.items() if not math.isfinite(value))
     if broken:
-        print(
-            f"sinkwatch analyze: {args.file}: rule {rule.name!r} gave scores that are not numbers: {', '.join(broken)}",
-            file=sys.stderr,
+        said = (
+            f"sinkwatch analyze: {args.file}: rule {rule.name!r} gave scores that are not numbers: {', '.join(broken)}"
         )
+        print(printable(said), file=sys.stderr)
         return 1
     # Each picture is made only if its file was asked for.
     outputs: dict[str, tuple[Path | None, Callable[[], np.ndarray]]] = {
@@ -103,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
             try:
                 target.write_bytes(encode_png(picture()))
             except OSError as exc:
-                print(f"sinkwatch analyze: {target}: cannot write: {exc.strerror or exc}", file=sys.stderr)
+                print(printable(f"sinkwatch analyze: {target}: cannot write: {exc.strerror or exc}"), file=sys.stderr)
                 return 1
             written[kind] = str(target)
     if args.json:
@@ -120,14 +122,15 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(report, sort_keys=True, allow_nan=False))
         return 0
     width, height = decoded.source_size
-    print(f"{args.file}: {decoded.format} {width}x{height} -> {int(scores['width'])}x{int(scores['height'])}")
+    size = f"{width}x{height} -> {int(scores['width'])}x{int(scores['height'])}"
+    print(printable(f"{args.file}: {decoded.format} {size}"))
     print(f"  rule                       {rule.name} ({rule.fingerprint})")
     for key, label, form in _REPORT:
         print(f"  {label:26s} {form.format(scores[key])}")
     timings = ", ".join(f"{stage} {seconds * 1000:.1f}" for stage, seconds in result.timings.items())
     print(f"  time (ms)                  {timings}")
     for kind, path in written.items():
-        print(f"  wrote {kind:20s} {path}")
+        print(printable(f"  wrote {kind:20s} {path}"))
     return 0
 
 
@@ -144,9 +147,17 @@ def check_targets(file: Path, targets: dict[str, Path]) -> None:
         if _same_file(target, file):
             raise ConfigError(f"--{kind} is the image analysed: sinkwatch never writes over a source", path=target)
         where = target.resolve()
-        if where in seen:
+        if where in seen and not _device(target):
             raise ConfigError(f"--{seen[where]} and --{kind} name the same file", path=target)
         seen[where] = kind
+
+
+def _device(path: Path) -> bool:
+    """Whether `path` is a character device (/dev/null takes any number of outputs)."""
+    try:
+        return stat.S_ISCHR(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _same_file(first: Path, second: Path) -> bool:

@@ -17,7 +17,7 @@ import signal
 import stat
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -51,7 +51,9 @@ def main(args: argparse.Namespace) -> int:
         signal.signal(signum, _stop)
     settings = logged_settings(args)
     warn_unknown_environment()
-    _watch, queue_folder = check_layout(settings.watch, settings.queue_folder, settings.state_dir)
+    if settings.watch_given:  # the embedded default, a folder process never reads, is no layout of the user's
+        check_layout(settings.watch, settings.queue_folder, settings.state_dir)
+    queue_folder = settings.queue_folder.expanduser().resolve()
     found = list(expand(args.paths, settings, queue=queue_folder))
     if not found:
         raise ConfigError("no image files found in the given paths")
@@ -59,7 +61,9 @@ def main(args: argparse.Namespace) -> int:
     forced = _choose_rule(args.rule, rules) if args.rule else None
     queue, state = prepare_queue(settings.queue_folder, settings.state_dir)
     with InstanceLock(state), QueueLock(queue), Ledger(state / "ledger.sqlite3") as ledger:
-        keys = _Keys(settings, daemons_root=Publisher(queue).watch_folder())
+        keys = _Keys(
+            settings, daemons_root=Publisher(queue).watch_folder(), known=lambda key: ledger.get(key) is not None
+        )
         # One candidate per key: a file named twice, or also inside a named folder, is one file, counted once.
         sources = list({c.key: c for c in (keys.candidate(path, label) for path, label in found)}.values())
         pool = WorkerPool(min(settings.workers, len(sources)))
@@ -151,7 +155,11 @@ class _Keys:
     does not take a file the daemon made for a new source.
     """
 
-    def __init__(self, settings: Settings, *, daemons_root: str | None) -> None:
+    def __init__(
+        self, settings: Settings, *, daemons_root: str | None, known: Callable[[str], bool] = lambda _key: False
+    ) -> None:
+        """`known(key)`: whether the ledger has a row of that key."""
+        self.known = known
         self.watch = settings.watch
         self.daemon = Selection(
             settings.watch, include=settings.include, ignore=settings.ignore, recursive=settings.recursive
@@ -168,15 +176,27 @@ class _Keys:
                 f"{path} is in --watch {self.watch}, but the daemon on this queue watches {self.daemons_root}: "
                 "give the daemon's --watch, or a --queue of its own"
             )
+        absolute = False
         if key is None:
             # The folder's real path, not the file's: a link and its target are two sources, as in the daemon.
-            key = str(_real_folder(path))
-            if self.daemons_root is None or not key.startswith(self.daemons_root):
-                self.paths[key] = path
-                return Candidate(key, path, "batch", 0.0, label=label)
-            key = Path(key).relative_to(self.daemons_root).as_posix()
+            # But a row under the target's path, which earlier versions made for a link, stays the link's:
+            # keyed anew, the link's image would be made again.
+            key, absolute = self._outside(_real_folder(path))
+            before, absolute_before = self._outside(path.resolve())
+            if before != key and self.known(before) and not self.known(key):
+                key, absolute = before, absolute_before
         self.paths[key] = path
+        if absolute:
+            return Candidate(key, path, "batch", 0.0, label=label)
         return Candidate(key, path, "batch", 0.0)  # named and matched by its key, as the daemon does
+
+    def _outside(self, real: Path) -> tuple[str, bool]:
+        """The key of a file outside --watch, by its real path; and whether it is that absolute path (not one
+        in the folder of the daemon last started on the queue)."""
+        key = str(real)
+        if self.daemons_root is None or not key.startswith(self.daemons_root):
+            return key, True
+        return Path(key).relative_to(self.daemons_root).as_posix(), False
 
     def resolve(self, key: str) -> Path:
         """The file of one of the candidates' keys (the engine resolves only those)."""

@@ -20,6 +20,7 @@ import signal
 import tempfile
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import replace
+from multiprocessing import resource_tracker
 from pathlib import Path
 
 from service.codec_messages import CodecMessages, last_words
@@ -97,6 +98,7 @@ class WorkerPool:
         # user's folders (under the systemd unit, a private /tmp).
         _remove_stale_spools()
         self.spool = Path(tempfile.mkdtemp(prefix=f"{_SPOOL}{os.getpid()}-"))
+        _start_resource_tracker()
         self._executor = self._new_executor()
         self.restarts = 0
 
@@ -132,8 +134,23 @@ class WorkerPool:
 
     def close(self) -> None:
         """Let in-flight jobs finish, then stop the workers."""
-        self._executor.shutdown(wait=True, cancel_futures=False)
-        shutil.rmtree(self.spool, ignore_errors=True)
+        try:
+            self._executor.shutdown(wait=True, cancel_futures=False)
+        finally:  # also when a stop signal cuts the wait short
+            shutil.rmtree(self.spool, ignore_errors=True)
+
+
+def _start_resource_tracker() -> None:
+    """Start multiprocessing's bookkeeper of semaphores, which the first pool would start, with a hangup blocked.
+
+    It ignores SIGINT and SIGTERM itself, not SIGHUP: the hangup a closed terminal sends the whole group killed
+    it, and its successor printed tracebacks of semaphores it did not know. It keeps the blocked hangup.
+    """
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _remove_stale_spools() -> None:

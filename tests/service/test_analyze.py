@@ -263,6 +263,22 @@ def test_a_reader_that_goes_away_ends_the_report_quietly(tmp_path: Path) -> None
     assert (done.returncode, done.stderr) == (1, "")
 
 
+def test_a_file_name_cannot_send_escapes_to_a_terminal_in_the_report_or_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shown = tmp_path / "red\x1b[31mX.png"
+    shutil.copyfile(photo_file("coffee"), shown)
+    broken = tmp_path / "bad\x1b[31mY.png"
+    broken.write_text("not a picture")
+
+    assert run_cli(capsys, "analyze", str(shown), "--mask", "/dev/null", "--heatmap", "/dev/null")[0] == 0
+    code, out, _err = run_cli(capsys, "analyze", str(shown))
+    bad_code, _out, err = run_cli(capsys, "analyze", str(broken))
+
+    assert code == 0 and out.startswith(f"{tmp_path}/red\\x1b[31mX.png: PNG 600x400 -> 832x480\n"), out
+    assert bad_code == 1 and err == f"sinkwatch analyze: {tmp_path}/bad\\x1b[31mY.png: not an image (not_image)\n"
+
+
 def test_a_missing_image_is_said_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run_cli(capsys, "analyze", str(tmp_path / "typo.png"))
     assert (code, out, err) == (2, "", f"sinkwatch: {tmp_path / 'typo.png'}: no such file\n")

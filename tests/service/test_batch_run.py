@@ -119,6 +119,12 @@ def test_a_link_and_its_target_outside_the_watch_folder_are_two_sources(tmp_path
 
     assert (link.key, target.key) == (str(tmp_path / "real" / "in_link.png"), str(tmp_path / "real" / "coffee.png"))
     assert through.key == target.key, "one file reached through a linked folder is one source"
+    # A ledger from before: the link's image was recorded under its target's path, and is not made again.
+    recorded = {str(tmp_path / "real" / "coffee.png")}
+    upgraded = _Keys(Settings(watch=tmp_path / "watch"), daemons_root=None, known=recorded.__contains__)
+    assert upgraded.candidate(tmp_path / "real" / "in_link.png", "in_link.png").key == target.key
+    recorded.add(link.key)  # recorded under its own key already: that one
+    assert upgraded.candidate(tmp_path / "real" / "in_link.png", "in_link.png").key == link.key
 
 
 def test_a_rule_named_like_a_folder_in_the_working_directory_is_the_rule_of_that_name(

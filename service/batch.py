@@ -28,9 +28,11 @@ from service.comfyui_uploads import finish, uploads_for
 from service.engine import Candidate, Engine, Limits
 from service.errors import ConfigError, RuleError, Stopped
 from service.folders import check_layout, prepare_queue
-from service.ledger import Ledger
+from service.ledger import Entry, Ledger
 from service.lock import InstanceLock, QueueLock
+from service.logs import json_lines
 from service.metrics import Metrics
+from service.naming import safe_stem
 from service.pool import WorkerPool
 from service.publish import Publisher
 from service.rules import Rule, RuleSet, load_rule_file, load_rules
@@ -47,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     # Stopped as by Ctrl-C (`timeout`, a closed terminal): the workers finish what they hold and go.
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    for signum in _STOP_SIGNALS:
         signal.signal(signum, _stop)
     settings = logged_settings(args)
     warn_unknown_environment()
@@ -61,9 +63,7 @@ def main(args: argparse.Namespace) -> int:
     forced = _choose_rule(args.rule, rules) if args.rule else None
     queue, state = prepare_queue(settings.queue_folder, settings.state_dir)
     with InstanceLock(state), QueueLock(queue), Ledger(state / "ledger.sqlite3") as ledger:
-        keys = _Keys(
-            settings, daemons_root=Publisher(queue).watch_folder(), known=lambda key: ledger.get(key) is not None
-        )
+        keys = _Keys(settings, daemons_root=Publisher(queue).watch_folder(), recorded=ledger.get)
         # One candidate per key: a file named twice, or also inside a named folder, is one file, counted once.
         sources = list({c.key: c for c in (keys.candidate(path, label) for path, label in found)}.values())
         pool = WorkerPool(min(settings.workers, len(sources)))
@@ -88,6 +88,10 @@ def main(args: argparse.Namespace) -> int:
                 owed = finish(uploads)
                 refused = uploads.refused
         finally:
+            # One stop is enough: a second one (Ctrl-C twice, a hangup after a SIGTERM) cut the pool's shutdown
+            # short, and the exit then waited for ever for a worker that was never told to go.
+            for signum in _STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
             if uploads is not None:
                 uploads.close()
             pool.close()
@@ -101,6 +105,9 @@ def main(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 1 if counts["rejected"] or unfinished or owed or refused else 0
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _stop(signum: int, _frame: object) -> None:
@@ -156,10 +163,14 @@ class _Keys:
     """
 
     def __init__(
-        self, settings: Settings, *, daemons_root: str | None, known: Callable[[str], bool] = lambda _key: False
+        self,
+        settings: Settings,
+        *,
+        daemons_root: str | None,
+        recorded: Callable[[str], Entry | None] = lambda _key: None,
     ) -> None:
-        """`known(key)`: whether the ledger has a row of that key."""
-        self.known = known
+        """`recorded(key)`: the ledger's row of that key, if any."""
+        self.recorded = recorded
         self.watch = settings.watch
         self.daemon = Selection(
             settings.watch, include=settings.include, ignore=settings.ignore, recursive=settings.recursive
@@ -179,16 +190,23 @@ class _Keys:
         absolute = False
         if key is None:
             # The folder's real path, not the file's: a link and its target are two sources, as in the daemon.
-            # But a row under the target's path, which earlier versions made for a link, stays the link's:
-            # keyed anew, the link's image would be made again.
             key, absolute = self._outside(_real_folder(path))
             before, absolute_before = self._outside(path.resolve())
-            if before != key and self.known(before) and not self.known(key):
+            if before != key and self._made_for_link(before, label) and self.recorded(key) is None:
                 key, absolute = before, absolute_before
         self.paths[key] = path
         if absolute:
             return Candidate(key, path, "batch", 0.0, label=label)
         return Candidate(key, path, "batch", 0.0)  # named and matched by its key, as the daemon does
+
+    def _made_for_link(self, target: str, label: str) -> bool:
+        """Whether the row of `target` was made for a link named `label`: earlier versions keyed a link by its
+        target's path, and named the frame after the link. Keyed anew, the link's image would be made again."""
+        entry = self.recorded(target)
+        if entry is None or entry.output_name is None:
+            return False
+        stem = safe_stem(label)
+        return entry.output_name == stem or entry.output_name.startswith(f"{stem}-")
 
     def _outside(self, real: Path) -> tuple[str, bool]:
         """The key of a file outside --watch, by its real path; and whether it is that absolute path (not one
@@ -225,27 +243,30 @@ def _run(engine: Engine, sources: list[Candidate], max_attempts: int) -> int:
     done_before = engine.settled([(c.key, str(c.path)) for c in sources], source="batch") - waiting
     feed = (candidate for candidate in sources if candidate.key not in done_before)
     exhausted = False
-    show = sys.stderr.isatty()
-    while True:
-        while not exhausted and engine.has_room():
-            item = next(feed, None)
-            if item is None:
-                exhausted = True
+    # On a terminal, among text lines: JSON lines for a log shipper (`docker run -t`) take no progress text.
+    show = sys.stderr.isatty() and not json_lines()
+    try:
+        while True:
+            while not exhausted and engine.has_room():
+                item = next(feed, None)
+                if item is None:
+                    exhausted = True
+                    break
+                engine.offer(replace(item, seen_at=time.time()))
+            engine.requeue_due(ours)
+            engine.pump(timeout=0.1)
+            if show:
+                counts = {**engine.counts, "skipped": engine.counts["skipped"] + len(done_before)}
+                done = sum(counts.values()) - counts["retried"]
+                print(
+                    f"\r[{done}/{len(sources)}] " + ", ".join(f"{k} {v}" for k, v in counts.items()),
+                    end="",
+                    file=sys.stderr,
+                )
+            if exhausted and engine.idle() and not engine.retrying(max_attempts, ours):
                 break
-            engine.offer(replace(item, seen_at=time.time()))
-        engine.requeue_due(ours)
-        engine.pump(timeout=0.1)
-        if show:
-            counts = {**engine.counts, "skipped": engine.counts["skipped"] + len(done_before)}
-            done = sum(counts.values()) - counts["retried"]
-            print(
-                f"\r[{done}/{len(sources)}] " + ", ".join(f"{k} {v}" for k, v in counts.items()),
-                end="",
-                file=sys.stderr,
-            )
-        if exhausted and engine.idle() and not engine.retrying(max_attempts, ours):
-            break
-    if show:
-        print(file=sys.stderr)
+    finally:
+        if show:  # the progress line ends, stopped or not: what follows starts on a line of its own
+            print(file=sys.stderr)
     logger.debug("batch finished: {} and {} done before", engine.counts, len(done_before))
     return len(done_before)

@@ -75,6 +75,11 @@ class _ToLoguru(logging.Handler):
         logger.bind(library=record.name).opt(exception=record.exc_info).log(level, record.getMessage())
 
 
+def json_lines() -> bool:
+    """Whether the log is a stream of JSON lines."""
+    return _json
+
+
 def last_word(message: str) -> None:
     """What ends a command (a configuration error): an ERROR line when the log is JSON, else a plain line."""
     if _json:

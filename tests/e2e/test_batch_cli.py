@@ -6,12 +6,15 @@ from __future__ import annotations
 import io
 import json
 import os
+import pty
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -292,44 +295,90 @@ def test_process_never_takes_the_queues_own_frames_for_sources(tmp_path: Path) -
     assert outputs() == before, "a frame was made from a frame"
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
-def test_process_stopped_by_a_signal_stops_as_for_ctrl_c_and_a_second_run_does_the_rest(
+class OnATerminal:
+    """`sinkwatch process` with a pseudo-terminal for its stderr, in a process group of its own; what it
+    shows there is read as it comes (a full terminal would stop it)."""
+
+    def __init__(self, *args: str, cwd: Path) -> None:
+        main, shown = pty.openpty()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "service", "process", *args],
+            cwd=cwd,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=shown,
+            start_new_session=True,
+        )
+        os.close(shown)
+        self.chunks: list[bytes] = []
+        self.reader = threading.Thread(target=self._read, args=(main,), daemon=True)
+        self.reader.start()
+
+    def _read(self, main: int) -> None:
+        try:
+            while chunk := os.read(main, 65536):
+                self.chunks.append(chunk)
+        except OSError:  # EIO: the last process holding the terminal is gone
+            pass
+        finally:
+            os.close(main)
+
+    @property
+    def shown(self) -> str:
+        return b"".join(self.chunks).decode(errors="replace")
+
+    def finish(self, timeout: float = 60) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        finally:
+            self.process.kill()
+            self.process.wait()
+            self.reader.join(timeout=10)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_process_stopped_by_a_signal_twice_stops_as_for_ctrl_c_and_a_second_run_does_the_rest(
     tmp_path: Path, signum: signal.Signals
 ) -> None:
-    """A CI job cancelled, a terminal closed: the signal goes to the whole process group (workers and
-    multiprocessing's resource tracker too); the workers finish what they hold, nothing is left behind."""
+    """Ctrl-C pressed twice, a CI job cancelled, a terminal closed: the signal goes to the whole process group
+    (workers and multiprocessing's resource tracker too), a second one may follow. The workers finish what they
+    hold, nothing is left behind, and the progress line is ended."""
     photos = tmp_path / "photos"
     photos.mkdir()
     for index in range(40):
         write_photo(photos / f"{index:02d}.png", small_photo(index, height=120, width=180))
     queue = tmp_path / "queue"
-    log = tmp_path / "process.log"
-    with log.open("w") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service", "process", "--workers", "1", "--queue", str(queue), str(photos)],
-            cwd=tmp_path,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-            stderr=stderr,
-            start_new_session=True,
-        )
-        try:
-            wait_for(lambda: "published" in log.read_text(), timeout=60)
-            os.killpg(process.pid, signum)
-            code = process.wait(timeout=60)
-        finally:
-            process.kill()
-            process.wait()
-    stopped = log.read_text()
-    spools = list(Path(tempfile.gettempdir()).glob(f"sinkwatch-workers-{process.pid}-*"))
+    run = OnATerminal("--log-format", "text", "--workers", "1", "--queue", str(queue), str(photos), cwd=tmp_path)
+    wait_for(lambda: "published" in run.shown, timeout=60)
+    os.killpg(run.process.pid, signum)
+    time.sleep(0.02)
+    os.killpg(run.process.pid, signum)
+    code = run.finish(timeout=30)
+    spools = list(Path(tempfile.gettempdir()).glob(f"sinkwatch-workers-{run.process.pid}-*"))
 
     rest = run_sinkwatch("process", "--queue", str(queue), str(photos), cwd=tmp_path)
 
-    assert code == 128 + signum, stopped[-3000:]
+    assert code == 128 + signum, run.shown[-3000:]
     for unwanted in ("Traceback", "leaked", "resource_tracker"):
-        assert unwanted not in stopped, stopped[-3000:]
+        assert unwanted not in run.shown, run.shown[-3000:]
+    assert "\r[" in run.shown and run.shown.endswith("\n"), repr(run.shown[-300:])
     assert spools == [], "its workers' folder was left behind"
     assert rest.returncode == 0, rest.stderr[-3000:]
     assert len(frames(queue)) == 40
+
+
+def test_process_with_json_lines_on_a_terminal_draws_no_progress_among_them(tmp_path: Path) -> None:
+    """`docker run -t` with SINKWATCH_LOG_FORMAT=json: a log shipper reads the lines."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(3):
+        write_photo(photos / f"{index}.png", small_photo(index))
+    run = OnATerminal("--log-format", "json", "--queue", str(tmp_path / "queue"), str(photos), cwd=tmp_path)
+    assert run.finish() == 0, run.shown[-3000:]
+    *logged_lines, summary = run.shown.splitlines()
+    assert [json.loads(line)["record"]["level"]["name"] for line in logged_lines].count("INFO") >= 3
+    assert summary.startswith("sinkwatch process: 3 published"), summary
 
 
 def test_a_metrics_port_in_use_is_a_clear_startup_error(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import pytest
 from service.batch import _choose_rule, _Keys, _run, expand
 from service.engine import Candidate, Engine
 from service.errors import ConfigError
+from service.ledger import Ledger
 from service.rules import load_rules
 from service.settings import Settings
 from tests.service.conftest import IdleEngine, file_stamp
@@ -119,12 +120,30 @@ def test_a_link_and_its_target_outside_the_watch_folder_are_two_sources(tmp_path
 
     assert (link.key, target.key) == (str(tmp_path / "real" / "in_link.png"), str(tmp_path / "real" / "coffee.png"))
     assert through.key == target.key, "one file reached through a linked folder is one source"
-    # A ledger from before: the link's image was recorded under its target's path, and is not made again.
-    recorded = {str(tmp_path / "real" / "coffee.png")}
-    upgraded = _Keys(Settings(watch=tmp_path / "watch"), daemons_root=None, known=recorded.__contains__)
-    assert upgraded.candidate(tmp_path / "real" / "in_link.png", "in_link.png").key == target.key
-    recorded.add(link.key)  # recorded under its own key already: that one
-    assert upgraded.candidate(tmp_path / "real" / "in_link.png", "in_link.png").key == link.key
+
+
+@pytest.mark.parametrize("made_for", ["the link", "the target", "both"])
+def test_a_link_recorded_under_its_targets_path_by_an_earlier_version_keeps_that_record(
+    tmp_path: Path, made_for: str
+) -> None:
+    """Earlier versions keyed a link by its target's path and named its frame after the link: keyed anew, its
+    image would be made again. A fresh link to a target recorded for itself is a source of its own."""
+    (tmp_path / "real").mkdir()
+    target, link = tmp_path / "real" / "coffee.png", tmp_path / "real" / "in_link.png"
+    target.write_bytes(CONTENT)
+    link.symlink_to("coffee.png")
+    with Ledger(tmp_path / "ledger.sqlite3") as ledger:
+        stamp = file_stamp(target)
+        for key, stem in ((str(target), "in_link" if made_for == "the link" else "coffee"), (str(link), "in_link")):
+            if key == str(link) and made_for != "both":
+                continue
+            ledger.start(key, **stamp, sha256=None, rule="default", fingerprint="f")
+            assert ledger.name_for(key, stem, exists=lambda _name: False) == stem
+        keys = _Keys(Settings(watch=tmp_path / "watch"), daemons_root=None, recorded=ledger.get)
+
+        found = keys.candidate(link, "in_link.png").key
+
+    assert found == (str(target) if made_for == "the link" else str(link))
 
 
 def test_a_rule_named_like_a_folder_in_the_working_directory_is_the_rule_of_that_name(

@@ -12,6 +12,7 @@ ledger are the daemon's business.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import stat
@@ -32,7 +33,7 @@ from service.ledger import Entry, Ledger
 from service.lock import InstanceLock, QueueLock
 from service.logs import json_lines
 from service.metrics import Metrics
-from service.naming import safe_stem
+from service.naming import disambiguated, safe_stem
 from service.pool import WorkerPool
 from service.publish import Publisher
 from service.rules import Rule, RuleSet, load_rule_file, load_rules
@@ -88,8 +89,8 @@ def main(args: argparse.Namespace) -> int:
                 owed = finish(uploads)
                 refused = uploads.refused
         finally:
-            # One stop is enough: a second one (Ctrl-C twice, a hangup after a SIGTERM) cut the pool's shutdown
-            # short, and the exit then waited for ever for a worker that was never told to go.
+            # A stop now (Ctrl-C twice, a hangup after a SIGTERM) cut the pool's shutdown short, and the exit then
+            # waited for ever for a worker that was never told to go.
             for signum in _STOP_SIGNALS:
                 signal.signal(signum, signal.SIG_IGN)
             if uploads is not None:
@@ -111,6 +112,10 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _stop(signum: int, _frame: object) -> None:
+    # One stop is enough: another one pending now (systemd sends SIGHUP right after SIGTERM) would be raised
+    # while this one unwinds, half-way through releasing a lock.
+    for other in _STOP_SIGNALS:
+        signal.signal(other, signal.SIG_IGN)
     raise Stopped(signum)
 
 
@@ -205,8 +210,12 @@ class _Keys:
         entry = self.recorded(target)
         if entry is None or entry.output_name is None:
             return False
-        stem = safe_stem(label)
-        return entry.output_name == stem or entry.output_name.startswith(f"{stem}-")
+        stem, name = safe_stem(label), entry.output_name
+        counter = name.rpartition("-")[2]
+        made = {stem, disambiguated(stem, target)}
+        if counter.isdigit():
+            made.add(disambiguated(stem, target, counter=int(counter)))
+        return name in made
 
     def _outside(self, real: Path) -> tuple[str, bool]:
         """The key of a file outside --watch, by its real path; and whether it is that absolute path (not one
@@ -266,7 +275,10 @@ def _run(engine: Engine, sources: list[Candidate], max_attempts: int) -> int:
             if exhausted and engine.idle() and not engine.retrying(max_attempts, ours):
                 break
     finally:
-        if show:  # the progress line ends, stopped or not: what follows starts on a line of its own
-            print(file=sys.stderr)
+        # The progress line ends, stopped or not: what follows starts on a line of its own. After a hangup the
+        # terminal is gone (EIO), and the stop goes on.
+        with contextlib.suppress(OSError):
+            if show:
+                print(file=sys.stderr)
     logger.debug("batch finished: {} and {} done before", engine.counts, len(done_before))
     return len(done_before)

@@ -204,7 +204,7 @@ class ComfyPending(SinkwatchError):
 
 
 class Stopped(KeyboardInterrupt):
-    """A one-shot command stopped by a signal (SIGTERM, SIGHUP) as by Ctrl-C; it exits with 128 + the signal."""
+    """A one-shot command stopped by a signal (SIGINT, SIGTERM, SIGHUP); it exits with 128 + the signal."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)

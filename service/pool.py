@@ -136,7 +136,7 @@ class WorkerPool:
         """Let in-flight jobs finish, then stop the workers."""
         try:
             self._executor.shutdown(wait=True, cancel_futures=False)
-        finally:  # also when a stop signal cuts the wait short
+        finally:  # also when the wait is cut short
             shutil.rmtree(self.spool, ignore_errors=True)
 
 

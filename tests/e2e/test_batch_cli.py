@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pty
+import select
 import shutil
 import signal
 import socket
@@ -312,17 +313,27 @@ class OnATerminal:
         )
         os.close(shown)
         self.chunks: list[bytes] = []
+        self.hung_up = threading.Event()
         self.reader = threading.Thread(target=self._read, args=(main,), daemon=True)
         self.reader.start()
 
     def _read(self, main: int) -> None:
         try:
-            while chunk := os.read(main, 65536):
-                self.chunks.append(chunk)
+            while not self.hung_up.is_set():
+                if select.select([main], [], [], 0.05)[0]:
+                    chunk = os.read(main, 65536)
+                    if not chunk:
+                        break
+                    self.chunks.append(chunk)
         except OSError:  # EIO: the last process holding the terminal is gone
             pass
         finally:
             os.close(main)
+
+    def hang_up(self) -> None:
+        """The terminal window closed: its side of the terminal is gone, and writes to it fail (EIO)."""
+        self.hung_up.set()
+        self.reader.join(timeout=10)
 
     @property
     def shown(self) -> str:
@@ -337,12 +348,20 @@ class OnATerminal:
             self.reader.join(timeout=10)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize(
+    ("signum", "then", "gap"),
+    [
+        (signal.SIGINT, signal.SIGINT, 0.02),
+        (signal.SIGTERM, signal.SIGTERM, 0.02),
+        (signal.SIGHUP, signal.SIGHUP, 0.02),
+        (signal.SIGTERM, signal.SIGHUP, 0.0),  # as systemd's SendSIGHUP=yes does
+    ],
+)
 def test_process_stopped_by_a_signal_twice_stops_as_for_ctrl_c_and_a_second_run_does_the_rest(
-    tmp_path: Path, signum: signal.Signals
+    tmp_path: Path, signum: signal.Signals, then: signal.Signals, gap: float
 ) -> None:
     """Ctrl-C pressed twice, a CI job cancelled, a terminal closed: the signal goes to the whole process group
-    (workers and multiprocessing's resource tracker too), a second one may follow. The workers finish what they
+    (workers and multiprocessing's resource tracker too), and another may follow. The workers finish what they
     hold, nothing is left behind, and the progress line is ended."""
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -352,20 +371,34 @@ def test_process_stopped_by_a_signal_twice_stops_as_for_ctrl_c_and_a_second_run_
     run = OnATerminal("--log-format", "text", "--workers", "1", "--queue", str(queue), str(photos), cwd=tmp_path)
     wait_for(lambda: "published" in run.shown, timeout=60)
     os.killpg(run.process.pid, signum)
-    time.sleep(0.02)
-    os.killpg(run.process.pid, signum)
+    time.sleep(gap)
+    os.killpg(run.process.pid, then)
     code = run.finish(timeout=30)
     spools = list(Path(tempfile.gettempdir()).glob(f"sinkwatch-workers-{run.process.pid}-*"))
 
     rest = run_sinkwatch("process", "--queue", str(queue), str(photos), cwd=tmp_path)
 
-    assert code == 128 + signum, run.shown[-3000:]
+    assert code in (128 + signum, 128 + then), run.shown[-3000:]  # both pending at once: the lower one comes first
     for unwanted in ("Traceback", "leaked", "resource_tracker"):
         assert unwanted not in run.shown, run.shown[-3000:]
     assert "\r[" in run.shown and run.shown.endswith("\n"), repr(run.shown[-300:])
     assert spools == [], "its workers' folder was left behind"
     assert rest.returncode == 0, rest.stderr[-3000:]
     assert len(frames(queue)) == 40
+
+
+def test_process_whose_terminal_was_closed_stops_with_the_hangup(tmp_path: Path) -> None:
+    """The progress line cannot be ended on a terminal that is gone: the stop goes on all the same."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(40):
+        write_photo(photos / f"{index:02d}.png", small_photo(index, height=120, width=180))
+    run = OnATerminal("--log-format", "text", "--workers", "1", "--queue", str(tmp_path / "queue"), str(photos),
+                      cwd=tmp_path)  # fmt: skip
+    wait_for(lambda: "published" in run.shown, timeout=60)
+    run.hang_up()
+    os.killpg(run.process.pid, signal.SIGHUP)
+    assert run.finish(timeout=30) == 128 + signal.SIGHUP
 
 
 def test_process_with_json_lines_on_a_terminal_draws_no_progress_among_them(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from service.batch import _choose_rule, _Keys, _run, expand
 from service.engine import Candidate, Engine
 from service.errors import ConfigError
 from service.ledger import Ledger
+from service.naming import disambiguated
 from service.rules import load_rules
 from service.settings import Settings
 from tests.service.conftest import IdleEngine, file_stamp
@@ -122,9 +123,19 @@ def test_a_link_and_its_target_outside_the_watch_folder_are_two_sources(tmp_path
     assert through.key == target.key, "one file reached through a linked folder is one source"
 
 
-@pytest.mark.parametrize("made_for", ["the link", "the target", "both"])
+@pytest.mark.parametrize(
+    ("recorded_as", "keyed_as"),
+    [
+        ("in_link", "target"),  # made for the link by an earlier version
+        ("disambiguated", "target"),
+        ("disambiguated-2", "target"),
+        ("coffee", "link"),  # made for the target itself
+        ("in_link-01", "link"),  # made for a target named like that
+        ("both", "link"),  # the link has a row of its own already
+    ],
+)
 def test_a_link_recorded_under_its_targets_path_by_an_earlier_version_keeps_that_record(
-    tmp_path: Path, made_for: str
+    tmp_path: Path, recorded_as: str, keyed_as: str
 ) -> None:
     """Earlier versions keyed a link by its target's path and named its frame after the link: keyed anew, its
     image would be made again. A fresh link to a target recorded for itself is a source of its own."""
@@ -132,18 +143,24 @@ def test_a_link_recorded_under_its_targets_path_by_an_earlier_version_keeps_that
     target, link = tmp_path / "real" / "coffee.png", tmp_path / "real" / "in_link.png"
     target.write_bytes(CONTENT)
     link.symlink_to("coffee.png")
+    names = {
+        "disambiguated": disambiguated("in_link", str(target)),
+        "disambiguated-2": disambiguated("in_link", str(target), counter=2),
+        "both": "coffee",
+    }
+    rows = {str(target): names.get(recorded_as, recorded_as)}
+    if recorded_as == "both":
+        rows[str(link)] = "in_link"
     with Ledger(tmp_path / "ledger.sqlite3") as ledger:
-        stamp = file_stamp(target)
-        for key, stem in ((str(target), "in_link" if made_for == "the link" else "coffee"), (str(link), "in_link")):
-            if key == str(link) and made_for != "both":
-                continue
-            ledger.start(key, **stamp, sha256=None, rule="default", fingerprint="f")
-            assert ledger.name_for(key, stem, exists=lambda _name: False) == stem
+        for key, name in rows.items():
+            ledger.start(key, **file_stamp(target), sha256=None, rule="default", fingerprint="f")
+            # The name as the ledger hands it out: taken names are skipped until it comes.
+            assert ledger.name_for(key, name, exists=lambda _name: False) == name
         keys = _Keys(Settings(watch=tmp_path / "watch"), daemons_root=None, recorded=ledger.get)
 
         found = keys.candidate(link, "in_link.png").key
 
-    assert found == (str(target) if made_for == "the link" else str(link))
+    assert found == str(target if keyed_as == "target" else link)
 
 
 def test_a_rule_named_like_a_folder_in_the_working_directory_is_the_rule_of_that_name(

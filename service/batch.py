@@ -91,8 +91,7 @@ def main(args: argparse.Namespace) -> int:
         finally:
             # A stop now (Ctrl-C twice, a hangup after a SIGTERM) cut the pool's shutdown short, and the exit then
             # waited for ever for a worker that was never told to go.
-            for signum in _STOP_SIGNALS:
-                signal.signal(signum, signal.SIG_IGN)
+            _ignore_stops()
             if uploads is not None:
                 uploads.close()
             pool.close()
@@ -114,9 +113,19 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 def _stop(signum: int, _frame: object) -> None:
     # One stop is enough: another one pending now (systemd sends SIGHUP right after SIGTERM) would be raised
     # while this one unwinds, half-way through releasing a lock.
-    for other in _STOP_SIGNALS:
-        signal.signal(other, signal.SIG_IGN)
+    _ignore_stops()
     raise Stopped(signum)
+
+
+def _ignore_stops() -> None:
+    """Stop signals change nothing from now on. Through a handler that does nothing, not SIG_IGN: a signal
+    already pending when SIG_IGN comes raises OSError ("ignored due to race condition") wherever it lands."""
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, _stopping_already)
+
+
+def _stopping_already(_signum: int, _frame: object) -> None:
+    """A stop signal once stopping, or while the pool closes after the work."""
 
 
 def expand(paths: list[Path], settings: Settings, *, queue: Path) -> Iterator[tuple[Path, str]]:

@@ -24,6 +24,7 @@ from service.errors import ConfigError, RuleError, SinkwatchError
 from service.logs import printable
 from service.rules import Rule, load_rule_file, load_rules
 from service.runner import decode_source
+from service.selection import linked_path
 from service.settings import shared_settings
 
 # Score lines of the human-readable report: (key, label, format).
@@ -182,8 +183,7 @@ def choose_rule(choice: str | None, folder: Path | None, file: Path, *, watch: P
 
 
 def _in_watch(file: Path, watch: Path) -> str:
-    # The file's own name, not its target's: the daemon keys a symlinked source by the link.
     try:
-        return (file.parent.resolve() / file.name).relative_to(watch.resolve()).as_posix()
+        return linked_path(file).relative_to(watch.resolve()).as_posix()
     except ValueError:
         raise ConfigError(f"not inside the watch folder {watch}", path=file) from None

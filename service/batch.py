@@ -34,10 +34,10 @@ from service.lock import InstanceLock, QueueLock
 from service.logs import json_lines
 from service.metrics import Metrics
 from service.naming import disambiguated, safe_stem
-from service.pool import WorkerPool
+from service.pool import STOP_SIGNALS, WorkerPool
 from service.publish import Publisher
 from service.rules import Rule, RuleSet, load_rule_file, load_rules
-from service.selection import Selection
+from service.selection import Selection, linked_path
 from service.settings import Settings, add_flags, logged_settings, warn_unknown_environment
 
 
@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     # Stopped as by Ctrl-C (`timeout`, a closed terminal): the workers finish what they hold and go.
-    for signum in _STOP_SIGNALS:
+    for signum in STOP_SIGNALS:
         signal.signal(signum, _stop)
     settings = logged_settings(args)
     warn_unknown_environment()
@@ -107,9 +107,6 @@ def main(args: argparse.Namespace) -> int:
     return 1 if counts["rejected"] or unfinished or owed or refused else 0
 
 
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
 def _stop(signum: int, _frame: object) -> None:
     # One stop is enough: another one pending now (systemd sends SIGHUP right after SIGTERM) would be raised
     # while this one unwinds, half-way through releasing a lock.
@@ -120,7 +117,7 @@ def _stop(signum: int, _frame: object) -> None:
 def _ignore_stops() -> None:
     """Stop signals change nothing from now on. Through a handler that does nothing, not SIG_IGN: a signal
     already pending when SIG_IGN comes raises OSError ("ignored due to race condition") wherever it lands."""
-    for signum in _STOP_SIGNALS:
+    for signum in STOP_SIGNALS:
         signal.signal(signum, _stopping_already)
 
 
@@ -138,14 +135,14 @@ def expand(paths: list[Path], settings: Settings, *, queue: Path) -> Iterator[tu
             raise ConfigError("no such file or folder", path=path) from None
         except OSError as exc:
             raise ConfigError(f"cannot reach it: {exc.strerror}", path=path) from exc
-        if (path.resolve() if stat.S_ISDIR(mode) else _real_folder(path)).is_relative_to(queue):
+        if (path.resolve() if stat.S_ISDIR(mode) else linked_path(path)).is_relative_to(queue):
             raise ConfigError(f"it is in the queue folder {queue}: sinkwatch would process its own output", path=path)
         if stat.S_ISDIR(mode):
             selection = Selection(path, include=settings.include, ignore=settings.ignore, recursive=settings.recursive)
             passed_over = 0
             for found in selection.scan():
                 label = selection.relpath(found)
-                if label is not None and _real_folder(found).is_relative_to(queue):
+                if label is not None and linked_path(found).is_relative_to(queue):
                     passed_over += 1
                 elif label is not None:
                     yield found, label
@@ -204,7 +201,7 @@ class _Keys:
         absolute = False
         if key is None:
             # The folder's real path, not the file's: a link and its target are two sources, as in the daemon.
-            key, absolute = self._outside(_real_folder(path))
+            key, absolute = self._outside(linked_path(path))
             before, absolute_before = self._outside(path.resolve())
             if before != key and self._made_for_link(before, label) and self.recorded(key) is None:
                 key, absolute = before, absolute_before
@@ -237,11 +234,6 @@ class _Keys:
     def resolve(self, key: str) -> Path:
         """The file of one of the candidates' keys (the engine resolves only those)."""
         return self.paths[key]
-
-
-def _real_folder(path: Path) -> Path:
-    """`path` with its folder's links resolved, its own name kept."""
-    return path.absolute().parent.resolve() / path.name
 
 
 def _other_folder(watch: Path, daemons_root: str | None) -> bool:

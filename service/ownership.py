@@ -73,7 +73,7 @@ def is_own(publisher: Publisher, name: str, key: str, source: Path | None = None
 def own_sidecar(publisher: Publisher, name: str, key: str, source: Path | None = None) -> dict[str, Any] | None:
     """The sidecar of output `name` if it exists and was written for source `key` (or the file `source`).
 
-    ``sinkwatch process`` keys a file outside the watch folder by its resolved path and records the
+    ``sinkwatch process`` keys a file outside the watch folder by its real path and records the
     path as it was given (relative, say); the daemon records the absolute path, which is `source` when
     both lead to one file (a `process` on a ledger of its own, given the daemon's file): any names `source`.
     """

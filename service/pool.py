@@ -42,8 +42,9 @@ _OOM_SCORE_ADJ = 500
 _codec_messages: CodecMessages | None = None
 # The pool's folder in the temp folder: this prefix, the daemon's pid, a dash, a random part.
 _SPOOL = "sinkwatch-workers-"
-# What a terminal sends the whole process group (Ctrl-C, a hangup) and a stop: for the daemon, not its workers.
-_DAEMONS_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+# What a terminal sends the whole process group (Ctrl-C, a hangup) and a stop: for the daemon (or `process`),
+# not its workers.
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 
 def init_worker(parent: int, spool: str | None = None) -> None:
@@ -61,10 +62,10 @@ def init_worker(parent: int, spool: str | None = None) -> None:
     import cv2
     from loguru import logger
 
-    for signum in _DAEMONS_SIGNALS:
+    for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     # Blocked since the spawn (see WorkerPool.submit); one that came meanwhile is dropped now, being ignored.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _DAEMONS_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     # One image per process: OpenCV's own threads would only fight the other workers.
     cv2.setNumThreads(1)
     logger.remove()
@@ -113,7 +114,7 @@ class WorkerPool:
     def submit(self, job: Job) -> Future[Outcome]:
         # A submit may spawn a worker, which inherits the signal mask: blocked, a Ctrl-C in the terminal during
         # its second of imports no longer kills it before init_worker ignores it. The daemon gets it on return.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _DAEMONS_SIGNALS)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             return self._executor.submit(run_job, job)
         finally:

@@ -136,6 +136,12 @@ class Selection:
         return bool(self.ignore) and (_matches(parts[-1], self.ignore) or _matches("/".join(parts), self.ignore))
 
 
+def linked_path(path: Path) -> Path:
+    """`path` absolute, with its folder's links resolved and its own name kept: a source reached through a
+    link is that link, as the daemon keys it."""
+    return path.absolute().parent.resolve() / path.name
+
+
 def _through_linked_folder(root: str, parts: tuple[str, ...]) -> bool:
     """Whether a folder on the way is a symlink: it would give the same file a second key."""
     folder = root

@@ -135,17 +135,19 @@ def expand(paths: list[Path], settings: Settings, *, queue: Path) -> Iterator[tu
             raise ConfigError("no such file or folder", path=path) from None
         except OSError as exc:
             raise ConfigError(f"cannot reach it: {exc.strerror}", path=path) from exc
-        if (path.resolve() if stat.S_ISDIR(mode) else linked_path(path)).is_relative_to(queue):
+        real = path.resolve() if stat.S_ISDIR(mode) else linked_path(path)
+        if real.is_relative_to(queue):
             raise ConfigError(f"it is in the queue folder {queue}: sinkwatch would process its own output", path=path)
         if stat.S_ISDIR(mode):
             selection = Selection(path, include=settings.include, ignore=settings.ignore, recursive=settings.recursive)
+            # A scan never follows a linked folder: only a queue inside this folder can hold files it finds.
+            queue_inside = queue.is_relative_to(real)
             passed_over = 0
-            for found in selection.scan():
-                label = selection.relpath(found)
-                if label is not None and linked_path(found).is_relative_to(queue):
+            for label, found in selection.scan_keys():
+                if queue_inside and linked_path(Path(found)).is_relative_to(queue):
                     passed_over += 1
-                elif label is not None:
-                    yield found, label
+                else:
+                    yield Path(found), label
             if passed_over:
                 logger.warning("{}: left out {} files in the queue folder {}: its own output", path, passed_over, queue)
         elif stat.S_ISREG(mode):

@@ -216,7 +216,7 @@ def _daemon(d: dict[str, Any]) -> list[str]:
     out = [
         "Daemon (subprocess, real folders): burst throughput. Cores = CPU seconds / wall seconds: used by",
         "daemon + workers, by its main process alone, by the whole machine (others included); idle = main process",
-        f"CPU % while nothing is to do. 2 workers / 1 worker by round: {', '.join(f'{r:.3f}' for r in ratios)}",
+        f"CPU % while nothing is to do. 2 workers / 1 worker by round: {_ratios(ratios)}",
     ]
     heads = [
         "round",
@@ -231,6 +231,16 @@ def _daemon(d: dict[str, Any]) -> list[str]:
         "idle CPU %",
     ]
     out += table(heads, rows)
+    out += [
+        "",
+        "The same bursts without the daemon: process_job in a pool of 1 and 2 workers set up as the daemon's, the",
+        f"machine's ceiling for the daemon's scaling. 2 workers / 1 by round: {_ratios(burst_ratios(d['bare']))}",
+    ]
+    rows = [
+        [b["round"], b["workers"], b["images"], b["seconds"], b["images_per_second"], b["cores_used"]]
+        for b in d["bare"]
+    ]
+    out += table(["round", "workers", "images", "seconds", "images/s", "cores used"], rows)
     lat = latency_of(d["bursts"])
     if lat:
         where = f"{d['latency_source']} at {lat['rate_per_second']}/s, 2 workers"
@@ -249,6 +259,10 @@ def _daemon(d: dict[str, Any]) -> list[str]:
     out += ["", f"Backlog of {b['images']} images, 2 workers ({b['images_per_second']} images/s): peaks"]
     heads = ["", f"images {b['from_image']}-{b['from_image'] + window}", f"last {window}", "whole run", "growth"]
     return out + table(heads, rows)
+
+
+def _ratios(ratios: Sequence[float]) -> str:
+    return ", ".join(f"{r:.3f}" for r in ratios)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import codecs, daemon, machine, peers, procs, single
+from benchmarks import bare, codecs, daemon, machine, peers, procs, single
 from benchmarks.corpus import GENERATOR_SIZES, OTHER_FORMAT_SIZE, PHOTOS, Source, build_corpus
-from service import pool
 from service.rules import Rule, load_rules
 
 SECTIONS = ("single", "peers", "codecs", "daemon")
@@ -84,29 +80,15 @@ def run(
         report["corpus"] = {s.path.name: {"group": s.group, "mb": round(s.megabytes, 3)} for s in sources}
         pngs = [s for s in sources if s.format == "PNG"]
         if {"single", "peers", "codecs"} & set(sections):
-            with _worker(root / "spool") as worker:
+            with bare.worker_pool(root / "spool") as worker:
                 _in_worker(worker, config, sections, sources, rule, root, report, step)
         if "daemon" in sections:
-            report["daemon"] = _daemon(config, root, pngs, step)
+            report["daemon"] = _daemon(config, root, pngs, rule, step)
     clock.lap("end")
     report["machine"]["load_average_end"] = machine.describe()["load_average"]
     report["seconds"] = round(time.time() - report.pop("started"), 1)
     report["step_seconds"] = clock.laps
     return report
-
-
-@contextmanager
-def _worker(spool: Path) -> Iterator[ProcessPoolExecutor]:
-    """One process set up exactly as the daemon's workers are (spawned; one OpenCV thread; malloc tuning)."""
-    context = multiprocessing.get_context("spawn")
-    spool.mkdir(parents=True, exist_ok=True)
-    with ProcessPoolExecutor(
-        max_workers=1,
-        mp_context=context,
-        initializer=pool.init_worker,  # exactly what WorkerPool gives its executor
-        initargs=(os.getpid(), str(spool)),
-    ) as executor:
-        yield executor
 
 
 def _in_worker(
@@ -161,11 +143,13 @@ class _Laps:
         self.current, self.started, self.busy = name, now, busy
 
 
-def _daemon(config: Config, root: Path, pngs: list[Source], progress: Callable[[str], None]) -> dict[str, Any]:
+def _daemon(
+    config: Config, root: Path, pngs: list[Source], rule: Rule, progress: Callable[[str], None]
+) -> dict[str, Any]:
     payloads = [(f"{i:04d}-{s.path.name}", s.path.read_bytes()) for i, s in _cycle(pngs, config.burst)]
     square = [s for s in pngs if s.size == config.sizes[0]]
     paced = [(f"{i:04d}-{s.path.name}", s.path.read_bytes()) for i, s in _cycle(square, config.latency)]
-    out: dict[str, Any] = {"latency_source": square[0].group, "bursts": []}
+    out: dict[str, Any] = {"latency_source": square[0].group, "bursts": [], "bare": []}
     for round_ in range(1, config.rounds + 1):
         for workers in (1, 2):
             progress(f"daemon: burst of {config.burst} with {workers} worker(s), round {round_} of {config.rounds}")
@@ -179,6 +163,10 @@ def _daemon(config: Config, root: Path, pngs: list[Source], progress: Callable[[
                 idle_seconds=config.idle_seconds,
             )
             out["bursts"].append({"round": round_, **result})
+        for workers in (1, 2):
+            progress(f"workers without the daemon: burst of {config.burst} in {workers}, round {round_}")
+            found = bare.burst(root, name=f"bare-{workers}w-r{round_}", workers=workers, payloads=payloads, rule=rule)
+            out["bare"].append({"round": round_, **found})
     progress(f"daemon: backlog of {config.backlog}")
     out["backlog"] = daemon.backlog(
         root, sources=[s.path for s in pngs], count=config.backlog, start_at=config.backlog_from

@@ -159,6 +159,10 @@ def test_daemon_section_measures_a_real_daemon(run_once: tuple[dict[str, Any], s
         assert positive(burst["images_per_second"]) and positive(burst["cores_used"])
         assert positive(burst["images_per_cpu_second"]) and burst["machine_busy_cores"] >= burst["cores_used"] * 0.5
     assert [("latency" in b) for b in daemon["bursts"]] == [False, True, False, False], "once, in round 1"
+    # The same bursts through process_job alone (a job not published raises): the machine's ceiling.
+    assert [(b["round"], b["workers"]) for b in daemon["bare"]] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    for found in daemon["bare"]:
+        assert found["images"] == TINY.burst and positive(found["images_per_second"]) and positive(found["cores_used"])
     ratios = report.burst_ratios(daemon["bursts"])
     rate = {(b["round"], b["workers"]): b["images_per_second"] for b in daemon["bursts"]}
     assert ratios == [rate[r, 2] / rate[r, 1] for r in (1, 2)]
@@ -189,10 +193,21 @@ def test_the_table_names_the_machine_and_every_target(run_once: tuple[dict[str, 
     assert len(names) == 2 * (3 + 2 + 2) + 1 + 1 + 4
     for target in results["targets"]:
         assert target["met"] in (True, False) and target["target"] in printed
-    for heading in ("Single image", "Floor", "Peers", "Codec", "Daemon", "Latency", "Backlog", "Steps", "Targets"):
+    headings = (
+        "Single image",
+        "Floor",
+        "Peers",
+        "Codec",
+        "Daemon",
+        "without the daemon",
+        "Latency",
+        "Backlog",
+        "Steps",
+    )
+    for heading in (*headings, "Targets"):
         assert heading in printed
     steps = results["step_seconds"]
-    assert len(steps) == 6 + 2 * TINY.rounds
+    assert len(steps) == 6 + 4 * TINY.rounds  # per round: the daemon's bursts, then those without it
     assert all(lap["seconds"] >= 0 and lap["machine_busy_cores"] >= 0 for lap in steps.values())
 
 

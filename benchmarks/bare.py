@@ -61,11 +61,12 @@ def burst(root: Path, *, name: str, workers: int, payloads: Sequence[tuple[str, 
     with worker_pool(root / f"{name}-spool", workers=workers) as executor:
         # Spawned workers import numpy and OpenCV on their first image: not part of the burst.
         _check(executor.map(process_job, [replace(job, name=f"warmup-{job.name}") for job in jobs[: 2 * workers]]))
-        cpu = _children_cpu()
+        # This process's descendants: the pool's workers (and multiprocessing's resource tracker, nearly idle).
+        cpu = procs.family_cpu(os.getpid(), itself=False)
         started = time.perf_counter()
         _check(executor.map(process_job, jobs))
         wall = time.perf_counter() - started
-        used = _children_cpu() - cpu
+        used = procs.family_cpu(os.getpid(), itself=False) - cpu
     return {
         "workers": workers,
         "images": len(jobs),
@@ -73,11 +74,6 @@ def burst(root: Path, *, name: str, workers: int, payloads: Sequence[tuple[str, 
         "images_per_second": len(jobs) / wall,
         "cores_used": round(used / wall, 2),
     }
-
-
-def _children_cpu() -> float:
-    # This process's descendants: the pool's workers (and multiprocessing's resource tracker, nearly idle).
-    return sum(procs.cpu_seconds(member) for member in procs.family(os.getpid())[1:])
 
 
 def _check(outcomes: Iterator[Any]) -> None:

@@ -151,7 +151,7 @@ def burst(
         time.sleep(idle_seconds)
         idle_cpu = (procs.cpu_seconds(daemon.pid) - cpu_before) / idle_seconds
 
-        cpu_main, cpu_all = procs.cpu_seconds(daemon.pid), _family_cpu(daemon.pid)
+        cpu_main, cpu_all = procs.cpu_seconds(daemon.pid), procs.family_cpu(daemon.pid)
         busy = procs.machine_busy_seconds()
         started = time.time()
         for name, data in payloads:
@@ -159,7 +159,7 @@ def burst(
         daemon.wait_done(len(warm) + len(payloads), timeout=60 + 5 * len(payloads))
         finished = max((daemon.queue / f"burst-{Path(name).stem}.png").stat().st_mtime for name, _ in payloads)
         wall = finished - started
-        used = _family_cpu(daemon.pid) - cpu_all
+        used = procs.family_cpu(daemon.pid) - cpu_all
         result: dict[str, Any] = {
             "workers": workers,
             "images": len(payloads),
@@ -306,10 +306,6 @@ def _of_role(sample: dict[str, Any], role: str, key: str) -> int:
     """RSS or fds of the processes of one role in one sample."""
     column = 1 if key == "rss_kb" else 2
     return sum(member[column] for member in sample["processes"] if member[0] == role)
-
-
-def _family_cpu(pid: int) -> float:
-    return sum(procs.cpu_seconds(member) for member in procs.family(pid))
 
 
 def _count(folder: Path, suffix: str) -> int:

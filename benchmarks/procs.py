@@ -58,6 +58,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def family_cpu(pid: int, *, itself: bool = True) -> float:
+    """User + system CPU time so far of `pid`'s living descendants, and of `pid` itself unless `itself` is False."""
+    members = family(pid)
+    return sum(cpu_seconds(member) for member in (members if itself else members[1:]))
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds all cores have spent busy since boot (everything in /proc/stat but idle and iowait)."""
     fields = (_read("/proc/stat") or "cpu 0").splitlines()[0].split()[1:]

@@ -5,7 +5,7 @@ SQLite in the state folder, one transaction per method. WAL lets a reader
 makes every commit durable before the method returns; that ordering matters:
 an output name is on disk before any file carries it, so a power cut can
 never make a rerun pick a second name for an image already published. A
-commit costs one WAL fsync, small beside the six fsyncs of a publication.
+commit costs one WAL fsync, small beside the five fsyncs of a publication.
 
 This module holds the connection and the ``sources`` and ``names`` tables;
 the schema and its migrations are in `service.ledger_schema`, the ``uploads``

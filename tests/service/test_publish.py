@@ -122,9 +122,8 @@ def test_json_survives_undecodable_source_names() -> None:
     assert json.loads(raw) == record
 
 
-def test_frame_is_published_last_after_every_file_and_its_folder_is_synced(
-    queue: Path, frames: list[bytes], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def record_syncs_and_renames(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, object]]:
+    """From now on, every fsync (of a folder: with its inode) and os.replace (with its target), in order."""
     events: list[tuple[str, object]] = []
     real_fsync, real_replace = os.fsync, os.replace
 
@@ -137,10 +136,17 @@ def test_frame_is_published_last_after_every_file_and_its_folder_is_synced(
         events.append(("replace", Path(dst)))
         real_replace(src, dst)
 
-    publisher = Publisher(queue)
-    publish(publisher, "warm-up", frames)  # folders exist from here on
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def test_frame_is_published_last_after_every_file_and_its_folder_is_synced(
+    queue: Path, frames: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publisher = Publisher(queue)
+    publish(publisher, "warm-up", frames)  # folders exist from here on
+    events = record_syncs_and_renames(monkeypatch)
     paths = publish(publisher, "cat", frames)
     matrix, top = ("fsync-dir", (queue / "matrix").stat().st_ino), ("fsync-dir", queue.stat().st_ino)
     assert events == [
@@ -156,21 +162,9 @@ def test_frame_is_published_last_after_every_file_and_its_folder_is_synced(
 def test_a_single_file_is_synced_renamed_and_its_folder_synced(queue: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     publisher = Publisher(queue)
     publisher.reject("warm-up", {"reason": "x"})
-    events: list[str] = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd: int) -> None:
-        events.append("fsync-dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync-file")
-        real_fsync(fd)
-
-    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-        events.append("replace")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
-    publisher.reject("cat", {"reason": "bomb"})
-    assert events == ["fsync-file", "replace", "fsync-dir"]
+    events = record_syncs_and_renames(monkeypatch)
+    path = publisher.reject("cat", {"reason": "bomb"})
+    assert events == [("fsync-file", None), ("replace", path), ("fsync-dir", path.parent.stat().st_ino)]
 
 
 def test_success_removes_a_stale_reject_record(queue: Path, frames: list[bytes]) -> None:

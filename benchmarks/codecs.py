@@ -5,10 +5,10 @@
   a plain install has it), and libspng (`pyspng`) alone, whose pixels must
   equal OpenCV's;
 - PNG encode of the published frame and heatmap: sinkwatch's `encode_png`
-  (the encoder in use, and OpenCV's default parameters as a plain install
-  has it), OpenCV with an explicit compression level, and `fpng` alone, whose
-  files Pillow (ComfyUI's reader) must decode to the same pixels, and whose
-  size is compared with OpenCV's default;
+  (the encoder in use, and the zlib writer as a plain install has it),
+  OpenCV with its default parameters and with an explicit compression level,
+  and `fpng` alone, whose files Pillow (ComfyUI's reader) must decode to the
+  same pixels, and whose size is compared with the zlib writer's;
 - JPEG: decode + resize of a source at least twice the frame, with and
   without the reduced-scale decode (`reduce_to`, as the runner asks for it),
   and the same at generator size (where it cannot apply).
@@ -30,7 +30,7 @@ from PIL import Image
 
 from benchmarks.corpus import Source, at_size, encode, load_photo
 from benchmarks.machine import median_ms
-from benchmarks.single import cv2_decode, opencv_codecs
+from benchmarks.single import cv2_decode, plain_codecs
 from core import pipeline
 from core.resize import ResizeParams, resize
 from service.decode import decode_bytes
@@ -59,12 +59,13 @@ def measure(sources: Sequence[Source], *, rule: Rule, folder: Path, reps: int) -
         candidates: dict[str, Callable[[], object]] = {
             "decode opencv": partial(cv2_decode, data),
             "decode sinkwatch": partial(decode_bytes, data, path=source.path, max_pixels=MAX_PIXELS),
-            "decode sinkwatch, OpenCV codecs": partial(
+            "decode sinkwatch, plain codecs": partial(
                 _plain, decode_bytes, data, path=source.path, max_pixels=MAX_PIXELS
             ),
             "encode sinkwatch": partial(_each, encode_png, outputs),
-            "encode sinkwatch, OpenCV codecs": partial(_plain, _each, encode_png, outputs),
-            "encode opencv level 4": partial(_each, _cv2_level, outputs),
+            "encode sinkwatch, plain codecs": partial(_plain, _each, encode_png, outputs),
+            "encode opencv default": partial(_each, _cv2_encode, outputs),
+            "encode opencv level 4": partial(_each, _cv2_encode, outputs, EXPLICIT_LEVEL),
         }
         if spng is not None:
             candidates["decode pyspng"] = partial(spng.load, data, "RGB")
@@ -120,18 +121,19 @@ def _interleaved(calls: dict[str, Callable[[], object]], reps: int) -> dict[str,
 
 
 def _plain(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """`call` as a plain install (OpenCV for every PNG) runs it."""
-    with opencv_codecs():
+    """`call` as a plain install (without the `fast` extra) runs it."""
+    with plain_codecs():
         return call(*args, **kwargs)
 
 
-def _each(encoder: Callable[[np.ndarray], bytes], images: Sequence[np.ndarray]) -> list[bytes]:
-    return [encoder(np.ascontiguousarray(image)) for image in images]
+def _each(encoder: Callable[..., bytes], images: Sequence[np.ndarray], *args: Any) -> list[bytes]:
+    return [encoder(np.ascontiguousarray(image), *args) for image in images]
 
 
-def _cv2_level(rgb: np.ndarray) -> bytes:
+def _cv2_encode(rgb: np.ndarray, level: int | None = None) -> bytes:
+    """OpenCV's PNG: its defaults (what a plain install wrote before the zlib writer), or an explicit level."""
     bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if rgb.ndim == 3 else rgb
-    ok, png = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, EXPLICIT_LEVEL])
+    ok, png = cv2.imencode(".png", bgr, [] if level is None else [cv2.IMWRITE_PNG_COMPRESSION, level])
     return bytes(png) if ok else b""
 
 

@@ -97,7 +97,7 @@ def measure(
     reps: int,
 ) -> dict[str, dict[str, Any]]:
     """Per source: median seconds of sinkwatch (one `process_job`; with the `fast` extra installed, also
-    as a plain install with OpenCV codecs: "sinkwatch_opencv") and of each peer, each ``reps`` times in a
+    as a plain install with its codecs: "sinkwatch_plain") and of each peer, each ``reps`` times in a
     row after one more (see the module's doc), the ways in turn source by source so that the load of a
     shared machine falls on all alike; and what each peer wrote (checked)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -107,13 +107,13 @@ def measure(
     results: dict[str, dict[str, Any]] = {}
     for source in sources:
         size = output_size(source, params)
-        ours = ("sinkwatch", "sinkwatch_opencv") if fast_codecs() else ("sinkwatch",)
+        ours = ("sinkwatch", "sinkwatch_plain") if fast_codecs() else ("sinkwatch",)
         times: dict[str, list[float]] = {}
         for name in ours:
-            opencv = name == "sinkwatch_opencv"
+            plain = name == "sinkwatch_plain"
             times[name] = [
                 job_seconds(
-                    source, rule=rule, queue=folder / "queue", tag=f"peer{rep}{'-cv' if opencv else ''}", opencv=opencv
+                    source, rule=rule, queue=folder / "queue", tag=f"peer{rep}{'-plain' if plain else ''}", plain=plain
                 )
                 for rep in range(reps + 1)
             ]

@@ -22,7 +22,7 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     # Issue 3 names the first two generator sizes (1024x1024 and 832x1216 in a full run) for "between";
     # issue 7's pipeline / floor holds per image, so every source group.
     issue3 = [f"PNG {width}x{height}" for width, height in report["config"]["sizes"][:2]]
-    for key in ("single", "single_opencv"):
+    for key in ("single", "single_plain"):
         for group, summary in report.get(key, {}).items():
             codecs = codec_label(report, key)
             add(f"pipeline / floor, {group}, {codecs}", summary["pipeline_over_floor"], 1.15)
@@ -30,7 +30,7 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 add(f"between / (decode+encode), {group}, {codecs}", summary["between_over_codec"], 0.15)
     if "peers" in report:
         rows = list(report["peers"].values())
-        for ours in ("sinkwatch", "sinkwatch_opencv"):
+        for ours in ("sinkwatch", "sinkwatch_plain"):
             if not all(ours in row for row in rows):
                 continue
             for peer, limit in (("imagemagick", 8.0), ("pillow", 3.0)):
@@ -72,10 +72,10 @@ def latency_of(bursts: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def codec_label(report: dict[str, Any], key: str) -> str:
-    """Which PNG codecs the numbers under `key` are for ("single_opencv", "sinkwatch_opencv": OpenCV's)."""
+    """Which PNG codecs the numbers under `key` are for ("single_plain", "sinkwatch_plain": a plain install's)."""
     codecs = report.get("png_codecs", {})
-    if key.endswith("_opencv") or codecs.get("encode", "opencv") == "opencv":
-        return "OpenCV codecs"
+    if key.endswith("_plain") or codecs.get("encode", "zlib") == "zlib":
+        return "plain codecs (OpenCV decode + zlib encode)"
     return f"fast codecs ({codecs['encode']} + {codecs['decode']})"
 
 
@@ -88,7 +88,7 @@ def render(report: dict[str, Any]) -> str:
         f"ImageMagick: {m['imagemagick']}; OPENBLAS_CORETYPE={m['OPENBLAS_CORETYPE'] or 'unset'}; "
         f"load average {m['load_average']} at start, {m.get('load_average_end')} at end",
     ]
-    for key in ("single", "single_opencv"):
+    for key in ("single", "single_plain"):
         if key in report:
             lines += ["", *_single(report[key], codec_label(report, key))]
     if "peers" in report:
@@ -166,8 +166,8 @@ def _peers(rows_by_source: dict[str, Any]) -> list[str]:
         sw = statistics.median(r["sinkwatch"] for r in items)
         first = round(1000 * statistics.median(r["sinkwatch_first"] for r in items), 1)
         row: list[Any] = [group, len(items), round(1000 * sw, 1), first]
-        if all("sinkwatch_opencv" in r for r in items):
-            row += [round(1000 * statistics.median(r["sinkwatch_opencv"] for r in items), 1)]
+        if all("sinkwatch_plain" in r for r in items):
+            row += [round(1000 * statistics.median(r["sinkwatch_plain"] for r in items), 1)]
         else:
             row += ["n/a"]
         for peer in ("pillow", "imagemagick"):
@@ -181,9 +181,9 @@ def _peers(rows_by_source: dict[str, Any]) -> list[str]:
     out = [
         "Peers: the same job per image, each way a few times in a row (ms; x = peer time / sinkwatch time with the",
         "codecs in use, median per image; 'first': sinkwatch's first job after the peers, not in its median, see",
-        "benchmarks/peers.py; 'OpenCV codecs': sinkwatch as a plain install without the `fast` extra)",
+        "benchmarks/peers.py; 'plain codecs': sinkwatch as a plain install without the `fast` extra)",
     ]
-    heads = ["source", "n", "sinkwatch job", "first", "OpenCV codecs", "Pillow", "x", "ImageMagick", "x"]
+    heads = ["source", "n", "sinkwatch job", "first", "plain codecs", "Pillow", "x", "ImageMagick", "x"]
     return out + table(heads, rows)
 
 

@@ -108,10 +108,10 @@ def _in_worker(
         samples = worker.submit(single.measure, sources, rule=rule, queue=root / "single", reps=config.reps)
         report["single"] = single.summarise(samples.result())
         if worker.submit(single.fast_codecs).result():
-            step(f"single image, one thread, OpenCV codecs: {len(sources)} images x {config.reps}")
-            queue = root / "single-opencv"
-            samples = worker.submit(single.measure, sources, rule=rule, queue=queue, reps=config.reps, opencv=True)
-            report["single_opencv"] = single.summarise(samples.result())
+            step(f"single image, one thread, plain codecs: {len(sources)} images x {config.reps}")
+            queue = root / "single-plain"
+            samples = worker.submit(single.measure, sources, rule=rule, queue=queue, reps=config.reps, plain=True)
+            report["single_plain"] = single.summarise(samples.result())
     if "peers" in sections:
         chosen = [s for s in pngs if s.photo in config.peer_photos and s.size in config.sizes[:2]]
         step(f"peers: {len(chosen)} images")

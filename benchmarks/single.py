@@ -92,13 +92,13 @@ class Sample:
         return sum(v for k, v in self.runner.items() if k not in ("decode", "encode", "publish"))
 
 
-def measure(sources: Sequence[Source], *, rule: Rule, queue: Path, reps: int, opencv: bool = False) -> list[Sample]:
+def measure(sources: Sequence[Source], *, rule: Rule, queue: Path, reps: int, plain: bool = False) -> list[Sample]:
     """`reps` rounds over `sources`, each job followed by its floor on the same source.
 
-    ``opencv``: every PNG through OpenCV, as without the `fast` extra.
+    ``plain``: the PNG codecs of a plain install, as without the `fast` extra.
     """
     cv2.setNumThreads(1)  # as the workers do (service/pool.py)
-    with opencv_codecs() if opencv else nullcontext():
+    with plain_codecs() if plain else nullcontext():
         outputs = {s.path: _outputs(s, rule) for s in sources}
         _sample(sources[0], rule, queue, "warmup", outputs[sources[0].path])
         return [
@@ -108,7 +108,7 @@ def measure(sources: Sequence[Source], *, rule: Rule, queue: Path, reps: int, op
 
 def fast_codecs() -> bool:
     """Whether the `fast` extra's codecs are installed and in use."""
-    return "opencv" not in codec_names().values()
+    return codec_names() == {"encode": "fpng", "decode": "pyspng"}
 
 
 def codec_names() -> dict[str, str]:
@@ -117,10 +117,11 @@ def codec_names() -> dict[str, str]:
 
 
 @contextmanager
-def opencv_codecs() -> Iterator[None]:
-    """OpenCV for every PNG while the block runs, as a plain install (without the `fast` extra) does."""
+def plain_codecs() -> Iterator[None]:
+    """A plain install's PNG codecs (without the `fast` extra) while the block runs: OpenCV decodes, the zlib
+    writer encodes."""
     saved = encode.PNG_ENCODER, decode.PNG_DECODER
-    encode.PNG_ENCODER, decode.PNG_DECODER = "opencv", "opencv"
+    encode.PNG_ENCODER, decode.PNG_DECODER = "zlib", "opencv"
     try:
         yield
     finally:
@@ -172,9 +173,9 @@ def _outputs(source: Source, rule: Rule) -> tuple[np.ndarray, np.ndarray]:
     return result.cleaned, result.heatmap
 
 
-def job_seconds(source: Source, *, rule: Rule, queue: Path, tag: str, opencv: bool = False) -> float:
-    """Wall time of one `process_job` on `source` (the peers' yardstick); ``opencv`` as in `measure`."""
-    with opencv_codecs() if opencv else nullcontext():
+def job_seconds(source: Source, *, rule: Rule, queue: Path, tag: str, plain: bool = False) -> float:
+    """Wall time of one `process_job` on `source` (the peers' yardstick); ``plain`` as in `measure`."""
+    with plain_codecs() if plain else nullcontext():
         started = time.perf_counter()
         outcome = process_job(_job(source, rule, queue, tag))
         elapsed = time.perf_counter() - started

@@ -3,12 +3,16 @@
 With the `fast` extra installed, RGB images go to fpng: an 832x480 frame took
 2.1-2.8 ms against OpenCV's 20-27 ms (one thread, measured), for a file about
 10% larger, lossless, and read by Pillow (ComfyUI's reader) to the same
-pixels. Grey images, and any image fpng fails on, go to OpenCV with its
-default parameters: passing an explicit compression level switches zlib
-strategy and costs about 1.75x the time (measured). Text goes in as tEXt
-(Latin-1) or iTXt (UTF-8) chunks spliced in right after IHDR, which is cheap
-and leaves the pixels exactly as the encoder wrote them; Pillow decodes the
-result to the same pixels and reads the text.
+pixels. Grey images, and any image fpng fails on, go to a small writer on the
+standard library's zlib: every row Up-filtered, deflated at level 1 with
+run-length matching. Against OpenCV's default encoder (the same zlib settings
+with the Sub filter; an explicit compression level makes it switch strategy
+and run about 1.75x slower) it took 16% less time for a frame and its heatmap
+(33.7 against 40.1 ms over the 7 test photos, interleaved, three trials alike)
+and wrote heatmaps 30% smaller. Text goes in as tEXt (Latin-1) or iTXt
+(UTF-8) chunks spliced in right after IHDR, which is cheap and leaves the
+pixels exactly as the encoder wrote them; Pillow decodes the result to the
+same pixels and reads the text.
 """
 
 from __future__ import annotations
@@ -17,15 +21,14 @@ import struct
 import zlib
 from collections.abc import Mapping
 
-import cv2
 import numpy as np
 
 from service.extras import optional_module
 
 _fpng = optional_module("fpng")
 
-PNG_ENCODER = "fpng" if _fpng is not None else "opencv"
-"""The encoder of RGB images, read at every call: "fpng" when installed; assign "opencv" to compare."""
+PNG_ENCODER = "fpng" if _fpng is not None else "zlib"
+"""The encoder of RGB images, read at every call: "fpng" when installed; assign "zlib" to compare."""
 
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _IHDR_END = 8 + 4 + 4 + 13 + 4  # signature, then IHDR's length, type, data and CRC
@@ -50,29 +53,40 @@ def encode_png(rgb: np.ndarray, *, text: Mapping[str, str] | None = None) -> byt
     pixels = np.ascontiguousarray(rgb)  # neither encoder takes negative strides (flipped views)
     png = _fpng_encode(pixels) if pixels.ndim == 3 else None  # fpng writes no grey
     if png is None:
-        png = _cv2_encode(pixels)
+        png = _zlib_encode(pixels)
     return png[:_IHDR_END] + chunks + png[_IHDR_END:] if chunks else png
 
 
 def _fpng_encode(rgb: np.ndarray) -> bytes | None:
-    """fpng's PNG of a contiguous RGB image, or None: then OpenCV encodes it."""
+    """fpng's PNG of a contiguous RGB image, or None: then the zlib writer encodes it."""
     if _fpng is None or PNG_ENCODER != "fpng":
         return None
     try:
         png = _fpng.from_ndarray(rgb)
-    except Exception:  # whatever fpng raises, OpenCV can still write the frame
+    except Exception:  # whatever fpng raises, the zlib writer can still write the frame
         return None
     # fpng 0.1.0 returns empty bytes when it fails; text goes in after an IHDR of exactly this image.
-    height, width = rgb.shape[:2]
-    ihdr = struct.pack(">I4sIIBBBBB", 13, b"IHDR", width, height, 8, 2, 0, 0, 0)
-    return png if isinstance(png, bytes) and png.startswith(_SIGNATURE + ihdr) else None
+    header = _SIGNATURE + struct.pack(">I", 13) + b"IHDR" + _ihdr(rgb)
+    return png if isinstance(png, bytes) and png.startswith(header) else None
 
 
-def _cv2_encode(pixels: np.ndarray) -> bytes:
-    ok, encoded = cv2.imencode(".png", cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR) if pixels.ndim == 3 else pixels)
-    if not ok:
-        raise ValueError(f"OpenCV could not encode an image of shape {pixels.shape}")
-    return encoded.tobytes()
+def _zlib_encode(pixels: np.ndarray) -> bytes:
+    """PNG of a contiguous RGB (H, W, 3) or grey (H, W) image: Up-filtered rows, one IDAT."""
+    height = pixels.shape[0]
+    rows = pixels.reshape(height, -1)
+    filtered = np.empty((height, rows.shape[1] + 1), np.uint8)
+    filtered[:, 0] = 2  # Up: each byte minus the one above it; above the first row, zeros
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # modulo 256, as PNG filters are
+    deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
+    idat = deflate.compress(filtered.data) + deflate.flush()
+    return _SIGNATURE + _chunk(b"IHDR", _ihdr(pixels)) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+def _ihdr(pixels: np.ndarray) -> bytes:
+    """IHDR's data for 8-bit RGB or grey, not interlaced."""
+    colour_type = 2 if pixels.ndim == 3 else 0
+    return struct.pack(">IIBBBBB", pixels.shape[1], pixels.shape[0], 8, colour_type, 0, 0, 0)
 
 
 def _text_chunk(key: str, value: str) -> bytes:

@@ -86,15 +86,15 @@ def test_single_image_section_reports_every_stage_and_its_floor(run_once: tuple[
 def test_the_fast_codecs_are_measured_beside_a_plain_install(run_once: tuple[dict[str, Any], str]) -> None:
     results, printed = run_once
     assert results["png_codecs"] == {"encode": "fpng", "decode": "pyspng"}, "the test extra installs `fast` too"
-    fast, plain = results["single"], results["single_opencv"]
+    fast, plain = results["single"], results["single_plain"]
     assert set(plain) == set(fast)
     for group in fast:
         assert positive(plain[group]["stages_ms"]["encode"]) and positive(plain[group]["floor_ms"])
         assert plain[group]["pipeline_over_floor"] == plain[group]["pipeline_ms"] / plain[group]["floor_ms"]
-    assert all(positive(row["sinkwatch_opencv"]) for row in results["peers"].values())
+    assert all(positive(row["sinkwatch_plain"]) for row in results["peers"].values())
     codecs = results["codecs"]["png_ms"]
-    assert positive(codecs["encode sinkwatch, OpenCV codecs"]) and positive(codecs["decode sinkwatch, OpenCV codecs"])
-    assert "fast codecs (fpng + pyspng)" in printed and "OpenCV codecs" in printed
+    assert positive(codecs["encode sinkwatch, plain codecs"]) and positive(codecs["decode sinkwatch, plain codecs"])
+    assert "fast codecs (fpng + pyspng)" in printed and "plain codecs (OpenCV decode + zlib encode)" in printed
 
 
 def test_peers_do_the_same_job_at_the_published_size(run_once: tuple[dict[str, Any], str]) -> None:
@@ -116,10 +116,10 @@ def test_peers_leave_each_ways_first_run_out_of_its_median(monkeypatch: pytest.M
     """Each way runs reps + 1 times in a row, source by source; the first is only reported (sinkwatch's)."""
     source = corpus.build_corpus(tmp_path / "corpus", photos=("astronaut",), sizes=((320, 320),), other_formats=())[0]
     calls: list[str] = []
-    seconds = iter([9.0, 1.0, 3.0, 8.0, 2.0, 2.0])  # sinkwatch, then sinkwatch with OpenCV codecs
+    seconds = iter([9.0, 1.0, 3.0, 8.0, 2.0, 2.0])  # sinkwatch, then sinkwatch with the plain codecs
 
-    def ours(*_args: Any, opencv: bool = False, **_kwargs: Any) -> float:
-        calls.append("opencv" if opencv else "fast")
+    def ours(*_args: Any, plain: bool = False, **_kwargs: Any) -> float:
+        calls.append("plain" if plain else "fast")
         return next(seconds)
 
     def pillow(source_path: Path, frame: Path, heatmap: Path, size: tuple[int, int]) -> None:
@@ -133,14 +133,21 @@ def test_peers_leave_each_ways_first_run_out_of_its_median(monkeypatch: pytest.M
     monkeypatch.setattr(peers, "pillow_job", pillow)
     rule = load_rules(None).get("default")
     row = peers.measure([source], rule=rule, folder=tmp_path / "peers", reps=2)[source.path.name]
-    assert calls == ["fast"] * 3 + ["opencv"] * 3 + ["pillow"] * 3
-    assert (row["sinkwatch_first"], row["sinkwatch"], row["sinkwatch_opencv"]) == (9.0, 2.0, 2.0)
+    assert calls == ["fast"] * 3 + ["plain"] * 3 + ["pillow"] * 3
+    assert (row["sinkwatch_first"], row["sinkwatch"], row["sinkwatch_plain"]) == (9.0, 2.0, 2.0)
     assert positive(row["pillow"]) and "imagemagick" not in row
 
 
 def test_codec_section_checks_the_alternatives_pixels(run_once: tuple[dict[str, Any], str]) -> None:
     codecs = run_once[0]["codecs"]
-    assert {"decode opencv", "decode sinkwatch", "encode sinkwatch", "encode opencv level 4"} <= set(codecs["png_ms"])
+    expected = {
+        "decode opencv",
+        "decode sinkwatch",
+        "encode sinkwatch",
+        "encode opencv default",
+        "encode opencv level 4",
+    }
+    assert expected <= set(codecs["png_ms"])
     assert all(positive(ms) for ms in codecs["png_ms"].values())
     assert set(codecs["jpeg"]) == {"JPEG 2048x2048", "JPEG 1024x1024"}
     # The test extra installs the fast codecs (see test_packaging), so every check ran and must hold.
@@ -234,7 +241,7 @@ def _synthetic(
     backlog |= {key: {"daemon": grown if key == "rss_kb" else flat, "worker": flat} for key in ("rss_kb", "fds")}
     return {
         "config": {"sizes": [[1024, 1024], [832, 1216]]},
-        "png_codecs": {"encode": "opencv", "decode": "opencv"},
+        "png_codecs": {"encode": "zlib", "decode": "opencv"},
         "single": {"PNG 1024x1024": group, "PNG 832x1216": group, "JPEG 1024x1024": group},
         "peers": {"a.png": {"sinkwatch": 0.05, "imagemagick": 0.05 * magick, "pillow": 0.05 * pillow}},
         "daemon": {"bursts": bursts, "backlog": backlog},

@@ -1,6 +1,6 @@
 """service.encode: lossless, Pillow-readable PNGs with text, byte for byte deterministic.
 
-Each property holds for both encoders: fpng (the `fast` extra) and OpenCV.
+Each property holds for both encoders: fpng (the `fast` extra) and the zlib writer.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ COMFY_TEXT = {
 }
 
 
-@pytest.fixture(params=["fpng", "opencv"])
+@pytest.fixture(params=["fpng", "zlib"])
 def encoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Each encoder in turn, as PNG_ENCODER selects it."""
     if request.param == "fpng":
@@ -40,11 +40,9 @@ def encoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     yield request.param
 
 
-def opencv_png(rgb: np.ndarray) -> bytes:
-    """OpenCV's default encoding, what sinkwatch wrote before fpng and still writes without it."""
-    ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if rgb.ndim == 3 else rgb)
-    assert ok
-    return png.tobytes()
+def zlib_png(rgb: np.ndarray) -> bytes:
+    """The zlib writer's PNG, what sinkwatch writes without fpng (its format is checked on its own below)."""
+    return encode._zlib_encode(np.ascontiguousarray(rgb))
 
 
 def reference_png(rgb: np.ndarray, encoder: str) -> bytes:
@@ -53,7 +51,7 @@ def reference_png(rgb: np.ndarray, encoder: str) -> bytes:
         import fpng
 
         return bytes(fpng.from_ndarray(rgb))
-    return opencv_png(rgb)
+    return zlib_png(rgb)
 
 
 def chunks(png: bytes) -> list[tuple[bytes, bytes]]:
@@ -144,16 +142,32 @@ def test_bad_text_is_refused(text: dict[str, object]) -> None:
         encode_png(np.zeros((2, 2, 3), np.uint8), text=text)  # type: ignore[arg-type]
 
 
-# --- which encoder, and falling back to OpenCV --------------------------------------------------
+@pytest.mark.parametrize("name", ["astronaut", "china"])
+@pytest.mark.parametrize("grey", [False, True], ids=["rgb", "grey"])
+def test_the_zlib_writer_writes_up_filtered_rows_in_one_idat(name: str, grey: bool) -> None:
+    rgb = load_photo(name)
+    pixels = np.ascontiguousarray(rgb[..., 1]) if grey else rgb
+    found = chunks(zlib_png(pixels))
+    assert [kind for kind, _ in found] == [b"IHDR", b"IDAT", b"IEND"]
+    height, width = pixels.shape[:2]
+    assert found[0][1] == struct.pack(">IIBBBBB", width, height, 8, 0 if grey else 2, 0, 0, 0)
+    rows = np.frombuffer(zlib.decompress(found[1][1]), np.uint8).reshape(height, -1)
+    assert (rows[:, 0] == 2).all(), "every row Up-filtered"
+    # Undoing Up is a running sum down each column, modulo 256.
+    unfiltered = np.cumsum(rows[:, 1:], axis=0, dtype=np.uint64) % 256
+    assert np.array_equal(unfiltered.astype(np.uint8).reshape(pixels.shape), pixels)
 
 
-def test_fpng_is_used_for_rgb_when_installed_and_grey_stays_with_opencv() -> None:
+# --- which encoder, and falling back to the zlib writer -----------------------------------------
+
+
+def test_fpng_is_used_for_rgb_when_installed_and_grey_goes_to_the_zlib_writer() -> None:
     fpng = fast_extra("fpng")
     assert encode.PNG_ENCODER == "fpng"
     rgb = load_photo("chelsea")
-    assert encode_png(rgb) == fpng.from_ndarray(rgb) != opencv_png(rgb)
+    assert encode_png(rgb) == fpng.from_ndarray(rgb) != zlib_png(rgb)
     grey = np.ascontiguousarray(rgb[..., 0])
-    assert encode_png(grey) == opencv_png(grey)
+    assert encode_png(grey) == zlib_png(grey)
 
 
 def fresh_encode_module(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
@@ -166,14 +180,14 @@ def fresh_encode_module(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return module
 
 
-def test_without_fpng_installed_the_bytes_are_opencvs_default_encoding(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_fpng_installed_the_bytes_are_the_zlib_writers(monkeypatch: pytest.MonkeyPatch) -> None:
     without = fresh_encode_module(monkeypatch)
-    assert without.PNG_ENCODER == "opencv"
+    assert without.PNG_ENCODER == "zlib"
     rgb = load_photo("rocket")
-    assert without.encode_png(rgb) == opencv_png(rgb)
-    monkeypatch.setattr(without, "PNG_ENCODER", "fpng")  # asked for, but not installed: still OpenCV
+    assert without.encode_png(rgb) == zlib_png(rgb)
+    monkeypatch.setattr(without, "PNG_ENCODER", "fpng")  # asked for, but not installed: still the zlib writer
     png = without.encode_png(rgb, text=COMFY_TEXT)
-    assert png[:33] == opencv_png(rgb)[:33] and png.endswith(opencv_png(rgb)[33:])
+    assert png[:33] == zlib_png(rgb)[:33] and png.endswith(zlib_png(rgb)[33:])
     with Image.open(io.BytesIO(png)) as im:
         assert isinstance(im, PngImagePlugin.PngImageFile)
         assert im.text == COMFY_TEXT and np.array_equal(np.asarray(im), rgb)
@@ -200,25 +214,27 @@ class BrokenFpng:
         AttributeError("Must have 3 dimensions"),
         b"",  # fpng 0.1.0 builds its RuntimeError but never raises it: failure is empty bytes
         b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 14) + b"IHDR" + bytes(14),  # IHDR not where text goes
-        opencv_png(np.zeros((3, 2, 3), np.uint8)),  # a valid PNG of another image
+        zlib_png(np.zeros((3, 2, 3), np.uint8)),  # a valid PNG of another image
     ],
     ids=["runtime-error", "attribute-error", "empty", "odd-ihdr", "wrong-size"],
 )
-def test_when_fpng_fails_opencv_writes_the_frame(monkeypatch: pytest.MonkeyPatch, result: bytes | Exception) -> None:
+def test_when_fpng_fails_the_zlib_writer_writes_the_frame(
+    monkeypatch: pytest.MonkeyPatch, result: bytes | Exception
+) -> None:
     broken = BrokenFpng(result)
     monkeypatch.setattr(encode, "_fpng", broken)
     monkeypatch.setattr(encode, "PNG_ENCODER", "fpng")
     rgb = load_photo("astronaut")
-    reference = opencv_png(rgb)
+    reference = zlib_png(rgb)
     assert encode_png(rgb) == reference
     text_chunk = struct.pack(">I", 3) + b"tEXt" + b"k\0v" + struct.pack(">I", zlib.crc32(b"tEXtk\0v"))
     assert encode_png(rgb, text={"k": "v"}) == reference[:33] + text_chunk + reference[33:]
     assert broken.calls == 2
 
 
-def test_opencv_can_be_chosen_while_fpng_is_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_zlib_writer_can_be_chosen_while_fpng_is_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     broken = BrokenFpng(RuntimeError("must not be called"))
     monkeypatch.setattr(encode, "_fpng", broken)
-    monkeypatch.setattr(encode, "PNG_ENCODER", "opencv")
+    monkeypatch.setattr(encode, "PNG_ENCODER", "zlib")
     rgb = load_photo("china")
-    assert encode_png(rgb) == opencv_png(rgb) and broken.calls == 0
+    assert encode_png(rgb) == zlib_png(rgb) and broken.calls == 0

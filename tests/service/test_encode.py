@@ -153,6 +153,7 @@ def test_the_zlib_writer_writes_up_filtered_rows_in_one_idat(name: str, grey: bo
     assert found[0][1] == struct.pack(">IIBBBBB", width, height, 8, 0 if grey else 2, 0, 0, 0)
     rows = np.frombuffer(zlib.decompress(found[1][1]), np.uint8).reshape(height, -1)
     assert (rows[:, 0] == 2).all(), "every row Up-filtered"
+    assert len(found[1][1]) < 0.9 * rows.nbytes, "deflated, not stored"
     # Undoing Up is a running sum down each column, modulo 256.
     unfiltered = np.cumsum(rows[:, 1:], axis=0, dtype=np.uint64) % 256
     assert np.array_equal(unfiltered.astype(np.uint8).reshape(pixels.shape), pixels)

@@ -19,7 +19,18 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from loguru import logger
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserverVFS
@@ -31,6 +42,18 @@ Event = tuple[str, Path]
 # Kinds the daemon acts on besides "deleted" (a file left its path); "rescan" asks for a scan (a folder
 # appeared, events were dropped), "rescan-gone" for one that also tells which sources left (a folder went).
 FILE_EVENTS = frozenset({"closed", "created", "modified", "moved"})
+# The events the handler acts on. Opens and closes without a write (a worker reading its source, a viewer
+# browsing the folder) and a folder's own "modified" are left out: inotify is not even asked for them.
+HANDLED = (
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileDeletedEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
+    DirDeletedEvent,
+)
 
 
 class EventQueue(queue.Queue[Event]):
@@ -117,7 +140,9 @@ class FolderWatcher:
             if self.polling
             else Observer()
         )
-        observer.schedule(EnqueueHandler(self.events), str(self.root), recursive=self.recursive)
+        observer.schedule(
+            EnqueueHandler(self.events), str(self.root), recursive=self.recursive, event_filter=list(HANDLED)
+        )
         try:
             observer.start()
         except OSError as exc:

@@ -75,6 +75,7 @@ class Header:
     orientation: int = 1
     grey_key: int | None = None  # PNG tRNS colour key of a grey image, as OpenCV returns it
     text: dict[str, str] = field(default_factory=dict)
+    text_left_out: tuple[str, ...] = ()  # keywords of PNG text over the caps (see png_chunks.png_text)
     stream: bytes | None = None  # what to decode instead of the file (an APNG's default image)
     # A plain 8-bit RGB PNG (what generators write): (start, end) of its IHDR, its run of IDATs, its IEND.
     rgb8_chunks: tuple[tuple[int, int], ...] = ()
@@ -108,7 +109,8 @@ def _inspect_png(data: bytes, path: str | Path) -> Header:
     if depth not in _PNG_DEPTHS.get(colour, ()) or found.idat is None:
         raise CorruptImage(f"PNG header invalid (bit depth {depth}, colour type {colour}) or no IDAT", path=path)
     width, height = int.from_bytes(ihdr[0:4], "big"), int.from_bytes(ihdr[4:8], "big")
-    header = Header("PNG", size=(width, height), cv2_flags=_RGB, text=png_text(memoryview(data), found.text))
+    text, left_out = png_text(memoryview(data), found.text)
+    header = Header("PNG", size=(width, height), cv2_flags=_RGB, text=text, text_left_out=left_out)
     if colour in (4, 6) or (trns is not None and colour in (2, 3)):
         header.cv2_flags = cv2.IMREAD_UNCHANGED
     elif trns is not None and colour == 0 and len(trns) >= 2:

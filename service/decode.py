@@ -70,6 +70,7 @@ class DecodedImage:
     source_size: tuple[int, int]  # (width, height) of the full-resolution source, upright
     text: Mapping[str, str]  # PNG text chunks (ComfyUI's "prompt", "workflow"), capped
     sha256: str  # of exactly the bytes decoded
+    text_left_out: tuple[str, ...] = ()  # keywords of the PNG text chunks over the caps, not in `text`
 
 
 def decode_file(
@@ -172,6 +173,7 @@ def decode_bytes(
         source_size=size,
         text=header.text,
         sha256=hashlib.sha256(data).hexdigest(),
+        text_left_out=header.text_left_out,
     )
 
 

@@ -16,6 +16,7 @@ from loguru import logger
 from service.errors import PublishError
 from service.ledger import Ledger
 from service.metrics import Metrics
+from service.png_chunks import TEXT_TOTAL_LIMIT, TEXT_VALUE_LIMIT
 from service.publish import Publisher
 from service.runner import Job, Outcome, rejection_sha256
 
@@ -115,6 +116,15 @@ class Outcomes:
             outcome.scores["mask_coverage"],
             1000 * sum(outcome.timings.values()),
         )
+        if outcome.metadata_left_out:
+            # The sidecar names them too; a user who drags the frame into ComfyUI would find no workflow.
+            logger.bind(source=job.key).warning(
+                "{}: PNG text {} left out of the sidecar and the frame: over {} Mi characters each or {} Mi in all",
+                job.key,
+                ", ".join(repr(key) for key in outcome.metadata_left_out),
+                TEXT_VALUE_LIMIT >> 20,
+                TEXT_TOTAL_LIMIT >> 20,
+            )
 
     def _record_outputs(
         self,

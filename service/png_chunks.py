@@ -149,23 +149,51 @@ def plain_rgb8(found: PngChunks) -> bool:
     return not found.idat_split and not found.libpng_only
 
 
-def png_text(view: memoryview, chunks: list[Chunk]) -> dict[str, str]:
-    """tEXt / zTXt / iTXt as Pillow reads them, each value and the total capped (zip bombs)."""
+def png_text(view: memoryview, chunks: list[Chunk]) -> tuple[dict[str, str], tuple[str, ...]]:
+    """tEXt / zTXt / iTXt as Pillow reads them, each value and the total capped (zip bombs).
+
+    Returns the text kept and the keywords of the chunks left out for being over the caps (a workflow
+    too large to carry, which the sidecar and the log name); unreadable chunks are neither.
+    """
     text: dict[str, str] = {}
+    left_out: list[str] = []
     total = 0
     for kind, start, stop in chunks:
-        if kind not in (b"tEXt", b"zTXt", b"iTXt") or stop - start - 12 > TEXT_TOTAL_LIMIT:
+        if kind not in _TEXT:
+            continue
+        if stop - start - 12 > TEXT_TOTAL_LIMIT:
+            # Not even copied: only its keyword is read.
+            key = bytes(view[start + 8 : min(stop - 4, start + 8 + 80)]).partition(b"\0")[0]
+            if _keyword(key):
+                left_out.append(key.decode("latin-1"))
             continue
         key, _, rest = bytes(view[start + 8 : stop - 4]).partition(b"\0")
-        value = _text_value(kind, rest)
-        if value is None or not 1 <= len(key) <= 79 or "\0" in value or total + len(value) > TEXT_TOTAL_LIMIT:
+        try:
+            value = _text_value(kind, rest)
+        except _OverCap:
+            value = None
+            if _keyword(key):
+                left_out.append(key.decode("latin-1"))
+        if value is None or not _keyword(key) or "\0" in value:
             continue  # unreadable, over the caps or not a keyword (the encoder could not write it back)
+        if total + len(value) > TEXT_TOTAL_LIMIT:
+            left_out.append(key.decode("latin-1"))
+            continue
         text[key.decode("latin-1")] = value
         total += len(value)
-    return text
+    return text, tuple(left_out)
+
+
+class _OverCap(Exception):
+    """A text value longer than :data:`TEXT_VALUE_LIMIT` characters, once decoded."""
+
+
+def _keyword(key: bytes) -> bool:
+    return 1 <= len(key) <= 79
 
 
 def _text_value(kind: bytes, rest: bytes) -> str | None:
+    """The decoded value of a text chunk's data after its keyword; None if unreadable."""
     raw: bytes | None = rest
     if kind == b"zTXt":
         raw = _inflate(rest[1:]) if rest[:1] == b"\0" else None
@@ -179,14 +207,18 @@ def _text_value(kind: bytes, rest: bytes) -> str | None:
         value = None if raw is None else raw.decode("utf-8" if kind == b"iTXt" else "latin-1")
     except UnicodeDecodeError:
         return None
-    return value if value is None or len(value) <= TEXT_VALUE_LIMIT else None
+    if value is not None and len(value) > TEXT_VALUE_LIMIT:
+        raise _OverCap
+    return value
 
 
 def _inflate(payload: bytes) -> bytes | None:
-    """zlib-decompress at most TEXT_VALUE_LIMIT bytes; None if damaged or bigger."""
+    """zlib-decompress at most TEXT_VALUE_LIMIT bytes; None if damaged, :class:`_OverCap` if bigger."""
     inflater = zlib.decompressobj()
     try:
         out = inflater.decompress(payload, TEXT_VALUE_LIMIT + 1)
     except zlib.error:
         return None
-    return None if len(out) > TEXT_VALUE_LIMIT or inflater.unconsumed_tail else out
+    if len(out) > TEXT_VALUE_LIMIT or inflater.unconsumed_tail:
+        raise _OverCap
+    return out

@@ -110,6 +110,7 @@ class Outcome:
     finished_at: float = 0.0
     upload_noted: bool = False  # adopted: the sidecar records an upload to ComfyUI
     codec_messages: tuple[str, ...] = ()  # what the codecs printed to stderr (see service.codec_messages)
+    metadata_left_out: tuple[str, ...] = ()  # keywords of source text over the caps (see png_chunks.png_text)
 
     @property
     def reason(self) -> str | None:
@@ -167,7 +168,7 @@ def process_job(job: Job) -> Outcome:
         heatmap = encode_png(result.heatmap)
         timings["encode"] = time.perf_counter() - started
 
-        sidecar = _sidecar(job, decoded.sha256, decoded.text, scores, timings, before)
+        sidecar = _sidecar(job, decoded.sha256, decoded.text, decoded.text_left_out, scores, timings, before)
         # Recovery after a crash compares this with the frame on disk: a sidecar alone proves nothing.
         frame_sha256 = hashlib.sha256(frame).hexdigest()
         sidecar["output"]["frame_sha256"] = frame_sha256
@@ -218,6 +219,7 @@ def process_job(job: Job) -> Outcome:
         scores=scores,
         outputs={kind: path.name for kind, path in paths.items()},
         finished_at=time.time(),
+        metadata_left_out=decoded.text_left_out,
     )
 
 
@@ -333,6 +335,7 @@ def _sidecar(
     job: Job,
     sha256: str,
     source_text: Mapping[str, str],
+    left_out: tuple[str, ...],
     scores: Mapping[str, float],
     timings: Mapping[str, float],
     stat: os.stat_result,
@@ -345,6 +348,7 @@ def _sidecar(
             "size": stat.st_size,
             "mtime_ns": stat.st_mtime_ns,
             "metadata": dict(source_text),
+            "metadata_left_out": list(left_out),
         },
         "rule": {"name": job.rule.name, "fingerprint": job.rule.fingerprint},
         "output": {

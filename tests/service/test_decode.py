@@ -341,6 +341,7 @@ def test_a_zip_bomb_text_chunk_is_dropped_without_blowing_memory(kind: bytes) ->
     finally:
         tracemalloc.stop()
     assert result.text == expected
+    assert result.text_left_out == ("bomb",)
     assert peak < 3 * TEXT_VALUE_LIMIT + 8 * 2**20
 
 
@@ -349,8 +350,16 @@ def test_text_is_capped_per_value_and_in_total() -> None:
     extra = b"".join(chunk(b"tEXt", f"k{n}".encode() + b"\0" + value.encode()) for n in range(4))
     extra += chunk(b"tEXt", b"huge\0" + b"y" * (TEXT_VALUE_LIMIT + 1))
     rgb = small("astronaut")
-    text = decode(handmade_png(64, 48, 8, 2, scanlines(rgb), extra=extra)).text
-    assert set(text) == {"k0", "k1", "k2"} and sum(map(len, text.values())) <= TEXT_TOTAL_LIMIT
+    decoded = decode(handmade_png(64, 48, 8, 2, scanlines(rgb), extra=extra))
+    assert set(decoded.text) == {"k0", "k1", "k2"} and sum(map(len, decoded.text.values())) <= TEXT_TOTAL_LIMIT
+    assert decoded.text_left_out == ("k3", "huge")
+
+
+def test_a_text_chunk_larger_than_all_text_together_is_named_without_being_read() -> None:
+    extra = chunk(b"tEXt", b"workflow\0" + b"z" * (TEXT_TOTAL_LIMIT + 1)) + chunk(b"tEXt", b"prompt\0{}")
+    decoded = decode(handmade_png(64, 48, 8, 2, scanlines(small("astronaut")), extra=extra))
+    assert decoded.text == {"prompt": "{}"}
+    assert decoded.text_left_out == ("workflow",)
 
 
 def test_text_the_encoder_could_not_write_back_is_dropped() -> None:
@@ -361,9 +370,10 @@ def test_text_the_encoder_could_not_write_back_is_dropped() -> None:
         + chunk(b"zTXt", b"broken\0\0not zlib")
         + chunk(b"tEXt", b"kept\0value")
     )
-    text = decode(handmade_png(64, 48, 8, 2, scanlines(small("astronaut")), extra=extra)).text
-    assert text == {"kept": "value"}
-    assert encode_png(small("astronaut"), text=text)  # what decode keeps, encode can write
+    decoded = decode(handmade_png(64, 48, 8, 2, scanlines(small("astronaut")), extra=extra))
+    assert decoded.text == {"kept": "value"}
+    assert decoded.text_left_out == (), "unreadable text is not text too large to keep"
+    assert encode_png(small("astronaut"), text=decoded.text)  # what decode keeps, encode can write
 
 
 # --- bad inputs -----------------------------------------------------------------------------------

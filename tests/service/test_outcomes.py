@@ -15,8 +15,11 @@ from typing import Any
 
 import pytest
 from loguru import logger
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from prometheus_client import CollectorRegistry
 
+from service.decode import TEXT_VALUE_LIMIT
 from service.file_hash import sha256_file
 from service.ledger import Entry, Ledger
 from service.metrics import OUTCOMES, Metrics
@@ -255,6 +258,24 @@ def test_a_retry_under_a_second_away_is_not_said_to_be_0s_away(bench: Bench) -> 
     assert retries == [
         ("INFO", "retrying cat.png in 0.2s (attempt 1)"),
         ("WARNING", "retrying cat.png in 0.4s (attempt 2)"),
+    ]
+
+
+def test_text_left_out_of_a_published_source_is_said_once_as_a_warning(bench: Bench) -> None:
+    info = PngInfo()
+    info.add_text("prompt", "{}")
+    info.add_text("workflow", "x" * (TEXT_VALUE_LIMIT + 1))
+    source = bench.watch / "big.png"
+    with Image.open(photo_file("chelsea")) as photo:
+        photo.save(source, pnginfo=info)
+    said: list[tuple[str, str]] = []
+    handler = logger.add(lambda m: said.append((m.record["level"].name, m.record["message"])), level="INFO")
+    try:
+        assert bench.run(source).status == "published"
+    finally:
+        logger.remove(handler)
+    assert [line for level, line in said if level == "WARNING"] == [
+        "big.png: PNG text 'workflow' left out of the sidecar and the frame: over 4 Mi characters each or 8 Mi in all"
     ]
 
 

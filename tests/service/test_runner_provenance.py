@@ -17,6 +17,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from service import runner
+from service.decode import TEXT_VALUE_LIMIT
 from service.rules import Rule, parse_rule
 from service.runner import Job, Outcome, process_job
 from tests.conftest import load_photo, photo_file
@@ -126,6 +127,23 @@ def test_the_sidecar_keeps_the_source_metadata_either_way(tmp_path: Path, keep: 
     metadata = sidecar(tmp_path / "queue")["source"]["metadata"]
     assert metadata == {"prompt": PROMPT, "workflow": WORKFLOW, "parameters": "Steps: 20"}
     assert json.loads(metadata["prompt"])["6"]["inputs"]["text"] == "a neon sign reading 東京 in the rain"
+
+
+def test_a_workflow_over_the_text_cap_is_named_in_the_sidecar_and_the_outcome(tmp_path: Path) -> None:
+    # Some custom nodes embed whole images in the workflow: it is left out, and the sidecar says which.
+    huge = json.dumps({"nodes": [{"id": 1, "widgets_values": ["x" * TEXT_VALUE_LIMIT]}]})
+    outcome = run(comfyui_source(tmp_path, workflow=huge), rule(keep=True), tmp_path / "queue")
+    source = sidecar(tmp_path / "queue")["source"]
+    assert source["metadata"] == {"prompt": PROMPT}
+    assert source["metadata_left_out"] == ["workflow"]
+    assert outcome.metadata_left_out == ("workflow",)
+    assert set(frame_text(tmp_path / "queue")) == {"prompt", "sinkwatch"}
+
+
+def test_nothing_is_said_left_out_when_all_text_is_kept(tmp_path: Path) -> None:
+    outcome = run(comfyui_source(tmp_path), rule(keep=False), tmp_path / "queue")
+    assert sidecar(tmp_path / "queue")["source"]["metadata_left_out"] == []
+    assert outcome.metadata_left_out == ()
 
 
 def test_a_source_without_generator_chunks_gets_only_the_sinkwatch_chunk(tmp_path: Path) -> None:

@@ -83,11 +83,27 @@ def main(args: argparse.Namespace) -> int:
         )
         uploads = uploads_for(settings, ledger=ledger, engine=engine, metrics=engine.metrics)
         owed = refused = 0
+        already = _done_before(engine, sources)
         try:
-            already = _run(engine, sources, settings.max_attempts)
+            _run(engine, sources, already, settings.max_attempts)
             if uploads is not None:
                 owed = finish(uploads)
                 refused = uploads.refused
+        except Stopped as stop:
+            counts = engine.counts
+            done = counts["published"] + counts["skipped"] + counts["rejected"] + len(already)
+            _ignore_stops()
+            # Said before the workers are waited for: what they hold is in the count of what is left.
+            left = len(sources) - done
+            owing = f", {ledger.pending_upload_count()} uploads owed to ComfyUI" if uploads is not None else ""
+            with contextlib.suppress(OSError):  # after a hangup the terminal is gone (EIO)
+                print(
+                    f"sinkwatch process: stopped by {signal.Signals(stop.signum).name}: {counts['published']} "
+                    f"published, {counts['skipped'] + len(already)} unchanged, {counts['rejected']} rejected, "
+                    f"{left} left for the next run{owing} -> {queue}",
+                    file=sys.stderr,
+                )
+            raise
         finally:
             # A stop now (Ctrl-C twice, a hangup after a SIGTERM) cut the pool's shutdown short, and the exit then
             # waited for ever for a worker that was never told to go.
@@ -100,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
     counts = engine.counts
     sent = f", {owed} uploads owed to ComfyUI, {refused} failed for good" if uploads is not None else ""
     print(
-        f"sinkwatch process: {counts['published']} published, {counts['skipped'] + already} unchanged, "
+        f"sinkwatch process: {counts['published']} published, {counts['skipped'] + len(already)} unchanged, "
         f"{counts['rejected']} rejected, {len(unfinished)} unfinished{sent} -> {queue}",
         file=sys.stderr,
     )
@@ -247,12 +263,17 @@ def _other_folder(watch: Path, daemons_root: str | None) -> bool:
         return False
 
 
-def _run(engine: Engine, sources: list[Candidate], max_attempts: int) -> int:
-    """Process `sources` until none is left to do or to retry; returns how many the ledger had done already."""
+def _done_before(engine: Engine, sources: list[Candidate]) -> set[str]:
+    """The keys of `sources` the ledger has done already, unchanged since."""
     ours = {candidate.key for candidate in sources}
     # A source that waits for its retry is not done: it is offered, and its outcome counted, when the retry is due.
     waiting = {entry.relpath for entry in engine.ledger.entries("retry")} & ours
-    done_before = engine.settled([(c.key, str(c.path)) for c in sources], source="batch") - waiting
+    return engine.settled([(c.key, str(c.path)) for c in sources], source="batch") - waiting
+
+
+def _run(engine: Engine, sources: list[Candidate], done_before: set[str], max_attempts: int) -> None:
+    """Process `sources` but those `done_before` until none is left to do or to retry."""
+    ours = {candidate.key for candidate in sources}
     feed = (candidate for candidate in sources if candidate.key not in done_before)
     exhausted = False
     # On a terminal, among text lines: JSON lines for a log shipper (`docker run -t`) take no progress text.
@@ -284,4 +305,3 @@ def _run(engine: Engine, sources: list[Candidate], max_attempts: int) -> int:
             if show:
                 print(file=sys.stderr)
     logger.debug("batch finished: {} and {} done before", engine.counts, len(done_before))
-    return len(done_before)

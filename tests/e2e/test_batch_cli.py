@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pty
+import re
 import select
 import shutil
 import signal
@@ -382,6 +383,11 @@ def test_process_stopped_by_a_signal_twice_stops_as_for_ctrl_c_and_a_second_run_
     for unwanted in ("Traceback", "leaked", "resource_tracker"):
         assert unwanted not in run.shown, run.shown[-3000:]
     assert "\r[" in run.shown and run.shown.endswith("\n"), repr(run.shown[-300:])
+    said = re.search(
+        r"sinkwatch process: stopped by (SIG\w+): (\d+) published, 0 unchanged, 0 rejected, (\d+) left ", run.shown
+    )
+    assert said is not None, run.shown[-3000:]
+    assert said[1] in (signum.name, then.name) and int(said[2]) + int(said[3]) == 40, said[0]
     assert spools == [], "its workers' folder was left behind"
     assert rest.returncode == 0, rest.stderr[-3000:]
     assert len(frames(queue)) == 40

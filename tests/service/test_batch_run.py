@@ -1,5 +1,6 @@
-"""`sinkwatch process`'s loop (`service.batch._run`) on a ledger it shares with the daemon: it takes on,
-waits for and counts only the files it was given, and counts the ones the ledger has done as unchanged.
+"""`sinkwatch process`'s loop (`service.batch._done_before` and `_run`) on a ledger it shares with the daemon:
+it takes on, waits for and counts only the files it was given, and counts the ones the ledger has done as
+unchanged.
 
 Real ledger and engine on tmp folders; every case here ends without a job, so no worker starts.
 """
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from service.batch import _choose_rule, _Keys, _run, expand
+from service.batch import _choose_rule, _done_before, _Keys, _run, expand
 from service.engine import Candidate, Engine
 from service.errors import ConfigError
 from service.ledger import Ledger
@@ -50,7 +51,9 @@ def recorded(engine: Engine, path: Path, state: str) -> Candidate:
 def test_files_the_ledger_has_done_count_as_unchanged(engine: Engine, watch: Path) -> None:
     sources = [recorded(engine, watch / f"{state}.png", state) for state in ("published", "rejected")]
 
-    assert _run(engine, sources, MAX_ATTEMPTS) == 2
+    done_before = _done_before(engine, sources)
+    assert done_before == {"published.png", "rejected.png"}
+    _run(engine, sources, done_before, MAX_ATTEMPTS)
     assert not engine.pending and not engine.in_flight
     assert engine.counts == {"published": 0, "rejected": 0, "retried": 0, "skipped": 0}
 
@@ -59,12 +62,13 @@ def test_the_daemons_due_retry_is_left_to_the_daemon(engine: Engine, watch: Path
     recorded(engine, watch / "stuck.png", "retry")
     mine = recorded(engine, watch / "mine.png", "published")
 
-    already = _run(engine, [mine], MAX_ATTEMPTS)
+    already = _done_before(engine, [mine])
+    _run(engine, [mine], already, MAX_ATTEMPTS)
 
     stuck = engine.ledger.get("stuck.png")
     assert stuck is not None and (stuck.state, stuck.attempts) == ("retry", 1), "process retried the daemon's file"
     assert engine.counts == {"published": 0, "rejected": 0, "retried": 0, "skipped": 0}
-    assert already == 1
+    assert already == {"mine.png"}
 
 
 def test_paths_given_to_process_that_cannot_be_taken_are_clear_errors(open_tmp: Path) -> None:

@@ -124,7 +124,13 @@ class Daemon:
         adopted = self.ledger.adopt(self.folders.watch)
         if adopted:
             logger.info("took over {} ledger entries `sinkwatch process` made in {}", adopted, self.folders.watch)
-        self.selection = Selection(self.folders.watch, include=s.include, ignore=s.ignore, recursive=s.recursive)
+        self.selection = Selection(
+            self.folders.watch,
+            include=s.include,
+            ignore=s.ignore,
+            recursive=s.recursive,
+            on_passed_over=self.metrics.passed_over.inc,
+        )
         self.pool = WorkerPool(s.workers)
         self.resources.callback(self.pool.close)
         self.events = EventQueue(maxsize=max(1024, 4 * s.queue_size))

@@ -165,6 +165,12 @@ class Metrics:
             "1 while the ledger records progress; 0 while its disk is full or read-only (no image is processed).",
             registry=reg,
         )
+        self.passed_over = Counter(
+            "sinkwatch_files_passed_over_total",
+            "Files in the watch folder not taken for what they are (a link leading outside it or nowhere, a FIFO, "
+            "a device), each counted once, when first seen; the log names them.",
+            registry=reg,
+        )
         self.watcher_restarts = Counter(
             "sinkwatch_watcher_restarts_total",
             "Times a dead folder observer was restarted.",

@@ -12,7 +12,7 @@ import functools
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,8 +37,10 @@ class Selection:
     # Those the latest scan could not read (or tell a file from a folder), as keys ("" the watch folder): it
     # cannot tell what left them.
     unlisted: list[str] = field(default_factory=list, compare=False, repr=False)
-    # Files passed over for what they are (a link leading out, a FIFO): each is said once.
+    # Files passed over for what they are (a link leading out, a FIFO): each is said once, and counted once
+    # through `on_passed_over` (the daemon's metric).
     passed_over: set[str] = field(default_factory=set, compare=False, repr=False)
+    on_passed_over: Callable[[], object] | None = field(default=None, compare=False, repr=False)
 
     def relpath(self, path: Path) -> str | None:
         """The source key of `path` if it is selected, else None.
@@ -120,6 +122,8 @@ class Selection:
         if reason is not None and path not in self.passed_over:
             self.passed_over.add(path)
             logger.bind(source=path).info("{} is {}: not taken", path, reason)
+            if self.on_passed_over is not None:
+                self.on_passed_over()
         return reason is None
 
     def _folder_excluded(self, parts: tuple[str, ...]) -> bool:

@@ -19,6 +19,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -489,6 +490,10 @@ def test_fifos_sockets_device_links_and_folders_named_like_images_are_ignored_by
         assert logged(daemon.records(), "rejected") == []
         assert sorted(p.name for p in frames(queue)) == ["zz_sentinel.png"]
         assert metric(daemon, "sinkwatch_images_discovered_total", source="startup") == 0
+        # Three of each prefix and the socket, each counted once, however many rescans see them again.
+        wait_for(lambda: metric(daemon, "sinkwatch_files_passed_over_total") == 7, timeout=10)
+        time.sleep(2.5)
+        assert metric(daemon, "sinkwatch_files_passed_over_total") == 7
         assert daemon.stop(timeout=60) == 0, daemon.log.read_text()[-3000:]
 
 

@@ -158,9 +158,10 @@ def test_a_file_passed_over_for_what_it_is_is_said_once(tmp_path: Path, watch: P
     (watch / "escape.png").symlink_to(tmp_path / "outside.png")
     os.mkfifo(watch / "pipe.png")
     messages: list[str] = []
+    counted: list[None] = []
     sink = logger.add(lambda message: messages.append(message.record["message"]), level="INFO")
     try:
-        sel = selection(watch)
+        sel = selection(watch, on_passed_over=lambda: counted.append(None))
         for _ in range(2):  # a scan, then events and the next scan: said once all the same
             assert scanned(sel) == [] and sel.relpath(watch / "escape.png") is None
     finally:
@@ -169,6 +170,7 @@ def test_a_file_passed_over_for_what_it_is_is_said_once(tmp_path: Path, watch: P
         f"{watch / 'escape.png'} is a link leading outside the watch folder (not followed): not taken",
         f"{watch / 'pipe.png'} is not a regular file: not taken",
     ]
+    assert len(counted) == 2, "each counted once, as it is said once"
 
 
 def test_symlinked_folders_inside_the_root_are_not_entered(watch: Path, image: ImageFile) -> None:

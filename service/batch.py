@@ -91,10 +91,8 @@ def main(args: argparse.Namespace) -> int:
                 refused = uploads.refused
         except Stopped as stop:
             counts = engine.counts
-            done = counts["published"] + counts["skipped"] + counts["rejected"] + len(already)
-            _ignore_stops()
             # Said before the workers are waited for: what they hold is in the count of what is left.
-            left = len(sources) - done
+            left = len(sources) - counts["published"] - counts["skipped"] - counts["rejected"] - len(already)
             owing = f", {ledger.pending_upload_count()} uploads owed to ComfyUI" if uploads is not None else ""
             with contextlib.suppress(OSError):  # after a hangup the terminal is gone (EIO)
                 print(

@@ -164,20 +164,18 @@ def png_text(view: memoryview, chunks: list[Chunk]) -> tuple[dict[str, str], tup
         if stop - start - 12 > TEXT_TOTAL_LIMIT:
             # Not even copied: only its keyword is read.
             key = bytes(view[start + 8 : min(stop - 4, start + 8 + 80)]).partition(b"\0")[0]
-            if _keyword(key):
-                left_out.append(key.decode("latin-1"))
+            left_out += _keyword(key)
             continue
         key, _, rest = bytes(view[start + 8 : stop - 4]).partition(b"\0")
         try:
             value = _text_value(kind, rest)
         except _OverCap:
-            value = None
-            if _keyword(key):
-                left_out.append(key.decode("latin-1"))
+            left_out += _keyword(key)
+            continue
         if value is None or not _keyword(key) or "\0" in value:
-            continue  # unreadable, over the caps or not a keyword (the encoder could not write it back)
+            continue  # unreadable or not a keyword (the encoder could not write it back)
         if total + len(value) > TEXT_TOTAL_LIMIT:
-            left_out.append(key.decode("latin-1"))
+            left_out += _keyword(key)
             continue
         text[key.decode("latin-1")] = value
         total += len(value)
@@ -188,8 +186,9 @@ class _OverCap(Exception):
     """A text value longer than :data:`TEXT_VALUE_LIMIT` characters, once decoded."""
 
 
-def _keyword(key: bytes) -> bool:
-    return 1 <= len(key) <= 79
+def _keyword(key: bytes) -> list[str]:
+    """``[key]`` decoded if it is a PNG keyword (1-79 Latin-1 characters), else ``[]``."""
+    return [key.decode("latin-1")] if 1 <= len(key) <= 79 else []
 
 
 def _text_value(kind: bytes, rest: bytes) -> str | None:

@@ -243,16 +243,20 @@ def test_a_transient_failure_is_retried_with_doubling_delays_then_rejected(bench
     assert entry.sha256 is None
 
 
-def test_a_retry_under_a_second_away_is_not_said_to_be_0s_away(bench: Bench) -> None:
+@pytest.fixture
+def said() -> Iterator[list[tuple[str, str]]]:
+    """(level, message) of each line logged at INFO or above while the test runs."""
+    lines: list[tuple[str, str]] = []
+    handler = logger.add(lambda m: lines.append((m.record["level"].name, m.record["message"])), level="INFO")
+    yield lines
+    logger.remove(handler)
+
+
+def test_a_retry_under_a_second_away_is_not_said_to_be_0s_away(bench: Bench, said: list[tuple[str, str]]) -> None:
     bench.outcomes.retry_base = 0.2
-    said: list[tuple[str, str]] = []
-    handler = logger.add(lambda m: said.append((m.record["level"].name, m.record["message"])), level="INFO")
-    try:
-        source = bench.photo("cat.png", cut=5000)
-        for _ in range(2):
-            assert bench.run(source).status == "retry"
-    finally:
-        logger.remove(handler)
+    source = bench.photo("cat.png", cut=5000)
+    for _ in range(2):
+        assert bench.run(source).status == "retry"
     retries = [(level, line.split(": ")[0]) for level, line in said if line.startswith("retrying cat.png")]
     # Cut short at the first try, a file is being written still; the same file cut short again is news.
     assert retries == [
@@ -261,19 +265,16 @@ def test_a_retry_under_a_second_away_is_not_said_to_be_0s_away(bench: Bench) -> 
     ]
 
 
-def test_text_left_out_of_a_published_source_is_said_once_as_a_warning(bench: Bench) -> None:
+def test_text_left_out_of_a_published_source_is_said_once_as_a_warning(
+    bench: Bench, said: list[tuple[str, str]]
+) -> None:
     info = PngInfo()
     info.add_text("prompt", "{}")
     info.add_text("workflow", "x" * (TEXT_VALUE_LIMIT + 1))
     source = bench.watch / "big.png"
     with Image.open(photo_file("chelsea")) as photo:
         photo.save(source, pnginfo=info)
-    said: list[tuple[str, str]] = []
-    handler = logger.add(lambda m: said.append((m.record["level"].name, m.record["message"])), level="INFO")
-    try:
-        assert bench.run(source).status == "published"
-    finally:
-        logger.remove(handler)
+    assert bench.run(source).status == "published"
     assert [line for level, line in said if level == "WARNING"] == [
         "big.png: PNG text 'workflow' left out of the sidecar and the frame: over 4 Mi characters each or 8 Mi in all"
     ]

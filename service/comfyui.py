@@ -176,12 +176,8 @@ class ComfyClient:
 
     def find(self, prompt_id: str) -> QueuedPrompt | None:
         """The prompt ComfyUI holds under ``prompt_id`` (waiting, running or finished), or None."""
-        answer = self._call("GET", "/queue", max_reply=MAX_QUEUE_REPLY)
-        if not isinstance(answer, Mapping):
-            raise self._unexpected("/queue", answer)
         # The queue first: a prompt finishing meanwhile is in the history when that is read next.
-        entries = [*(answer.get("queue_running") or []), *(answer.get("queue_pending") or [])]
-        found = next((e for e in entries if isinstance(e, list) and len(e) > 1 and e[1] == prompt_id), None)
+        found = next((e for e in self._queue() if e[1] == prompt_id), None)
         if found is None:
             finished = self.history(prompt_id)
             found = finished.get("prompt") if finished is not None else None
@@ -189,6 +185,17 @@ class ComfyClient:
             return None
         number = found[0] if found and isinstance(found[0], int | float) else 0
         return QueuedPrompt(prompt_id=prompt_id, number=float(number))
+
+    def queued_ids(self) -> set[str]:
+        """The ``prompt_id`` of every prompt waiting or running (read before any history, for the reason above)."""
+        return {str(entry[1]) for entry in self._queue()}
+
+    def _queue(self) -> list[list[Any]]:
+        answer = self._call("GET", "/queue", max_reply=MAX_QUEUE_REPLY)
+        if not isinstance(answer, Mapping):
+            raise self._unexpected("/queue", answer)
+        entries = [*(answer.get("queue_running") or []), *(answer.get("queue_pending") or [])]
+        return [entry for entry in entries if isinstance(entry, list) and len(entry) > 1]
 
     def history(self, prompt_id: str) -> Mapping[str, Any] | None:
         """The finished prompt's history entry, or None while it is queued or running."""
@@ -280,6 +287,20 @@ def status_of(entry: Mapping[str, Any]) -> str:
     if isinstance(status, Mapping) and isinstance(status.get("status_str"), str):
         return str(status["status_str"])
     return "success"
+
+
+def failure_of(entry: Mapping[str, Any]) -> str:
+    """What a history entry says went wrong: its ``execution_error`` message, or "" when it says nothing."""
+    status = entry.get("status")
+    messages = status.get("messages") if isinstance(status, Mapping) else None
+    for message in messages if isinstance(messages, list) else []:
+        if isinstance(message, list) and len(message) == 2 and message[0] == "execution_error":
+            details = message[1] if isinstance(message[1], Mapping) else {}
+            kind, text = details.get("exception_type"), details.get("exception_message")
+            where = details.get("node_type")
+            said = ": ".join(str(part).strip() for part in (kind, text) if part)
+            return f"{said} (in {where})" if where and said else said
+    return ""
 
 
 def _rejection(method: str, route: str, url: str, status: int, payload: bytes) -> ComfyRejected:

@@ -26,8 +26,14 @@ from service.workflow import load_workflow
 DOWN_GRACE = 5.0
 
 
-def uploads_for(settings: Settings, *, ledger: Ledger, engine: Engine, metrics: Metrics) -> Uploads | None:
-    """The uploader `settings` ask for (None without --comfyui-url), fed by `engine`'s publications."""
+def uploads_for(
+    settings: Settings, *, ledger: Ledger, engine: Engine, metrics: Metrics, watch_jobs: bool = False
+) -> Uploads | None:
+    """The uploader `settings` ask for (None without --comfyui-url), fed by `engine`'s publications.
+
+    `watch_jobs`: also ask ComfyUI, every `comfyui_check_every` seconds, how the video jobs it queued ended
+    (a daemon that keeps running; a run that ends would not see them end).
+    """
     if not settings.comfyui_url:
         return None
     uploads = Uploads(
@@ -39,6 +45,7 @@ def uploads_for(settings: Settings, *, ledger: Ledger, engine: Engine, metrics: 
         metrics=metrics,
         workflow=load_workflow(settings.comfyui_workflow) if settings.comfyui_workflow else None,
         busy=engine.publishing,
+        check_jobs_every=settings.comfyui_check_every if watch_jobs else 0.0,
     )
     uploads.resume()
     engine.on_published = uploads.enqueue

@@ -145,7 +145,7 @@ class Daemon:
             wakeup=self.events.arrived,
             events_tell_departures=not s.polling,
         )
-        self.uploads = uploads_for(s, ledger=self.ledger, engine=self.engine, metrics=self.metrics)
+        self.uploads = uploads_for(s, ledger=self.ledger, engine=self.engine, metrics=self.metrics, watch_jobs=not once)
         if self.uploads is not None:
             self.resources.callback(self.uploads.close)
         removed = self.engine.publisher.clean_temp()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from service.errors import ConfigError
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 # Statements that bring a ledger from version N-1 to N; a new version appends an entry.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
@@ -92,6 +92,13 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             boot_id TEXT,
             stopping REAL
         )""",
+    ),
+    # The video job a queued workflow became in ComfyUI, as last seen: 'waiting' until a check finds it in
+    # ComfyUI's history ('success', 'error') or in neither its queue nor its history ('lost'; 'unknown' when no
+    # check of the daemon then running had seen it waiting). NULL: no job (no workflow, or queued before this).
+    9: (
+        "ALTER TABLE uploads ADD COLUMN job TEXT",
+        "CREATE INDEX uploads_by_job ON uploads (job, updated)",
     ),
 }
 

@@ -12,6 +12,10 @@ back each time and never be sent while a backlog drains.
 The uploader holds at most a bounded number of tasks in memory; the pending
 rows are the overflow, read a page at a time (:meth:`UploadLedger.pending_uploads`).
 
+A frame whose workflow ComfyUI queued keeps the fate of that video job in
+``job`` (schema 9): ``waiting`` until the daemon's checks see it end
+(:mod:`service.comfyui_jobs`); a republication starts over with no job.
+
 `UploadLedger` is a base class of `service.ledger.Ledger`, which owns the
 connection and supplies the transaction helper and the clock.
 """
@@ -27,10 +31,12 @@ from typing import Any
 from service.ledger_schema import db_key, db_relpath, db_text
 
 UPLOAD_STATES = ("pending", "done", "failed")
+# How the video job of a queued workflow ended (see service.comfyui_jobs); "waiting" before that, NULL: no job.
+JOB_ENDS = ("success", "error", "lost", "unknown")
 
 # The columns in the order of Upload's fields.
 _SELECT_UPLOAD = """
-    SELECT name, relpath, width, height, state, generation, reference, prompt_id, reason, message, queued, updated
+    SELECT name, relpath, width, height, state, generation, reference, prompt_id, reason, message, queued, updated, job
     FROM uploads
 """
 
@@ -50,7 +56,8 @@ class Upload:
     reason: str | None
     message: str | None
     queued: float
-    updated: float
+    updated: float  # when it was owed again or settled: for a queued workflow, when ComfyUI took it
+    job: str | None = None  # "waiting", one of JOB_ENDS, or None
 
 
 class UploadLedger:
@@ -68,7 +75,7 @@ class UploadLedger:
                    ON CONFLICT (name) DO UPDATE SET
                        relpath = excluded.relpath, width = excluded.width, height = excluded.height,
                        state = 'pending', generation = generation + 1, reference = NULL, prompt_id = NULL,
-                       reason = NULL, message = NULL,
+                       reason = NULL, message = NULL, job = NULL,
                        queued = CASE WHEN state = 'pending' THEN queued ELSE excluded.queued END,
                        updated = excluded.updated
                    RETURNING generation""",
@@ -125,6 +132,24 @@ class UploadLedger:
         with self._transaction(write=False) as db:
             return int(db.execute("SELECT COUNT(*) FROM uploads WHERE state = 'pending'").fetchone()[0])
 
+    def waiting_jobs(self, *, limit: int) -> list[Upload]:
+        """The first `limit` video jobs queued on ComfyUI and not yet seen ended, the longest waiting first."""
+        with self._transaction(write=False) as db:
+            rows = db.execute(_SELECT_UPLOAD + " WHERE job = 'waiting' ORDER BY updated, name LIMIT ?", (limit,))
+            return [_upload(row) for row in rows]
+
+    def job_ended(self, name: str, *, generation: int, prompt_id: str, job: str) -> bool:
+        """The video job `prompt_id` of that generation ended as `job`; False if the row moved on meanwhile."""
+        if job not in JOB_ENDS:
+            raise ValueError(f"job must be one of {JOB_ENDS}, got {job!r}")
+        with self._transaction() as db:
+            cursor = db.execute(
+                """UPDATE uploads SET job = ?
+                   WHERE name = ? AND generation = ? AND prompt_id = ? AND job = 'waiting'""",
+                (job, db_text(name), generation, db_text(prompt_id)),
+            )
+            return cursor.rowcount == 1
+
     def upload_counts(self) -> dict[str, int]:
         with self._transaction(write=False) as db:
             rows = db.execute("SELECT state, COUNT(*) FROM uploads GROUP BY state").fetchall()
@@ -143,7 +168,8 @@ class UploadLedger:
     ) -> bool:
         with self._transaction() as db:
             cursor = db.execute(
-                """UPDATE uploads SET state = ?, reference = ?, prompt_id = ?, reason = ?, message = ?, updated = ?
+                """UPDATE uploads SET state = ?, reference = ?, prompt_id = ?, reason = ?, message = ?, updated = ?,
+                       job = ?
                    WHERE name = ? AND generation = ? AND state = 'pending'""",
                 (
                     state,
@@ -152,6 +178,7 @@ class UploadLedger:
                     db_text(reason),
                     db_text(message),
                     self.clock(),
+                    "waiting" if state == "done" and prompt_id is not None else None,
                     db_text(name),
                     generation,
                 ),

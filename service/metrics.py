@@ -33,6 +33,7 @@ from prometheus_client import (
 
 from service import __version__
 from service.errors import REJECT_REASONS
+from service.ledger_uploads import JOB_ENDS
 
 SOURCES = ("event", "scan", "startup")
 OUTCOMES = ("published", "rejected", "retried", "skipped")
@@ -201,6 +202,12 @@ class Metrics:
             ["outcome"],
             registry=reg,
         )
+        self.comfyui_jobs = Counter(
+            "sinkwatch_comfyui_jobs_total",
+            "Video jobs queued on ComfyUI that were seen to end, by how they ended.",
+            ["outcome"],
+            registry=reg,
+        )
         self.comfyui_pending_uploads = Gauge(
             "sinkwatch_comfyui_pending_uploads",
             "Uploads to a remote ComfyUI the ledger holds as pending (owed, not sent yet).",
@@ -229,6 +236,8 @@ class Metrics:
             self.comfyui_uploads.labels(outcome)
         for outcome in PROMPT_OUTCOMES:
             self.comfyui_prompts.labels(outcome)
+        for outcome in JOB_ENDS:
+            self.comfyui_jobs.labels(outcome)
         for name in rules:
             self.add_rule(name)
         self.set_build_info(__version__, "none")

@@ -140,6 +140,15 @@ class Settings(BaseSettings):
     comfyui_timeout: float = Field(
         10.0, gt=0, le=LONGEST_SECONDS, description="Seconds one request to ComfyUI may take, all of it."
     )
+    comfyui_check_every: float = Field(
+        60.0,
+        ge=0,
+        le=LONGEST_SECONDS,
+        description=(
+            "Seconds between two looks at ComfyUI's queue and history for the video jobs queued on it, to tell "
+            "the lost and failed ones (`run` with --comfyui-workflow; 0: never)."
+        ),
+    )
 
     @field_validator("include", "ignore")
     @classmethod

@@ -5,7 +5,9 @@ the sidecars, the metrics and the log: :meth:`Uploads.enqueue` records an
 upload as pending in the ledger *before* anything is sent, and
 :meth:`Uploads.pump` applies finished results. One background thread
 (:mod:`service.upload_sender`) does only the HTTP work. Local publishing never
-waits for it.
+waits for it. A daemon that queues workflows has a third thread, which asks
+ComfyUI how the video jobs ended (:mod:`service.comfyui_jobs`), applied by the
+same pump.
 
 The line between them (:mod:`service.upload_queue`) holds one task per output
 name, so a frame republished while its upload waits is sent once, as it is
@@ -44,6 +46,7 @@ from typing import Any
 from loguru import logger
 
 from service.comfyui import ComfyClient
+from service.comfyui_jobs import JobWatch
 from service.comfyui_status import ComfyStatus
 from service.errors import ComfyRejected, PublishError, SinkwatchError
 from service.ledger import Ledger
@@ -76,6 +79,7 @@ class Uploads:
         retry_cap: float = RETRY_CAP,
         max_tasks: int = DEFAULT_LIMIT,
         busy: Callable[[str], bool] | None = None,
+        check_jobs_every: float = 0.0,
     ) -> None:
         self.client = client
         self.ledger = ledger
@@ -102,6 +106,12 @@ class Uploads:
             results=self._results,
             retry_base=retry_base,
             retry_cap=retry_cap,
+        )
+        # Whether ComfyUI still holds the video jobs queued on it (0: not asked; a run that ends does not ask).
+        self._jobs = (
+            JobWatch(client=client, ledger=ledger, metrics=metrics, every=check_jobs_every, clock=clock)
+            if workflow is not None and check_jobs_every > 0
+            else None
         )
 
     @property
@@ -160,6 +170,8 @@ class Uploads:
             self._unapplied.popleft()
         self._refill()
         self._count_pending()
+        if self._jobs is not None:
+            self._jobs.pump()
         return applied
 
     def idle(self) -> bool:
@@ -172,6 +184,8 @@ class Uploads:
         """Stop the HTTP thread (within one request timeout) and apply what it finished."""
         if not self._sender.stop(timeout=self.client.timeout + 1.0):
             logger.warning("the ComfyUI upload thread is still in a request; leaving it behind")
+        if self._jobs is not None and not self._jobs.close(timeout=self.client.timeout + 1.0):
+            logger.warning("the ComfyUI job check is still in a request; leaving it behind")
         try:
             self.pump()
         except SinkwatchError as exc:
@@ -255,6 +269,8 @@ class Uploads:
         elif kind == "queued":
             self._settle(result, {"upload": result.reference, "prompt_id": result.prompt_id})
             self.metrics.comfyui_prompts.labels(outcome="queued").inc()
+            if self._jobs is not None and result.prompt_id is not None:
+                self._jobs.queued(result.prompt_id)
             if result.node_errors:
                 logger.bind(frame=task.name, node_errors=dict(result.node_errors)).warning(
                     "ComfyUI queued the workflow for {} but dropped outputs with errors", task.name

@@ -38,7 +38,9 @@ For the tests, beyond ComfyUI: ``fail_next`` (answer the next requests, or the
 next ones on one route, with a status), ``answer_next`` (a raw status,
 headers and body: a redirect, a proxy's page), ``stall``/``release`` (hold
 requests unanswered), ``answer_prompts_late`` (queue a prompt, answer only
-after the client gave up), and ``prompts`` (the prompts accepted, in order).
+after the client gave up), ``run_queued`` (run every waiting prompt now),
+``restart`` (forget the queue and the history, as a restarted ComfyUI has),
+and ``prompts`` (the prompts accepted, in order).
 """
 
 from __future__ import annotations
@@ -140,6 +142,20 @@ class FakeComfyUI:
         """Queue each of the next ``count`` accepted prompts at once but answer only ``seconds`` later."""
         with self._lock:
             self._late.extend([seconds] * count)
+
+    def run_queued(self) -> None:
+        """Run every waiting prompt now, in order, as ComfyUI's worker does."""
+        with self._lock:
+            for prompt_id, job in list(self._pending.items()):
+                del self._pending[prompt_id]
+                self._history[prompt_id] = self._run(job["record"])
+
+    def restart(self) -> None:
+        """What a restart of ComfyUI does to what it holds in memory: the queue and the history are gone."""
+        with self._lock:
+            self._pending.clear()
+            self._history.clear()
+            self._cache.clear()
 
     def take_raw(self) -> tuple[int, dict[str, str], bytes] | None:
         with self._lock:

@@ -27,6 +27,7 @@ ALERTS = (
     "SinkwatchLedgerPaused",
     "SinkwatchComfyUIDown",
     "SinkwatchComfyUIFailed",
+    "SinkwatchComfyUIJobsFailed",
     "SinkwatchTargetDown",
 )
 

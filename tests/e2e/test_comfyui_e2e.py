@@ -210,6 +210,34 @@ def test_every_published_frame_is_uploaded_and_its_workflow_queued(
     assert sorted(frames(queue)) == published, "the local queue holds the frames as well"
 
 
+def test_video_jobs_are_followed_to_their_end_and_those_a_comfyui_restart_drops_are_reported_lost(
+    start_daemon: Callable[..., DaemonProcess], folders: tuple[Path, Path], photos: dict[str, np.ndarray]
+) -> None:
+    watch, _queue = folders
+    with FakeComfyUI() as comfy:
+        daemon = start_daemon(
+            "--comfyui-url", comfy.url, "--comfyui-workflow", str(SMOKE), "--comfyui-check-every", "0.2"
+        )
+        for index in range(3):
+            drop(watch, index, photos)
+        wait_for(lambda: counter(daemon, "sinkwatch_comfyui_prompts_total", "queued") == 3, timeout=90)
+        comfy.run_queued()
+        wait_for(lambda: counter(daemon, "sinkwatch_comfyui_jobs_total", "success") == 3)
+
+        lost = sorted(drop(watch, index, photos).stem for index in range(3, 5))
+        wait_for(lambda: counter(daemon, "sinkwatch_comfyui_prompts_total", "queued") == 5, timeout=90)
+        comfy.restart()  # say the video of the first ran the GPU out of memory and took ComfyUI down
+        wait_for(lambda: counter(daemon, "sinkwatch_comfyui_jobs_total", "lost") == 2)
+
+        said = [m for m in daemon.messages() if "lost the video job for" in m]
+        assert sorted(m.split("lost the video job for ")[1].split(" ")[0] for m in said) == lost
+        assert counter(daemon, "sinkwatch_comfyui_jobs_total", "success") == 3
+        assert counter(daemon, "sinkwatch_comfyui_jobs_total", "unknown") == 0
+        assert len(comfy.prompts) == 5, "reported, not queued again"
+        promtool_check(daemon)
+        assert daemon.stop() == 0
+
+
 @pytest.mark.slow
 def test_frames_publish_while_comfyui_is_down_and_every_pending_upload_arrives_across_a_restart(
     start_daemon: Callable[..., DaemonProcess], folders: tuple[Path, Path], photos: dict[str, np.ndarray]

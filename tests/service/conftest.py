@@ -8,19 +8,24 @@ import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 import pytest
 from loguru import logger
 from prometheus_client import CollectorRegistry
 
+from service.comfyui import DEFAULT_SUBFOLDER, ComfyClient
 from service.engine import Engine, Limits
 from service.ledger import Ledger
 from service.metrics import Metrics
 from service.pool import WorkerPool
 from service.publish import Publisher
 from service.rules import load_rules
+from service.uploader import Uploads
 from tests.fake_comfyui import FakeComfyUI
+
+if TYPE_CHECKING:
+    from loguru import Record  # loguru's types live in its stubs only
 
 
 class FakeClock:
@@ -149,3 +154,37 @@ def publisher(tmp_path: Path) -> Publisher:
 @pytest.fixture
 def metrics() -> Metrics:
     return Metrics(CollectorRegistry())
+
+
+@pytest.fixture
+def logs() -> Iterator[list[Record]]:
+    records: list[Record] = []
+    sink = logger.add(lambda message: records.append(message.record), level="DEBUG")
+    yield records
+    logger.remove(sink)
+
+
+@pytest.fixture
+def make_uploads(ledger: Ledger, publisher: Publisher, metrics: Metrics) -> Iterator[Callable[..., Uploads]]:
+    """Build Uploads against `url`; every one built is closed after the test."""
+    made: list[Uploads] = []
+
+    def make(url: str, *, workflow: dict[str, Any] | None = None, **kwargs: Any) -> Uploads:
+        kwargs.setdefault("retry_base", 0.001)
+        kwargs.setdefault("retry_cap", 0.01)
+        timeout = kwargs.pop("timeout", 5.0)
+        subfolder = kwargs.pop("subfolder", DEFAULT_SUBFOLDER)
+        uploads = Uploads(
+            client=ComfyClient(url, timeout=timeout, subfolder=subfolder),
+            ledger=kwargs.pop("ledger", ledger),
+            publisher=publisher,
+            metrics=metrics,
+            workflow=workflow,
+            **kwargs,
+        )
+        made.append(uploads)
+        return uploads
+
+    yield make
+    for uploads in made:
+        uploads.close()

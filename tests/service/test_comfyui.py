@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from service.comfyui import ComfyClient, UploadResult
+from service.comfyui import ComfyClient, UploadResult, failure_of
 from service.comfyui_transport import exchange
 from service.errors import ComfyPending, ComfyRejected, ComfyUnavailable, ConfigError
 from service.workflow import load_workflow, prepare
@@ -244,6 +244,42 @@ def test_wait_reports_an_execution_error(comfy: FakeComfyUI, client: ComfyClient
     events = [name for name, _data in entry["status"]["messages"]]
     assert "execution_error" in events and "execution_success" not in events
     assert entry["outputs"] == {}
+
+
+def test_queued_ids_are_the_waiting_and_running_prompts_and_failure_of_reads_what_went_wrong(
+    comfy: FakeComfyUI, client: ComfyClient, photo_png: bytes
+) -> None:
+    good = client.queue_prompt(smoke_prompt(client.upload_image(photo_png, name="good.png").reference))
+    client.upload_image(b"not a png at all", name="broken.png")
+    bad = client.queue_prompt(smoke_prompt("sinkwatch/broken.png"))
+    assert client.queued_ids() == {good, bad}
+    comfy.run_queued()
+    assert client.queued_ids() == set()
+    ran, failed = client.history(good), client.history(bad)
+    assert ran is not None and failed is not None
+    assert failure_of(ran) == ""
+    said = failure_of(failed)
+    assert said.startswith("UnidentifiedImageError: cannot identify image file") and said.endswith("(in LoadImage)")
+    comfy.restart()
+    assert client.queued_ids() == set() and client.history(good) is None and client.history(bad) is None
+
+
+@pytest.mark.parametrize(
+    ("entry", "said"),
+    [
+        ({}, ""),
+        ({"status": "error"}, ""),
+        ({"status": {"messages": "x"}}, ""),
+        ({"status": {"messages": [["execution_error", "not a mapping"]]}}, ""),
+        ({"status": {"messages": [["execution_error", {"exception_message": "out of memory\n"}]]}}, "out of memory"),
+        (
+            {"status": {"messages": [["execution_start", {}], ["execution_error", {"exception_type": "OOM"}]]}},
+            "OOM",
+        ),
+    ],
+)
+def test_failure_of_takes_what_a_history_entry_offers(entry: dict[str, Any], said: str) -> None:
+    assert failure_of(entry) == said
 
 
 def test_wait_gives_up_at_its_deadline(comfy: FakeComfyUI, photo_png: bytes) -> None:

@@ -108,7 +108,7 @@ def test_a_version_2_ledger_is_migrated_and_its_rows_have_an_unknown_inode_and_c
         publish(ledger, "new.png")
         assert ledger.stamps(["new.png"]) == {"new.png": Stamp("published", 10, 20, 30, 40)}
     with sqlite3.connect(db_path) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 9
         # Not seen by a scan yet: forgotten only once gone for --forget-after-days after its last update.
         assert raw.execute("SELECT seen FROM sources WHERE relpath = ?", (b"old.png",)).fetchone() == (None,)
 

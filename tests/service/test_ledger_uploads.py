@@ -96,3 +96,57 @@ def test_pending_uploads_come_a_page_at_a_time_oldest_first(clocked: tuple[Ledge
     assert [u.name for u in ledger.pending_uploads(limit=2)] == ["e", "c"]
     assert [u.name for u in ledger.pending_uploads(limit=10)] == ["e", "c", "b", "a"]
     assert ledger.pending_upload_count() == 4
+
+
+def test_a_queued_workflow_has_a_waiting_job_until_it_ends_and_a_republication_starts_over(ledger: Ledger) -> None:
+    for name in ("a", "b"):
+        ledger.upload_pending(name, relpath=f"{name}.png", width=832, height=480)
+    assert ledger.upload_done("a", generation=1, reference="sinkwatch/a.png", prompt_id="p1")
+    assert ledger.upload_done("b", generation=1, reference="sinkwatch/b.png")  # no workflow: no job
+    assert [(u.name, u.job) for u in ledger.uploads()] == [("a", "waiting"), ("b", None)]
+    assert [u.name for u in ledger.waiting_jobs(limit=10)] == ["a"]
+
+    assert not ledger.job_ended("a", generation=1, prompt_id="another", job="lost"), "not that job"
+    assert ledger.job_ended("a", generation=1, prompt_id="p1", job="error")
+    assert not ledger.job_ended("a", generation=1, prompt_id="p1", job="lost"), "ended once"
+    assert getattr(ledger.get_upload("a"), "job", None) == "error" and ledger.waiting_jobs(limit=10) == []
+
+    # Republished: the new frame's upload starts with no job, and the old job's end cannot settle the new one.
+    assert ledger.upload_pending("a", relpath="a.png", width=832, height=480) == 2
+    assert getattr(ledger.get_upload("a"), "job", "?") is None
+    assert ledger.upload_done("a", generation=2, reference="sinkwatch/a2.png", prompt_id="p2")
+    assert not ledger.job_ended("a", generation=1, prompt_id="p1", job="success")
+    assert [(u.name, u.generation, u.prompt_id) for u in ledger.waiting_jobs(limit=10)] == [("a", 2, "p2")]
+    with pytest.raises(ValueError, match="job must be one of"):
+        ledger.job_ended("a", generation=2, prompt_id="p2", job="waiting")
+
+
+def test_waiting_jobs_come_the_longest_waiting_first_a_page_at_a_time(clocked: tuple[Ledger, list[float]]) -> None:
+    ledger, now = clocked
+    for name in ("c", "a", "b", "d"):
+        ledger.upload_pending(name, relpath=f"{name}.png", width=16, height=16)
+    for name in ("b", "d", "c", "a"):  # queued on ComfyUI in this order
+        now[0] += 1
+        ledger.upload_done(name, generation=1, reference=f"{name}.png", prompt_id=f"p-{name}")
+    assert [u.name for u in ledger.waiting_jobs(limit=3)] == ["b", "d", "c"]
+    ledger.job_ended("d", generation=1, prompt_id="p-d", job="success")
+    assert [u.name for u in ledger.waiting_jobs(limit=3)] == ["b", "c", "a"]
+
+
+def test_workflows_queued_before_jobs_were_watched_are_not_watched(tmp_path: Path) -> None:
+    """A version 8 ledger knows no job states: its queued workflows may have ended long ago, so none waits."""
+    path = tmp_path / "ledger.sqlite3"
+    with sqlite3.connect(path) as raw:
+        for version in range(1, 9):
+            for statement in MIGRATIONS[version]:
+                raw.execute(statement)
+        raw.execute(
+            "INSERT INTO uploads (name, relpath, width, height, state, generation, reference, prompt_id, queued,"
+            " updated) VALUES ('a', ?, 832, 480, 'done', 1, 'sinkwatch/a.png', 'p1', 1.0, 2.0)",
+            (b"a.png",),
+        )
+        raw.execute("PRAGMA user_version = 8")
+    with Ledger(path) as ledger:
+        upload = ledger.get_upload("a")
+        assert upload is not None and (upload.state, upload.prompt_id, upload.job) == ("done", "p1", None)
+        assert ledger.waiting_jobs(limit=10) == []

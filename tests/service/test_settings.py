@@ -278,7 +278,14 @@ def test_every_comfyui_setting_is_a_flag_with_its_environment_variable_in_the_he
     parser = argparse.ArgumentParser()
     add_flags(parser)
     text = " ".join(parser.format_help().split())
-    for name in ("comfyui_input", "comfyui_url", "comfyui_workflow", "comfyui_subfolder", "comfyui_timeout"):
+    for name in (
+        "comfyui_input",
+        "comfyui_url",
+        "comfyui_workflow",
+        "comfyui_subfolder",
+        "comfyui_timeout",
+        "comfyui_check_every",
+    ):
         assert "--" + name.replace("_", "-") in text
         assert f"SINKWATCH_{name.upper()}" in text
     assert "default: sinkwatch" in text and "default: 10.0" in text
@@ -297,7 +304,15 @@ def test_the_float_settings_are_the_durations() -> None:
         "rescan_interval",
         "retry_base",
         "comfyui_timeout",
+        "comfyui_check_every",
     }
+
+
+def test_the_job_check_may_be_turned_off_but_not_made_negative() -> None:
+    assert parse("--comfyui-check-every", "0").comfyui_check_every == 0.0
+    assert parse().comfyui_check_every == 60.0
+    with pytest.raises(ConfigError, match="setting 'comfyui_check_every'"):
+        parse("--comfyui-check-every", "-1")
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])

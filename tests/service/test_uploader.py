@@ -8,15 +8,14 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from loguru import logger
 from PIL import Image
 
-from service.comfyui import DEFAULT_SUBFOLDER, ComfyClient
+from service.comfyui import ComfyClient
 from service.ledger import Ledger
 from service.metrics import Metrics
 from service.publish import Publisher
@@ -56,40 +55,6 @@ def png_of(photo: str) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(load_photo(photo)).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
-
-
-@pytest.fixture
-def logs() -> Iterator[list[Record]]:
-    records: list[Record] = []
-    sink = logger.add(lambda message: records.append(message.record), level="DEBUG")
-    yield records
-    logger.remove(sink)
-
-
-@pytest.fixture
-def make_uploads(ledger: Ledger, publisher: Publisher, metrics: Metrics) -> Iterator[Callable[..., Uploads]]:
-    """Build Uploads against `url`; every one built is closed after the test."""
-    made: list[Uploads] = []
-
-    def make(url: str, *, workflow: dict[str, Any] | None = None, **kwargs: Any) -> Uploads:
-        kwargs.setdefault("retry_base", 0.001)
-        kwargs.setdefault("retry_cap", 0.01)
-        timeout = kwargs.pop("timeout", 5.0)
-        subfolder = kwargs.pop("subfolder", DEFAULT_SUBFOLDER)
-        uploads = Uploads(
-            client=ComfyClient(url, timeout=timeout, subfolder=subfolder),
-            ledger=kwargs.pop("ledger", ledger),
-            publisher=publisher,
-            metrics=metrics,
-            workflow=workflow,
-            **kwargs,
-        )
-        made.append(uploads)
-        return uploads
-
-    yield make
-    for uploads in made:
-        uploads.close()
 
 
 def publish(publisher: Publisher, name: str, photo: str) -> bytes:

@@ -177,7 +177,8 @@ class ComfyClient:
     def find(self, prompt_id: str) -> QueuedPrompt | None:
         """The prompt ComfyUI holds under ``prompt_id`` (waiting, running or finished), or None."""
         # The queue first: a prompt finishing meanwhile is in the history when that is read next.
-        found = next((e for e in self._queue() if e[1] == prompt_id), None)
+        running, pending = self._queue()
+        found = next((e for e in [*running, *pending] if e[1] == prompt_id), None)
         if found is None:
             finished = self.history(prompt_id)
             found = finished.get("prompt") if finished is not None else None
@@ -186,16 +187,20 @@ class ComfyClient:
         number = found[0] if found and isinstance(found[0], int | float) else 0
         return QueuedPrompt(prompt_id=prompt_id, number=float(number))
 
-    def queued_ids(self) -> set[str]:
-        """The ``prompt_id`` of every prompt waiting or running (read before any history, for the reason above)."""
-        return {str(entry[1]) for entry in self._queue()}
+    def queue_ids(self) -> tuple[set[str], set[str]]:
+        """The ``prompt_id`` of each prompt running, and of each waiting (read before any history, see `find`)."""
+        running, pending = self._queue()
+        return {str(entry[1]) for entry in running}, {str(entry[1]) for entry in pending}
 
-    def _queue(self) -> list[list[Any]]:
+    def _queue(self) -> tuple[list[list[Any]], list[list[Any]]]:
         answer = self._call("GET", "/queue", max_reply=MAX_QUEUE_REPLY)
         if not isinstance(answer, Mapping):
             raise self._unexpected("/queue", answer)
-        entries = [*(answer.get("queue_running") or []), *(answer.get("queue_pending") or [])]
-        return [entry for entry in entries if isinstance(entry, list) and len(entry) > 1]
+        running, pending = (
+            [entry for entry in answer.get(key) or [] if isinstance(entry, list) and len(entry) > 1]
+            for key in ("queue_running", "queue_pending")
+        )
+        return running, pending
 
     def history(self, prompt_id: str) -> Mapping[str, Any] | None:
         """The finished prompt's history entry, or None while it is queued or running."""
@@ -289,18 +294,27 @@ def status_of(entry: Mapping[str, Any]) -> str:
     return "success"
 
 
+def interrupted(entry: Mapping[str, Any]) -> bool:
+    """The prompt was stopped (ComfyUI's Cancel or ``/interrupt``): its status is "error", and no error it was."""
+    return any(message[0] == "execution_interrupted" for message in _status_messages(entry))
+
+
 def failure_of(entry: Mapping[str, Any]) -> str:
     """What a history entry says went wrong: its ``execution_error`` message, or "" when it says nothing."""
-    status = entry.get("status")
-    messages = status.get("messages") if isinstance(status, Mapping) else None
-    for message in messages if isinstance(messages, list) else []:
-        if isinstance(message, list) and len(message) == 2 and message[0] == "execution_error":
-            details = message[1] if isinstance(message[1], Mapping) else {}
+    for name, details in _status_messages(entry):
+        if name == "execution_error" and isinstance(details, Mapping):
             kind, text = details.get("exception_type"), details.get("exception_message")
             where = details.get("node_type")
             said = ": ".join(str(part).strip() for part in (kind, text) if part)
             return f"{said} (in {where})" if where and said else said
     return ""
+
+
+def _status_messages(entry: Mapping[str, Any]) -> list[list[Any]]:
+    """The ``[event, details]`` pairs of a history entry's status (what the server sent while it ran)."""
+    status = entry.get("status")
+    messages = status.get("messages") if isinstance(status, Mapping) else None
+    return [m for m in messages if isinstance(m, list) and len(m) == 2] if isinstance(messages, list) else []
 
 
 def _rejection(method: str, route: str, url: str, status: int, payload: bytes) -> ComfyRejected:

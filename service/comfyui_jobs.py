@@ -3,19 +3,26 @@
 ComfyUI keeps its queue and its history in memory only. A restart (a video job
 that runs out of GPU memory and takes the server down with it is the common
 one) drops every prompt still waiting, and nothing tells the client that
-queued them: the frames are there, the videos never come. So the daemon asks,
+queued them: the frames are there, the videos never come. So the daemon looks,
 every ``--comfyui-check-every`` seconds while jobs it queued have not been seen
 to end: one ``GET /queue``, then ``GET /history/{id}`` for each of those jobs
 that is not in it (at most :data:`JOBS_PER_CHECK`, the longest waiting first):
 
-- in the queue: still waiting or running; asked again at the next check;
-- in the history: ended, ``success`` or ``error`` (logged with ComfyUI's
-  message, say an out-of-memory error);
+- in the queue: waiting or running; looked at again next time;
+- in the history: ended, ``success``, ``error`` (logged with ComfyUI's
+  message, say an out-of-memory error) or ``interrupted`` (someone cancelled it);
 - in neither: ComfyUI no longer knows it. When this daemon queued it or saw it
-  waiting, it is ``lost``: ComfyUI restarted, or someone deleted it from the
-  queue. Otherwise it may just as well have ended while no daemon watched,
-  before a restart or a cleared history took it out of the history:
-  ``unknown``, said once per check without alarm.
+  in the queue, it is ``lost``: ComfyUI restarted, or someone deleted it.
+  Otherwise it may as well have ended while no daemon watched, before a
+  restart or a cleared history took it out of the history: ``unknown``, said
+  once per look, without alarm.
+
+A job that ends and is then wiped from the history by a restart before the next
+look would pass for lost. So while one of the watched jobs runs, its history is
+looked at every :data:`RUNNING_EVERY` seconds, and the end of a running job
+brings the next full look forward (the next job starts then). What remains is
+a restart within seconds of a job's end, or a job that starts and ends between
+two full looks (one shorter than ``--comfyui-check-every``).
 
 A lost job is reported, not queued again: from here, a job the user deleted
 looks the same as one a restart dropped.
@@ -23,8 +30,8 @@ looks the same as one a restart dropped.
 As with the uploads, one background thread does the HTTP and the main thread
 (:meth:`JobWatch.pump`, from the daemon loop) reads the ledger, hands it the
 jobs to look for, and applies what it found: ledger first, then the log and
-``sinkwatch_comfyui_jobs_total``. A check ComfyUI does not answer is dropped
-and made again at the next one.
+``sinkwatch_comfyui_jobs_total``. A look ComfyUI does not answer is dropped
+and made again next time; several in a row are logged as a warning, once.
 """
 
 from __future__ import annotations
@@ -37,22 +44,26 @@ from dataclasses import dataclass, field
 
 from loguru import logger
 
-from service.comfyui import ComfyClient, failure_of, status_of
+from service.comfyui import ComfyClient, failure_of, interrupted, status_of
 from service.errors import ComfyRejected, ComfyUnavailable
 from service.ledger import Ledger
 from service.ledger_uploads import Upload
 from service.metrics import Metrics
 
 JOBS_PER_CHECK = 100
+RUNNING_EVERY = 5.0
+# Failed looks in a row before the log says so (one is a ComfyUI restarting, which the lost jobs will tell).
+FAILED_LOOKS_SAID = 3
 # ComfyUI's error messages may run long (a whole CUDA message); the log keeps the start.
 _MESSAGE_CAP = 400
-# Jobs named in the one line that reports the unknown ones of a check.
+# Jobs named in the one line that reports the unknown ones of a look.
 _NAMED = 5
 
 
 @dataclass(frozen=True)
 class Sighting:
-    """Where one job was found: ``waiting`` (queue), ``success`` or ``error`` (history), ``missing`` (neither)."""
+    """Where one job was found: ``pending`` or ``running`` (queue), ``success``, ``error`` or ``interrupted``
+    (history), ``missing`` (neither), ``unseen`` (not in the history; the queue was not read)."""
 
     job: Upload
     state: str
@@ -60,9 +71,18 @@ class Sighting:
 
 
 @dataclass(frozen=True)
-class Check:
-    """What one check found, and the error that cut it short (the jobs it did not get to are not in it)."""
+class Look:
+    """A full look (the queue, then the history of the jobs not in it), or a quick one (the history only)."""
 
+    jobs: list[Upload]
+    full: bool
+
+
+@dataclass(frozen=True)
+class Found:
+    """What one look found, and the error that cut it short (the jobs it did not get to are not in it)."""
+
+    look: Look
     sightings: list[Sighting] = field(default_factory=list)
     error: BaseException | None = None
 
@@ -75,22 +95,27 @@ class JobWatch:
         ledger: Ledger,
         metrics: Metrics,
         every: float,
+        running_every: float = RUNNING_EVERY,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if every <= 0:
-            raise ValueError(f"every must be positive, got {every}")
+        if every <= 0 or running_every <= 0:
+            raise ValueError(f"every and running_every must be positive, got {every}, {running_every}")
         self.client = client
         self.ledger = ledger
         self.metrics = metrics
         self.every = every
+        self.running_every = min(running_every, every)
         self.clock = clock
-        self._due = clock()
-        self._checking = False  # a check handed to the thread whose findings are not applied yet
+        self._due = clock()  # of the next full look
+        self._quick_due = clock()  # of the next look at the running jobs' history
+        self._looking = False  # a look handed to the thread whose findings are not applied yet
         self._closed = False
-        # Jobs this daemon queued or saw waiting: gone from ComfyUI, they are lost, not unknown.
+        # Jobs this daemon queued or saw in the queue: gone from ComfyUI, they are lost, not unknown.
         self._seen: set[str] = set()
-        self._asked: queue.Queue[list[Upload] | None] = queue.Queue()
-        self._found: queue.Queue[Check] = queue.Queue()
+        self._running: dict[str, Upload] = {}  # by prompt_id, as the last full look found them
+        self._failed = 0  # looks in a row that ComfyUI did not answer
+        self._asked: queue.Queue[Look | None] = queue.Queue()
+        self._found: queue.Queue[Found] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="sinkwatch-comfyui-jobs", daemon=True)
         self._thread.start()
 
@@ -101,51 +126,60 @@ class JobWatch:
         self._seen.add(prompt_id)
 
     def pump(self) -> None:
-        """Apply what the last check found, then hand the thread the next check when it is due."""
+        """Apply what the last look found, then hand the thread the next look when one is due."""
         try:
-            check = self._found.get_nowait()
+            found = self._found.get_nowait()
         except queue.Empty:
             pass
         else:
-            self._checking = False
-            self._due = self.clock() + self.every
-            self._apply(check)
-        if self._checking or self._closed or self.clock() < self._due:
+            self._looking = False
+            self._apply(found)
+        if self._looking or self._closed:
             return
-        jobs = self.ledger.waiting_jobs(limit=JOBS_PER_CHECK)
-        if not jobs:
-            self._due = self.clock() + self.every
-            return
-        self._checking = True
-        self._asked.put(jobs)
+        now = self.clock()
+        if now >= self._due:
+            jobs = self.ledger.waiting_jobs(limit=JOBS_PER_CHECK)
+            if len(jobs) < JOBS_PER_CHECK:
+                self._seen &= {str(job.prompt_id) for job in jobs}  # the rest ended, or their frame moved on
+            self._due = now + self.every
+            if jobs:
+                self._ask(Look(jobs, full=True))
+        elif self._running and now >= self._quick_due:
+            self._ask(Look(list(self._running.values()), full=False))
 
     def close(self, *, timeout: float) -> bool:
         """Stop the thread (a request in progress ends with the client's `stop_requests`); True if it ended.
 
-        What it found stays to be applied by a last :meth:`pump`, which starts no new check."""
+        What it found stays to be applied by a last :meth:`pump`, which starts no new look."""
         self._closed = True
         self._asked.put(None)
         self._thread.join(timeout=timeout)
         return not self._thread.is_alive()
 
-    def _apply(self, check: Check) -> None:
-        if check.error is not None:
-            # Not "ComfyUI is down": the uploads say that, when there is something to send. Asked again later.
-            known = isinstance(check.error, ComfyUnavailable | ComfyRejected)
-            logger.opt(exception=None if known else check.error).log(
-                "DEBUG" if known else "ERROR", "could not ask ComfyUI about its video jobs: {}", check.error
-            )
+    def _ask(self, look: Look) -> None:
+        self._looking = True
+        self._quick_due = self.clock() + self.running_every
+        self._asked.put(look)
+
+    def _apply(self, found: Found) -> None:
+        self._count_failure(found.error)
+        if found.look.full and found.error is None:
+            self._running = {}
         unknown: list[str] = []
-        for sighting in check.sightings:
+        for sighting in found.sightings:
             job, prompt_id = sighting.job, str(sighting.job.prompt_id)
-            if sighting.state == "waiting":
+            if sighting.state in ("pending", "running", "unseen"):
                 self._seen.add(prompt_id)
+                if sighting.state == "running":
+                    self._running[prompt_id] = job
                 continue
             ended = sighting.state
             if ended == "missing":
                 ended = "lost" if prompt_id in self._seen else "unknown"
             recorded = self.ledger.job_ended(job.name, generation=job.generation, prompt_id=prompt_id, job=ended)
             self._seen.discard(prompt_id)
+            if self._running.pop(prompt_id, None) is not None:
+                self._due = self.clock()  # the next job starts now: see which
             if not recorded:
                 continue  # republished meanwhile: that job is not the frame's any more
             self.metrics.comfyui_jobs.labels(outcome=ended).inc()
@@ -163,10 +197,33 @@ class JobWatch:
                 shown,
             )
 
+    def _count_failure(self, error: BaseException | None) -> None:
+        if error is None:
+            if self._failed >= FAILED_LOOKS_SAID:
+                logger.info("ComfyUI answers about its video jobs again")
+            self._failed = 0
+            return
+        self._failed += 1
+        known = isinstance(error, ComfyUnavailable | ComfyRejected)
+        if not known:  # a bug: its traceback, every time
+            logger.opt(exception=error).error("could not look at ComfyUI's video jobs: {}", error)
+        elif self._failed == FAILED_LOOKS_SAID:
+            logger.warning(
+                "could not look at ComfyUI's video jobs {} times in a row: {}; lost jobs go unnoticed meanwhile, "
+                "looking again every {:g}s",
+                self._failed,
+                error,
+                self.every,
+            )
+        else:
+            logger.debug("could not look at ComfyUI's video jobs: {}", error)
+
     def _say(self, job: Upload, prompt_id: str, ended: str, message: str) -> None:
         log = logger.bind(frame=job.name, prompt_id=prompt_id)
         if ended == "success":
             log.debug("ComfyUI finished the video job for {} (prompt {})", job.name, prompt_id)
+        elif ended == "interrupted":
+            log.info("the video job for {} was interrupted in ComfyUI (prompt {})", job.name, prompt_id)
         elif ended == "error":
             said = message[:_MESSAGE_CAP] + ("..." if len(message) > _MESSAGE_CAP else "") if message else "no message"
             log.warning("ComfyUI's video job for {} failed (prompt {}): {}", job.name, prompt_id, said)
@@ -181,27 +238,30 @@ class JobWatch:
     # -- the thread -----------------------------------------------------------
 
     def _run(self) -> None:
-        while (jobs := self._asked.get()) is not None:
-            self._found.put(self._look(jobs))
+        while (look := self._asked.get()) is not None:
+            self._found.put(self._look(look))
 
-    def _look(self, jobs: list[Upload]) -> Check:
+    def _look(self, look: Look) -> Found:
         sightings: list[Sighting] = []
         try:
             # The queue before any history: a job that ends meanwhile is in the history when that is read.
-            waiting = self.client.queued_ids()
-            for job in jobs:
-                sightings.append(self._sighting(job, waiting))
-        except Exception as exc:  # a bug must cost one check, never the thread
-            return Check(sightings, exc)
-        return Check(sightings)
+            running, pending = self.client.queue_ids() if look.full else (set[str](), set[str]())
+            for job in look.jobs:
+                prompt_id = str(job.prompt_id)
+                if prompt_id in running or prompt_id in pending:
+                    sightings.append(Sighting(job, "running" if prompt_id in running else "pending"))
+                else:
+                    sightings.append(self._ended(job, missing="missing" if look.full else "unseen"))
+        except Exception as exc:  # a bug must cost one look, never the thread
+            return Found(look, sightings, exc)
+        return Found(look, sightings)
 
-    def _sighting(self, job: Upload, waiting: set[str]) -> Sighting:
-        prompt_id = str(job.prompt_id)
-        if prompt_id in waiting:
-            return Sighting(job, "waiting")
-        entry = self.client.history(prompt_id)
+    def _ended(self, job: Upload, *, missing: str) -> Sighting:
+        entry = self.client.history(str(job.prompt_id))
         if entry is None:
-            return Sighting(job, "missing")
+            return Sighting(job, missing)
         if status_of(entry) == "success":
             return Sighting(job, "success")
+        if interrupted(entry):
+            return Sighting(job, "interrupted")
         return Sighting(job, "error", failure_of(entry))

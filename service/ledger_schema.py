@@ -93,9 +93,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             stopping REAL
         )""",
     ),
-    # The video job a queued workflow became in ComfyUI, as last seen: 'waiting' until a check finds it in
-    # ComfyUI's history ('success', 'error') or in neither its queue nor its history ('lost'; 'unknown' when no
-    # check of the daemon then running had seen it waiting). NULL: no job (no workflow, or queued before this).
+    # The video job a queued workflow became in ComfyUI: 'waiting' until a look finds it in ComfyUI's history
+    # ('success', 'error', 'interrupted') or in neither its queue nor its history ('lost'; 'unknown' when the
+    # daemon then running had not seen it in the queue). NULL: no job (no workflow, or queued before this).
     9: (
         "ALTER TABLE uploads ADD COLUMN job TEXT",
         "CREATE INDEX uploads_by_job ON uploads (job, updated)",

@@ -32,7 +32,7 @@ from service.ledger_schema import db_key, db_relpath, db_text
 
 UPLOAD_STATES = ("pending", "done", "failed")
 # How the video job of a queued workflow ended (see service.comfyui_jobs); "waiting" before that, NULL: no job.
-JOB_ENDS = ("success", "error", "lost", "unknown")
+JOB_ENDS = ("success", "error", "interrupted", "lost", "unknown")
 
 # The columns in the order of Upload's fields.
 _SELECT_UPLOAD = """

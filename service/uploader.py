@@ -267,9 +267,9 @@ class Uploads:
                 self.ledger.prompt_tried(task.name, generation=task.generation, prompt_id=result.prompt_id)
             self.metrics.comfyui_uploads.labels(outcome="ok").inc()
         elif kind == "queued":
-            self._settle(result, {"upload": result.reference, "prompt_id": result.prompt_id})
+            settled = self._settle(result, {"upload": result.reference, "prompt_id": result.prompt_id})
             self.metrics.comfyui_prompts.labels(outcome="queued").inc()
-            if self._jobs is not None and result.prompt_id is not None:
+            if settled and self._jobs is not None and result.prompt_id is not None:
                 self._jobs.queued(result.prompt_id)
             if result.node_errors:
                 logger.bind(frame=task.name, node_errors=dict(result.node_errors)).warning(
@@ -305,13 +305,14 @@ class Uploads:
             "ComfyUI rejected the workflow for {}: {}{}", result.task.name, error, "".join(f"\n  {x}" for x in lines)
         )
 
-    def _settle(self, result: Result, note: dict[str, object]) -> None:
+    def _settle(self, result: Result, note: dict[str, object]) -> bool:
+        """Record the upload (and the workflow) as sent; False when a newer frame of the name superseded it."""
         # Sidecar first: a stop between the two leaves the upload pending, and sending it again rewrites both.
         self._note(result, note)
         logger.bind(frame=result.task.name).debug(
             "sent {} to ComfyUI as {} (prompt {})", result.task.name, result.reference, result.prompt_id
         )
-        self.ledger.upload_done(
+        return self.ledger.upload_done(
             result.task.name,
             generation=result.task.generation,
             reference=str(result.reference),

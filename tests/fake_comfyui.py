@@ -38,8 +38,9 @@ For the tests, beyond ComfyUI: ``fail_next`` (answer the next requests, or the
 next ones on one route, with a status), ``answer_next`` (a raw status,
 headers and body: a redirect, a proxy's page), ``stall``/``release`` (hold
 requests unanswered), ``answer_prompts_late`` (queue a prompt, answer only
-after the client gave up), ``run_queued`` (run every waiting prompt now),
-``restart`` (forget the queue and the history, as a restarted ComfyUI has),
+after the client gave up), ``run_queued`` (run waiting prompts now),
+``interrupt`` (cancel the running one), ``restart`` (forget the queue and
+the history, as a restarted ComfyUI has),
 and ``prompts`` (the prompts accepted, in order).
 """
 
@@ -143,12 +144,28 @@ class FakeComfyUI:
         with self._lock:
             self._late.extend([seconds] * count)
 
-    def run_queued(self) -> None:
-        """Run every waiting prompt now, in order, as ComfyUI's worker does."""
+    def run_queued(self, count: int | None = None) -> None:
+        """Run the first `count` waiting prompts now (all by default), in order, as ComfyUI's worker does."""
         with self._lock:
-            for prompt_id, job in list(self._pending.items()):
+            for prompt_id, job in list(self._pending.items())[:count]:
                 del self._pending[prompt_id]
                 self._history[prompt_id] = self._run(job["record"])
+
+    def interrupt(self) -> None:
+        """Stop the running prompt as ComfyUI's Cancel does: into the history with status "error" and an
+        ``execution_interrupted`` message (execution.py's handle_execution_error)."""
+        with self._lock:
+            prompt_id, job = next(iter(self._pending.items()))
+            del self._pending[prompt_id]
+            node_id, node = next(iter(job["record"][2].items()))
+            details = {"prompt_id": prompt_id, "node_id": node_id, "node_type": node["class_type"], "executed": []}
+            messages = [["execution_start", {"prompt_id": prompt_id}], ["execution_interrupted", details]]
+            self._history[prompt_id] = {
+                "prompt": job["record"],
+                "outputs": {},
+                "status": {"status_str": "error", "completed": False, "messages": messages},
+                "meta": {},
+            }
 
     def restart(self) -> None:
         """What a restart of ComfyUI does to what it holds in memory: the queue and the history are gone."""

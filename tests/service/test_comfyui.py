@@ -246,22 +246,22 @@ def test_wait_reports_an_execution_error(comfy: FakeComfyUI, client: ComfyClient
     assert entry["outputs"] == {}
 
 
-def test_queued_ids_are_the_waiting_and_running_prompts_and_failure_of_reads_what_went_wrong(
+def test_queue_ids_are_the_running_and_waiting_prompts_and_failure_of_reads_what_went_wrong(
     comfy: FakeComfyUI, client: ComfyClient, photo_png: bytes
 ) -> None:
     good = client.queue_prompt(smoke_prompt(client.upload_image(photo_png, name="good.png").reference))
     client.upload_image(b"not a png at all", name="broken.png")
     bad = client.queue_prompt(smoke_prompt("sinkwatch/broken.png"))
-    assert client.queued_ids() == {good, bad}
+    assert client.queue_ids() == ({good}, {bad}), "the first one runs"
     comfy.run_queued()
-    assert client.queued_ids() == set()
+    assert client.queue_ids() == (set(), set())
     ran, failed = client.history(good), client.history(bad)
     assert ran is not None and failed is not None
     assert failure_of(ran) == ""
     said = failure_of(failed)
     assert said.startswith("UnidentifiedImageError: cannot identify image file") and said.endswith("(in LoadImage)")
     comfy.restart()
-    assert client.queued_ids() == set() and client.history(good) is None and client.history(bad) is None
+    assert client.queue_ids() == (set(), set()) and client.history(good) is None and client.history(bad) is None
 
 
 @pytest.mark.parametrize(

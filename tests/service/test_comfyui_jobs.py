@@ -1,28 +1,47 @@
-"""How the video jobs queued on ComfyUI end, as the daemon's checks see them (service/comfyui_jobs.py).
+"""How the video jobs queued on ComfyUI end, as the daemon's looks see them (service/comfyui_jobs.py).
 
-In-process against the loopback fake, which runs a queued prompt only when told (``run_queued``) and forgets its
-queue and history as a restarted ComfyUI does (``restart``), with a real Ledger and Publisher.
+In-process against the loopback fake, set to run a queued prompt only when told (``run_queued``), which shows
+the first one waiting as running and forgets its queue and history as a restarted ComfyUI does (``restart``),
+with a real Ledger and Publisher.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Protocol
 
+import pytest
+
+from service.comfyui import ComfyClient
+from service.comfyui_jobs import FAILED_LOOKS_SAID, JobWatch
 from service.ledger import Ledger
 from service.metrics import Metrics
 from service.publish import Publisher
 from service.uploader import Uploads
 from service.workflow import load_workflow
+from tests.conftest import wait_for
 from tests.fake_comfyui import FakeComfyUI
-from tests.service.test_uploader import SMOKE, messages, publish, pump_until, settle, value
+from tests.service.test_uploader import SMOKE, messages, publish, settle, value
 
 if TYPE_CHECKING:
     from loguru import Record
 
 JOBS = "sinkwatch_comfyui_jobs_total"
-EVERY = 0.02  # seconds between checks
+EVERY = 0.02  # seconds between looks
+
+
+class Pumped(Protocol):
+    def pump(self) -> object: ...
+
+
+def until(pumped: Pumped, condition: Callable[[], bool]) -> None:
+    """Pump until `condition` holds."""
+
+    def check() -> bool:
+        pumped.pump()
+        return condition()
+
+    wait_for(check, timeout=30, interval=EVERY / 2)
 
 
 def queue_frames(uploads: Uploads, publisher: Publisher, ledger: Ledger, photos: dict[str, str]) -> dict[str, str]:
@@ -38,80 +57,102 @@ def jobs(ledger: Ledger) -> dict[str, str | None]:
     return {upload.name: upload.job for upload in ledger.uploads()}
 
 
-def pump_for(uploads: Uploads, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        uploads.pump()
-        time.sleep(EVERY / 2)
-
-
-def queue_asks(comfy: FakeComfyUI) -> int:
+def queue_looks(comfy: FakeComfyUI) -> int:
     return comfy.requests.count(("GET", "/queue"))
 
 
-def test_a_job_comfyui_ran_is_seen_to_end_once_and_then_no_longer_asked_about(
-    comfy: FakeComfyUI, make_uploads: Callable[..., Uploads], ledger: Ledger, publisher: Publisher, metrics: Metrics
+def history_looks(comfy: FakeComfyUI, prompt_id: str) -> int:
+    return comfy.requests.count(("GET", f"/history/{prompt_id}"))
+
+
+@pytest.fixture(autouse=True)
+def run_when_told(comfy: FakeComfyUI) -> None:
+    """The fake otherwise runs a prompt once its history has been asked for: here only `run_queued` runs one."""
+    comfy.pending_polls = 10**9
+
+
+@pytest.fixture
+def sender(comfy: FakeComfyUI, make_uploads: Callable[..., Uploads]) -> Uploads:
+    """Uploads that queue the smoke workflow and do not watch its jobs, as `sinkwatch process` does."""
+    return make_uploads(comfy.url, workflow=load_workflow(SMOKE))
+
+
+@pytest.fixture
+def watching(comfy: FakeComfyUI, make_uploads: Callable[..., Uploads]) -> Uploads:
+    """Uploads that queue the smoke workflow and look at its jobs every EVERY seconds, as the daemon does."""
+    return make_uploads(comfy.url, workflow=load_workflow(SMOKE), check_jobs_every=EVERY)
+
+
+@pytest.fixture
+def make_watch(comfy: FakeComfyUI, ledger: Ledger, metrics: Metrics) -> Iterator[Callable[..., JobWatch]]:
+    made: list[JobWatch] = []
+
+    def make(*, every: float, running_every: float) -> JobWatch:
+        client = ComfyClient(comfy.url, timeout=5.0)
+        made.append(JobWatch(client=client, ledger=ledger, metrics=metrics, every=every, running_every=running_every))
+        return made[-1]
+
+    yield make
+    for watch in made:
+        watch.close(timeout=10)
+
+
+def test_a_running_job_is_looked_at_closely_and_its_end_brings_the_next_full_look_forward(
+    comfy: FakeComfyUI, sender: Uploads, make_watch: Callable[..., JobWatch], ledger: Ledger, publisher: Publisher
 ) -> None:
-    uploads = make_uploads(comfy.url, workflow=load_workflow(SMOKE), check_jobs_every=EVERY)
-    queue_frames(uploads, publisher, ledger, {"a": "astronaut"})
-    assert jobs(ledger) == {"a": "waiting"}
+    """Its end is seen within RUNNING_EVERY, not at the next full look: a restart of ComfyUI soon after the end
+    would otherwise wipe it from the history and make it pass for lost."""
+    prompts = queue_frames(sender, publisher, ledger, {"a": "astronaut", "b": "chelsea"})
+    watch = make_watch(every=60.0, running_every=EVERY)
+    until(watch, lambda: history_looks(comfy, prompts["a"]) >= 2)
+    assert (queue_looks(comfy), history_looks(comfy, prompts["b"])) == (1, 0), "one full look; b waits behind a"
+    assert jobs(ledger) == {"a": "waiting", "b": "waiting"}
 
-    pump_until(uploads, lambda: queue_asks(comfy) >= 3)
-    assert jobs(ledger) == {"a": "waiting"}, "in ComfyUI's queue: still waiting"
-    assert not [path for _method, path in comfy.requests if path.startswith("/history/")], "no history while queued"
-
-    comfy.run_queued()
-    pump_until(uploads, lambda: jobs(ledger) == {"a": "success"})
-    assert value(metrics, JOBS, "success") == 1
-    asked = len(comfy.requests)
-    pump_for(uploads, 10 * EVERY)
-    assert comfy.requests[asked:] == [], "nothing waits, nothing is asked"
-    assert value(metrics, JOBS, "success") == 1
+    comfy.run_queued(count=1)
+    until(watch, lambda: jobs(ledger)["a"] == "success")
+    until(watch, lambda: queue_looks(comfy) == 2)  # at once, not 60 s after the first
+    until(watch, lambda: history_looks(comfy, prompts["b"]) >= 2)  # b runs now
+    comfy.restart()
+    until(watch, lambda: history_looks(comfy, prompts["b"]) >= 4)
+    assert jobs(ledger) == {"a": "success", "b": "waiting"}, "a quick look cannot tell a lost job: it waits"
 
 
 def test_jobs_a_comfyui_restart_dropped_are_reported_lost_frame_by_frame_and_not_queued_again(
-    comfy: FakeComfyUI,
-    make_uploads: Callable[..., Uploads],
-    ledger: Ledger,
-    publisher: Publisher,
-    metrics: Metrics,
-    logs: list[Record],
+    comfy: FakeComfyUI, watching: Uploads, ledger: Ledger, publisher: Publisher, metrics: Metrics, logs: list[Record]
 ) -> None:
-    uploads = make_uploads(comfy.url, workflow=load_workflow(SMOKE), check_jobs_every=EVERY)
-    prompts = queue_frames(uploads, publisher, ledger, {"a": "astronaut", "b": "chelsea", "c": "coffee"})
+    prompts = queue_frames(watching, publisher, ledger, {"a": "astronaut", "b": "chelsea", "c": "coffee"})
     comfy.restart()
-    pump_until(uploads, lambda: set(jobs(ledger).values()) == {"lost"})
+    until(watching, lambda: set(jobs(ledger).values()) == {"lost"})
 
     assert (value(metrics, JOBS, "lost"), value(metrics, JOBS, "unknown")) == (3, 0)
     warnings = messages(logs, "WARNING")
     for name, prompt_id in prompts.items():
         assert [m for m in warnings if f"lost the video job for {name} (prompt {prompt_id})" in m], warnings
-    pump_for(uploads, 5 * EVERY)
+    looked = queue_looks(comfy)
+    until(watching, lambda: queue_looks(comfy) == looked)  # no job waits: no more looks
     assert len(comfy.prompts) == 3, "a lost job is reported, not queued again"
-    assert value(metrics, JOBS, "lost") == 3
 
 
 def test_jobs_queued_before_this_daemon_that_comfyui_forgot_are_unknown_and_those_it_saw_waiting_are_lost(
     comfy: FakeComfyUI,
+    sender: Uploads,
     make_uploads: Callable[..., Uploads],
     ledger: Ledger,
     publisher: Publisher,
     metrics: Metrics,
     logs: list[Record],
 ) -> None:
-    # Runs that end (`process`) queue jobs and do not watch them.
-    ended_run = make_uploads(comfy.url, workflow=load_workflow(SMOKE))
-    queue_frames(ended_run, publisher, ledger, {"a": "astronaut", "b": "chelsea"})
+    queue_frames(sender, publisher, ledger, {"a": "astronaut", "b": "chelsea"})
     comfy.restart()  # while no daemon watched: a and b may have run, or not; nobody can tell now
-    queue_frames(ended_run, publisher, ledger, {"c": "coffee"})
-    ended_run.close()
-    assert queue_asks(comfy) == 0
+    queue_frames(sender, publisher, ledger, {"c": "coffee"})
+    sender.close()
+    assert queue_looks(comfy) == 0, "a run that ends does not look"
 
     daemon = make_uploads(comfy.url, workflow=load_workflow(SMOKE), check_jobs_every=EVERY)
-    # Its first check finds c waiting: from then on this daemon has seen it.
-    pump_until(daemon, lambda: jobs(ledger) == {"a": "unknown", "b": "unknown", "c": "waiting"})
+    # Its first look finds c in the queue: from then on this daemon has seen it.
+    until(daemon, lambda: jobs(ledger) == {"a": "unknown", "b": "unknown", "c": "waiting"})
     comfy.restart()
-    pump_until(daemon, lambda: jobs(ledger)["c"] == "lost")
+    until(daemon, lambda: jobs(ledger)["c"] == "lost")
 
     assert (value(metrics, JOBS, "unknown"), value(metrics, JOBS, "lost")) == (2, 1)
     said = [m for m in messages(logs, "INFO") if "no longer knows 2 video jobs" in m]
@@ -120,41 +161,44 @@ def test_jobs_queued_before_this_daemon_that_comfyui_forgot_are_unknown_and_thos
 
 
 def test_a_job_that_failed_in_comfyui_is_logged_with_comfyuis_message(
-    comfy: FakeComfyUI,
-    make_uploads: Callable[..., Uploads],
-    ledger: Ledger,
-    publisher: Publisher,
-    metrics: Metrics,
-    logs: list[Record],
+    comfy: FakeComfyUI, watching: Uploads, ledger: Ledger, publisher: Publisher, metrics: Metrics, logs: list[Record]
 ) -> None:
-    uploads = make_uploads(comfy.url, workflow=load_workflow(SMOKE), check_jobs_every=EVERY)
-    prompt_id = queue_frames(uploads, publisher, ledger, {"a": "astronaut"})["a"]
+    prompt_id = queue_frames(watching, publisher, ledger, {"a": "astronaut"})["a"]
     reference = getattr(ledger.get_upload("a"), "reference", None)
     assert reference is not None
     (comfy.input_dir / reference).unlink()  # LoadImage finds no file when the job runs
     comfy.run_queued()
-    pump_until(uploads, lambda: jobs(ledger) == {"a": "error"})
+    until(watching, lambda: jobs(ledger) == {"a": "error"})
 
     assert value(metrics, JOBS, "error") == 1
     failed = [m for m in messages(logs, "WARNING") if f"video job for a failed (prompt {prompt_id})" in m]
     assert len(failed) == 1 and "FileNotFoundError" in failed[0] and "(in LoadImage)" in failed[0], failed
 
 
-def test_a_check_comfyui_does_not_answer_changes_nothing_and_is_made_again(
-    comfy: FakeComfyUI,
-    make_uploads: Callable[..., Uploads],
-    ledger: Ledger,
-    publisher: Publisher,
-    metrics: Metrics,
-    logs: list[Record],
+def test_a_job_cancelled_in_comfyui_is_interrupted_not_failed(
+    comfy: FakeComfyUI, watching: Uploads, ledger: Ledger, publisher: Publisher, metrics: Metrics, logs: list[Record]
 ) -> None:
-    uploads = make_uploads(comfy.url, workflow=load_workflow(SMOKE), check_jobs_every=EVERY)
-    queue_frames(uploads, publisher, ledger, {"a": "astronaut"})
-    comfy.fail_next(500, count=2, path="/queue")
-    comfy.run_queued()
-    pump_until(uploads, lambda: jobs(ledger) == {"a": "success"})
+    queue_frames(watching, publisher, ledger, {"a": "astronaut"})
+    comfy.interrupt()
+    until(watching, lambda: jobs(ledger) == {"a": "interrupted"})
 
-    assert queue_asks(comfy) >= 3, "two checks failed, a third one saw the job end"
-    assert value(metrics, JOBS, "success") == 1 and value(metrics, JOBS, "lost") == 0
-    assert len([m for m in messages(logs, "DEBUG") if m.startswith("could not ask ComfyUI about its video jobs")]) == 2
-    assert not messages(logs, "WARNING") and not messages(logs, "ERROR")
+    assert (value(metrics, JOBS, "interrupted"), value(metrics, JOBS, "error")) == (1, 0)
+    assert [m for m in messages(logs, "INFO") if "video job for a was interrupted" in m]
+    assert not messages(logs, "WARNING")
+
+
+def test_looks_comfyui_does_not_answer_change_nothing_and_several_in_a_row_are_said_once(
+    comfy: FakeComfyUI, watching: Uploads, ledger: Ledger, publisher: Publisher, metrics: Metrics, logs: list[Record]
+) -> None:
+    queue_frames(watching, publisher, ledger, {"a": "astronaut"})
+    failing = FAILED_LOOKS_SAID + 2
+    comfy.fail_next(500, count=failing, path="/queue")
+    until(watching, lambda: any("answers about its video jobs again" in m for m in messages(logs, "INFO")))
+
+    assert len([m for m in messages(logs, "DEBUG") if m.startswith("could not look at ComfyUI's video")]) == failing - 1
+    warned = [m for m in messages(logs, "WARNING") if "could not look at ComfyUI's video jobs" in m]
+    assert len(warned) == 1 and f"{FAILED_LOOKS_SAID} times in a row" in warned[0], messages(logs, "WARNING")
+    assert not messages(logs, "ERROR")
+    assert jobs(ledger) == {"a": "waiting"} and sum(value(metrics, JOBS, o) for o in ("lost", "unknown")) == 0
+    comfy.run_queued()
+    until(watching, lambda: jobs(ledger) == {"a": "success"})

@@ -6,7 +6,7 @@ one) drops every prompt still waiting, and nothing tells the client that
 queued them: the frames are there, the videos never come. So the daemon looks,
 every ``--comfyui-check-every`` seconds while jobs it queued have not been seen
 to end: one ``GET /queue``, then ``GET /history/{id}`` for each of those jobs
-that is not in it (at most :data:`JOBS_PER_CHECK`, the longest waiting first):
+that is not in it (at most :data:`JOBS_PER_LOOK`, the longest waiting first):
 
 - in the queue: waiting or running; looked at again next time;
 - in the history: ended, ``success``, ``error`` (logged with ComfyUI's
@@ -50,7 +50,7 @@ from service.ledger import Ledger
 from service.ledger_uploads import Upload
 from service.metrics import Metrics
 
-JOBS_PER_CHECK = 100
+JOBS_PER_LOOK = 100
 RUNNING_EVERY = 5.0
 # Failed looks in a row before the log says so (one is a ComfyUI restarting, which the lost jobs will tell).
 FAILED_LOOKS_SAID = 3
@@ -138,8 +138,8 @@ class JobWatch:
             return
         now = self.clock()
         if now >= self._due:
-            jobs = self.ledger.waiting_jobs(limit=JOBS_PER_CHECK)
-            if len(jobs) < JOBS_PER_CHECK:
+            jobs = self.ledger.waiting_jobs(limit=JOBS_PER_LOOK)
+            if len(jobs) < JOBS_PER_LOOK:
                 self._seen &= {str(job.prompt_id) for job in jobs}  # the rest ended, or their frame moved on
             self._due = now + self.every
             if jobs:

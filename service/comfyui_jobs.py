@@ -24,8 +24,10 @@ brings the next full look forward (the next job starts then). What remains is
 a restart within seconds of a job's end, or a job that starts and ends between
 two full looks (one shorter than ``--comfyui-check-every``).
 
-A lost job is reported, not queued again: from here, a job the user deleted
-looks the same as one a restart dropped.
+A lost job is reported. It is queued again only when asked
+(``--comfyui-requeue-lost N``: up to N times per frame, a job that itself takes
+ComfyUI down must not come back after every restart): from here, a job the
+user deleted looks the same as one a restart dropped.
 
 As with the uploads, one background thread does the HTTP and the main thread
 (:meth:`JobWatch.pump`, from the daemon loop) reads the ledger, hands it the
@@ -96,8 +98,12 @@ class JobWatch:
         metrics: Metrics,
         every: float,
         running_every: float = RUNNING_EVERY,
+        requeue: Callable[[Upload], bool] | None = None,
+        requeue_limit: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`requeue(job)` owes ComfyUI the frame of a lost job again (False if it moved on meanwhile), for frames
+        whose lost jobs were queued again fewer than `requeue_limit` times."""
         if every <= 0 or running_every <= 0:
             raise ValueError(f"every and running_every must be positive, got {every}, {running_every}")
         self.client = client
@@ -105,6 +111,8 @@ class JobWatch:
         self.metrics = metrics
         self.every = every
         self.running_every = min(running_every, every)
+        self.requeue = requeue
+        self.requeue_limit = requeue_limit if requeue is not None else 0
         self.clock = clock
         self._due = clock()  # of the next full look
         self._quick_due = clock()  # of the next look at the running jobs' history
@@ -185,6 +193,8 @@ class JobWatch:
             self.metrics.comfyui_jobs.labels(outcome=ended).inc()
             if ended == "unknown":
                 unknown.append(job.name)
+            elif ended == "lost":
+                self._lost(job, prompt_id)
             else:
                 self._say(job, prompt_id, ended, sighting.message)
         if unknown:
@@ -224,16 +234,27 @@ class JobWatch:
             log.debug("ComfyUI finished the video job for {} (prompt {})", job.name, prompt_id)
         elif ended == "interrupted":
             log.info("the video job for {} was interrupted in ComfyUI (prompt {})", job.name, prompt_id)
-        elif ended == "error":
+        else:
             said = message[:_MESSAGE_CAP] + ("..." if len(message) > _MESSAGE_CAP else "") if message else "no message"
             log.warning("ComfyUI's video job for {} failed (prompt {}): {}", job.name, prompt_id, said)
+
+    def _lost(self, job: Upload, prompt_id: str) -> None:
+        if job.requeued < self.requeue_limit:
+            assert self.requeue is not None  # a limit comes with a way to requeue
+            then = f"queuing it again ({job.requeued + 1} of {self.requeue_limit})"
+            if not self.requeue(job):
+                then = "not queued again: the frame was republished meanwhile"
+        elif self.requeue_limit:
+            then = f"not queued again ({job.requeued} of {self.requeue_limit} done already)"
         else:
-            log.warning(
-                "ComfyUI lost the video job for {} (prompt {}): it is neither in its queue nor in its history, so "
-                "ComfyUI restarted or the job was deleted; nothing queues it again by itself",
-                job.name,
-                prompt_id,
-            )
+            then = "nothing queues it again by itself"
+        logger.bind(frame=job.name, prompt_id=prompt_id).warning(
+            "ComfyUI lost the video job for {} (prompt {}): it is neither in its queue nor in its history, so "
+            "ComfyUI restarted or the job was deleted; {}",
+            job.name,
+            prompt_id,
+            then,
+        )
 
     # -- the thread -----------------------------------------------------------
 

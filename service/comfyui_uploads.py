@@ -46,6 +46,7 @@ def uploads_for(
         workflow=load_workflow(settings.comfyui_workflow) if settings.comfyui_workflow else None,
         busy=engine.publishing,
         check_jobs_every=settings.comfyui_check_every if watch_jobs else 0.0,
+        requeue_lost=settings.comfyui_requeue_lost,
     )
     uploads.resume()
     engine.on_published = uploads.enqueue

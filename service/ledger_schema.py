@@ -96,8 +96,10 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # The video job a queued workflow became in ComfyUI: 'waiting' until a look finds it in ComfyUI's history
     # ('success', 'error', 'interrupted') or in neither its queue nor its history ('lost'; 'unknown' when the
     # daemon then running had not seen it in the queue). NULL: no job (no workflow, or queued before this).
+    # requeued: how often the frame's lost jobs were queued again (--comfyui-requeue-lost), until it is republished.
     9: (
         "ALTER TABLE uploads ADD COLUMN job TEXT",
+        "ALTER TABLE uploads ADD COLUMN requeued INTEGER NOT NULL DEFAULT 0 CHECK (requeued >= 0)",
         "CREATE INDEX uploads_by_job ON uploads (job, updated)",
     ),
 }

@@ -36,7 +36,8 @@ JOB_ENDS = ("success", "error", "interrupted", "lost", "unknown")
 
 # The columns in the order of Upload's fields.
 _SELECT_UPLOAD = """
-    SELECT name, relpath, width, height, state, generation, reference, prompt_id, reason, message, queued, updated, job
+    SELECT name, relpath, width, height, state, generation, reference, prompt_id, reason, message, queued, updated, job,
+        requeued
     FROM uploads
 """
 
@@ -58,6 +59,7 @@ class Upload:
     queued: float
     updated: float  # when it was owed again or settled: for a queued workflow, when ComfyUI took it
     job: str | None = None  # "waiting", one of JOB_ENDS, or None
+    requeued: int = 0  # times a lost job of this frame was queued again
 
 
 class UploadLedger:
@@ -75,7 +77,7 @@ class UploadLedger:
                    ON CONFLICT (name) DO UPDATE SET
                        relpath = excluded.relpath, width = excluded.width, height = excluded.height,
                        state = 'pending', generation = generation + 1, reference = NULL, prompt_id = NULL,
-                       reason = NULL, message = NULL, job = NULL,
+                       reason = NULL, message = NULL, job = NULL, requeued = 0,
                        queued = CASE WHEN state = 'pending' THEN queued ELSE excluded.queued END,
                        updated = excluded.updated
                    RETURNING generation""",
@@ -149,6 +151,19 @@ class UploadLedger:
                 (job, db_text(name), generation, db_text(prompt_id)),
             )
             return cursor.rowcount == 1
+
+    def requeue_job(self, name: str, *, generation: int, prompt_id: str) -> int | None:
+        """Owe ComfyUI the frame of the lost job `prompt_id` again: a new generation (so a new prompt_id) that keeps
+        its place in line, counted in ``requeued``. Returns the generation; None if the row moved on meanwhile."""
+        with self._transaction() as db:
+            row = db.execute(
+                """UPDATE uploads SET state = 'pending', generation = generation + 1, reference = NULL,
+                       prompt_id = NULL, reason = NULL, message = NULL, job = NULL, requeued = requeued + 1, updated = ?
+                   WHERE name = ? AND generation = ? AND prompt_id = ? AND job = 'lost'
+                   RETURNING generation""",
+                (self.clock(), db_text(name), generation, db_text(prompt_id)),
+            ).fetchone()
+        return None if row is None else int(row[0])
 
     def upload_counts(self) -> dict[str, int]:
         with self._transaction(write=False) as db:

@@ -149,6 +149,15 @@ class Settings(BaseSettings):
             "the lost and failed ones (`run` with --comfyui-workflow; 0: never)."
         ),
     )
+    comfyui_requeue_lost: int = Field(
+        0,
+        ge=0,
+        le=10,
+        description=(
+            "Times the video job of one frame is queued again when ComfyUI loses it (a restart, a delete); 0: "
+            "lost jobs are only reported. A job that takes ComfyUI down itself would come back after each restart."
+        ),
+    )
 
     @field_validator("include", "ignore")
     @classmethod

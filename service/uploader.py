@@ -50,6 +50,7 @@ from service.comfyui_jobs import JobWatch
 from service.comfyui_status import ComfyStatus
 from service.errors import ComfyRejected, PublishError, SinkwatchError
 from service.ledger import Ledger
+from service.ledger_uploads import Upload
 from service.metrics import Metrics
 from service.publish import Publisher
 from service.upload_note import note_upload
@@ -80,6 +81,7 @@ class Uploads:
         max_tasks: int = DEFAULT_LIMIT,
         busy: Callable[[str], bool] | None = None,
         check_jobs_every: float = 0.0,
+        requeue_lost: int = 0,
     ) -> None:
         self.client = client
         self.ledger = ledger
@@ -107,9 +109,18 @@ class Uploads:
             retry_base=retry_base,
             retry_cap=retry_cap,
         )
-        # Whether ComfyUI still holds the video jobs queued on it (0: not asked; a run that ends does not ask).
+        # Whether ComfyUI still holds the video jobs queued on it (0: not asked; a run that ends does not ask),
+        # and how often a frame whose job it lost is sent again.
         self._jobs = (
-            JobWatch(client=client, ledger=ledger, metrics=metrics, every=check_jobs_every, clock=clock)
+            JobWatch(
+                client=client,
+                ledger=ledger,
+                metrics=metrics,
+                every=check_jobs_every,
+                requeue=self._requeue if requeue_lost else None,
+                requeue_limit=requeue_lost,
+                clock=clock,
+            )
             if workflow is not None and check_jobs_every > 0
             else None
         )
@@ -173,6 +184,16 @@ class Uploads:
         if self._jobs is not None:
             self._jobs.pump()
         return applied
+
+    def _requeue(self, job: Upload) -> bool:
+        """Send the frame of a lost video job again, with its workflow; False if the frame moved on meanwhile."""
+        generation = self.ledger.requeue_job(job.name, generation=job.generation, prompt_id=str(job.prompt_id))
+        if generation is None:
+            return False
+        self._recount_at = None
+        if not self._tasks.put(Task(job.name, job.relpath, job.width, job.height, generation)):
+            self._spilled = True  # the pending row is the task; a refill brings it back
+        return True
 
     def idle(self) -> bool:
         """Nothing to send or record: no task in line or in flight, no result to apply, no pending row in the ledger."""

@@ -238,6 +238,34 @@ def test_video_jobs_are_followed_to_their_end_and_those_a_comfyui_restart_drops_
         assert daemon.stop() == 0
 
 
+def test_asked_to_the_daemon_queues_a_lost_video_job_again(
+    start_daemon: Callable[..., DaemonProcess], folders: tuple[Path, Path], photos: dict[str, np.ndarray]
+) -> None:
+    watch, _queue = folders
+    with FakeComfyUI(pending_polls=10**9) as comfy:  # a prompt runs when the test says so
+        daemon = start_daemon(
+            "--comfyui-url",
+            comfy.url,
+            "--comfyui-workflow",
+            str(SMOKE),
+            "--comfyui-check-every",
+            "0.2",
+            "--comfyui-requeue-lost",
+            "1",
+        )
+        lost = sorted(drop(watch, index, photos).stem for index in range(2))
+        wait_for(lambda: counter(daemon, "sinkwatch_comfyui_prompts_total", "queued") == 2, timeout=90)
+        comfy.restart()
+        wait_for(lambda: counter(daemon, "sinkwatch_comfyui_prompts_total", "queued") == 4)
+
+        assert counter(daemon, "sinkwatch_comfyui_jobs_total", "lost") == 2
+        images = [p["1"]["inputs"]["image"] for p in comfy.prompts]
+        assert sorted(images[2:]) == sorted(images[:2]), "the same frames, sent again"
+        said = [m for m in daemon.messages() if m.endswith("queuing it again (1 of 1)")]
+        assert sorted(m.split("lost the video job for ")[1].split(" ")[0] for m in said) == lost
+        assert daemon.stop() == 0
+
+
 @pytest.mark.slow
 def test_frames_publish_while_comfyui_is_down_and_every_pending_upload_arrives_across_a_restart(
     start_daemon: Callable[..., DaemonProcess], folders: tuple[Path, Path], photos: dict[str, np.ndarray]

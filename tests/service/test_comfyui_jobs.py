@@ -202,3 +202,32 @@ def test_looks_comfyui_does_not_answer_change_nothing_and_several_in_a_row_are_s
     assert jobs(ledger) == {"a": "waiting"} and sum(value(metrics, JOBS, o) for o in ("lost", "unknown")) == 0
     comfy.run_queued()
     until(watching, lambda: jobs(ledger) == {"a": "success"})
+
+
+def test_asked_to_a_lost_job_is_queued_again_as_often_as_allowed_then_only_reported(
+    comfy: FakeComfyUI,
+    make_uploads: Callable[..., Uploads],
+    ledger: Ledger,
+    publisher: Publisher,
+    metrics: Metrics,
+    logs: list[Record],
+) -> None:
+    uploads = make_uploads(comfy.url, workflow=load_workflow(SMOKE), check_jobs_every=EVERY, requeue_lost=1)
+    first = queue_frames(uploads, publisher, ledger, {"a": "astronaut", "b": "chelsea"})
+    comfy.restart()
+    until(uploads, lambda: len(comfy.prompts) == 4 and jobs(ledger) == {"a": "waiting", "b": "waiting"})
+
+    again = {upload.name: upload.prompt_id for upload in ledger.uploads()}
+    assert all(again[name] not in (None, first[name]) for name in again), "a new job, under a new prompt_id"
+    images = [p["1"]["inputs"]["image"] for p in comfy.prompts]
+    assert images[2:] == images[:2], "the same frames"
+    assert [u.requeued for u in ledger.uploads()] == [1, 1]
+
+    comfy.restart()  # say their own jobs take ComfyUI down: once more, and they are only reported
+    until(uploads, lambda: set(jobs(ledger).values()) == {"lost"})
+    looked = queue_looks(comfy)
+    until(uploads, lambda: queue_looks(comfy) == looked)  # no job waits: no more looks
+    assert len(comfy.prompts) == 4 and value(metrics, JOBS, "lost") == 4
+    said = [m for m in messages(logs, "WARNING") if "lost the video job for" in m]
+    assert len([m for m in said if m.endswith("queuing it again (1 of 1)")]) == 2, said
+    assert len([m for m in said if m.endswith("not queued again (1 of 1 done already)")]) == 2, said

@@ -150,3 +150,34 @@ def test_workflows_queued_before_jobs_were_watched_are_not_watched(tmp_path: Pat
         upload = ledger.get_upload("a")
         assert upload is not None and (upload.state, upload.prompt_id, upload.job) == ("done", "p1", None)
         assert ledger.waiting_jobs(limit=10) == []
+
+
+def test_a_lost_job_is_owed_again_in_its_place_in_line_and_counted_until_the_frame_is_republished(
+    clocked: tuple[Ledger, list[float]],
+) -> None:
+    ledger, now = clocked
+    for name in ("a", "b"):
+        ledger.upload_pending(name, relpath=f"{name}.png", width=832, height=480)
+        now[0] += 1
+    ledger.upload_done("a", generation=1, reference="sinkwatch/a.png", prompt_id="p1")
+    ledger.upload_done("b", generation=1, reference="sinkwatch/b.png", prompt_id="q1")
+    assert ledger.requeue_job("a", generation=1, prompt_id="p1") is None, "only a lost job"
+    ledger.job_ended("a", generation=1, prompt_id="p1", job="lost")
+
+    assert ledger.requeue_job("a", generation=1, prompt_id="p1") == 2
+    assert ledger.requeue_job("a", generation=1, prompt_id="p1") is None, "once"
+    upload = ledger.get_upload("a")
+    assert upload is not None
+    assert (upload.state, upload.generation, upload.prompt_id, upload.job, upload.requeued) == (
+        "pending",
+        2,
+        None,
+        None,
+        1,
+    )
+    assert [u.name for u in ledger.pending_uploads(limit=10)] == ["a"] and upload.queued == 100.0, "first in line"
+
+    ledger.upload_done("a", generation=2, reference="sinkwatch/a.png", prompt_id="p2")
+    assert getattr(ledger.get_upload("a"), "requeued", None) == 1, "sent again, still counted"
+    ledger.upload_pending("a", relpath="a.png", width=832, height=480)  # a new frame: its jobs start over
+    assert getattr(ledger.get_upload("a"), "requeued", None) == 0

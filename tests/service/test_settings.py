@@ -285,6 +285,7 @@ def test_every_comfyui_setting_is_a_flag_with_its_environment_variable_in_the_he
         "comfyui_subfolder",
         "comfyui_timeout",
         "comfyui_check_every",
+        "comfyui_requeue_lost",
     ):
         assert "--" + name.replace("_", "-") in text
         assert f"SINKWATCH_{name.upper()}" in text
@@ -313,6 +314,14 @@ def test_the_job_check_may_be_turned_off_but_not_made_negative() -> None:
     assert parse().comfyui_check_every == 60.0
     with pytest.raises(ConfigError, match="setting 'comfyui_check_every'"):
         parse("--comfyui-check-every", "-1")
+
+
+def test_lost_jobs_are_queued_again_only_when_asked_and_a_few_times_at_most() -> None:
+    assert parse().comfyui_requeue_lost == 0
+    assert parse("--comfyui-requeue-lost", "2").comfyui_requeue_lost == 2
+    for wrong in ("-1", "11", "1.5"):
+        with pytest.raises(ConfigError, match="setting 'comfyui_requeue_lost'"):
+            parse("--comfyui-requeue-lost", wrong)
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from loguru import logger
 
 from service.comfyui import ComfyClient, failure_of, interrupted, status_of
-from service.errors import ComfyRejected, ComfyUnavailable
+from service.errors import ComfyRejected, ComfyUnavailable, PublishError
 from service.ledger import Ledger
 from service.ledger_uploads import Upload
 from service.metrics import Metrics
@@ -242,8 +242,11 @@ class JobWatch:
         if job.requeued < self.requeue_limit:
             assert self.requeue is not None  # a limit comes with a way to requeue
             then = f"queuing it again ({job.requeued + 1} of {self.requeue_limit})"
-            if not self.requeue(job):
-                then = "not queued again: the frame was republished meanwhile"
+            try:
+                if not self.requeue(job):
+                    then = "not queued again: the frame was republished meanwhile"
+            except PublishError as exc:  # the ledger's disk is full: say so here, the loss must not go unsaid
+                then = f"not queued again: {exc}"
         elif self.requeue_limit:
             then = f"not queued again ({job.requeued} of {self.requeue_limit} done already)"
         else:

@@ -8,13 +8,15 @@ with a real Ledger and Publisher.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 
 from service.comfyui import ComfyClient
 from service.comfyui_jobs import FAILED_LOOKS_SAID, JobWatch
+from service.errors import PublishError
 from service.ledger import Ledger
+from service.ledger_uploads import Upload
 from service.metrics import Metrics
 from service.publish import Publisher
 from service.uploader import Uploads
@@ -87,9 +89,11 @@ def watching(comfy: FakeComfyUI, make_uploads: Callable[..., Uploads]) -> Upload
 def make_watch(comfy: FakeComfyUI, ledger: Ledger, metrics: Metrics) -> Iterator[Callable[..., JobWatch]]:
     made: list[JobWatch] = []
 
-    def make(*, every: float, running_every: float) -> JobWatch:
+    def make(*, every: float, running_every: float, **requeue: Any) -> JobWatch:
         client = ComfyClient(comfy.url, timeout=5.0)
-        made.append(JobWatch(client=client, ledger=ledger, metrics=metrics, every=every, running_every=running_every))
+        made.append(
+            JobWatch(client=client, ledger=ledger, metrics=metrics, every=every, running_every=running_every, **requeue)
+        )
         return made[-1]
 
     yield make
@@ -231,3 +235,23 @@ def test_asked_to_a_lost_job_is_queued_again_as_often_as_allowed_then_only_repor
     said = [m for m in messages(logs, "WARNING") if "lost the video job for" in m]
     assert len([m for m in said if m.endswith("queuing it again (1 of 1)")]) == 2, said
     assert len([m for m in said if m.endswith("not queued again (1 of 1 done already)")]) == 2, said
+
+
+def test_a_lost_job_the_ledger_cannot_requeue_is_still_reported(
+    comfy: FakeComfyUI,
+    sender: Uploads,
+    make_watch: Callable[..., JobWatch],
+    ledger: Ledger,
+    publisher: Publisher,
+    logs: list[Record],
+) -> None:
+    def full_disk(job: Upload) -> bool:
+        raise PublishError("ledger: database or disk is full", stage="ledger")
+
+    queue_frames(sender, publisher, ledger, {"a": "astronaut"})
+    watch = make_watch(every=EVERY, running_every=EVERY, requeue=full_disk, requeue_limit=1)
+    until(watch, lambda: queue_looks(comfy) >= 1 and jobs(ledger) == {"a": "waiting"})
+    comfy.restart()
+    until(watch, lambda: jobs(ledger) == {"a": "lost"})
+    said = [m for m in messages(logs, "WARNING") if "lost the video job for a " in m]
+    assert len(said) == 1 and said[0].endswith("not queued again: ledger: database or disk is full"), said

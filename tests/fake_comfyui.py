@@ -39,9 +39,9 @@ next ones on one route, with a status), ``answer_next`` (a raw status,
 headers and body: a redirect, a proxy's page), ``stall``/``release`` (hold
 requests unanswered), ``answer_prompts_late`` (queue a prompt, answer only
 after the client gave up), ``run_queued`` (run waiting prompts now),
-``interrupt`` (cancel the running one), ``restart`` (forget the queue and
-the history, as a restarted ComfyUI has),
-and ``prompts`` (the prompts accepted, in order).
+``interrupt`` (cancel the running one), ``restart`` (forget the queue and the
+history, as a restarted ComfyUI has) and ``prompts`` (the prompts accepted, in
+order).
 """
 
 from __future__ import annotations

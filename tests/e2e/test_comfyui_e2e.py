@@ -210,14 +210,25 @@ def test_every_published_frame_is_uploaded_and_its_workflow_queued(
     assert sorted(frames(queue)) == published, "the local queue holds the frames as well"
 
 
+def watching(start_daemon: Callable[..., DaemonProcess], comfy: FakeComfyUI, *flags: str) -> DaemonProcess:
+    """The daemon queueing the smoke workflow on `comfy` and looking at its video jobs every 0.2 s."""
+    return start_daemon(
+        "--comfyui-url", comfy.url, "--comfyui-workflow", str(SMOKE), "--comfyui-check-every", "0.2", *flags
+    )
+
+
+def lost_named(daemon: DaemonProcess, *, ending: str = "") -> list[str]:
+    """The frames whose video job the daemon's log says ComfyUI lost (in lines that end with `ending`)."""
+    said = [m for m in daemon.messages() if "lost the video job for " in m and m.endswith(ending)]
+    return sorted(m.split("lost the video job for ")[1].split(" ")[0] for m in said)
+
+
 def test_video_jobs_are_followed_to_their_end_and_those_a_comfyui_restart_drops_are_reported_lost(
     start_daemon: Callable[..., DaemonProcess], folders: tuple[Path, Path], photos: dict[str, np.ndarray]
 ) -> None:
     watch, _queue = folders
     with FakeComfyUI(pending_polls=10**9) as comfy:  # a prompt runs when the test says so
-        daemon = start_daemon(
-            "--comfyui-url", comfy.url, "--comfyui-workflow", str(SMOKE), "--comfyui-check-every", "0.2"
-        )
+        daemon = watching(start_daemon, comfy)
         for index in range(3):
             drop(watch, index, photos)
         wait_for(lambda: counter(daemon, "sinkwatch_comfyui_prompts_total", "queued") == 3, timeout=90)
@@ -229,8 +240,7 @@ def test_video_jobs_are_followed_to_their_end_and_those_a_comfyui_restart_drops_
         comfy.restart()  # say the video of the first ran the GPU out of memory and took ComfyUI down
         wait_for(lambda: counter(daemon, "sinkwatch_comfyui_jobs_total", "lost") == 2)
 
-        said = [m for m in daemon.messages() if "lost the video job for" in m]
-        assert sorted(m.split("lost the video job for ")[1].split(" ")[0] for m in said) == lost
+        assert lost_named(daemon, ending="nothing queues it again by itself") == lost
         assert counter(daemon, "sinkwatch_comfyui_jobs_total", "success") == 3
         assert counter(daemon, "sinkwatch_comfyui_jobs_total", "unknown") == 0
         assert len(comfy.prompts) == 5, "reported, not queued again"
@@ -242,17 +252,8 @@ def test_asked_to_the_daemon_queues_a_lost_video_job_again(
     start_daemon: Callable[..., DaemonProcess], folders: tuple[Path, Path], photos: dict[str, np.ndarray]
 ) -> None:
     watch, _queue = folders
-    with FakeComfyUI(pending_polls=10**9) as comfy:  # a prompt runs when the test says so
-        daemon = start_daemon(
-            "--comfyui-url",
-            comfy.url,
-            "--comfyui-workflow",
-            str(SMOKE),
-            "--comfyui-check-every",
-            "0.2",
-            "--comfyui-requeue-lost",
-            "1",
-        )
+    with FakeComfyUI(pending_polls=10**9) as comfy:
+        daemon = watching(start_daemon, comfy, "--comfyui-requeue-lost", "1")
         lost = sorted(drop(watch, index, photos).stem for index in range(2))
         wait_for(lambda: counter(daemon, "sinkwatch_comfyui_prompts_total", "queued") == 2, timeout=90)
         comfy.restart()
@@ -261,8 +262,7 @@ def test_asked_to_the_daemon_queues_a_lost_video_job_again(
         assert counter(daemon, "sinkwatch_comfyui_jobs_total", "lost") == 2
         images = [p["1"]["inputs"]["image"] for p in comfy.prompts]
         assert sorted(images[2:]) == sorted(images[:2]), "the same frames, sent again"
-        said = [m for m in daemon.messages() if m.endswith("queuing it again (1 of 1)")]
-        assert sorted(m.split("lost the video job for ")[1].split(" ")[0] for m in said) == lost
+        assert lost_named(daemon, ending="queuing it again (1 of 1)") == lost
         assert daemon.stop() == 0
 
 

@@ -25,9 +25,12 @@ a restart within seconds of a job's end, or a job that starts and ends between
 two full looks (one shorter than ``--comfyui-check-every``).
 
 A lost job is reported. It is queued again only when asked
-(``--comfyui-requeue-lost N``: up to N times per frame, a job that itself takes
-ComfyUI down must not come back after every restart): from here, a job the
-user deleted looks the same as one a restart dropped.
+(``--comfyui-requeue-lost N``): from here, a job the user deleted looks the
+same as one a restart dropped. A restart takes down the job that runs, so of
+the jobs one look finds lost, the one ComfyUI would have run first is the
+suspect: only its re-queue counts against its frame's N, and it goes back
+last, so that the others are not lost with it again if it takes ComfyUI down
+once more. A job that does so every time stops coming back after N restarts.
 
 As with the uploads, one background thread does the HTTP and the main thread
 (:meth:`JobWatch.pump`, from the daemon loop) reads the ledger, hands it the
@@ -47,7 +50,7 @@ from dataclasses import dataclass, field
 from loguru import logger
 
 from service.comfyui import ComfyClient, failure_of, interrupted, status_of
-from service.errors import ComfyRejected, ComfyUnavailable, PublishError
+from service.errors import ComfyRejected, ComfyUnavailable
 from service.ledger import Ledger
 from service.ledger_uploads import Upload
 from service.metrics import Metrics
@@ -98,12 +101,12 @@ class JobWatch:
         metrics: Metrics,
         every: float,
         running_every: float = RUNNING_EVERY,
-        requeue: Callable[[Upload], bool] | None = None,
+        requeue: Callable[[Upload, bool], bool] | None = None,
         requeue_limit: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`requeue(job)` owes ComfyUI the frame of a lost job again (False if it moved on meanwhile), for frames
-        whose lost jobs were queued again fewer than `requeue_limit` times."""
+        """`requeue(job, counted)` owes ComfyUI the frame of a lost job again, counting it against the frame if
+        `counted` (False if the frame moved on meanwhile); frames counted `requeue_limit` times are not."""
         if every <= 0 or running_every <= 0:
             raise ValueError(f"every and running_every must be positive, got {every}, {running_every}")
         self.client = client
@@ -174,6 +177,7 @@ class JobWatch:
         if found.look.full and found.error is None:
             self._running = {}
         unknown: list[str] = []
+        lost: list[Upload] = []
         for sighting in found.sightings:
             job, prompt_id = sighting.job, str(sighting.job.prompt_id)
             if sighting.state in ("pending", "running", "unseen"):
@@ -184,19 +188,17 @@ class JobWatch:
             ended = sighting.state
             if ended == "missing":
                 ended = "lost" if prompt_id in self._seen else "unknown"
-            recorded = self.ledger.job_ended(job.name, generation=job.generation, prompt_id=prompt_id, job=ended)
-            self._seen.discard(prompt_id)
-            if self._running.pop(prompt_id, None) is not None:
-                self._due = self.clock()  # the next job starts now: see which
-            if not recorded:
+            if ended == "lost" and self.requeue_limit:
+                lost.append(job)  # queued again below, with the others of this look
+            elif not self._ended(job, ended):
                 continue  # republished meanwhile: that job is not the frame's any more
-            self.metrics.comfyui_jobs.labels(outcome=ended).inc()
-            if ended == "unknown":
+            elif ended == "unknown":
                 unknown.append(job.name)
             elif ended == "lost":
-                self._lost(job, prompt_id)
+                self._say_lost(job, "nothing queues it again by itself")
             else:
                 self._say(job, prompt_id, ended, sighting.message)
+        self._requeue_lost(lost)
         if unknown:
             more = len(unknown) - _NAMED
             shown = ", ".join(unknown[:_NAMED]) + (f" and {more} more" if more > 0 else "")
@@ -206,6 +208,42 @@ class JobWatch:
                 len(unknown),
                 shown,
             )
+
+    def _ended(self, job: Upload, ended: str) -> bool:
+        """Record how the job ended, ledger first; False if its frame moved on meanwhile (then nothing is counted)."""
+        recorded = self.ledger.job_ended(job.name, generation=job.generation, prompt_id=str(job.prompt_id), job=ended)
+        self._forget(job)
+        if recorded:
+            self.metrics.comfyui_jobs.labels(outcome=ended).inc()
+        return recorded
+
+    def _forget(self, job: Upload) -> None:
+        self._seen.discard(str(job.prompt_id))
+        if self._running.pop(str(job.prompt_id), None) is not None:
+            self._due = self.clock()  # the next job starts now: see which
+
+    def _requeue_lost(self, jobs: list[Upload]) -> None:
+        """Queue the frames of the jobs one look found lost again, the suspect (the longest waiting) last."""
+        if not jobs:
+            return
+        assert self.requeue is not None  # a limit comes with a way to requeue
+        jobs.sort(key=lambda job: (job.updated, job.name))
+        suspect = jobs[0]
+        for job in [*jobs[1:], suspect]:
+            if job is suspect and job.requeued >= self.requeue_limit:
+                if self._ended(job, "lost"):
+                    self._say_lost(job, f"not queued again ({job.requeued} of {self.requeue_limit} done already)")
+                continue
+            # Ledger first: a write that fails leaves the job waiting, to be found lost again at the next look.
+            requeued = self.requeue(job, job is suspect)
+            self._forget(job)
+            if not requeued:
+                continue
+            self.metrics.comfyui_jobs.labels(outcome="lost").inc()
+            if job is suspect:
+                self._say_lost(job, f"queuing it again ({job.requeued + 1} of {self.requeue_limit})")
+            else:
+                self._say_lost(job, f"queuing it again, not counted: the job of {suspect.name} ran before it")
 
     def _count_failure(self, error: BaseException | None) -> None:
         if error is None:
@@ -238,19 +276,8 @@ class JobWatch:
             said = message[:_MESSAGE_CAP] + ("..." if len(message) > _MESSAGE_CAP else "") if message else "no message"
             log.warning("ComfyUI's video job for {} failed (prompt {}): {}", job.name, prompt_id, said)
 
-    def _lost(self, job: Upload, prompt_id: str) -> None:
-        if job.requeued < self.requeue_limit:
-            assert self.requeue is not None  # a limit comes with a way to requeue
-            then = f"queuing it again ({job.requeued + 1} of {self.requeue_limit})"
-            try:
-                if not self.requeue(job):
-                    then = "not queued again: the frame was republished meanwhile"
-            except PublishError as exc:  # the ledger's disk is full: say so here, the loss must not go unsaid
-                then = f"not queued again: {exc}"
-        elif self.requeue_limit:
-            then = f"not queued again ({job.requeued} of {self.requeue_limit} done already)"
-        else:
-            then = "nothing queues it again by itself"
+    def _say_lost(self, job: Upload, then: str) -> None:
+        prompt_id = str(job.prompt_id)
         logger.bind(frame=job.name, prompt_id=prompt_id).warning(
             "ComfyUI lost the video job for {} (prompt {}): it is neither in its queue nor in its history, so "
             "ComfyUI restarted or the job was deleted; {}",
@@ -275,12 +302,12 @@ class JobWatch:
                 if prompt_id in running or prompt_id in pending:
                     sightings.append(Sighting(job, "running" if prompt_id in running else "pending"))
                 else:
-                    sightings.append(self._ended(job, missing="missing" if look.full else "unseen"))
+                    sightings.append(self._in_history(job, missing="missing" if look.full else "unseen"))
         except Exception as exc:  # a bug must cost one look, never the thread
             return Found(look, sightings, exc)
         return Found(look, sightings)
 
-    def _ended(self, job: Upload, *, missing: str) -> Sighting:
+    def _in_history(self, job: Upload, *, missing: str) -> Sighting:
         entry = self.client.history(str(job.prompt_id))
         if entry is None:
             return Sighting(job, missing)

@@ -59,7 +59,7 @@ class Upload:
     queued: float
     updated: float  # when it was owed again or settled: for a queued workflow, when ComfyUI took it
     job: str | None = None  # "waiting", one of JOB_ENDS, or None
-    requeued: int = 0  # times a lost job of this frame was queued again
+    requeued: int = 0  # times a lost job of this frame was queued again as the suspect (see service.comfyui_jobs)
 
 
 class UploadLedger:
@@ -152,16 +152,17 @@ class UploadLedger:
             )
             return cursor.rowcount == 1
 
-    def requeue_job(self, name: str, *, generation: int, prompt_id: str) -> int | None:
-        """Owe ComfyUI the frame of the lost job `prompt_id` again: a new generation (so a new prompt_id) that keeps
-        its place in line, counted in ``requeued``. Returns the generation; None if the row moved on meanwhile."""
+    def requeue_job(self, name: str, *, generation: int, prompt_id: str, counted: bool) -> int | None:
+        """Owe ComfyUI the frame of the waiting job `prompt_id`, which ComfyUI lost, again: a new generation (so a
+        new prompt_id) that keeps its place in line, counted in ``requeued`` if `counted`. One write: a failure
+        leaves the job waiting. Returns the generation; None if the row moved on meanwhile."""
         with self._transaction() as db:
             row = db.execute(
                 """UPDATE uploads SET state = 'pending', generation = generation + 1, reference = NULL,
-                       prompt_id = NULL, reason = NULL, message = NULL, job = NULL, requeued = requeued + 1, updated = ?
-                   WHERE name = ? AND generation = ? AND prompt_id = ? AND job = 'lost'
+                       prompt_id = NULL, reason = NULL, message = NULL, job = NULL, requeued = requeued + ?, updated = ?
+                   WHERE name = ? AND generation = ? AND prompt_id = ? AND job = 'waiting'
                    RETURNING generation""",
-                (self.clock(), db_text(name), generation, db_text(prompt_id)),
+                (int(counted), self.clock(), db_text(name), generation, db_text(prompt_id)),
             ).fetchone()
         return None if row is None else int(row[0])
 

@@ -154,8 +154,8 @@ class Settings(BaseSettings):
         ge=0,
         le=10,
         description=(
-            "Times the video job of one frame is queued again when ComfyUI loses it (a restart, a delete); 0: "
-            "lost jobs are only reported. A job that takes ComfyUI down itself would come back after each restart."
+            "Times the video job of one frame is queued again when ComfyUI loses it (a restart, a delete), at most "
+            "10; 0: lost jobs are only reported. Needs --comfyui-workflow and the looks of --comfyui-check-every."
         ),
     )
 
@@ -205,6 +205,10 @@ class Settings(BaseSettings):
     def _check_comfyui_combination(self) -> Settings:
         if self.comfyui_workflow is not None and self.comfyui_url is None:
             raise ValueError("comfyui_workflow needs comfyui_url (the ComfyUI to queue it on)")
+        if self.comfyui_requeue_lost and self.comfyui_workflow is None:
+            raise ValueError("comfyui_requeue_lost needs comfyui_workflow (the video jobs are its workflows)")
+        if self.comfyui_requeue_lost and not self.comfyui_check_every:
+            raise ValueError("comfyui_requeue_lost needs comfyui_check_every above 0 (its looks find the lost jobs)")
         return self
 
     @property

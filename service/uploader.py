@@ -185,9 +185,10 @@ class Uploads:
             self._jobs.pump()
         return applied
 
-    def _requeue(self, job: Upload) -> bool:
+    def _requeue(self, job: Upload, counted: bool) -> bool:
         """Send the frame of a lost video job again, with its workflow; False if the frame moved on meanwhile."""
-        generation = self.ledger.requeue_job(job.name, generation=job.generation, prompt_id=str(job.prompt_id))
+        prompt_id = str(job.prompt_id)
+        generation = self.ledger.requeue_job(job.name, generation=job.generation, prompt_id=prompt_id, counted=counted)
         if generation is None:
             return False
         self._recount_at = None

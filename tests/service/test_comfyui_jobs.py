@@ -16,7 +16,6 @@ from service.comfyui import ComfyClient
 from service.comfyui_jobs import FAILED_LOOKS_SAID, JobWatch
 from service.errors import PublishError
 from service.ledger import Ledger
-from service.ledger_uploads import Upload
 from service.metrics import Metrics
 from service.publish import Publisher
 from service.uploader import Uploads
@@ -208,7 +207,7 @@ def test_looks_comfyui_does_not_answer_change_nothing_and_several_in_a_row_are_s
     until(watching, lambda: jobs(ledger) == {"a": "success"})
 
 
-def test_asked_to_a_lost_job_is_queued_again_as_often_as_allowed_then_only_reported(
+def test_asked_lost_jobs_are_queued_again_the_suspect_last_and_counted_until_each_frame_used_its_share(
     comfy: FakeComfyUI,
     make_uploads: Callable[..., Uploads],
     ledger: Ledger,
@@ -216,42 +215,68 @@ def test_asked_to_a_lost_job_is_queued_again_as_often_as_allowed_then_only_repor
     metrics: Metrics,
     logs: list[Record],
 ) -> None:
+    """Say every job takes ComfyUI down: each restart counts against the frame whose job ran (the longest
+    waiting), the others come back uncounted, and with one re-queue each both frames end up lost, 5 re-queues on."""
     uploads = make_uploads(comfy.url, workflow=load_workflow(SMOKE), check_jobs_every=EVERY, requeue_lost=1)
     first = queue_frames(uploads, publisher, ledger, {"a": "astronaut", "b": "chelsea"})
-    comfy.restart()
-    until(uploads, lambda: len(comfy.prompts) == 4 and jobs(ledger) == {"a": "waiting", "b": "waiting"})
+    images = {name: str(getattr(ledger.get_upload(name), "reference", "")) for name in first}
+    # After each restart: the jobs found lost so far, and the prompts ComfyUI has taken.
+    for lost, prompts in ((2, 4), (4, 6), (6, 7), (7, 7)):
+        comfy.restart()
 
-    again = {upload.name: upload.prompt_id for upload in ledger.uploads()}
-    assert all(again[name] not in (None, first[name]) for name in again), "a new job, under a new prompt_id"
-    images = [p["1"]["inputs"]["image"] for p in comfy.prompts]
-    assert images[2:] == images[:2], "the same frames"
-    assert [u.requeued for u in ledger.uploads()] == [1, 1]
+        def found_lost(lost: int = lost) -> bool:
+            return value(metrics, JOBS, "lost") == lost
 
-    comfy.restart()  # say their own jobs take ComfyUI down: once more, and they are only reported
-    until(uploads, lambda: set(jobs(ledger).values()) == {"lost"})
-    looked = queue_looks(comfy)
-    until(uploads, lambda: queue_looks(comfy) == looked)  # no job waits: no more looks
-    assert len(comfy.prompts) == 4 and value(metrics, JOBS, "lost") == 4
-    said = [m for m in messages(logs, "WARNING") if "lost the video job for" in m]
-    assert len([m for m in said if m.endswith("queuing it again (1 of 1)")]) == 2, said
-    assert len([m for m in said if m.endswith("not queued again (1 of 1 done already)")]) == 2, said
+        def sent_again(prompts: int = prompts) -> bool:
+            return len(comfy.prompts) == prompts and not ledger.pending_uploads(limit=1)
+
+        until(uploads, found_lost)
+        until(uploads, sent_again)
+        if prompts == 4:
+            again = {upload.name: upload.prompt_id for upload in ledger.uploads()}
+            assert all(again[name] not in (None, first[name]) for name in again), "a new job, under a new prompt_id"
+            order = [p["1"]["inputs"]["image"] for p in comfy.prompts[2:]]
+            assert order == [images["b"], images["a"]], "a's job ran (it waited longest): it goes back last"
+            assert {u.name: u.requeued for u in ledger.uploads()} == {"a": 1, "b": 0}
+
+    assert jobs(ledger) == {"a": "lost", "b": "lost"} and {u.name: u.requeued for u in ledger.uploads()} == {
+        "a": 1,
+        "b": 1,
+    }
+    assert value(metrics, JOBS, "lost") == 7
+    said = [m.split("; ")[-1] for m in messages(logs, "WARNING") if "lost the video job for" in m]
+    assert said.count("queuing it again (1 of 1)") == 2, said
+    assert said.count("not queued again (1 of 1 done already)") == 2, said
+    assert len([m for m in said if m.startswith("queuing it again, not counted: the job of ")]) == 3, said
 
 
-def test_a_lost_job_the_ledger_cannot_requeue_is_still_reported(
+def test_a_lost_job_whose_requeue_the_ledger_cannot_write_waits_and_is_queued_again_at_the_next_look(
     comfy: FakeComfyUI,
-    sender: Uploads,
-    make_watch: Callable[..., JobWatch],
+    make_uploads: Callable[..., Uploads],
     ledger: Ledger,
     publisher: Publisher,
+    metrics: Metrics,
     logs: list[Record],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def full_disk(job: Upload) -> bool:
-        raise PublishError("ledger: database or disk is full", stage="ledger")
+    uploads = make_uploads(comfy.url, workflow=load_workflow(SMOKE), check_jobs_every=EVERY, requeue_lost=1)
+    queue_frames(uploads, publisher, ledger, {"a": "astronaut"})
+    requeue_job = ledger.requeue_job
+    failures: list[PublishError] = []
 
-    queue_frames(sender, publisher, ledger, {"a": "astronaut"})
-    watch = make_watch(every=EVERY, running_every=EVERY, requeue=full_disk, requeue_limit=1)
-    until(watch, lambda: queue_looks(comfy) >= 1 and jobs(ledger) == {"a": "waiting"})
+    def full_disk_once(name: str, **kwargs: Any) -> int | None:
+        if not failures:
+            failures.append(PublishError("ledger: database or disk is full", stage="ledger"))
+            raise failures[0]
+        return requeue_job(name, **kwargs)
+
+    monkeypatch.setattr(ledger, "requeue_job", full_disk_once)
     comfy.restart()
-    until(watch, lambda: jobs(ledger) == {"a": "lost"})
+    with pytest.raises(PublishError, match="disk is full"):
+        until(uploads, lambda: False)  # the pump raises it, as the daemon's loop expects of a ledger write
+    assert jobs(ledger) == {"a": "waiting"} and value(metrics, JOBS, "lost") == 0, "nothing recorded, nothing said"
+
+    until(uploads, lambda: len(comfy.prompts) == 2 and jobs(ledger) == {"a": "waiting"})
+    assert value(metrics, JOBS, "lost") == 1
     said = [m for m in messages(logs, "WARNING") if "lost the video job for a " in m]
-    assert len(said) == 1 and said[0].endswith("not queued again: ledger: database or disk is full"), said
+    assert len(said) == 1 and said[0].endswith("queuing it again (1 of 1)"), said

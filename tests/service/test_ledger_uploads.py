@@ -161,11 +161,10 @@ def test_a_lost_job_is_owed_again_in_its_place_in_line_and_counted_until_the_fra
         now[0] += 1
     ledger.upload_done("a", generation=1, reference="sinkwatch/a.png", prompt_id="p1")
     ledger.upload_done("b", generation=1, reference="sinkwatch/b.png", prompt_id="q1")
-    assert ledger.requeue_job("a", generation=1, prompt_id="p1") is None, "only a lost job"
-    ledger.job_ended("a", generation=1, prompt_id="p1", job="lost")
+    assert ledger.requeue_job("a", generation=1, prompt_id="other", counted=True) is None, "not that job"
 
-    assert ledger.requeue_job("a", generation=1, prompt_id="p1") == 2
-    assert ledger.requeue_job("a", generation=1, prompt_id="p1") is None, "once"
+    assert ledger.requeue_job("a", generation=1, prompt_id="p1", counted=True) == 2
+    assert ledger.requeue_job("a", generation=1, prompt_id="p1", counted=True) is None, "once"
     upload = ledger.get_upload("a")
     assert upload is not None
     assert (upload.state, upload.generation, upload.prompt_id, upload.job, upload.requeued) == (
@@ -176,8 +175,12 @@ def test_a_lost_job_is_owed_again_in_its_place_in_line_and_counted_until_the_fra
         1,
     )
     assert [u.name for u in ledger.pending_uploads(limit=10)] == ["a"] and upload.queued == 100.0, "first in line"
+    assert ledger.requeue_job("b", generation=1, prompt_id="q1", counted=False) == 2
+    assert getattr(ledger.get_upload("b"), "requeued", None) == 0, "not counted"
 
     ledger.upload_done("a", generation=2, reference="sinkwatch/a.png", prompt_id="p2")
     assert getattr(ledger.get_upload("a"), "requeued", None) == 1, "sent again, still counted"
+    ledger.job_ended("a", generation=2, prompt_id="p2", job="success")
+    assert ledger.requeue_job("a", generation=2, prompt_id="p2", counted=True) is None, "only a waiting job"
     ledger.upload_pending("a", relpath="a.png", width=832, height=480)  # a new frame: its jobs start over
     assert getattr(ledger.get_upload("a"), "requeued", None) == 0

@@ -318,10 +318,15 @@ def test_the_job_check_may_be_turned_off_but_not_made_negative() -> None:
 
 def test_lost_jobs_are_queued_again_only_when_asked_and_a_few_times_at_most() -> None:
     assert parse().comfyui_requeue_lost == 0
-    assert parse("--comfyui-requeue-lost", "2").comfyui_requeue_lost == 2
+    comfyui = ("--comfyui-url", "http://127.0.0.1:8188", "--comfyui-workflow", "wf.json")
+    assert parse(*comfyui, "--comfyui-requeue-lost", "3").comfyui_requeue_lost == 3
     for wrong in ("-1", "11", "1.5"):
         with pytest.raises(ConfigError, match="setting 'comfyui_requeue_lost'"):
-            parse("--comfyui-requeue-lost", wrong)
+            parse(*comfyui, "--comfyui-requeue-lost", wrong)
+    with pytest.raises(ConfigError, match="comfyui_requeue_lost needs comfyui_workflow"):
+        parse(*comfyui[:2], "--comfyui-requeue-lost", "1")
+    with pytest.raises(ConfigError, match="comfyui_requeue_lost needs comfyui_check_every above 0"):
+        parse(*comfyui, "--comfyui-requeue-lost", "1", "--comfyui-check-every", "0")
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])

@@ -190,14 +190,14 @@ class JobWatch:
                 ended = "lost" if prompt_id in self._seen else "unknown"
             if ended == "lost" and self.requeue_limit:
                 lost.append(job)  # queued again below, with the others of this look
-            elif not self._ended(job, ended):
+            elif not self._ended(job, ended, self._record(job, ended)):
                 continue  # republished meanwhile: that job is not the frame's any more
             elif ended == "unknown":
                 unknown.append(job.name)
             elif ended == "lost":
                 self._say_lost(job, "nothing queues it again by itself")
             else:
-                self._say(job, prompt_id, ended, sighting.message)
+                self._say(job, ended, sighting.message)
         self._requeue_lost(lost)
         if unknown:
             more = len(unknown) - _NAMED
@@ -209,18 +209,17 @@ class JobWatch:
                 shown,
             )
 
-    def _ended(self, job: Upload, ended: str) -> bool:
-        """Record how the job ended, ledger first; False if its frame moved on meanwhile (then nothing is counted)."""
-        recorded = self.ledger.job_ended(job.name, generation=job.generation, prompt_id=str(job.prompt_id), job=ended)
-        self._forget(job)
-        if recorded:
-            self.metrics.comfyui_jobs.labels(outcome=ended).inc()
-        return recorded
+    def _record(self, job: Upload, ended: str) -> bool:
+        return self.ledger.job_ended(job.name, generation=job.generation, prompt_id=str(job.prompt_id), job=ended)
 
-    def _forget(self, job: Upload) -> None:
+    def _ended(self, job: Upload, ended: str, recorded: bool) -> bool:
+        """After the ledger write (`recorded`: False if the frame moved on meanwhile): forget the job, count it."""
         self._seen.discard(str(job.prompt_id))
         if self._running.pop(str(job.prompt_id), None) is not None:
             self._due = self.clock()  # the next job starts now: see which
+        if recorded:
+            self.metrics.comfyui_jobs.labels(outcome=ended).inc()
+        return recorded
 
     def _requeue_lost(self, jobs: list[Upload]) -> None:
         """Queue the frames of the jobs one look found lost again, the suspect (the longest waiting) last."""
@@ -231,15 +230,12 @@ class JobWatch:
         suspect = jobs[0]
         for job in [*jobs[1:], suspect]:
             if job is suspect and job.requeued >= self.requeue_limit:
-                if self._ended(job, "lost"):
+                if self._ended(job, "lost", self._record(job, "lost")):
                     self._say_lost(job, f"not queued again ({job.requeued} of {self.requeue_limit} done already)")
                 continue
             # Ledger first: a write that fails leaves the job waiting, to be found lost again at the next look.
-            requeued = self.requeue(job, job is suspect)
-            self._forget(job)
-            if not requeued:
+            if not self._ended(job, "lost", self.requeue(job, job is suspect)):
                 continue
-            self.metrics.comfyui_jobs.labels(outcome="lost").inc()
             if job is suspect:
                 self._say_lost(job, f"queuing it again ({job.requeued + 1} of {self.requeue_limit})")
             else:
@@ -266,7 +262,8 @@ class JobWatch:
         else:
             logger.debug("could not look at ComfyUI's video jobs: {}", error)
 
-    def _say(self, job: Upload, prompt_id: str, ended: str, message: str) -> None:
+    def _say(self, job: Upload, ended: str, message: str) -> None:
+        prompt_id = str(job.prompt_id)
         log = logger.bind(frame=job.name, prompt_id=prompt_id)
         if ended == "success":
             log.debug("ComfyUI finished the video job for {} (prompt {})", job.name, prompt_id)

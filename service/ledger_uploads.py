@@ -34,6 +34,10 @@ UPLOAD_STATES = ("pending", "done", "failed")
 # How the video job of a queued workflow ended (see service.comfyui_jobs); "waiting" before that, NULL: no job.
 JOB_ENDS = ("success", "error", "interrupted", "lost", "unknown")
 
+# A row owed again: a new generation, pending, with nothing of what the last one was sent as.
+_OWED_AGAIN = """state = 'pending', generation = generation + 1, reference = NULL, prompt_id = NULL,
+    reason = NULL, message = NULL, job = NULL"""
+
 # The columns in the order of Upload's fields.
 _SELECT_UPLOAD = """
     SELECT name, relpath, width, height, state, generation, reference, prompt_id, reason, message, queued, updated, job,
@@ -72,12 +76,11 @@ class UploadLedger:
         now = self.clock()
         with self._transaction() as db:
             row = db.execute(
-                """INSERT INTO uploads (name, relpath, width, height, state, generation, queued, updated)
+                f"""INSERT INTO uploads (name, relpath, width, height, state, generation, queued, updated)
                    VALUES (?, ?, ?, ?, 'pending', 1, ?, ?)
                    ON CONFLICT (name) DO UPDATE SET
                        relpath = excluded.relpath, width = excluded.width, height = excluded.height,
-                       state = 'pending', generation = generation + 1, reference = NULL, prompt_id = NULL,
-                       reason = NULL, message = NULL, job = NULL, requeued = 0,
+                       {_OWED_AGAIN}, requeued = 0,
                        queued = CASE WHEN state = 'pending' THEN queued ELSE excluded.queued END,
                        updated = excluded.updated
                    RETURNING generation""",
@@ -158,8 +161,7 @@ class UploadLedger:
         leaves the job waiting. Returns the generation; None if the row moved on meanwhile."""
         with self._transaction() as db:
             row = db.execute(
-                """UPDATE uploads SET state = 'pending', generation = generation + 1, reference = NULL,
-                       prompt_id = NULL, reason = NULL, message = NULL, job = NULL, requeued = requeued + ?, updated = ?
+                f"""UPDATE uploads SET {_OWED_AGAIN}, requeued = requeued + ?, updated = ?
                    WHERE name = ? AND generation = ? AND prompt_id = ? AND job = 'waiting'
                    RETURNING generation""",
                 (int(counted), self.clock(), db_text(name), generation, db_text(prompt_id)),

@@ -92,13 +92,14 @@ def main(args: argparse.Namespace) -> int:
         except Stopped as stop:
             counts = engine.counts
             # Said before the workers are waited for: what they hold is in the count of what is left.
-            left = len(sources) - counts["published"] - counts["skipped"] - counts["rejected"] - len(already)
+            done = counts["published"] + counts["skipped"] + counts["rejected"] + counts["ignored"]
+            left = len(sources) - done - len(already)
             owing = f", {ledger.pending_upload_count()} uploads owed to ComfyUI" if uploads is not None else ""
             with contextlib.suppress(OSError):  # after a hangup the terminal is gone (EIO)
                 print(
                     f"sinkwatch process: stopped by {signal.Signals(stop.signum).name}: {counts['published']} "
                     f"published, {counts['skipped'] + len(already)} unchanged, {counts['rejected']} rejected, "
-                    f"{left} left for the next run{owing} -> {queue}",
+                    f"{_ignored(counts)}{left} left for the next run{owing} -> {queue}",
                     file=sys.stderr,
                 )
             raise
@@ -115,10 +116,15 @@ def main(args: argparse.Namespace) -> int:
     sent = f", {owed} uploads owed to ComfyUI, {refused} failed for good" if uploads is not None else ""
     print(
         f"sinkwatch process: {counts['published']} published, {counts['skipped'] + len(already)} unchanged, "
-        f"{counts['rejected']} rejected, {len(unfinished)} unfinished{sent} -> {queue}",
+        f"{counts['rejected']} rejected, {_ignored(counts)}{len(unfinished)} unfinished{sent} -> {queue}",
         file=sys.stderr,
     )
     return 1 if counts["rejected"] or unfinished or owed or refused else 0
+
+
+def _ignored(counts: dict[str, int]) -> str:
+    """The summary's word on the images made from sinkwatch's own frames, when there were any."""
+    return f"{counts['ignored']} ignored (made from sinkwatch's frames), " if counts["ignored"] else ""
 
 
 def _stop(signum: int, _frame: object) -> None:

@@ -26,6 +26,7 @@ from PIL import Image, TiffImagePlugin
 from service.errors import CorruptImage, ImageTooLarge, IncompleteImage, UnsupportedImage
 from service.orientation import exif_orientation, png_orientation
 from service.png_chunks import broken, default_image, plain_rgb8, png_text, walk_chunks, zeros_from
+from service.webp_text import comfyui_text
 
 _RGB = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
 _MAGIC = (
@@ -208,7 +209,9 @@ def _inspect_webp(data: bytes, path: str | Path) -> Header:
             f"WebP ends in over {limit} zero bytes, more than a complete one: still being written", path=path
         )
     orientation = exif_orientation(exif, xmp)
-    return Header("WEBP", size=size, cv2_flags=0 if animated else cv2.IMREAD_UNCHANGED, orientation=orientation)
+    text, left_out = comfyui_text(exif)
+    flags = 0 if animated else cv2.IMREAD_UNCHANGED
+    return Header("WEBP", size=size, cv2_flags=flags, orientation=orientation, text=text, text_left_out=left_out)
 
 
 def _inspect_gif(data: bytes, path: str | Path) -> Header:

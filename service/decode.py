@@ -68,9 +68,10 @@ class DecodedImage:
     rgb: np.ndarray  # (H, W, 3) uint8, C-contiguous, upright, alpha composited
     format: str  # "PNG", "JPEG", "WEBP", "GIF", "BMP" or "TIFF"
     source_size: tuple[int, int]  # (width, height) of the full-resolution source, upright
-    text: Mapping[str, str]  # PNG text chunks (ComfyUI's "prompt", "workflow"), capped
+    # PNG text chunks (ComfyUI's "prompt", "workflow"), or those two from a WebP's EXIF (service.webp_text), capped
+    text: Mapping[str, str]
     sha256: str  # of exactly the bytes decoded
-    text_left_out: tuple[str, ...] = ()  # keywords of the PNG text chunks over the caps, not in `text`
+    text_left_out: tuple[str, ...] = ()  # keywords of that text over the caps, not in `text`
 
 
 def decode_file(

@@ -124,6 +124,13 @@ class ImageTooLarge(InputError):
     reason = "too_large"
 
 
+class MadeFromFrame(InputError):
+    """An image ComfyUI made from one of sinkwatch's own frames (see service.made_from_frame): what a video job
+    saved, not a new start frame. It is left alone, and counted as ``ignored``, not as a rejection."""
+
+    reason = "from_frame"
+
+
 class PublishError(SinkwatchError):
     """Writing to the queue failed (disk full, read-only, permissions): retried."""
 

@@ -36,7 +36,7 @@ from service.errors import REJECT_REASONS
 from service.ledger_uploads import JOB_ENDS
 
 SOURCES = ("event", "scan", "startup")
-OUTCOMES = ("published", "rejected", "retried", "skipped")
+OUTCOMES = ("published", "rejected", "retried", "skipped", "ignored")
 STAGES = ("decode", "resize", "analysis", "blur", "heatmap", "scores", "encode", "publish")
 PUBLISH_ERROR_REASONS = ("no_space", "permission", "read_only", "other")
 # "gone": the frame left the queue (cleared, replaced) before it could be sent, no fault of ComfyUI's.

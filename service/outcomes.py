@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 
 from loguru import logger
 
-from service.errors import PublishError
+from service.errors import MadeFromFrame, PublishError
 from service.ledger import Ledger
 from service.metrics import Metrics
 from service.png_chunks import TEXT_TOTAL_LIMIT, TEXT_VALUE_LIMIT
@@ -45,7 +45,7 @@ class Outcomes:
         self.retry_base = retry_base
         self.clock = clock
         self.on_published: OnPublished | None = None
-        self.counts = {"published": 0, "rejected": 0, "retried": 0, "skipped": 0}
+        self.counts = {"published": 0, "rejected": 0, "retried": 0, "skipped": 0, "ignored": 0}
 
     def handle(self, job: Job, outcome: Outcome, *, seen_at: float | None) -> None:
         """Record what a worker reported; `seen_at` (wall clock) starts the publish latency, None: not measured."""
@@ -253,6 +253,11 @@ class Outcomes:
         if again:
             self._count(job.rule.name, "skipped")
             logger.bind(source=job.key, reason=reason).debug("unchanged content, rejected as before: {}", job.key)
+            return
+        if reason == MadeFromFrame.reason:
+            # Nothing wrong with it: a video job's output beside the generator's images, left alone by design.
+            self._count(job.rule.name, "ignored")
+            logger.bind(source=job.key, reason=reason).info("ignored {}: {}", job.key, error.get("message"))
             return
         self._count(job.rule.name, "rejected")
         self.metrics.rejected.labels(reason=reason).inc()

@@ -77,7 +77,7 @@ def own_sidecar(publisher: Publisher, name: str, key: str, source: Path | None =
     path as it was given (relative, say); the daemon records the absolute path, which is `source` when
     both lead to one file (a `process` on a ledger of its own, given the daemon's file): any names `source`.
     """
-    sidecar = _read_json(publisher.sidecar_path(name))
+    sidecar = read_json(publisher.sidecar_path(name))
     try:
         if sidecar is None:
             return None
@@ -131,7 +131,8 @@ def _regular(path: Path) -> bool:
     return stat.S_ISREG(os.lstat(path).st_mode)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in file `path`; None if it cannot be read or holds something else."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -22,9 +22,10 @@ from core import pipeline
 from service import __version__
 from service.decode import DecodedImage, decode_file
 from service.encode import encode_png
-from service.errors import IncompleteImage, PublishError, SinkwatchError
+from service.errors import IncompleteImage, MadeFromFrame, PublishError, SinkwatchError
 from service.file_hash import sha256_file
 from service.ledger_stamps import file_stamp
+from service.made_from_frame import loaded_frame
 from service.metrics import publish_error_reason
 from service.ownership import Foreign, describes, own_frame, own_sidecar
 from service.publish import Publisher
@@ -158,6 +159,12 @@ def process_job(job: Job) -> Outcome:
         )
         timings["decode"] = time.perf_counter() - started
         _check_unchanged(job, before)
+        publisher = Publisher(job.queue)
+        if (frame_name := loaded_frame(decoded.text, publisher)) is not None:
+            raise MadeFromFrame(
+                f"ComfyUI made it from sinkwatch's frame {frame_name}.png (its prompt loads that frame): what a "
+                "video job saved, not a new start frame"
+            )
 
         result = pipeline.run(decoded.rgb, params)
         timings.update(result.timings)
@@ -173,7 +180,6 @@ def process_job(job: Job) -> Outcome:
         frame_sha256 = hashlib.sha256(frame).hexdigest()
         sidecar["output"]["frame_sha256"] = frame_sha256
         started = time.perf_counter()
-        publisher = Publisher(job.queue)
         # Checked last, just before writing: an edit made while the image was in the pool counts too.
         try:
             replaces = own_frame(publisher, job.name, job.key, recorded=job.frame_sha256, source=job.source)

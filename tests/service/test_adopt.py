@@ -139,7 +139,7 @@ def test_outputs_made_from_the_current_bytes_are_kept_and_recorded_not_made_agai
     assert stamp.file == file_stamp(source.stat()), "the whole stamp, so that the next scan needs no hashing"
     assert (entry.sha256, entry.frame_sha256) == (first.sha256, first.frame_sha256)
     assert (entry.rule, entry.fingerprint) == ("default", queue.rule.fingerprint)
-    assert queue.outcomes.counts == {"published": 0, "rejected": 0, "retried": 0, "skipped": 1}
+    assert queue.outcomes.counts == {"published": 0, "rejected": 0, "retried": 0, "skipped": 1, "ignored": 0}
     assert (queue.processed("skipped"), queue.processed("published")) == (1, 0)
     assert queue.announced == [("cat", "cat.png", 832, 480)], "the upload the lost ledger owed is owed again"
 

@@ -55,7 +55,7 @@ def test_files_the_ledger_has_done_count_as_unchanged(engine: Engine, watch: Pat
     assert done_before == {"published.png", "rejected.png"}
     _run(engine, sources, done_before, MAX_ATTEMPTS)
     assert not engine.pending and not engine.in_flight
-    assert engine.counts == {"published": 0, "rejected": 0, "retried": 0, "skipped": 0}
+    assert engine.counts == {"published": 0, "rejected": 0, "retried": 0, "skipped": 0, "ignored": 0}
 
 
 def test_the_daemons_due_retry_is_left_to_the_daemon(engine: Engine, watch: Path) -> None:
@@ -67,7 +67,7 @@ def test_the_daemons_due_retry_is_left_to_the_daemon(engine: Engine, watch: Path
 
     stuck = engine.ledger.get("stuck.png")
     assert stuck is not None and (stuck.state, stuck.attempts) == ("retry", 1), "process retried the daemon's file"
-    assert engine.counts == {"published": 0, "rejected": 0, "retried": 0, "skipped": 0}
+    assert engine.counts == {"published": 0, "rejected": 0, "retried": 0, "skipped": 0, "ignored": 0}
     assert already == {"mine.png"}
 
 

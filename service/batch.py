@@ -80,6 +80,7 @@ def main(args: argparse.Namespace) -> int:
             resolve=keys.resolve,
             forced_rule=forced,
             force=args.force,
+            frame_refs=settings.frame_refs,
         )
         uploads = uploads_for(settings, ledger=ledger, engine=engine, metrics=engine.metrics)
         owed = refused = 0

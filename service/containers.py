@@ -120,8 +120,9 @@ def _inspect_png(data: bytes, path: str | Path) -> Header:
         key = int.from_bytes(trns[:2], "big")
         header.grey_key = key * (255 // ((1 << depth) - 1)) if depth < 8 else key  # OpenCV scales 1/2/4 bits to 8
     header.orientation = png_orientation(found.exif, header.text)
-    if found.apng:
-        # Frame 0 of an APNG is its IDAT image (what Pillow shows first): decode that as a plain PNG.
+    if found.apng or found.misnamed:
+        # Frame 0 of an APNG is its IDAT image (what Pillow shows first), and a misnamed chunk one Pillow passes
+        # over: decode what is left as a plain PNG.
         header.stream = default_image(data, found)
     elif trns is None and plain_rgb8(found):
         header.rgb8_chunks = ((8, found.ihdr_end), found.idat, found.iend)

@@ -144,6 +144,7 @@ class Daemon:
             resolve=lambda key: self.folders.watch / key,
             wakeup=self.events.arrived,
             events_tell_departures=not s.polling,
+            frame_refs=s.frame_refs,
         )
         self.uploads = uploads_for(s, ledger=self.ledger, engine=self.engine, metrics=self.metrics, watch_jobs=not once)
         if self.uploads is not None:

@@ -26,6 +26,7 @@ from service import ownership, recovery, unchanged
 from service.birth import birth_ns
 from service.errors import SinkwatchError
 from service.ledger import FINAL_STATES, Entry, Ledger, Stamp
+from service.made_from_frame import LOCAL, FrameRefs
 from service.metrics import Metrics
 from service.naming import safe_stem
 from service.outcomes import OnPublished, Outcomes
@@ -73,8 +74,10 @@ class Engine:
         clock: Callable[[], float] = time.time,
         wakeup: Callable[[], Future[None]] | None = None,
         events_tell_departures: bool = True,
+        frame_refs: FrameRefs = LOCAL,
     ) -> None:
         self.queue = queue
+        self.frame_refs = frame_refs
         self.rules = rules
         self.ledger = ledger
         self.pool = pool
@@ -309,6 +312,7 @@ class Engine:
             adopt=not self.force,
             last_try=attempt >= self.limits.max_attempts,
             rejected_as=None if self.force else _rejected_as(entry) or self.rejected_before.pop(candidate.key, None),
+            frame_refs=self.frame_refs,
         )
         self.in_flight[self.pool.submit(job)] = (candidate, job)
 

@@ -8,34 +8,62 @@ images, each would become a start frame, and with ``--comfyui-workflow`` queue
 a video of itself, and so on without end.
 
 ComfyUI embeds the prompt that made an image (the API graph: a PNG's
-``prompt`` text, a WebP's EXIF, see :mod:`service.webp_text`). An image whose
-prompt loads one of sinkwatch's frames is made from it: an input naming a
-frame in the queue folder (which is ComfyUI's ``input/``, so a Load Image
-there reads the frame itself), or naming the upload of one to a remote
-ComfyUI, as its sidecar records it (``comfyui.upload``) or as sinkwatch names
-the versions it uploads (``<frame>-<8 hex of its sha256>.png``).
+``prompt`` text or ``comf`` chunk, a WebP's EXIF, see
+:mod:`service.webp_text`); Video Combine's animated WebP and GIF carry none,
+but the PNG it writes first under the same name does. An image is made from a
+frame when the part of its prompt that fed the node that saved it (or the
+whole prompt, when no saver's ``filename_prefix`` names the file) loads one
+of sinkwatch's frames, by any name ComfyUI knows it by (see
+:class:`FrameRefs`).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from service.errors import InputError
 from service.ownership import read_json
+from service.png_chunks import png_text, walk_chunks
 from service.publish import Publisher
 
 # ComfyUI's annotated names: "x.png [input]" reads input/, the others read output/ or temp/.
 _ANNOTATION = re.compile(r" ?\[(input|output|temp)\]$")
-# sinkwatch's name for one version of a frame in ComfyUI (service.upload_sender), and ComfyUI's for an upload
-# whose name was taken by another file: "x (1).png".
-_VERSION = re.compile(r"(.+)-([0-9a-f]{8})")
+# ComfyUI's name for an upload whose name another file had ("x (1).png"), and sinkwatch's for one version of a
+# frame uploaded with a workflow ("x-<8 hex of its sha256>.png", service.upload_sender).
 _RENAMED = re.compile(r"(.+) \([0-9]+\)")
+_VERSION = re.compile(r"(.+)-[0-9a-f]{8}")
+# Names of PNGs in one prompt looked up at most: a prompt of hundreds of thousands of them must not hold a worker.
+_MOST_NAMES = 256
+# The PNG written beside a video is a few MB at most; a larger file of that name is something else.
+_SIBLING_BYTES = 64 << 20
 
 
-def loaded_frame(text: Mapping[str, str], publisher: Publisher) -> str | None:
-    """The name of the sinkwatch frame that the ComfyUI prompt in `text` (an image's text) loads, if any."""
+@dataclass(frozen=True)
+class FrameRefs:
+    """How ComfyUI names sinkwatch's frames.
+
+    top_level : the queue is ComfyUI's ``input/``: a frame is ``<name>.png``.
+    upload_folder : the subfolder of ComfyUI's ``input/`` the frames are uploaded into ("" at its top
+        level), None when nothing is uploaded. Its uploads are ``<name>.png`` or, one per version with a
+        workflow, ``<name>-<8 hex>.png``; at the top level ComfyUI renames a name another file has
+        (``<name> (1).png``), which only the sidecar's record of the upload tells.
+    """
+
+    top_level: bool = True
+    upload_folder: str | None = None
+
+
+# The embedded default: the queue is ComfyUI's input/, nothing is uploaded.
+LOCAL = FrameRefs()
+
+
+def loaded_frame(text: Mapping[str, str], source: Path, publisher: Publisher, refs: FrameRefs) -> str | None:
+    """The name of the sinkwatch frame that the ComfyUI prompt in `text` (the text of image `source`) loads."""
     prompt = text.get("prompt")
     if prompt is None or ".png" not in prompt:  # every frame is a PNG: most prompts need no parsing
         return None
@@ -43,43 +71,89 @@ def loaded_frame(text: Mapping[str, str], publisher: Publisher) -> str | None:
         graph = json.loads(prompt)
     except (ValueError, RecursionError):
         return None
-    for value in _string_inputs(graph):
-        if (name := _frame_named(value, publisher)) is not None:
+    if not isinstance(graph, dict):
+        return None
+    sidecars: dict[str, dict[str, Any] | None] = {}
+    for value in list(dict.fromkeys(_png_names(_feeding(graph, source.name))))[:_MOST_NAMES]:
+        if (name := _frame_named(value, publisher, refs, sidecars)) is not None:
             return name
     return None
 
 
-def _string_inputs(graph: Any) -> list[str]:
-    """The string inputs of the nodes of an API-format prompt (``{id: {"inputs": {...}}}``) that name a PNG."""
-    if not isinstance(graph, dict):
-        return []
-    values = []
-    for node in graph.values():
-        inputs = node.get("inputs") if isinstance(node, dict) else None
-        if isinstance(inputs, dict):
-            values += [value for value in inputs.values() if isinstance(value, str) and ".png" in value]
-    return values
+def sibling_text(source: Path) -> dict[str, str]:
+    """The text of the PNG named like `source` beside it (Video Combine's first frame of the video `source`)."""
+    sibling = source.with_suffix(".png")
+    if sibling == source:
+        return {}
+    try:
+        with open(sibling, "rb") as file:
+            data = file.read(_SIBLING_BYTES + 1)
+        if len(data) > _SIBLING_BYTES or data[:8] != b"\x89PNG\r\n\x1a\n":
+            return {}
+        return png_text(memoryview(data), walk_chunks(data, sibling).text)[0]
+    except (OSError, InputError):
+        return {}
 
 
-def _frame_named(value: str, publisher: Publisher) -> str | None:
+def _feeding(graph: dict[Any, Any], file_name: str) -> list[Any]:
+    """The nodes upstream of the savers whose ``filename_prefix`` names `file_name` (they and what feeds
+    them), or every node when none does: a prompt may hold branches that saved other files."""
+    nodes = {
+        key: node for key, node in graph.items() if isinstance(node, dict) and isinstance(node.get("inputs"), dict)
+    }
+    todo = [key for key, node in nodes.items() if _saved(file_name, node["inputs"].get("filename_prefix"))]
+    if not todo:
+        return list(nodes.values())
+    seen: set[Any] = set()
+    while todo:
+        key = todo.pop()
+        if key in seen or key not in nodes:
+            continue
+        seen.add(key)
+        # A link is [node id, output index].
+        links = [value for value in nodes[key]["inputs"].values() if isinstance(value, list) and len(value) == 2]
+        todo += [link[0] for link in links if isinstance(link[0], str | int)]
+    return [nodes[key] for key in seen]
+
+
+def _saved(file_name: str, prefix: object) -> bool:
+    """Whether a saver with `prefix` writes files named like `file_name` (``<prefix>_<counter>...``)."""
+    if not isinstance(prefix, str) or not prefix.strip("/"):
+        return False
+    return file_name.startswith(prefix.replace("\\", "/").rstrip("/").rpartition("/")[2] + "_")
+
+
+def _png_names(nodes: list[Any]) -> Iterator[str]:
+    for node in nodes:
+        yield from (value for value in node["inputs"].values() if isinstance(value, str) and ".png" in value)
+
+
+def _frame_named(
+    value: str, publisher: Publisher, refs: FrameRefs, sidecars: dict[str, dict[str, Any] | None]
+) -> str | None:
     annotated = _ANNOTATION.search(value)
     if annotated is not None and annotated[1] != "input":
         return None
-    path = value[: annotated.start()] if annotated is not None else value
-    folder, _, base = path.replace("\\", "/").rpartition("/")
+    path = (value[: annotated.start()] if annotated is not None else value).replace("\\", "/")
+    folder, _, base = path.strip("/").rpartition("/")
     if not base.endswith(".png"):
         return None
     stem = base[: -len(".png")]
-    if not folder and _published(publisher, stem):
-        return stem
-    # An upload to a remote ComfyUI: named after the frame, as a version of it, or renamed by ComfyUI.
-    candidates: list[tuple[str, str | None]] = [(stem, None)]
-    if (version := _VERSION.fullmatch(stem)) is not None:
-        candidates.append((version[1], version[2]))
-    if (renamed := _RENAMED.fullmatch(stem)) is not None:
-        candidates.append((renamed[1], None))
-    for name, sha256_start in candidates:
-        if _published(publisher, name) and _uploaded_as(read_json(publisher.sidecar_path(name)), path, sha256_start):
+    renamed = _RENAMED.fullmatch(stem)
+    unrenamed = renamed[1] if renamed is not None else stem
+    version = _VERSION.fullmatch(unrenamed)
+    if refs.top_level and not folder and _published(publisher, stem):
+        return stem  # Load Image reads the frame itself
+    if refs.upload_folder is not None and folder == refs.upload_folder.strip("/"):
+        if version is not None and not renamed and _published(publisher, version[1]):
+            return version[1]  # sinkwatch's name for a version of that frame: no file of anyone else's
+        if folder and not renamed and _published(publisher, stem):
+            return stem  # sinkwatch's own subfolder, where its uploads keep their names
+    # Anything else ComfyUI named an upload (a rename at the top level): as the sidecar records it.
+    for name in dict.fromkeys((stem, unrenamed, version[1] if version is not None else stem)):
+        if name not in sidecars:
+            sidecars[name] = read_json(publisher.sidecar_path(name)) if _published(publisher, name) else None
+        if _uploaded_as(sidecars[name], path):
             return name
     return None
 
@@ -92,11 +166,6 @@ def _published(publisher: Publisher, name: str) -> bool:
         return False
 
 
-def _uploaded_as(sidecar: dict[str, Any] | None, path: str, sha256_start: str | None) -> bool:
-    """Whether the frame of `sidecar` went to ComfyUI as `path`, or is the version whose hash starts so."""
-    note = sidecar.get("comfyui") if sidecar else None
-    output = sidecar.get("output") if sidecar else None
-    if isinstance(note, dict) and note.get("upload") == path:
-        return True
-    frame_sha256 = output.get("frame_sha256") if isinstance(output, dict) else None
-    return sha256_start is not None and isinstance(frame_sha256, str) and frame_sha256.startswith(sha256_start)
+def _uploaded_as(sidecar: dict[str, Any] | None, path: str) -> bool:
+    note = sidecar.get("comfyui") if sidecar is not None else None
+    return isinstance(note, dict) and note.get("upload") == path

@@ -24,7 +24,8 @@ TEXT_TOTAL_LIMIT = 8 << 20  # characters kept over all text chunks
 # 65,536 chunks is 512 MiB of 8 KiB IDATs, twice the default byte limit, and walking that many costs ~0.2 s.
 MAX_CHUNKS = 1 << 16
 _CRITICAL = (b"IHDR", b"PLTE", b"IDAT", b"IEND")
-_TEXT = (b"tEXt", b"zTXt", b"iTXt")
+# ComfyUI's SaveAnimatedPNG keeps its prompt and workflow in "comf" chunks, keyword and text as in tEXt.
+_TEXT = (b"tEXt", b"zTXt", b"iTXt", b"comf")
 _APNG = (b"acTL", b"fcTL", b"fdAT")
 _LIBPNG_MAX_SIDE = 1_000_000  # libpng's default user limit: OpenCV refuses longer sides
 _HEAD, _CRC = struct.Struct(">I4s"), struct.Struct(">I")
@@ -45,6 +46,9 @@ class PngChunks:
     idat_split: bool = False  # an IDAT after another chunk that followed the first run
     iend: tuple[int, int] = (0, 0)
     apng: bool = False  # acTL, fcTL or fdAT present
+    # A chunk whose name has the reserved bit set (its third letter lowercase: ComfyUI's "comf"): libpng refuses
+    # the file for it, Pillow (ComfyUI's reader) passes over it.
+    misnamed: bool = False
     libpng_only: bool = False  # an unknown critical chunk or a second IHDR: libpng judges those
 
 
@@ -108,6 +112,8 @@ def _keep(found: PngChunks, kind: bytes, data: bytes, start: int, end: int) -> N
         found.exif = data[start + 8 : end - 4]
     elif kind in _APNG:
         found.apng = True
+    if kind[2] & 0x20:
+        found.misnamed = True
     elif not kind[0] & 0x20 and kind not in _CRITICAL:
         found.libpng_only = True
 
@@ -129,9 +135,11 @@ def crcs_hold(data: bytes | memoryview, start: int, stop: int) -> bool:
 
 
 def default_image(data: bytes, found: PngChunks) -> bytes:
-    """An APNG without its animation chunks: frame 0 is its IDAT image, what Pillow shows first."""
+    """The PNG without its animation chunks (frame 0 of an APNG is its IDAT image, what Pillow shows first)
+    and without misnamed ones (see :attr:`PngChunks.misnamed`)."""
     view = memoryview(data)
-    return data[:8] + b"".join(view[s:e] for kind, s, e in spans(view, 8, found.iend[1]) if kind not in _APNG)
+    kept = (view[s:e] for kind, s, e in spans(view, 8, found.iend[1]) if kind not in _APNG and not kind[2] & 0x20)
+    return data[:8] + b"".join(kept)
 
 
 def plain_rgb8(found: PngChunks) -> bool:

@@ -25,7 +25,7 @@ from service.encode import encode_png
 from service.errors import IncompleteImage, MadeFromFrame, PublishError, SinkwatchError
 from service.file_hash import sha256_file
 from service.ledger_stamps import file_stamp
-from service.made_from_frame import loaded_frame
+from service.made_from_frame import LOCAL, FrameRefs, loaded_frame, sibling_text
 from service.metrics import publish_error_reason
 from service.ownership import Foreign, describes, own_frame, own_sidecar
 from service.publish import Publisher
@@ -65,6 +65,8 @@ class Job:
     # The rejection the ledger holds for the source: the same bytes again (only its stamp changed: a touch, a
     # chmod, a restore from a backup) are rejected as before without being decoded, and it is no new rejection.
     rejected_as: Rejection | None = None
+    # How ComfyUI names the frames in the queue: an image whose prompt loads one is made from it (a video's frame).
+    frame_refs: FrameRefs = LOCAL
 
 
 class Rejection(NamedTuple):
@@ -160,7 +162,8 @@ def process_job(job: Job) -> Outcome:
         timings["decode"] = time.perf_counter() - started
         _check_unchanged(job, before)
         publisher = Publisher(job.queue)
-        if (frame_name := loaded_frame(decoded.text, publisher)) is not None:
+        text = decoded.text if "prompt" in decoded.text else sibling_text(job.source)
+        if (frame_name := loaded_frame(text, job.source, publisher, job.frame_refs)) is not None:
             raise MadeFromFrame(
                 f"ComfyUI made it from sinkwatch's frame {frame_name}.png (its prompt loads that frame): what a "
                 "video job saved, not a new start frame"

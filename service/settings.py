@@ -28,6 +28,7 @@ from pydantic_settings import (
 from service.comfyui import DEFAULT_SUBFOLDER, ComfyClient
 from service.errors import ConfigError
 from service.logs import configure_logging
+from service.made_from_frame import FrameRefs
 from service.rule_globs import check_name_glob
 
 ENV_PREFIX = "SINKWATCH_"
@@ -220,6 +221,15 @@ class Settings(BaseSettings):
     def queue_folder(self) -> Path:
         """Where frames are published: ComfyUI's input folder when given, else the queue."""
         return self.comfyui_input if self.comfyui_input is not None else self.queue
+
+    @property
+    def frame_refs(self) -> FrameRefs:
+        """How ComfyUI names the frames: by their names in the queue when it is ComfyUI's input/ (given as such,
+        or nothing is uploaded elsewhere), and by their uploads' names when they are uploaded."""
+        return FrameRefs(
+            top_level=self.comfyui_input is not None or self.comfyui_url is None,
+            upload_folder=self.comfyui_subfolder if self.comfyui_url is not None else None,
+        )
 
     @property
     def resolved_state_dir(self) -> Path:

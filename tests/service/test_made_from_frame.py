@@ -8,6 +8,7 @@ workflow as EXIF strings), each with a prompt whose Load Image reads the frame.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import warnings
@@ -16,19 +17,22 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from loguru import logger
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from service.decode import decode_file
+from service import made_from_frame
+from service.decode import decode_bytes, decode_file
 from service.errors import REJECT_REASONS
 from service.file_hash import sha256_file
 from service.ledger import Ledger
-from service.made_from_frame import loaded_frame
+from service.made_from_frame import LOCAL, FrameRefs, loaded_frame
 from service.metrics import Metrics
 from service.publish import Publisher
 from service.runner import Rejection, process_job
+from service.settings import load_settings
 from service.upload_note import note_upload
 from service.webp_text import comfyui_text
 from tests.conftest import load_photo
@@ -147,6 +151,60 @@ def test_a_video_saved_as_an_animated_webp_by_comfyui_is_ignored(bench: Bench, p
     assert bench.counted() == {"published": 1, "ignored": 1}
 
 
+def test_a_video_combine_webp_without_a_prompt_is_known_by_the_first_frame_png_written_beside_it(
+    bench: Bench, published: Path
+) -> None:
+    # Video Combine's image/webp output carries no prompt; the PNG of its first frame, same name, does.
+    video = bench.watch / "AnimateDiff_00001.webp"
+    with Image.open(published) as image:
+        first = image.convert("RGB")
+    first.save(video, save_all=True, append_images=[first.rotate(2)], duration=62, quality=80)
+    assert bench.run(video).status == "published", "alone, nothing tells what made it"
+
+    first_frame_png(bench.watch / "AnimateDiff_00001.png", published, video_prompt("cat.png"))
+    later = bench.watch / "AnimateDiff_00002.webp"
+    later.write_bytes(video.read_bytes())
+    first_frame_png(bench.watch / "AnimateDiff_00002.png", published, video_prompt("cat.png"))
+    outcome = bench.run(later)
+    assert (outcome.status, outcome.reason) == ("rejected", "from_frame")
+
+
+def test_comfyuis_animated_png_decodes_and_is_ignored_when_made_from_a_frame(bench: Bench, published: Path) -> None:
+    # SaveAnimatedPNG keeps the prompt in private "comf" chunks after the image data, which libpng refuses.
+    def save_animated(path: Path, prompt: dict[str, Any]) -> Path:
+        info = PngInfo()
+        for key, value in (("prompt", prompt), ("workflow", WORKFLOW)):
+            info.add(b"comf", key.encode("latin-1") + b"\0" + json.dumps(value).encode("latin-1"), after_idat=True)
+        with Image.open(published) as image:
+            first = image.convert("RGB")
+        first.save(path, pnginfo=info, compress_level=4, save_all=True, duration=62, append_images=[first.rotate(2)])
+        return path
+
+    made = bench.run(save_animated(bench.watch / "ComfyUI_00001_.png", video_prompt("cat.png")))
+    assert (made.status, made.reason) == ("rejected", "from_frame")
+    generated = save_animated(bench.watch / "ComfyUI_00002_.png", video_prompt("reference.png"))
+    assert bench.run(generated).status == "published"
+    sidecar = json.loads(Publisher(bench.queue).sidecar_path("ComfyUI_00002_").read_text(encoding="utf-8"))
+    assert json.loads(sidecar["source"]["metadata"]["prompt"]) == video_prompt("reference.png")
+    assert bench.counted() == {"published": 2, "ignored": 1}
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "L"])
+@pytest.mark.parametrize("frames", [1, 2])
+def test_a_png_with_comfyuis_comf_chunks_decodes_as_pillow_reads_it(mode: str, frames: int) -> None:
+    # libpng refuses a chunk whose name has the reserved bit set ("comf"); Pillow, ComfyUI's reader, passes over it.
+    image = Image.fromarray(load_photo("coffee")[:96, :128]).convert(mode)
+    info = PngInfo()
+    info.add(b"comf", b"prompt\0" + json.dumps(video_prompt("cat.png")).encode("latin-1"), after_idat=True)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info, save_all=frames > 1, append_images=[image.rotate(3)] * (frames - 1))
+    decoded = decode_bytes(buffer.getvalue(), path="ComfyUI_00001_.png", max_pixels=10**8)
+    with Image.open(io.BytesIO(buffer.getvalue())) as shown:
+        expected = np.asarray(shown.convert("RGB"))
+    assert np.array_equal(decoded.rgb, expected)
+    assert json.loads(decoded.text["prompt"]) == video_prompt("cat.png")
+
+
 def test_a_generator_image_whose_prompt_loads_no_frame_is_published_with_its_webp_metadata(
     bench: Bench, published: Path
 ) -> None:
@@ -176,48 +234,92 @@ def test_the_webp_text_is_capped_like_png_text_and_a_damaged_exif_block_has_none
     assert set(decoded.text) == {"prompt", "workflow"}
 
 
-def frame_sha256(published: Path) -> str:
-    found = sha256_file(published)
-    assert found is not None
-    return found
+REMOTE = FrameRefs(top_level=False, upload_folder="sinkwatch")  # uploaded into input/sinkwatch/
+TOP = FrameRefs(top_level=False, upload_folder="")  # uploaded to the top of input/
+BOTH = FrameRefs(top_level=True, upload_folder="sinkwatch")  # the queue is input/, and uploads go to it too
+
+
+def made_from(image: str, published: Path, refs: FrameRefs, *, saved_as: str = "AnimateDiff_00001.png") -> str | None:
+    """The frame `loaded_frame` finds in the prompt of a video job that loads `image`, saved as `saved_as`."""
+    text = {"prompt": json.dumps(video_prompt(image))}
+    return loaded_frame(text, published.parent / saved_as, Publisher(published.parent), refs)
 
 
 @pytest.mark.parametrize(
-    ("image", "made_from"),
+    ("refs", "image", "frame"),
     [
-        ("cat.png", "cat"),  # Load Image of the frame in ComfyUI's input/ (the queue)
-        ("cat.png [input]", "cat"),  # the same, annotated
-        ("cat.png [output]", None),  # a file of that name in output/: not the frame
-        ("pose/cat.png", None),  # a picture of the user's in a subfolder of input/
-        ("../cat.png", None),
-        ("dog.png", None),  # no such frame
-        ("cat.jpg", None),
-        (".cat.png", None),  # a name sinkwatch never gives
-        ("sinkwatch/cat-{sha8}.png", "cat"),  # the version of the frame sinkwatch uploaded with a workflow
-        ("sinkwatch/cat-00000000.png", None),  # a version of another frame of that name
-        ("sinkwatch/cat.png", None),  # an upload nobody noted
+        (LOCAL, "cat.png", "cat"),  # Load Image of the frame in ComfyUI's input/ (the queue)
+        (LOCAL, "cat.png [input]", "cat"),  # the same, annotated
+        (LOCAL, "cat.png [output]", None),  # a file of that name in output/: not the frame
+        (LOCAL, "pose/cat.png", None),  # a picture of the user's in a subfolder of input/
+        (LOCAL, "../cat.png", None),
+        (LOCAL, "dog.png", None),  # no such frame
+        (LOCAL, "cat.jpg", None),
+        (LOCAL, ".cat.png", None),  # a name sinkwatch never gives
+        (LOCAL, "sinkwatch/cat-0123abcd.png", None),  # nothing is uploaded
+        (REMOTE, "cat.png", None),  # the remote input/ is not the queue: a picture of the user's there
+        (REMOTE, "sinkwatch/cat.png", "cat"),  # the upload, in sinkwatch's own subfolder
+        (REMOTE, "sinkwatch\\cat.png", "cat"),  # as a Windows ComfyUI may write it
+        (REMOTE, "sinkwatch/cat-0123abcd.png", "cat"),  # a version of the frame, whichever (a frame republished since)
+        (REMOTE, "other/cat-0123abcd.png", None),
+        (REMOTE, "sinkwatch/dog-0123abcd.png", None),
+        (TOP, "cat-0123abcd.png", "cat"),  # a version at the top of input/: sinkwatch's name
+        (TOP, "cat.png", None),  # at the top level, anyone's file may have that name
+        (TOP, "cat (1).png", None),  # and ComfyUI renames whichever came second
+        (BOTH, "cat.png", "cat"),
+        (BOTH, "sinkwatch/cat-0123abcd.png", "cat"),
     ],
 )
-def test_a_prompt_is_made_from_a_frame_when_it_loads_that_frame_or_its_upload(
-    published: Path, image: str, made_from: str | None
+def test_a_prompt_is_made_from_a_frame_when_it_loads_it_by_a_name_comfyui_knows_it_by(
+    published: Path, refs: FrameRefs, image: str, frame: str | None
 ) -> None:
-    image = image.format(sha8=frame_sha256(published)[:8])
-    prompt = {"prompt": json.dumps(video_prompt(image))}
-    assert loaded_frame(prompt, Publisher(published.parent)) == made_from
+    assert made_from(image, published, refs) == frame
 
 
-@pytest.mark.parametrize("upload", ["sinkwatch/cat.png", "cat (1).png", "frames/cat (2).png"])
-def test_an_upload_the_sidecar_records_is_the_frame_whatever_comfyui_named_it(published: Path, upload: str) -> None:
+@pytest.mark.parametrize("upload", ["cat.png", "cat (1).png", "cat-0123abcd (2).png"])
+def test_an_upload_comfyui_renamed_is_the_frame_when_the_sidecar_records_it(published: Path, upload: str) -> None:
+    frame_sha256 = sha256_file(published)
+    note = {"upload": upload, "prompt_id": None}
+    assert note_upload(Publisher(published.parent), Metrics(), "cat", frame_sha256=frame_sha256, note=note)
+    assert made_from(upload, published, TOP) == "cat"
+    assert made_from(f"other/{upload}", published, TOP) is None
+
+
+def test_only_the_branch_of_the_prompt_that_saved_the_image_counts(published: Path) -> None:
+    # One canvas: a text-to-image branch saving "ComfyUI_*", and a video branch on the frame saving "AnimateDiff_*".
+    prompt = {
+        **video_prompt("cat.png"),
+        "4": {"class_type": "KSampler", "inputs": {"seed": 7}},
+        "5": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0]}},
+        "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "gen/ComfyUI"}},
+    }
+    text = {"prompt": json.dumps(prompt)}
     publisher = Publisher(published.parent)
-    assert note_upload(
-        publisher,
-        Metrics(),
-        "cat",
-        frame_sha256=frame_sha256(published),
-        note={"upload": upload, "prompt_id": None},
-    )
-    assert loaded_frame({"prompt": json.dumps(video_prompt(upload))}, publisher) == "cat"
-    assert loaded_frame({"prompt": json.dumps(video_prompt(f"other/{upload}"))}, publisher) is None
+    assert loaded_frame(text, Path("ComfyUI_00003_.png"), publisher, LOCAL) is None, "a new image of the generator"
+    assert loaded_frame(text, Path("AnimateDiff_00001.png"), publisher, LOCAL) == "cat"
+    assert loaded_frame(text, Path("AnimateDiff_00001.webp"), publisher, LOCAL) == "cat"
+    assert loaded_frame(text, Path("renamed.png"), publisher, LOCAL) == "cat", "no saver names it: the whole prompt"
+
+
+def test_a_prompt_naming_frames_a_hundred_thousand_times_is_looked_into_a_bounded_number_of_times(
+    published: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    looked: list[str] = []
+    real = made_from_frame._published
+
+    def published_counted(publisher: Publisher, name: str) -> bool:
+        looked.append(name)
+        return real(publisher, name)
+
+    monkeypatch.setattr(made_from_frame, "_published", published_counted)
+    same = {f"s{i}": {"class_type": "LoadImage", "inputs": {"image": "sinkwatch/x-0123abcd.png"}} for i in range(10**5)}
+    other = {
+        f"{i}": {"class_type": "LoadImage", "inputs": {"image": f"sinkwatch/x{i}-0123abcd.png"}} for i in range(10**5)
+    }
+    text = {"prompt": json.dumps({**same, **other})}
+    assert loaded_frame(text, published.parent / "x.png", Publisher(published.parent), REMOTE) is None
+    # Each name is looked up under a few names of its own, the same name once, and 256 names at most.
+    assert 256 <= len(looked) <= 4 * 256
 
 
 @pytest.mark.parametrize(
@@ -229,9 +331,19 @@ def test_an_upload_the_sidecar_records_is_the_frame_whatever_comfyui_named_it(pu
         '{"1": "cat.png"}',
         '{"1": {"inputs": ["cat.png"]}}',
         '{"1": {"inputs": {"image": ["cat.png", 0]}}}',
+        '{"1": {"inputs": {"image": "x.png", "filename_prefix": "x", "a": [["2"], 0], "b": [{}, 1]}}}',
         "[" * 100_000 + '"cat.png"' + "]" * 100_000,
     ],
 )
 def test_a_prompt_of_any_other_shape_loads_no_frame(published: Path, prompt: str | None) -> None:
     text = {} if prompt is None else {"prompt": prompt}
-    assert loaded_frame(text, Publisher(published.parent)) is None
+    assert loaded_frame(text, published.parent / "x_00001_.png", Publisher(published.parent), LOCAL) is None
+
+
+def test_the_settings_say_how_comfyui_names_the_frames(tmp_path: Path) -> None:
+    url = "http://127.0.0.1:8188"
+    assert load_settings().frame_refs == LOCAL
+    assert load_settings(flags={"comfyui_url": url}).frame_refs == REMOTE
+    assert load_settings(flags={"comfyui_url": url, "comfyui_subfolder": ""}).frame_refs == TOP
+    both = load_settings(flags={"comfyui_url": url, "comfyui_input": str(tmp_path)})
+    assert both.frame_refs == BOTH

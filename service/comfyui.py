@@ -123,7 +123,7 @@ class ComfyClient:
         self._authorization = _basic_auth(credentials) if credentials else None
         self.timeout = timeout
         self.client_id = client_id or f"sinkwatch-{uuid.uuid4().hex}"
-        self.subfolder = _checked_subfolder(subfolder)
+        self.subfolder = checked_subfolder(subfolder)
         self.cutoff = Cutoff()  # `stop_requests`
 
     def stop_requests(self) -> None:
@@ -360,7 +360,8 @@ def _basic_auth(credentials: str) -> str:
     return "Basic " + base64.b64encode(pair.encode()).decode("ascii")
 
 
-def _checked_subfolder(subfolder: str) -> str:
+def checked_subfolder(subfolder: str) -> str:
+    """The subfolder of ComfyUI's input/ as ComfyUI names it ("" for its top level); ConfigError if it leaves it."""
     path = PurePosixPath(subfolder)
     if path.is_absolute() or ".." in path.parts or "\\" in subfolder or "\x00" in subfolder:
         raise ConfigError(f"ComfyUI upload subfolder must stay inside input/, got {subfolder!r}", stage="comfyui")

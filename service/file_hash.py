@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import stat
 from pathlib import Path
@@ -14,7 +15,13 @@ def sha256_file(path: Path) -> str | None:
     Opened non-blocking: a FIFO put in the place of a source must not hang the caller in open(). An OSError
     (vanished, unreadable) is the caller's to judge.
     """
-    with open(path, "rb", opener=lambda p, flags: os.open(p, flags | getattr(os, "O_NONBLOCK", 0))) as handle:
+    with open_nonblocking(path) as handle:
         if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
             return None
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def open_nonblocking(path: Path) -> io.BufferedReader:
+    """`path` opened for reading without waiting in open() for a writer, should it be a FIFO: the caller then
+    checks that it is a regular file."""
+    return open(path, "rb", opener=lambda p, flags: os.open(p, flags | getattr(os, "O_NONBLOCK", 0)))

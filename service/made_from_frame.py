@@ -20,13 +20,16 @@ of sinkwatch's frames, by any name ComfyUI knows it by (see
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from service.errors import InputError
+from service.file_hash import open_nonblocking
 from service.ownership import read_json
 from service.png_chunks import png_text, walk_chunks
 from service.publish import Publisher
@@ -74,7 +77,7 @@ def loaded_frame(text: Mapping[str, str], source: Path, publisher: Publisher, re
     if not isinstance(graph, dict):
         return None
     sidecars: dict[str, dict[str, Any] | None] = {}
-    for value in list(dict.fromkeys(_png_names(_feeding(graph, source.name))))[:_MOST_NAMES]:
+    for value in list(dict.fromkeys(_png_names(_feeding(graph, source))))[:_MOST_NAMES]:
         if (name := _frame_named(value, publisher, refs, sidecars)) is not None:
             return name
     return None
@@ -86,7 +89,9 @@ def sibling_text(source: Path) -> dict[str, str]:
     if sibling == source:
         return {}
     try:
-        with open(sibling, "rb") as file:
+        with open_nonblocking(sibling) as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                return {}
             data = file.read(_SIBLING_BYTES + 1)
         if len(data) > _SIBLING_BYTES or data[:8] != b"\x89PNG\r\n\x1a\n":
             return {}
@@ -95,13 +100,18 @@ def sibling_text(source: Path) -> dict[str, str]:
         return {}
 
 
-def _feeding(graph: dict[Any, Any], file_name: str) -> list[Any]:
-    """The nodes upstream of the savers whose ``filename_prefix`` names `file_name` (they and what feeds
-    them), or every node when none does: a prompt may hold branches that saved other files."""
-    nodes = {
-        key: node for key, node in graph.items() if isinstance(node, dict) and isinstance(node.get("inputs"), dict)
+def _feeding(graph: dict[Any, Any], source: Path) -> list[Any]:
+    """The nodes upstream of the savers whose ``filename_prefix`` names `source` (they and what feeds them),
+    in the prompt's order; every node when none does, or when a prefix is not plain text (a ``%date%``
+    pattern, a link): a prompt may hold branches that saved other files."""
+    nodes = {key: node for key, node in graph.items() if isinstance(node, dict)}
+    nodes = {key: node for key, node in nodes.items() if isinstance(node.get("inputs"), dict)}
+    prefixes = {
+        key: node["inputs"]["filename_prefix"] for key, node in nodes.items() if "filename_prefix" in node["inputs"]
     }
-    todo = [key for key, node in nodes.items() if _saved(file_name, node["inputs"].get("filename_prefix"))]
+    if any(not isinstance(prefix, str) or "%" in prefix for prefix in prefixes.values()):
+        return list(nodes.values())
+    todo = [key for key, prefix in prefixes.items() if _saved(source, prefix)]
     if not todo:
         return list(nodes.values())
     seen: set[Any] = set()
@@ -113,14 +123,19 @@ def _feeding(graph: dict[Any, Any], file_name: str) -> list[Any]:
         # A link is [node id, output index].
         links = [value for value in nodes[key]["inputs"].values() if isinstance(value, list) and len(value) == 2]
         todo += [link[0] for link in links if isinstance(link[0], str | int)]
-    return [nodes[key] for key in seen]
+    return [node for key, node in nodes.items() if key in seen]
 
 
-def _saved(file_name: str, prefix: object) -> bool:
-    """Whether a saver with `prefix` writes files named like `file_name` (``<prefix>_<counter>...``)."""
-    if not isinstance(prefix, str) or not prefix.strip("/"):
+def _saved(source: Path, prefix: str) -> bool:
+    """Whether a saver with `prefix` writes files named like `source`: ``<name>_<counter>...`` for a prefix
+    ``[folder/]<name>``, in a folder of that name when it has one."""
+    folders = [part for part in prefix.replace("\\", "/").split("/") if part]
+    if not folders:
         return False
-    return file_name.startswith(prefix.replace("\\", "/").rstrip("/").rpartition("/")[2] + "_")
+    name = folders.pop()
+    if folders and list(source.parent.parts[-len(folders) :]) != folders:
+        return False
+    return source.name.startswith(name + "_")
 
 
 def _png_names(nodes: list[Any]) -> Iterator[str]:

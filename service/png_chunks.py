@@ -46,8 +46,8 @@ class PngChunks:
     idat_split: bool = False  # an IDAT after another chunk that followed the first run
     iend: tuple[int, int] = (0, 0)
     apng: bool = False  # acTL, fcTL or fdAT present
-    # A chunk whose name has the reserved bit set (its third letter lowercase: ComfyUI's "comf"): libpng refuses
-    # the file for it, Pillow (ComfyUI's reader) passes over it.
+    # An ancillary chunk whose name has the reserved bit set (its third letter lowercase: ComfyUI's "comf"):
+    # libpng refuses the file for it, Pillow (ComfyUI's reader) passes over it.
     misnamed: bool = False
     libpng_only: bool = False  # an unknown critical chunk or a second IHDR: libpng judges those
 
@@ -112,10 +112,14 @@ def _keep(found: PngChunks, kind: bytes, data: bytes, start: int, end: int) -> N
         found.exif = data[start + 8 : end - 4]
     elif kind in _APNG:
         found.apng = True
-    if kind[2] & 0x20:
-        found.misnamed = True
     elif not kind[0] & 0x20 and kind not in _CRITICAL:
         found.libpng_only = True
+    found.misnamed |= _misnamed(kind)
+
+
+def _misnamed(kind: bytes) -> bool:
+    """An ancillary chunk (first letter lowercase) with the reserved bit (third letter lowercase) set."""
+    return bool(kind[0] & 0x20 and kind[2] & 0x20)
 
 
 def spans(data: bytes | memoryview, start: int, stop: int) -> Iterator[Chunk]:
@@ -138,7 +142,7 @@ def default_image(data: bytes, found: PngChunks) -> bytes:
     """The PNG without its animation chunks (frame 0 of an APNG is its IDAT image, what Pillow shows first)
     and without misnamed ones (see :attr:`PngChunks.misnamed`)."""
     view = memoryview(data)
-    kept = (view[s:e] for kind, s, e in spans(view, 8, found.iend[1]) if kind not in _APNG and not kind[2] & 0x20)
+    kept = (view[s:e] for kind, s, e in spans(view, 8, found.iend[1]) if kind not in _APNG and not _misnamed(kind))
     return data[:8] + b"".join(kept)
 
 

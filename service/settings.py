@@ -25,7 +25,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from service.comfyui import DEFAULT_SUBFOLDER, ComfyClient
+from service.comfyui import DEFAULT_SUBFOLDER, ComfyClient, checked_subfolder
 from service.errors import ConfigError
 from service.logs import configure_logging
 from service.made_from_frame import FrameRefs
@@ -228,7 +228,7 @@ class Settings(BaseSettings):
         or nothing is uploaded elsewhere), and by their uploads' names when they are uploaded."""
         return FrameRefs(
             top_level=self.comfyui_input is not None or self.comfyui_url is None,
-            upload_folder=self.comfyui_subfolder if self.comfyui_url is not None else None,
+            upload_folder=checked_subfolder(self.comfyui_subfolder) if self.comfyui_url is not None else None,
         )
 
     @property

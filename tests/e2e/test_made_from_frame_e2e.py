@@ -46,15 +46,19 @@ def test_an_image_a_queued_video_job_saves_in_the_watched_folder_queues_no_video
         try:
             source = drop(watch, 0, photos)
             wait_for(lambda: counter(daemon, "sinkwatch_comfyui_prompts_total", "queued") == 1, timeout=90)
+            # The generator saves over it while its video waits: a new frame, a second job, on its own version.
+            Image.fromarray(photos["coffee"]).save(source, compress_level=4)
+            wait_for(lambda: counter(daemon, "sinkwatch_comfyui_prompts_total", "queued") == 2, timeout=90)
             comfy.run_queued()
-            made = watch / "video_00001_.png"
-            assert made.is_file(), "the job saved its image where the generator saves"
-            wait_for(lambda: counter(daemon, "sinkwatch_images_processed_total", "ignored") == 1)
+            made = [watch / "video_00001_.png", watch / "video_00002_.png"]
+            assert all(path.is_file() for path in made), "each job saved its image where the generator saves"
+            wait_for(lambda: counter(daemon, "sinkwatch_images_processed_total", "ignored") == 2)
 
             assert [frame.name for frame in frames(queue)] == [f"{source.stem}.png"]
-            assert len(comfy.prompts) == 1, "no video of the video"
-            message = IGNORED.format(made.name, f"{source.stem}.png")
-            assert any(line.startswith(message) for line in daemon.messages()), daemon.messages()[-5:]
+            assert len(comfy.prompts) == 2, "no video of a video"
+            for path in made:
+                message = IGNORED.format(path.name, f"{source.stem}.png")
+                assert any(line.startswith(message) for line in daemon.messages()), daemon.messages()[-5:]
             assert counter(daemon, "sinkwatch_images_processed_total", "rejected") == 0
             promtool_check(daemon)
         finally:

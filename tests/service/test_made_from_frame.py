@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import replace
@@ -28,7 +29,7 @@ from service.decode import decode_bytes, decode_file
 from service.errors import REJECT_REASONS
 from service.file_hash import sha256_file
 from service.ledger import Ledger
-from service.made_from_frame import LOCAL, FrameRefs, loaded_frame
+from service.made_from_frame import LOCAL, FrameRefs, loaded_frame, sibling_text
 from service.metrics import Metrics
 from service.publish import Publisher
 from service.runner import Rejection, process_job
@@ -285,20 +286,34 @@ def test_an_upload_comfyui_renamed_is_the_frame_when_the_sidecar_records_it(publ
     assert made_from(f"other/{upload}", published, TOP) is None
 
 
-def test_only_the_branch_of_the_prompt_that_saved_the_image_counts(published: Path) -> None:
-    # One canvas: a text-to-image branch saving "ComfyUI_*", and a video branch on the frame saving "AnimateDiff_*".
+@pytest.mark.parametrize(
+    ("generator", "video", "saved_as", "frame"),
+    [
+        ("ComfyUI", "AnimateDiff", "output/ComfyUI_00003_.png", None),  # a new image of the generator
+        ("ComfyUI", "AnimateDiff", "output/AnimateDiff_00001.png", "cat"),
+        ("ComfyUI", "AnimateDiff", "output/AnimateDiff_00001.webp", "cat"),
+        ("ComfyUI", "AnimateDiff", "output/renamed.png", "cat"),  # no saver names it: the whole prompt
+        ("ComfyUI", "video/ComfyUI", "output/ComfyUI_00003_.png", None),  # the video's saver writes to video/
+        ("ComfyUI", "video/ComfyUI", "output/video/ComfyUI_00001_.png", "cat"),
+        ("gen/ComfyUI", "AnimateDiff", "output/gen/ComfyUI_00003_.png", None),
+        ("gen/ComfyUI", "AnimateDiff", "output/ComfyUI_00003_.png", "cat"),  # not where that saver writes
+        ("ComfyUI", "AnimateDiff_%date:yyMMdd%", "output/ComfyUI_00003_.png", "cat"),  # a pattern: the whole prompt
+        ("ComfyUI", ["9", 0], "output/ComfyUI_00003_.png", "cat"),  # a prefix from another node: the same
+    ],
+)
+def test_only_the_branch_of_the_prompt_that_saved_the_image_counts(
+    published: Path, generator: str, video: object, saved_as: str, frame: str | None
+) -> None:
+    # One canvas: a text-to-image branch, and a video branch on the frame, each with its saver.
     prompt = {
         **video_prompt("cat.png"),
         "4": {"class_type": "KSampler", "inputs": {"seed": 7}},
         "5": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0]}},
-        "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "gen/ComfyUI"}},
+        "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": generator}},
     }
+    prompt["3"]["inputs"]["filename_prefix"] = video
     text = {"prompt": json.dumps(prompt)}
-    publisher = Publisher(published.parent)
-    assert loaded_frame(text, Path("ComfyUI_00003_.png"), publisher, LOCAL) is None, "a new image of the generator"
-    assert loaded_frame(text, Path("AnimateDiff_00001.png"), publisher, LOCAL) == "cat"
-    assert loaded_frame(text, Path("AnimateDiff_00001.webp"), publisher, LOCAL) == "cat"
-    assert loaded_frame(text, Path("renamed.png"), publisher, LOCAL) == "cat", "no saver names it: the whole prompt"
+    assert loaded_frame(text, Path(saved_as), Publisher(published.parent), LOCAL) == frame
 
 
 def test_a_prompt_naming_frames_a_hundred_thousand_times_is_looked_into_a_bounded_number_of_times(
@@ -340,6 +355,40 @@ def test_a_prompt_of_any_other_shape_loads_no_frame(published: Path, prompt: str
     assert loaded_frame(text, published.parent / "x_00001_.png", Publisher(published.parent), LOCAL) is None
 
 
+def test_a_fifo_or_a_folder_named_like_the_first_frame_png_is_not_read(tmp_path: Path) -> None:
+    video = tmp_path / "AnimateDiff_00001.webp"
+    fifo = tmp_path / "AnimateDiff_00001.png"
+    os.mkfifo(fifo)
+    found: list[dict[str, str]] = []
+    reader = threading.Thread(target=lambda: found.append(sibling_text(video)))
+    reader.start()
+    reader.join(10)
+    hung = reader.is_alive()
+    if hung:  # a writer ends the wait of a reader blocked in open()
+        with open(fifo, "wb"):
+            reader.join()
+    assert not hung, "waited for a writer of the FIFO"
+    assert found == [{}]
+    fifo.unlink()
+    fifo.mkdir()
+    assert sibling_text(video) == {}
+
+
+def test_the_names_of_a_prompt_are_looked_up_in_its_order_up_to_a_bound(published: Path) -> None:
+    def prompt(at: int) -> dict[str, str]:
+        graph: dict[str, Any] = {
+            f"{i}": {"class_type": "LoadImage", "inputs": {"image": "cat.png" if i == at else f"x{i}.png"}}
+            for i in range(400)
+        }
+        graph["saver"] = {"class_type": "VHS_VideoCombine", "inputs": {"filename_prefix": "AnimateDiff"}}
+        graph["saver"]["inputs"].update({f"image{i}": [f"{i}", 0] for i in range(400)})
+        return {"prompt": json.dumps(graph)}
+
+    source, publisher = Path("output/AnimateDiff_00001.png"), Publisher(published.parent)
+    assert loaded_frame(prompt(10), source, publisher, LOCAL) == "cat"
+    assert loaded_frame(prompt(300), source, publisher, LOCAL) is None, "past the first 256 names"
+
+
 def test_the_settings_say_how_comfyui_names_the_frames(tmp_path: Path) -> None:
     url = "http://127.0.0.1:8188"
     assert load_settings().frame_refs == LOCAL
@@ -347,3 +396,8 @@ def test_the_settings_say_how_comfyui_names_the_frames(tmp_path: Path) -> None:
     assert load_settings(flags={"comfyui_url": url, "comfyui_subfolder": ""}).frame_refs == TOP
     both = load_settings(flags={"comfyui_url": url, "comfyui_input": str(tmp_path)})
     assert both.frame_refs == BOTH
+    # As the client names the subfolder to ComfyUI, and so the uploads.
+    assert load_settings(flags={"comfyui_url": url, "comfyui_subfolder": "./sinkwatch"}).frame_refs == REMOTE
+    assert load_settings(flags={"comfyui_url": url, "comfyui_subfolder": "."}).frame_refs == TOP
+    nested = load_settings(flags={"comfyui_url": url, "comfyui_subfolder": "a//b/"}).frame_refs
+    assert nested == FrameRefs(top_level=False, upload_folder="a/b")

@@ -225,9 +225,12 @@ class Outcomes:
         # Only its stamp changed (a touch, a chmod, a restore from a backup): no new rejection to record, count or
         # tell; the ledger learns the new stamp, and its reject record stays as it was.
         again = earlier is not None and (reason, outcome.sha256) == (earlier.reason, earlier.sha256)
+        # A video job's image beside the generator's is left alone by design: rejected/ keeps the images that
+        # failed, not one record per video.
+        ignored = reason == MadeFromFrame.reason
         record = {**error, "key": job.key, "source": str(job.source), "rule": job.rule.name}
         try:
-            if not again:
+            if not again and not ignored:
                 self.publisher.reject(job.name, record)
         except PublishError as exc:
             self.metrics.record_publish_error(exc)
@@ -254,8 +257,7 @@ class Outcomes:
             self._count(job.rule.name, "skipped")
             logger.bind(source=job.key, reason=reason).debug("unchanged content, rejected as before: {}", job.key)
             return
-        if reason == MadeFromFrame.reason:
-            # Nothing wrong with it: a video job's output beside the generator's images, left alone by design.
+        if ignored:
             self._count(job.rule.name, "ignored")
             logger.bind(source=job.key, reason=reason).info("ignored {}: {}", job.key, error.get("message"))
             return

@@ -20,6 +20,8 @@ from service.errors import CorruptImage, ImageTooLarge, IncompleteImage, InputEr
 
 TEXT_VALUE_LIMIT = 4 << 20  # characters kept per text chunk (a big ComfyUI workflow is ~1 MB)
 TEXT_TOTAL_LIMIT = 8 << 20  # characters kept over all text chunks
+# ComfyUI's text in the images it saves: the API prompt that made them, and the web UI's workflow.
+COMFYUI_TEXT_KEYS = ("prompt", "workflow")
 # Chunks per file. Encoders write IDATs of 8 KiB (libpng, OpenCV) to 64 KiB (Pillow) and a handful of others:
 # 65,536 chunks is 512 MiB of 8 KiB IDATs, twice the default byte limit, and walking that many costs ~0.2 s.
 MAX_CHUNKS = 1 << 16

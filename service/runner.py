@@ -28,6 +28,7 @@ from service.ledger_stamps import file_stamp
 from service.made_from_frame import LOCAL, FrameRefs, loaded_frame, sibling_text
 from service.metrics import publish_error_reason
 from service.ownership import Foreign, describes, own_frame, own_sidecar
+from service.png_chunks import COMFYUI_TEXT_KEYS
 from service.publish import Publisher
 from service.rules import Rule
 
@@ -35,9 +36,6 @@ from service.rules import Rule
 # the source's path (see `Job.gone`); nothing was published.
 # adopted: the outputs of the source's current bytes were in the queue already (see `Job.adopt`); nothing was made.
 Status = Literal["published", "rejected", "retry", "skipped", "name_taken", "adopted"]
-
-# Text chunks of a generator's PNG that a rule may carry into the frame.
-GENERATOR_TEXT_KEYS = ("prompt", "workflow")
 
 
 @dataclass(frozen=True)
@@ -333,7 +331,7 @@ def _frame_text(rule: Rule, scores: Mapping[str, float], source_text: Mapping[st
     text = {
         key: value
         for key, value in source_text.items()
-        if rule.output.keep_generator_metadata and key in GENERATOR_TEXT_KEYS
+        if rule.output.keep_generator_metadata and key in COMFYUI_TEXT_KEYS
     }
     provenance = {"rule": rule.name, "fingerprint": rule.fingerprint, "version": __version__, "scores": scores}
     text["sinkwatch"] = json.dumps(provenance, sort_keys=True)

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from service.png_chunks import TEXT_TOTAL_LIMIT, TEXT_VALUE_LIMIT
-
-KEYS = ("prompt", "workflow")
+from service.png_chunks import COMFYUI_TEXT_KEYS, TEXT_TOTAL_LIMIT, TEXT_VALUE_LIMIT
 
 
 def comfyui_text(exif: bytes | None) -> tuple[dict[str, str], tuple[str, ...]]:
@@ -32,7 +30,7 @@ def comfyui_text(exif: bytes | None) -> tuple[dict[str, str], tuple[str, ...]]:
     total = 0
     for value in values:
         key, colon, rest = value.partition(":")
-        if not colon or key not in KEYS or key in text or key in left_out:
+        if not colon or key not in COMFYUI_TEXT_KEYS or key in text or key in left_out:
             continue
         if len(rest) > TEXT_VALUE_LIMIT or total + len(rest) > TEXT_TOTAL_LIMIT:
             left_out.append(key)

@@ -36,7 +36,10 @@ As with the uploads, one background thread does the HTTP and the main thread
 (:meth:`JobWatch.pump`, from the daemon loop) reads the ledger, hands it the
 jobs to look for, and applies what it found: ledger first, then the log and
 ``sinkwatch_comfyui_jobs_total``. A look ComfyUI does not answer is dropped
-and made again next time; several in a row are logged as a warning, once.
+and made again next time; several in a row are logged as a warning, once. A
+job whose history ComfyUI answers in a way that cannot be read (over the size
+limit, a 500) stays waiting and costs a failed look, but the jobs behind it
+are looked at.
 """
 
 from __future__ import annotations
@@ -85,7 +88,8 @@ class Look:
 
 @dataclass(frozen=True)
 class Found:
-    """What one look found, and the error that cut it short (the jobs it did not get to are not in it)."""
+    """What one look found, and the last error it met (the jobs it did not get to, or could not read the
+    history of, are not in it)."""
 
     look: Look
     sightings: list[Sighting] = field(default_factory=list)
@@ -294,15 +298,22 @@ class JobWatch:
         try:
             # The queue before any history: a job that ends meanwhile is in the history when that is read.
             running, pending = self.client.queue_ids() if look.full else (set[str](), set[str]())
-            for job in look.jobs:
-                prompt_id = str(job.prompt_id)
-                if prompt_id in running or prompt_id in pending:
-                    sightings.append(Sighting(job, "running" if prompt_id in running else "pending"))
-                else:
-                    sightings.append(self._in_history(job, missing="missing" if look.full else "unseen"))
         except Exception as exc:  # a bug must cost one look, never the thread
             return Found(look, sightings, exc)
-        return Found(look, sightings)
+        error: BaseException | None = None
+        for job in look.jobs:
+            prompt_id = str(job.prompt_id)
+            if prompt_id in running or prompt_id in pending:
+                sightings.append(Sighting(job, "running" if prompt_id in running else "pending"))
+                continue
+            try:
+                sightings.append(self._in_history(job, missing="missing" if look.full else "unseen"))
+            except Exception as exc:
+                error = exc
+                if isinstance(exc, ComfyUnavailable) and exc.status is None:
+                    break  # no answer: ComfyUI went away, the jobs behind would fare no better
+                # An answer about this job that cannot be read (too long, a 500): the jobs behind it still are.
+        return Found(look, sightings, error)
 
     def _in_history(self, job: Upload, *, missing: str) -> Sighting:
         entry = self.client.history(str(job.prompt_id))

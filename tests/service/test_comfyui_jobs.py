@@ -207,6 +207,17 @@ def test_looks_comfyui_does_not_answer_change_nothing_and_several_in_a_row_are_s
     until(watching, lambda: jobs(ledger) == {"a": "success"})
 
 
+def test_a_job_whose_history_comfyui_cannot_answer_does_not_hold_up_the_jobs_behind_it(
+    comfy: FakeComfyUI, watching: Uploads, ledger: Ledger, publisher: Publisher, logs: list[Record]
+) -> None:
+    prompts = queue_frames(watching, publisher, ledger, {"a": "astronaut", "b": "chelsea"})
+    comfy.run_queued()
+    comfy.fail_next(500, count=10**6, path=f"/history/{prompts['a']}")  # looked at first: it waits longest
+    until(watching, lambda: jobs(ledger) == {"a": "waiting", "b": "success"})
+    until(watching, lambda: any("could not look at ComfyUI's video jobs" in m for m in messages(logs, "WARNING")))
+    assert history_looks(comfy, prompts["a"]) >= FAILED_LOOKS_SAID
+
+
 def test_asked_lost_jobs_are_queued_again_the_suspect_last_and_counted_until_each_frame_used_its_share(
     comfy: FakeComfyUI,
     make_uploads: Callable[..., Uploads],

@@ -76,9 +76,7 @@ def test_kill9_loop_leaves_one_complete_matching_output_per_source(
                 time.sleep(rng.uniform(0.05, 1.2))  # the kill point
             else:
                 daemon.start()
-                # Once the generator is done and the backlog published, nothing comes: no need to wait long.
-                waiting = 3.0 if writer.is_alive() else 1.0
-                if not poll(functools.partial(published_records, daemon.log), timeout=waiting):
+                if not poll(functools.partial(published_records, daemon.log), timeout=3):
                     point = "idle"  # nothing to do right now: a kill of an idle daemon counts too
                 time.sleep(rng.uniform(0.0, 0.5))  # the kill point
             assert daemon.proc is not None and daemon.proc.poll() is None, daemon.log.read_text()[-3000:]
